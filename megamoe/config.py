@@ -1,0 +1,320 @@
+"""Typed run configuration: dataclasses loaded from YAML with dotted CLI overrides.
+
+The config *describes* a run; the model, data and engine modules *build* from it.
+Every validation error is raised from this file, as a `ConfigError` that names the key
+and says how to fix it.
+"""
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, malformed or impossible; the message names key and fix."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50304
+    d_model: int = 2048
+    n_layers: int = 16
+    n_heads: int = 16
+    head_dim: int | None = None  # default d_model // n_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    clip_qkv: float | None = None
+    init_std: float = 0.02
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 64  # 0 = dense SwiGLU FFN (the starting point for upcycling)
+    top_k: int = 8
+    ffn_hidden: int = 1024  # intermediate width of one expert (or of the dense FFN)
+    norm_topk_prob: bool = False
+    routing: str = "token_choice"  # token_choice | expert_choice
+    capacity_factor: float | None = None  # None = dropless; else drop tokens past capacity
+    num_shared_experts: int = 0  # always-on experts of width ffn_hidden, added to the routed output
+    lb_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    backend: str = "megamoe"  # megamoe (own dispatch, grouped GEMM) | deepspeed (deepspeed.moe)
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+    sequence_parallel: bool = False
+    zero_stage: int = 0  # 0, 1 or 2
+    pipeline_layers: list[int] | None = None  # layers per stage; None = even split
+    activation_checkpointing: str = "none"  # none | full | selective
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: share of steps spent in the final decay
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=list)  # indexed-dataset prefixes; empty = embedded corpus
+    weights: list[float] | None = None  # blending weights, one per path
+    tokenizer: str | None = None  # sentencepiece .model or tokenizer.json; None = embedded corpus's
+    seq_length: int = 4096
+    valid_fraction: float = 0.02
+    cache_dir: str = "~/.cache/megamoe"  # where the embedded corpus is built once
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 1234
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 4
+    save_interval: int = 500
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    tensorboard: bool = True
+    sample_prompt: str | None = None  # printed with a generated continuation at the end
+    sample_tokens: int = 48
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @classmethod
+    def olmoe_1b_7b(cls) -> "Config":
+        """OLMoE-1B-7B (arXiv 2409.02060): 64 experts, 8 active, 6.9B total parameters."""
+        return cls()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    # Derived sizes -------------------------------------------------------------------
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.parallel.tensor * self.parallel.pipeline)
+
+    def grad_accumulation_steps(self, world_size: int) -> int:
+        dp = self.data_parallel_size(world_size)
+        return self.train.global_batch_size // (self.train.micro_batch_size * dp)
+
+    def validate(self, world_size: int | None = None) -> "Config":
+        """Check every value and every cross-key constraint; raise ConfigError on the first."""
+        m, moe, p, o, d, t = self.model, self.moe, self.parallel, self.optim, self.data, self.train
+        for key, value in [("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model),
+                           ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+                           ("moe.ffn_hidden", moe.ffn_hidden), ("parallel.tensor", p.tensor),
+                           ("parallel.pipeline", p.pipeline), ("parallel.expert", p.expert),
+                           ("data.seq_length", d.seq_length), ("train.steps", t.steps),
+                           ("train.micro_batch_size", t.micro_batch_size),
+                           ("train.global_batch_size", t.global_batch_size),
+                           ("train.log_interval", t.log_interval),
+                           ("train.eval_interval", t.eval_interval),
+                           ("train.save_interval", t.save_interval)]:
+            _require(value >= 1, key, f"must be a positive integer, got {value}")
+        _require(moe.num_experts >= 0, "moe.num_experts", "must be >= 0 (0 = dense FFN)")
+        if m.head_dim is None:
+            _require(m.d_model % m.n_heads == 0, "model.n_heads",
+                     f"d_model={m.d_model} is not divisible by n_heads={m.n_heads}; "
+                     "change one or set model.head_dim")
+        _require(m.dim_per_head % 2 == 0, "model.head_dim", "RoPE needs an even head dimension")
+        _require(d.seq_length <= m.max_seq_len, "data.seq_length",
+                 f"{d.seq_length} exceeds model.max_seq_len={m.max_seq_len}")
+        _choice("moe.routing", moe.routing, ("token_choice", "expert_choice"))
+        _choice("moe.backend", moe.backend, ("megamoe", "deepspeed"))
+        if moe.num_experts:
+            _require(1 <= moe.top_k <= moe.num_experts, "moe.top_k",
+                     f"must be in [1, num_experts={moe.num_experts}], got {moe.top_k}")
+        _require(moe.capacity_factor is None or moe.capacity_factor > 0, "moe.capacity_factor",
+                 "must be positive, or null for dropless routing")
+        _require(moe.lb_loss_weight >= 0 and moe.z_loss_weight >= 0, "moe.lb_loss_weight",
+                 "auxiliary loss weights must be >= 0")
+        _choice("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
+        _require(o.lr > 0, "optim.lr", "must be positive")
+        _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+        _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
+        _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(0 < d.valid_fraction < 1, "data.valid_fraction", "must be in (0, 1)")
+        if d.weights is not None:
+            _require(len(d.weights) == len(d.paths), "data.weights",
+                     f"has {len(d.weights)} entries but data.paths has {len(d.paths)}; "
+                     "give one weight per path")
+            _require(all(w > 0 for w in d.weights), "data.weights", "weights must be positive")
+        _require(not d.paths or d.tokenizer, "data.tokenizer",
+                 "data.paths is set, so name the tokenizer those datasets were built with")
+        _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
+        _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+        _choice("parallel.activation_checkpointing", p.activation_checkpointing,
+                ("none", "full", "selective"))
+        _choice("parallel.zero_stage", p.zero_stage, (0, 1, 2))
+        # Layout vs model (checked before any process group exists).
+        _require(m.n_heads % p.tensor == 0, "parallel.tensor",
+                 f"n_heads={m.n_heads} is not divisible by tensor={p.tensor}")
+        _require(m.vocab_size % p.tensor == 0, "parallel.tensor",
+                 f"vocab_size={m.vocab_size} is not divisible by tensor={p.tensor}; pad the vocab")
+        _require(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel",
+                 "sequence parallelism splits activations over tensor-parallel ranks; "
+                 "set parallel.tensor > 1 or sequence_parallel=false")
+        if p.sequence_parallel:
+            _require(d.seq_length % p.tensor == 0, "data.seq_length",
+                     f"sequence parallel needs seq_length divisible by tensor={p.tensor}")
+        _require(p.pipeline <= m.n_layers, "parallel.pipeline",
+                 f"pipeline={p.pipeline} is deeper than n_layers={m.n_layers}")
+        if p.pipeline_layers is not None:
+            _require(len(p.pipeline_layers) == p.pipeline and sum(p.pipeline_layers) == m.n_layers
+                     and min(p.pipeline_layers) >= 1, "parallel.pipeline_layers",
+                     f"needs {p.pipeline} positive entries summing to n_layers={m.n_layers}, "
+                     f"got {p.pipeline_layers}")
+        else:
+            _require(m.n_layers % p.pipeline == 0, "parallel.pipeline",
+                     f"n_layers={m.n_layers} is not divisible by pipeline={p.pipeline}; "
+                     "change it or give parallel.pipeline_layers")
+        if p.expert > 1:
+            _require(moe.num_experts > 0, "parallel.expert", "expert parallelism needs experts")
+            _require(p.expert <= moe.num_experts, "parallel.expert",
+                     f"expert={p.expert} is larger than num_experts={moe.num_experts}")
+            _require(moe.num_experts % p.expert == 0, "parallel.expert",
+                     f"num_experts={moe.num_experts} is not divisible by expert={p.expert}")
+        if world_size is not None:
+            mp = p.tensor * p.pipeline
+            _require(world_size % mp == 0, "parallel",
+                     f"world size {world_size} is not divisible by tensor×pipeline={mp}")
+            dp = world_size // mp
+            _require(dp % p.expert == 0, "parallel.expert",
+                     f"expert={p.expert} must divide the data-parallel size {dp} "
+                     f"(world {world_size} / tensor {p.tensor} / pipeline {p.pipeline})")
+            per_step = t.micro_batch_size * dp
+            _require(t.global_batch_size % per_step == 0, "train.global_batch_size",
+                     f"{t.global_batch_size} is not a multiple of micro_batch_size × data-parallel "
+                     f"size = {t.micro_batch_size} × {dp} = {per_step}")
+        return self
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _choice(key: str, value, choices: tuple) -> None:
+    _require(value in choices, key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+# Loading ---------------------------------------------------------------------------------
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """YAML file (optional) + `section.key=value` overrides → validated-shape Config."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file "
+                              "(see configs/)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    data = {k: dict(v or {}) for k, v in data.items()} if data else {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} must look like section.key=value, "
+                              "e.g. train.steps=100")
+        section, _, name = key.partition(".")
+        data.setdefault(section, {})[name] = yaml.safe_load(raw) if raw else None
+    return from_dict(data)
+
+
+def from_dict(data: dict) -> Config:
+    """Build a Config from nested dicts, checking every key and coercing every type."""
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    kwargs = {}
+    for section, values in data.items():
+        if section not in sections:
+            raise ConfigError(_unknown(section, sections))
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: must be a mapping of keys, got {values!r}")
+        cls = hints[section]
+        field_types = typing.get_type_hints(cls)
+        fields = {}
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if name not in field_types:
+                raise ConfigError(_unknown(key, [f"{section}.{n}" for n in field_types]))
+            fields[name] = _coerce(key, value, field_types[name])
+        kwargs[section] = cls(**fields)
+    return Config(**kwargs)
+
+
+def _unknown(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(valid)}"
+    return f"{key}: unknown key{hint}"
+
+
+def _coerce(key: str, value, tp):
+    """Check `value` against the annotation `tp` (int, float, bool, str, X | None, list[X])."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r} (write [a, b])")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")

@@ -1,0 +1,33 @@
+"""Causal self-attention with OLMoE's QK-norm (over the whole q and k width) and RoPE."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, eps: float = 1e-5,
+                 clip_qkv: float | None = None):
+        super().__init__()
+        self.head_dim, self.clip_qkv = head_dim, clip_qkv
+        width = n_heads * head_dim
+        self.q_proj = nn.Linear(d_model, width, bias=False)
+        self.k_proj = nn.Linear(d_model, width, bias=False)
+        self.v_proj = nn.Linear(d_model, width, bias=False)
+        self.o_proj = nn.Linear(width, d_model, bias=False)
+        self.q_norm = RMSNorm(width, eps)
+        self.k_norm = RMSNorm(width, eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        q, k, v = self.q_norm(self.q_proj(x)), self.k_norm(self.k_proj(x)), self.v_proj(x)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        # [B, S, H*D] -> [B, H, S, D]; H is the local head count under tensor parallelism.
+        q, k, v = (t.view(B, S, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))

@@ -1,0 +1,98 @@
+"""The OLMoE decoder, in plain PyTorch: it knows nothing of parallelism.
+
+Numerically it is transformers' `OlmoeForCausalLM` (tests compare logits and losses):
+pre-norm blocks of attention (QK-norm, RoPE) and a MoE FFN, a final RMSNorm and an
+untied LM head. Parallel layouts are applied afterwards by `megamoe.parallel` functions.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config
+from ..moe.experts import SwiGLU
+from ..moe.layer import MoELayer
+from .attention import Attention
+from .norm import RMSNorm
+from .rope import rope_cos_sin
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m, moe = cfg.model, cfg.moe
+        self.attn_norm = RMSNorm(m.d_model, m.rms_norm_eps)
+        self.attn = Attention(m.d_model, m.n_heads, m.dim_per_head, m.rms_norm_eps, m.clip_qkv)
+        self.ffn_norm = RMSNorm(m.d_model, m.rms_norm_eps)
+        if moe.num_experts:
+            self.ffn = MoELayer(m.d_model, moe.num_experts, moe.top_k, moe.ffn_hidden, moe.routing,
+                                moe.capacity_factor, moe.norm_topk_prob, moe.num_shared_experts,
+                                moe.lb_loss_weight, moe.z_loss_weight)
+        else:
+            self.ffn = SwiGLU(m.d_model, moe.ffn_hidden)
+
+    def forward(self, h: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: [B, S, d] -> (h, this block's weighted MoE auxiliary loss)."""
+        h = h + self.attn(self.attn_norm(h), cos, sin)
+        out = self.ffn(self.ffn_norm(h))
+        y, aux = out if isinstance(out, tuple) else (out, h.new_zeros(()))
+        return h + y, aux
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor           # [B, S, V] (vocab-local under tensor parallelism)
+    aux_loss: torch.Tensor         # Σ over layers of weighted LB + z losses
+    loss: torch.Tensor | None = None     # lm_loss + aux_loss, when labels are given
+    lm_loss: torch.Tensor | None = None  # mean cross-entropy
+    extra: dict = field(default_factory=dict)
+
+
+class OLMoE(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m = cfg.model
+        self.cfg = cfg
+        self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(m.n_layers))
+        self.norm = RMSNorm(m.d_model, m.rms_norm_eps)
+        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                position_offset: int = 0) -> Output:
+        """tokens, labels: [B, S] (labels already shifted; -100 is ignored)."""
+        m = self.cfg.model
+        h = self.embed(tokens)  # [B, S, d]
+        cos, sin = rope_cos_sin(tokens.shape[1], m.dim_per_head, m.rope_theta, tokens.device,
+                                h.dtype, position_offset)
+        aux = h.new_zeros((), dtype=torch.float32)
+        for block in self.layers:
+            h, block_aux = block(h, cos, sin)
+            aux = aux + block_aux
+        logits = self.lm_head(self.norm(h))
+        out = Output(logits=logits, aux_loss=aux)
+        if labels is not None:
+            out.lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            out.loss = out.lm_loss + aux
+        return out
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.layers if isinstance(b.ffn, MoELayer)]
+
+
+def init_weights(model: nn.Module, std: float, seed: int) -> None:
+    """Layout-independent init: every parameter is drawn whole from a generator seeded by its
+    name, then cut to this rank's shard (see `megamoe.parallel.sharding`), so any layout starts
+    from the same weights as one rank."""
+    from ..parallel.sharding import full_shape, local_slice
+    import zlib
+    for name, p in model.named_parameters():
+        g = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        if name.endswith("norm.weight"):
+            full = torch.ones(full_shape(p))
+        else:
+            full = torch.randn(full_shape(p), generator=g) * std
+        with torch.no_grad():
+            p.copy_(local_slice(p, full).to(p.dtype))

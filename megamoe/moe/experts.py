@@ -1,0 +1,50 @@
+"""SwiGLU experts stored stacked, so one grouped GEMM runs every local expert.
+
+w1: [E, d, 2F] (gate and up projections side by side), w2: [E, F, d]. On CUDA one
+`torch._grouped_mm` call per projection runs all experts; on CPU (where `_grouped_mm`
+is unavailable) a per-expert loop computes the same thing from the same weights.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def grouped_mm_available(x: torch.Tensor) -> bool:
+    return x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+
+
+class SwiGLUExperts(nn.Module):
+    def __init__(self, num_experts: int, d_model: int, ffn_hidden: int):
+        super().__init__()
+        self.num_experts, self.ffn_hidden = num_experts, ffn_hidden
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, 2 * ffn_hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden, d_model))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, grouped: bool | None = None) -> torch.Tensor:
+        """x: [N, d] rows sorted by expert; counts: [E] rows per expert. Returns [N, d]."""
+        if grouped is None:
+            grouped = grouped_mm_available(x)
+        if grouped:
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)
+            h = torch._grouped_mm(x, self.w1, offs=offs)  # [N, 2F]
+            gate, up = h.chunk(2, dim=-1)
+            return torch._grouped_mm(F.silu(gate) * up, self.w2, offs=offs)  # [N, d]
+        outs = []
+        for e, rows in enumerate(torch.split(x, counts.tolist())):
+            gate, up = (rows @ self.w1[e]).chunk(2, dim=-1)
+            outs.append((F.silu(gate) * up) @ self.w2[e])
+        return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU FFN (the shared expert, and the dense model that sparse upcycling starts from)."""
+
+    def __init__(self, d_model: int, ffn_hidden: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(d_model, 2 * ffn_hidden))  # [d, 2F] gate | up
+        self.w2 = nn.Parameter(torch.empty(ffn_hidden, d_model))  # [F, d]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = (x @ self.w1).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.w2

@@ -1,0 +1,91 @@
+"""Routers: which experts see which tokens, with what weight, plus the auxiliary losses.
+
+A router turns hidden states [T, d] into a flat list of assignments (token, expert, weight),
+the one form that dispatch understands for every routing scheme:
+  - token choice (OLMoE default): each token picks its top-k experts; dropless, or with a
+    capacity factor that drops the assignments past each expert's capacity;
+  - expert choice: each expert picks its top-C tokens (balanced by construction).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Routing:
+    token_idx: torch.Tensor   # [N] which token each assignment moves
+    expert_idx: torch.Tensor  # [N] to which expert
+    weight: torch.Tensor      # [N] its combine weight
+    lb_loss: torch.Tensor     # scalar, Switch-style load-balancing loss (0 for expert choice)
+    z_loss: torch.Tensor      # scalar, mean logsumexp(logits)^2
+    expert_load: torch.Tensor  # [E] assignments each expert received (detached, for logs)
+
+
+def load_balancing_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """E * sum_i f_i * P_i with f_i = share of top-k picks to expert i (sums to k), P_i = mean prob."""
+    counts = torch.zeros(num_experts, device=probs.device, dtype=torch.float32)
+    counts.scatter_add_(0, topk_idx.reshape(-1), torch.ones(topk_idx.numel(), device=probs.device))
+    f = counts / probs.shape[0]  # [E]
+    return num_experts * torch.sum(f * probs.mean(dim=0))
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2, in fp32."""
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+class Router(nn.Module):
+    """Linear(d, E) gate + softmax in fp32 + the configured selection rule."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, routing: str = "token_choice",
+                 capacity_factor: float | None = None, norm_topk_prob: bool = False):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.routing, self.capacity_factor, self.norm_topk_prob = routing, capacity_factor, norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # [E, d]
+
+    def capacity(self, num_tokens: int) -> int:
+        """Assignments one expert may take: capacity_factor × its fair share of T·k."""
+        factor = self.capacity_factor if self.capacity_factor is not None else 1.0
+        return min(num_tokens, max(1, math.ceil(factor * num_tokens * self.top_k / self.num_experts)))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = F.linear(x, self.weight)  # [T, E]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
+        zl = z_loss(logits)
+        if self.routing == "expert_choice":
+            return self._expert_choice(logits, probs, zl)
+        top_w, top_i = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        if self.norm_topk_prob:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        top_w = top_w.to(logits.dtype)
+        lb = load_balancing_loss(probs, top_i, self.num_experts)
+        T = x.shape[0]
+        token_idx = torch.arange(T, device=x.device).repeat_interleave(self.top_k)  # [T*k]
+        expert_idx, weight = top_i.reshape(-1), top_w.reshape(-1)
+        if self.capacity_factor is not None:
+            keep = self._within_capacity(top_i, self.capacity(T))
+            token_idx, expert_idx, weight = token_idx[keep], expert_idx[keep], weight[keep]
+        load = torch.bincount(expert_idx, minlength=self.num_experts).detach()
+        return Routing(token_idx, expert_idx, weight, lb, zl, load)
+
+    def _within_capacity(self, top_i: torch.Tensor, capacity: int) -> torch.Tensor:
+        """Mask [T*k] of assignments kept: first choices of all tokens fill experts first (GShard)."""
+        T, k = top_i.shape
+        slot_major = top_i.t().reshape(-1)  # [k*T]: every token's 1st choice, then 2nd, ...
+        one_hot = F.one_hot(slot_major, self.num_experts)  # [k*T, E]
+        position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # place in its expert's queue
+        keep_slot_major = position < capacity
+        return keep_slot_major.reshape(k, T).t().reshape(-1)  # back to token-major [T*k]
+
+    def _expert_choice(self, logits, probs, zl) -> Routing:
+        T = probs.shape[0]
+        top_w, top_t = torch.topk(probs.t(), self.capacity(T), dim=-1)  # [E, C] tokens per expert
+        expert_idx = torch.arange(self.num_experts, device=probs.device).repeat_interleave(top_t.shape[1])
+        load = torch.full((self.num_experts,), top_t.shape[1], device=probs.device)
+        zero = probs.new_zeros(())
+        return Routing(top_t.reshape(-1), expert_idx, top_w.reshape(-1).to(logits.dtype), zero, zl, load)

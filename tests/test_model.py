@@ -1,0 +1,85 @@
+"""The model is transformers' OlmoeForCausalLM: same weights give the same logits and losses."""
+
+import pytest
+import torch
+import transformers
+
+from megamoe.checkpoint.hf import hf_config_dict, to_hf
+from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig
+from megamoe.model.olmoe import OLMoE, init_weights
+from megamoe.moe.router import load_balancing_loss, z_loss
+
+
+def tiny(**moe) -> Config:
+    cfg = Config(model=ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, max_seq_len=64),
+                 moe=MoEConfig(**{**dict(num_experts=8, top_k=2, ffn_hidden=16), **moe}), data=DataConfig(seq_length=32))
+    return cfg.validate()
+
+
+def pair(cfg: Config, seed: int = 0):
+    """Our model with random weights and transformers' model holding the same weights."""
+    ours = OLMoE(cfg)
+    init_weights(ours, std=0.2, seed=seed)  # large std: routing decisions are not all ties
+    hf = transformers.OlmoeForCausalLM(transformers.OlmoeConfig(**hf_config_dict(cfg)))
+    state = {}
+    for name, p in ours.named_parameters():
+        state.update(to_hf(name, p.detach()))
+    hf.load_state_dict(state, strict=True)
+    return ours.eval(), hf.eval()
+
+
+@pytest.mark.parametrize("variant", [
+    dict(), dict(norm_topk_prob=True), dict(num_experts=4, top_k=1), dict(num_experts=16, top_k=4),
+    dict(clip_qkv=0.5)])
+def test_logits_match_transformers(variant):
+    variant = dict(variant)
+    clip = variant.pop("clip_qkv", None)
+    cfg = tiny(**variant)
+    cfg.model.clip_qkv = clip
+    ours, hf = pair(cfg)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = ours(tokens).logits
+        b = hf(tokens).logits
+    rel = (a - b).norm() / b.norm()
+    assert rel < 1e-5, f"relative error {rel:.2e}"
+
+
+def test_router_losses_match_transformers():
+    cfg = tiny()
+    ours, hf = pair(cfg)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = hf(tokens, output_router_logits=True)
+        ours(tokens)
+    from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
+    for layer, logits in zip(ours.moe_layers(), out.router_logits):
+        ref_lb = load_balancing_loss_func((logits,), cfg.moe.num_experts, cfg.moe.top_k)
+        ref_z = torch.logsumexp(logits.float(), -1).pow(2).mean()
+        torch.testing.assert_close(layer.stats["lb_loss"], ref_lb, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.stats["z_loss"], ref_z, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_is_cross_entropy_plus_weighted_aux():
+    cfg = tiny()
+    ours, hf = pair(cfg)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        labels = tokens[:, 1:].clone()
+        labels[:, -1] = -100  # HF shifts labels itself, so it never scores the last position
+        out = ours(tokens[:, :-1], labels=labels)
+        ref = hf(tokens[:, :-1], labels=tokens[:, :-1])
+    torch.testing.assert_close(out.lm_loss, ref.loss, rtol=1e-5, atol=1e-6)
+    expected_aux = sum(cfg.moe.lb_loss_weight * l.stats["lb_loss"] + cfg.moe.z_loss_weight * l.stats["z_loss"]
+                       for l in ours.moe_layers())
+    torch.testing.assert_close(out.aux_loss, expected_aux)
+    torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss)
+
+
+def test_lb_and_z_loss_formulas():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]])
+    top = torch.tensor([[0], [1]])
+    # f = [0.5, 0.5, 0], P = [0.4, 0.5, 0.1] -> 3 * (0.2 + 0.25) = 1.35
+    assert load_balancing_loss(probs, top, 3).item() == pytest.approx(1.35)
+    logits = torch.zeros(4, 3)
+    assert z_loss(logits).item() == pytest.approx(torch.log(torch.tensor(3.0)).item() ** 2)
