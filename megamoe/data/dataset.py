@@ -1,0 +1,189 @@
+"""Training samples: documents packed into fixed-length sequences, blended across datasets.
+
+Every sample is a pure function of (dataset files, seed, split, sample index), and the batch
+of a step is a pure function of the step, so a resumed run reads exactly the samples it
+would have read had it never stopped.
+"""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megamoe.config import DataConfig
+from megamoe.data import prepare
+from megamoe.data.indexed import IndexedDataset
+from megamoe.data.tokenizer import Tokenizer, load_tokenizer
+
+SPLIT_SEED = 0x5EED  # fixed: the train/valid split must not move when the training seed does
+
+
+def split_documents(num_docs: int, valid_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic document split → (train ids, valid ids), both sorted and disjoint.
+
+    Valid documents are a fixed pseudo-random subset (not the tail), so they are drawn from
+    the whole corpus, both domains included.
+    """
+    n_valid = max(1, round(num_docs * valid_fraction))
+    if num_docs - n_valid < 1:
+        raise ValueError(f"cannot split {num_docs} document(s) into train and valid; "
+                         "give a dataset with more documents")
+    order = np.random.default_rng(SPLIT_SEED).permutation(num_docs)
+    return np.sort(order[n_valid:]), np.sort(order[:n_valid])
+
+
+class GPTDataset:
+    """Documents packed end to end into samples of `seq_length + 1` tokens, Megatron style.
+
+    The token stream is epoch 0's documents in a shuffled order, then epoch 1's in another,
+    and so on (each epoch's order from its own seeded RNG). Sample k of the stream is tokens
+    [k * seq_length, (k + 1) * seq_length] (one token of overlap: inputs and shifted targets);
+    samples may cross document boundaries, where the EOS stored at each document's end
+    separates them. Epoch e owns the stream samples that start inside it, and these are
+    visited in a shuffled order before any sample of epoch e + 1, so within an epoch every
+    token is a target exactly once. Sample i never depends on `num_samples`, so lengthening
+    a run keeps its past.
+
+    doc_idx     [epochs + 1 * docs]  document visited at each stream position
+    cum_tokens  [same]               tokens in the stream up to and including that position
+    shuffle_idx [num_samples]        stream sample read for sample i
+    """
+
+    def __init__(self, indexed: IndexedDataset, documents: np.ndarray, seq_length: int,
+                 num_samples: int, seed: int):
+        self.indexed, self.seq_length, self.num_samples = indexed, seq_length, num_samples
+        documents = np.asarray(documents, dtype=np.int64)
+        tokens_per_epoch = int(indexed.sizes[documents].sum(dtype=np.int64))
+        if tokens_per_epoch <= seq_length:
+            raise ValueError(f"{indexed.prefix}: the split holds {tokens_per_epoch} tokens, not "
+                             f"enough for one sample of seq_length={seq_length}; use more data or "
+                             "a shorter data.seq_length")
+        # Epoch e's samples are the k with e*T <= k*L < (e+1)*T (T tokens/epoch, L seq_length):
+        # k from ceil(e*T/L). The fewest epochs holding num_samples: ceil(epochs*T/L) >= N.
+        epochs = (num_samples - 1) * seq_length // tokens_per_epoch + 1
+        first_sample = [-(-e * tokens_per_epoch // seq_length) for e in range(epochs + 1)]
+        # One extra epoch of documents: the last sample of an epoch runs into the next.
+        self.doc_idx = np.concatenate(
+            [np.random.default_rng([seed, e]).permutation(documents) for e in range(epochs + 1)])
+        self.cum_tokens = np.cumsum(indexed.sizes[self.doc_idx], dtype=np.int64)
+        self.shuffle_idx = np.concatenate(
+            [first_sample[e] + np.random.default_rng([seed, e, 1]).permutation(
+                first_sample[e + 1] - first_sample[e]) for e in range(epochs)])[:num_samples]
+        self.epochs = epochs
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Sample i → int64 tokens [seq_length + 1]."""
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
+        start = int(self.shuffle_idx[i]) * self.seq_length
+        pos = int(np.searchsorted(self.cum_tokens, start, side="right"))
+        offset = start - (int(self.cum_tokens[pos - 1]) if pos else 0)
+        need, pieces = self.seq_length + 1, []
+        while need:
+            doc = int(self.doc_idx[pos])
+            take = min(need, int(self.indexed.sizes[doc]) - offset)
+            pieces.append(self.indexed.get(doc, offset, take))
+            need, pos, offset = need - take, pos + 1, 0
+        return np.concatenate(pieces).astype(np.int64)
+
+
+def blend_indices(weights: list[float], num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """Megatron's greedy blending → (dataset of sample i, index of i within that dataset).
+
+    Each sample goes to the dataset furthest behind its target share, so after any prefix of
+    n samples dataset j holds weight_j * n of them to within one sample.
+    """
+    w = np.asarray(weights, dtype=np.float64) / sum(weights)
+    counts = np.zeros(len(w), dtype=np.int64)
+    dataset_idx = np.empty(num_samples, dtype=np.int16)
+    sample_idx = np.empty(num_samples, dtype=np.int64)
+    for i in range(num_samples):
+        j = int(np.argmax(w * (i + 1) - counts))
+        dataset_idx[i], sample_idx[i] = j, counts[j]
+        counts[j] += 1
+    return dataset_idx, sample_idx
+
+
+def samples_per_dataset(weights: list[float], num_samples: int) -> list[int]:
+    """How many samples each blended dataset must provide (greedy blending's upper bound)."""
+    total = sum(weights)
+    return [math.ceil(w / total * num_samples) + 1 for w in weights]
+
+
+class BlendedDataset:
+    """Samples drawn from several datasets in the proportions of `weights`, deterministically."""
+
+    def __init__(self, datasets: list, weights: list[float], num_samples: int):
+        if len(datasets) != len(weights) or not datasets:
+            raise ValueError(f"need one weight per dataset, got {len(weights)} weights for "
+                             f"{len(datasets)} datasets")
+        self.datasets, self.num_samples = datasets, num_samples
+        self.dataset_idx, self.sample_idx = blend_indices(weights, num_samples)
+        for j, dataset in enumerate(datasets):
+            used = int((self.dataset_idx == j).sum())
+            assert used <= len(dataset), f"dataset {j} has {len(dataset)} samples, needs {used}"
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
+        return self.datasets[self.dataset_idx[i]][int(self.sample_idx[i])]
+
+
+def build_datasets(data_cfg: DataConfig, seed: int, num_train_samples: int,
+                   num_valid_samples: int, model_vocab_size: int | None = None
+                   ) -> tuple[BlendedDataset, BlendedDataset, Tokenizer]:
+    """(train, valid, tokenizer) for a run, from `data.paths` or the embedded corpus.
+
+    With no paths, the stdlib corpus is built once into `data.cache_dir` with a vocabulary
+    of min(4096, model_vocab_size). Each path is split into train/valid documents by
+    `data.valid_fraction`; the splits are blended by `data.weights` (default equal).
+    """
+    cache_dir = Path(data_cfg.cache_dir).expanduser()
+    if data_cfg.paths:
+        prefixes, tokenizer_path = list(data_cfg.paths), data_cfg.tokenizer
+    else:
+        vocab = min(prepare.DEFAULT_VOCAB_SIZE, model_vocab_size or prepare.DEFAULT_VOCAB_SIZE)
+        prefix, default_tokenizer = prepare.ensure_default_corpus(cache_dir, vocab_size=vocab)
+        prefixes, tokenizer_path = [str(prefix)], data_cfg.tokenizer or default_tokenizer
+    tokenizer = load_tokenizer(tokenizer_path)
+    if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
+        raise ValueError(f"data.tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens, more "
+                         f"than model.vocab_size={model_vocab_size}; raise model.vocab_size")
+    weights = data_cfg.weights or [1.0] * len(prefixes)
+    indexed = [IndexedDataset(p) for p in prefixes]
+    splits = [split_documents(len(ds), data_cfg.valid_fraction) for ds in indexed]
+    blended = []
+    for which, num_samples in ((0, num_train_samples), (1, num_valid_samples)):
+        parts = [GPTDataset(ds, split[which], data_cfg.seq_length, n, seed)
+                 for ds, split, n in zip(indexed, splits, samples_per_dataset(weights, num_samples))]
+        blended.append(BlendedDataset(parts, weights, num_samples))
+    return blended[0], blended[1], tokenizer
+
+
+def get_batch(dataset, step: int, global_batch_size: int, micro_batch_size: int,
+              dp_rank: int, dp_size: int, micro_step: int) -> torch.Tensor:
+    """The micro-batch of one DP rank at one micro-step of `step` → LongTensor [mbs, seq+1].
+
+    Step s reads samples [s * gbs, (s + 1) * gbs). Within it, sample
+        s * gbs + micro_step * (mbs * dp_size) + dp_rank * mbs + j,   j < mbs
+    goes to rank `dp_rank` at `micro_step`: each micro-step takes the next mbs * dp_size
+    samples, rank-major. So DP2 × accumulation 1 and DP1 × accumulation 2 read the same
+    samples per step, in the same order.
+    """
+    per_micro_step = micro_batch_size * dp_size
+    if global_batch_size % per_micro_step:
+        raise ValueError(f"global_batch_size={global_batch_size} is not a multiple of "
+                         f"micro_batch_size × dp_size = {per_micro_step}")
+    assert 0 <= dp_rank < dp_size and 0 <= micro_step < global_batch_size // per_micro_step
+    first = step * global_batch_size + micro_step * per_micro_step + dp_rank * micro_batch_size
+    if first + micro_batch_size > len(dataset):
+        raise IndexError(f"step {step} needs sample {first + micro_batch_size - 1} but the dataset "
+                         f"holds {len(dataset)}; build it with more samples (steps × global batch)")
+    return torch.from_numpy(np.stack([dataset[first + j] for j in range(micro_batch_size)]))

@@ -1,0 +1,216 @@
+"""Turning text into indexed datasets: `preprocess` for user files, and the embedded corpus.
+
+`preprocess` reads JSONL (one {"text": ...} object per line) or plain-text files (one
+document per file), tokenizes with worker processes, appends EOS to every document and
+writes prefix.bin/.idx. Bad input (malformed JSON, empty documents, bytes that are not
+UTF-8) is skipped and reported by file:line, or is an error with `strict=True`.
+
+`ensure_default_corpus` builds the stdlib corpus, its tokenizer and its dataset once per
+cache key; concurrent callers (every rank of a job) wait on a file lock and share the result.
+"""
+
+import fcntl
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sentencepiece as spm
+from tqdm import tqdm
+
+from megamoe.data.corpus import iter_stdlib_documents, stdlib_root, write_jsonl
+from megamoe.data.indexed import IndexedDatasetBuilder, dataset_exists, dtype_for_vocab
+from megamoe.data.tokenizer import load_tokenizer, train_sentencepiece
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VOCAB_SIZE = 4096
+DEFAULT_MAX_BYTES = 12 * 1024 * 1024  # the whole 3.11 stdlib is ~9.5 MB; builds in seconds
+CORPUS_FORMAT = 1  # bump when the corpus, tokenizer or dataset recipe changes
+JSON_SUFFIXES = (".jsonl", ".json")
+MAX_EXAMPLES = 5  # file:line locations kept per kind of bad input
+
+
+class BadInputError(ValueError):
+    """A line of input cannot be used (strict mode); the message names file:line."""
+
+
+@dataclass
+class PreprocessReport:
+    """What preprocessing wrote and what it skipped."""
+
+    documents: int = 0
+    tokens: int = 0
+    skipped: Counter = field(default_factory=Counter)  # problem -> count
+    examples: dict = field(default_factory=dict)  # problem -> first few "file:line"
+
+    def skip(self, path: Path, line: int, problem: str, strict: bool) -> None:
+        if strict:
+            raise BadInputError(f"{path}:{line}: {problem} (drop --strict to skip and count "
+                                "such lines instead)")
+        self.skipped[problem] += 1
+        where = self.examples.setdefault(problem, [])
+        if len(where) < MAX_EXAMPLES:
+            where.append(f"{path}:{line}")
+
+    def problems(self) -> str:
+        """One line per kind of skipped input, with its first locations; '' if none."""
+        lines = []
+        for problem, count in self.skipped.most_common():
+            more = ", ..." if count > len(self.examples[problem]) else ""
+            lines.append(f"skipped {count} × {problem}: {', '.join(self.examples[problem])}{more}")
+        return "\n".join(lines)
+
+
+def _parse_json_line(raw: bytes, json_key: str) -> tuple[str | None, str | None]:
+    """One JSONL line → (text, None), or (None, problem); a blank line is (None, None)."""
+    if not raw.strip():
+        return None, None
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    except json.JSONDecodeError:
+        return None, "malformed JSON"
+    if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
+        return None, f"no string {json_key!r} field"
+    return _check_text(record[json_key])
+
+
+def _check_text(text: str) -> tuple[str | None, str | None]:
+    try:
+        text.encode("utf-8")  # JSON escapes can smuggle in lone surrogates
+    except UnicodeEncodeError:
+        return None, "not UTF-8"
+    return (text, None) if text.strip() else (None, "empty document")
+
+
+def read_documents(paths: list[str | Path], json_key: str, strict: bool,
+                   report: PreprocessReport) -> Iterator[tuple[str, int]]:
+    """Yield (document text, input bytes it came from), recording bad input in `report`."""
+    for path in map(Path, paths):
+        if path.suffix in JSON_SUFFIXES:
+            with open(path, "rb") as f:
+                for line_no, raw in enumerate(f, 1):
+                    text, problem = _parse_json_line(raw, json_key)
+                    if problem:
+                        report.skip(path, line_no, problem, strict)
+                    elif text is not None:
+                        yield text, len(raw)
+            continue
+        raw = path.read_bytes()
+        try:
+            text, problem = _check_text(raw.decode("utf-8"))
+            line_no = 1
+        except UnicodeDecodeError as e:
+            text, problem, line_no = None, "not UTF-8", raw[:e.start].count(b"\n") + 1
+        if problem:
+            report.skip(path, line_no, problem, strict)
+        else:
+            yield text, len(raw)
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(tokenizer_path)
+
+
+def _encode(item: tuple[str, int]) -> tuple[list[int], int]:
+    text, nbytes = item
+    return _worker_tokenizer.encode(text) + [_worker_tokenizer.eos_id], nbytes
+
+
+def preprocess(input_paths: list[str | Path], output_prefix: str | Path,
+               tokenizer_path: str | Path, *, json_key: str = "text", workers: int = 1,
+               strict: bool = False, overwrite: bool = False,
+               progress: bool = True) -> PreprocessReport:
+    """Tokenize text / JSONL files into output_prefix.bin/.idx (EOS after every document)."""
+    output_prefix = str(output_prefix)
+    if dataset_exists(output_prefix) and not overwrite:
+        raise FileExistsError(f"{output_prefix}.bin/.idx already exist; choose another output "
+                              "prefix or pass --overwrite (overwrite=True) to replace them")
+    for path in input_paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"input file {path} does not exist")
+    tokenizer = load_tokenizer(tokenizer_path)
+    report = PreprocessReport()
+    documents = read_documents(input_paths, json_key, strict, report)
+    total_bytes = sum(Path(p).stat().st_size for p in input_paths)
+    pool = (multiprocessing.Pool(workers, _init_worker, (str(tokenizer_path),))
+            if workers > 1 else None)
+    if pool is None:
+        _init_worker(str(tokenizer_path))
+    try:
+        encoded = pool.imap(_encode, documents, chunksize=16) if pool else map(_encode, documents)
+        with (IndexedDatasetBuilder(output_prefix, dtype_for_vocab(tokenizer.vocab_size)) as builder,
+              tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress,
+                   desc=f"tokenizing into {output_prefix}") as bar):
+            for ids, nbytes in encoded:
+                builder.add_document(ids)
+                report.documents += 1
+                report.tokens += len(ids)
+                bar.update(nbytes)
+            if not report.documents:
+                raise ValueError(f"no usable documents in {', '.join(map(str, input_paths))}"
+                                 f" (check --json-key, currently {json_key!r})\n{report.problems()}")
+            builder.finalize()
+    finally:
+        if pool is not None:
+            pool.terminate()
+    if report.skipped:
+        log.warning("%s", report.problems())
+    return report
+
+
+def default_corpus_dir(cache_dir: str | Path, vocab_size: int, max_bytes: int) -> Path:
+    """Where the corpus for these settings lives: keyed by recipe, Python and library versions."""
+    key = json.dumps([CORPUS_FORMAT, platform.python_version(), str(stdlib_root()),
+                      vocab_size, max_bytes, spm.__version__])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return (Path(cache_dir).expanduser()
+            / f"stdlib-py{platform.python_version()}-v{vocab_size}-{digest}")
+
+
+def ensure_default_corpus(cache_dir: str | Path, vocab_size: int = DEFAULT_VOCAB_SIZE,
+                          max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Path, Path]:
+    """Build the stdlib corpus once → (indexed dataset prefix, tokenizer .model path).
+
+    The build happens in a private temporary directory renamed into place when complete,
+    under an exclusive file lock: other callers wait, then reuse it. Where locks do not
+    work (some network filesystems) the rename alone still keeps the result whole.
+    """
+    final = default_corpus_dir(cache_dir, vocab_size, max_bytes)
+    result = final / "corpus", final / "tokenizer.model"
+    if final.is_dir():
+        return result
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.is_dir():
+            return result
+        log.info("building the default stdlib corpus in %s (once)", final)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp"))
+        try:
+            jsonl = tmp / "corpus.jsonl"
+            write_jsonl(iter_stdlib_documents(max_bytes), jsonl)
+            tokenizer_path = train_sentencepiece([jsonl], tmp / "tokenizer", vocab_size)
+            preprocess([jsonl], tmp / "corpus", tokenizer_path, progress=False)
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():  # a rename lost to another builder is fine; all else is not
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return result

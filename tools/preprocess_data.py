@@ -1,0 +1,49 @@
+"""Tokenize JSONL or plain-text files into a Megatron-style indexed dataset (PREFIX.bin/.idx).
+
+    python tools/preprocess_data.py --input data/*.jsonl --output-prefix data/my \
+        --tokenizer tok/my.model --workers 8
+
+Each JSONL line is one document (its --json-key field); each plain-text file is one
+document. EOS is appended to every document. Malformed lines, empty documents and
+non-UTF-8 bytes are skipped and summarised by file:line, or are an error with --strict.
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megamoe.data.prepare import preprocess  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", nargs="+", required=True,
+                        help=".jsonl/.json files (JSON lines) or plain-text files")
+    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    parser.add_argument("--tokenizer", required=True, help="sentencepiece .model or tokenizer.json")
+    parser.add_argument("--json-key", default="text", help="field of each JSONL object holding text")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first bad line instead of skipping it")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        report = preprocess(args.input, args.output_prefix, args.tokenizer,
+                            json_key=args.json_key, workers=args.workers, strict=args.strict,
+                            overwrite=args.overwrite, progress=not args.no_progress)
+    except (ValueError, OSError) as e:  # bad input, existing output, missing file
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {report.documents} documents, {report.tokens} tokens to "
+          f"{args.output_prefix}.bin/.idx")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
