@@ -173,7 +173,8 @@ def test_blending_proportions_and_determinism():
     counts = np.bincount(dataset_idx, minlength=3)
     assert np.abs(counts - [500, 300, 200]).max() <= 1
     for n in (10, 97, 500):  # every prefix is within one sample of its target share
-        assert np.abs(np.bincount(dataset_idx[:n], minlength=3) - np.array([.5, .3, .2]) * n).max() <= 1
+        prefix_counts = np.bincount(dataset_idx[:n], minlength=3)
+        assert np.abs(prefix_counts - np.array([.5, .3, .2]) * n).max() <= 1
     for j in range(3):  # each dataset is read in order, from its first sample
         assert sample_idx[dataset_idx == j].tolist() == list(range(counts[j]))
     assert np.array_equal(dataset_idx, blend_indices([5, 3, 2], 1000)[0])
@@ -305,6 +306,15 @@ def test_preprocess_text_file_bad_bytes_name_line(tmp_path, small_corpus):
     assert report.documents == 1 and report.examples["not UTF-8"] == [f"{tmp_path / 'a.txt'}:2"]
 
 
+def test_preprocess_with_no_usable_documents_points_at_json_key(tmp_path, small_corpus):
+    _, model = small_corpus
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"content": "text under another key"}\n')
+    with pytest.raises(ValueError, match="check --json-key"):
+        preprocess([src], tmp_path / "out", model, progress=False)
+    assert not list(tmp_path.glob("out*"))
+
+
 def test_preprocess_cli_never_overwrites_without_flag(tmp_path, small_corpus):
     jsonl, model = small_corpus
     out = tmp_path / "out"
@@ -364,6 +374,9 @@ def test_build_datasets_default_corpus_and_blended_paths(tmp_path, monkeypatch):
                                        model_vocab_size=1000)
     assert len(train) == 50 and len(valid) == 10 and tok.vocab_size == 1000
     assert get_batch(train, 1, 4, 2, 0, 1, 1).shape == (2, 65)
+    with pytest.raises(ValueError, match="unset data.tokenizer"):
+        build_datasets(DataConfig(tokenizer="x.model"), seed=0, num_train_samples=5,
+                       num_valid_samples=5)
 
     prefix, tokenizer_path = small(tmp_path, vocab_size=1000)
     cfg = DataConfig(paths=[str(prefix), str(prefix)], weights=[3.0, 1.0],

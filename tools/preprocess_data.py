@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first bad line instead of skipping it")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing PREFIX.bin/.idx")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

@@ -136,22 +136,33 @@ class BlendedDataset:
         return self.datasets[self.dataset_idx[i]][int(self.sample_idx[i])]
 
 
+def data_sources(data_cfg: DataConfig, model_vocab_size: int | None = None) -> tuple[list[str], str]:
+    """(dataset prefixes, tokenizer path) of a run; builds the embedded corpus if it has no paths.
+
+    The embedded corpus is built once into `data.cache_dir` with a vocabulary of
+    min(4096, model_vocab_size), and always comes with its own tokenizer.
+    """
+    if data_cfg.paths:
+        return list(data_cfg.paths), str(data_cfg.tokenizer)
+    if data_cfg.tokenizer:
+        raise ValueError(f"data.tokenizer={data_cfg.tokenizer} but data.paths is empty: the "
+                         "embedded corpus is tokenized with its own tokenizer; unset "
+                         "data.tokenizer, or set data.paths to datasets built with it")
+    vocab = min(prepare.DEFAULT_VOCAB_SIZE, model_vocab_size or prepare.DEFAULT_VOCAB_SIZE)
+    prefix, tokenizer_path = prepare.ensure_default_corpus(
+        Path(data_cfg.cache_dir).expanduser(), vocab_size=vocab)
+    return [str(prefix)], str(tokenizer_path)
+
+
 def build_datasets(data_cfg: DataConfig, seed: int, num_train_samples: int,
                    num_valid_samples: int, model_vocab_size: int | None = None
                    ) -> tuple[BlendedDataset, BlendedDataset, Tokenizer]:
     """(train, valid, tokenizer) for a run, from `data.paths` or the embedded corpus.
 
-    With no paths, the stdlib corpus is built once into `data.cache_dir` with a vocabulary
-    of min(4096, model_vocab_size). Each path is split into train/valid documents by
-    `data.valid_fraction`; the splits are blended by `data.weights` (default equal).
+    Each dataset is split into train/valid documents by `data.valid_fraction`; the splits
+    are blended by `data.weights` (default equal).
     """
-    cache_dir = Path(data_cfg.cache_dir).expanduser()
-    if data_cfg.paths:
-        prefixes, tokenizer_path = list(data_cfg.paths), data_cfg.tokenizer
-    else:
-        vocab = min(prepare.DEFAULT_VOCAB_SIZE, model_vocab_size or prepare.DEFAULT_VOCAB_SIZE)
-        prefix, default_tokenizer = prepare.ensure_default_corpus(cache_dir, vocab_size=vocab)
-        prefixes, tokenizer_path = [str(prefix)], data_cfg.tokenizer or default_tokenizer
+    prefixes, tokenizer_path = data_sources(data_cfg, model_vocab_size)
     tokenizer = load_tokenizer(tokenizer_path)
     if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
         raise ValueError(f"data.tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens, more "

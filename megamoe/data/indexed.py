@@ -1,4 +1,4 @@
-"""Megatron-style memory-mapped indexed dataset: token documents in `prefix.bin`, index in `prefix.idx`.
+"""Megatron-style memory-mapped indexed dataset: documents in `prefix.bin`, index in `prefix.idx`.
 
 The layout is byte-compatible with Megatron-LM's MMapIndexedDataset (version 1), so datasets
 made by its `preprocess_data.py` load here and ours load there:
@@ -150,8 +150,9 @@ def _read_index(path: Path) -> tuple[np.dtype, np.ndarray, np.ndarray]:
                                   f"reader does not know (expects version {VERSION}); rebuild it")
     expected = _HEADER.size + 4 * n + 8 * n + 8 * n_doc_idx
     if len(raw) != expected:
-        raise IndexedDatasetError(f"{path} has {len(raw)} bytes but its header implies {expected}; "
-                                  "it is truncated or corrupt: rebuild with tools/preprocess_data.py")
+        raise IndexedDatasetError(
+            f"{path} has {len(raw)} bytes but its header implies {expected}; it is truncated "
+            "or corrupt: rebuild with tools/preprocess_data.py")
     dtype = CODE_DTYPES[code]
     sizes = np.frombuffer(raw, dtype=np.int32, count=n, offset=_HEADER.size)
     pointers = np.frombuffer(raw, dtype=np.int64, count=n, offset=_HEADER.size + 4 * n)
