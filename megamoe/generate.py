@@ -1,0 +1,26 @@
+"""Sampling text from a model (no KV cache: meant for the small models of quick checks)."""
+
+import torch
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48, temperature: float = 0.8,
+             top_k: int = 40, seed: int = 0) -> str:
+    """Continue `prompt` by sampling `max_new_tokens` tokens; returns the continuation only."""
+    model.eval()
+    device = next(model.parameters()).device
+    ids = tokenizer.encode(prompt)
+    tokens = torch.tensor([ids], device=device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    limit = model.cfg.model.max_seq_len
+    for _ in range(max_new_tokens):
+        logits = model(tokens[:, -limit:]).logits[0, -1].float().cpu()  # [V]
+        if temperature <= 0:
+            nxt = int(logits.argmax())
+        else:
+            vals, idx = torch.topk(logits / temperature, min(top_k, logits.numel()))
+            nxt = int(idx[torch.multinomial(torch.softmax(vals, -1), 1, generator=g)])
+        if nxt == tokenizer.eos_id:
+            break
+        tokens = torch.cat([tokens, torch.tensor([[nxt]], device=device)], dim=1)
+    return tokenizer.decode(tokens[0, len(ids):].tolist())

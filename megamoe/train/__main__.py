@@ -1,0 +1,36 @@
+"""`python -m megamoe.train --config configs/tiny-cpu.yaml key=value ...`: the one entry point.
+
+Every launcher (deepspeed, torchrun, mpirun, srun) starts this module on each rank.
+"""
+
+import argparse
+import sys
+
+from ..checkpoint.io import CheckpointError
+from ..config import ConfigError, load_config
+from ..distributed import LaunchError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megamoe.train", description=__doc__)
+    parser.add_argument("--config", help="YAML config (see configs/); defaults are OLMoE-1B-7B")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from .loop import Trainer
+        trainer = Trainer(cfg)
+        code = trainer.fit()
+        if code == 0 and trainer.is_logger and cfg.run.sample_prompt:
+            from .sample import sample_from_checkpoint
+            text = sample_from_checkpoint(trainer.run_dir, cfg.run.sample_prompt, cfg.run.sample_tokens)
+            print(f"megamoe: sample from the final checkpoint:\n{cfg.run.sample_prompt}{text}", flush=True)
+        return code
+    except (ConfigError, LaunchError, CheckpointError) as e:
+        print(f"megamoe: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

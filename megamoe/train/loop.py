@@ -1,0 +1,156 @@
+"""The training loop: steps, evaluation, logging, checkpoints and preemption.
+
+One optimizer step = `grad_accumulation_steps` micro-batches per data-parallel rank; the
+micro-batch each rank reads is a pure function of (step, rank, micro-step), so a resumed run
+reads exactly the samples it would have read had it never stopped.
+"""
+
+import math
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..checkpoint.io import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from ..config import Config
+from ..data.dataset import build_datasets, get_batch
+from ..distributed import discover_env, init_distributed
+from ..parallel.state import ParallelState
+from .engine import build_engine, build_model, lr_at, resolve_device
+from .metrics import MetricsLogger
+from .rundir import check_resumable, prepare_run_dir
+from .signals import EXIT_REQUEUE, PreemptionHandler
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        env = discover_env()
+        cfg.validate(env.world_size)  # every layout error before any process group exists
+        init_distributed(env)
+        self.cfg = cfg
+        self.state = ParallelState(env.world_size, env.rank, cfg.parallel.tensor,
+                                   cfg.parallel.pipeline, cfg.parallel.expert).build_groups()
+        self.is_logger = env.rank == 0
+        self.run_dir = prepare_run_dir(cfg, write=self.is_logger)
+        _barrier()
+        self.device = resolve_device(cfg)
+        torch.manual_seed(cfg.train.seed)
+        t = cfg.train
+        self.gas = cfg.grad_accumulation_steps(env.world_size)
+        self.train_data, self.valid_data, self.tokenizer = build_datasets(
+            cfg.data, t.seed, t.steps * t.global_batch_size, t.eval_batches * t.global_batch_size,
+            cfg.model.vocab_size)
+        self.model = build_model(cfg, self.state)
+        self.engine = build_engine(cfg, self.state, self.model, self.device)
+        self.step = 0
+        latest = latest_checkpoint(self.run_dir / "checkpoints")
+        if latest is not None:
+            check_resumable(read_meta(latest)["config"], cfg, latest)
+            self.step = load_checkpoint(latest, self.model, self.engine.optimizer, self.state)["step"]
+        self.metrics = MetricsLogger(self.run_dir, t.steps, self.is_logger, cfg.run.tensorboard)
+        if self.is_logger:
+            n = sum(p.numel() for p in self.model.parameters())
+            print(f"megamoe: {self.state.describe()} | {n / 1e6:.2f}M params on rank 0 | "
+                  f"{'resuming at step ' + str(self.step) if self.step else 'new run'} in {self.run_dir}",
+                  flush=True)
+
+    # -------------------------------------------------------------------------------------
+    def _micro_batch(self, data, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t, s = self.cfg.train, self.state
+        batch = get_batch(data, step, t.global_batch_size, t.micro_batch_size, s.dp_rank, s.dp, micro)
+        batch = batch.to(self.device)
+        return batch[:, :-1], batch[:, 1:]  # tokens, labels: [mbs, seq]
+
+    def train_step(self) -> dict:
+        """One optimizer step; returns the step's metrics (averaged over micro-batches and DP)."""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr_at(self.cfg, self.step)
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, lm_loss, lb_loss, z_loss
+        layers = self.model.moe_layers()
+        load = torch.zeros(len(layers), self.cfg.moe.num_experts or 1, dtype=torch.float64)
+        for micro in range(self.gas):
+            tokens, labels = self._micro_batch(self.train_data, self.step, micro)
+            out = self.engine(tokens, labels)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            sums += torch.tensor([out.loss.item(), out.lm_loss.item(),
+                                  _mean([l.stats["lb_loss"] for l in layers]),
+                                  _mean([l.stats["z_loss"] for l in layers])], dtype=torch.float64)
+            for i, layer in enumerate(layers):
+                load[i] += layer.stats["expert_load"].double().cpu()
+        sums = _all_reduce_mean(sums / self.gas, self.state.dp_group)
+        load = _all_reduce_sum(load, self.state.dp_group)
+        self.step += 1
+        norm = self.engine.get_global_grad_norm()
+        return {"loss": sums[0].item(), "lm_loss": sums[1].item(), "lb_loss": sums[2].item(),
+                "z_loss": sums[3].item(), "lr": lr_at(self.cfg, self.step - 1),
+                "grad_norm": float(norm) if norm is not None else float("nan"),
+                "expert_load": (load / load.sum(-1, keepdim=True).clamp_min(1)).tolist() if layers else []}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        total = torch.zeros(1, dtype=torch.float64)
+        for i in range(self.cfg.train.eval_batches):
+            for micro in range(self.gas):
+                tokens, labels = self._micro_batch(self.valid_data, i, micro)
+                total += self.engine(tokens, labels).lm_loss.item()
+        self.model.train()
+        loss = _all_reduce_mean(total / (self.cfg.train.eval_batches * self.gas), self.state.dp_group).item()
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    def save(self) -> None:
+        save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.engine.optimizer,
+                        self.state, {"config": self.cfg.to_dict()}, keep=self.cfg.train.keep_checkpoints)
+
+    def fit(self) -> int:
+        """Train to `train.steps`; returns the process exit code (EXIT_REQUEUE when preempted)."""
+        t = self.cfg.train
+        tokens_per_step = t.global_batch_size * self.cfg.data.seq_length
+        self.model.train()
+        with PreemptionHandler() as preempt:
+            while self.step < t.steps:
+                start = time.perf_counter()
+                record = self.train_step()
+                elapsed = time.perf_counter() - start
+                record = {"step": self.step, **record, "tokens_per_sec": tokens_per_step / elapsed,
+                          "step_time_ms": 1000 * elapsed}
+                if self.step % t.eval_interval == 0 or self.step == t.steps:
+                    record.update(self.evaluate())
+                if self.step % t.log_interval == 0 or self.step == t.steps or "eval_loss" in record:
+                    self.metrics.log(record)
+                if self.step % t.save_interval == 0 or self.step == t.steps:
+                    self.save()
+                if preempt.should_stop():
+                    if self.step % t.save_interval and self.step != t.steps:
+                        self.save()
+                    if self.is_logger:
+                        print(f"megamoe: preempted by {preempt.received or 'a peer'}; checkpoint "
+                              f"at step {self.step} saved, exiting {EXIT_REQUEUE} to be requeued",
+                              flush=True)
+                    return EXIT_REQUEUE
+        self.metrics.close()
+        return 0
+
+
+def _mean(values: list[torch.Tensor]) -> float:
+    return float(torch.stack(values).float().mean()) if values else 0.0
+
+
+def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def _all_reduce_mean(t: torch.Tensor, group) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+        t = t / dist.get_world_size(group)
+    return t
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
