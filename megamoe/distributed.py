@@ -234,7 +234,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--no-init", action="store_true",
                         help="only print what was discovered; create no process group")
-    args, _ = parser.parse_known_args()
+    args = parser.parse_args()
     env = discover_env()
     line = " ".join(f"{k}={v}" for k, v in asdict(env).items())
     if args.no_init:

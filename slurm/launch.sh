@@ -1,0 +1,55 @@
+# The body of slurm/train.sbatch and slurm/train-multinode.sbatch (sourced by them, with the
+# job's arguments): one srun task per rank runs `python -m megamoe.train "$@"`, and a run
+# that stops for preemption (exit EXIT_REQUEUE) is put back in the queue to resume.
+#
+# MEGAMOE_DRY_RUN=1 prints the environment and the srun command instead of running them;
+# it also works outside Slurm: MEGAMOE_DRY_RUN=1 bash slurm/train.sbatch --config ...
+
+EXIT_REQUEUE=75  # megamoe.train.signals.EXIT_REQUEUE
+
+job_id=${SLURM_JOB_ID:-0}
+nodelist=${SLURM_JOB_NODELIST:-$(hostname -s)}
+if command -v scontrol >/dev/null; then
+    MASTER_ADDR=$(scontrol show hostnames "$nodelist" | head -n1)
+else
+    MASTER_ADDR=$nodelist
+fi
+export MASTER_ADDR
+# Same rule as megamoe.distributed (SLURM_PORT_BASE + job id % SLURM_PORT_SPAN).
+export MASTER_PORT=$((20000 + job_id % 20000))
+# Cores per rank for torch's CPU threads, unless the user chose.
+if [[ -z ${OMP_NUM_THREADS:-} && -n ${SLURM_CPUS_ON_NODE:-} && -n ${SLURM_NTASKS_PER_NODE:-} ]]; then
+    export OMP_NUM_THREADS=$((SLURM_CPUS_ON_NODE / SLURM_NTASKS_PER_NODE > 0 ? SLURM_CPUS_ON_NODE / SLURM_NTASKS_PER_NODE : 1))
+fi
+# A failed peer ends the collective with an error instead of a hang (NCCL); gloo and NCCL
+# use the interface named by MEGAMOE_IFNAME when the default one is wrong.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+if [[ -n ${MEGAMOE_IFNAME:-} ]]; then
+    export NCCL_SOCKET_IFNAME=$MEGAMOE_IFNAME GLOO_SOCKET_IFNAME=$MEGAMOE_IFNAME
+fi
+
+check=(srun --label "${PYTHON:-python}" -m megamoe.distributed --no-init)
+train=(srun --label --kill-on-bad-exit=0 "${PYTHON:-python}" -m megamoe.train "$@")
+
+echo "megamoe: job $job_id (restart ${SLURM_RESTART_COUNT:-0}) on $nodelist;" \
+    "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"
+if [[ ${MEGAMOE_DRY_RUN:-0} == 1 ]]; then
+    echo "megamoe: dry run, would run:"
+    echo "  $(printf '%q ' "${check[@]}")"
+    echo "  $(printf '%q ' "${train[@]}")"
+    exit 0
+fi
+
+# Slurm's SIGTERM (scancel, time limit) also reaches this shell: let the ranks checkpoint.
+trap 'echo "megamoe: job shell got SIGTERM; the ranks save and exit"' TERM
+# Each rank prints where it landed; launch mistakes fail here, in a second.
+"${check[@]}"
+status=0
+"${train[@]}" || status=$?
+if [[ $status == "$EXIT_REQUEUE" && -n ${SLURM_JOB_ID:-} ]]; then
+    echo "megamoe: preempted, checkpoint saved; requeueing job $SLURM_JOB_ID to resume"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+echo "megamoe: training exited with status $status"
+exit "$status"
