@@ -6,7 +6,11 @@ Dropless expert parallelism, DeepSpeed-MoE / Megatron style but with variable sp
   3. all-to-all rows to the rank owning each expert               [N_recv, d]
   4. regroup received rows by local expert (they arrive by source rank)
   5. experts run; everything is undone in reverse; rows are scaled by their routing
-     weight and summed back into their tokens with index_add_.
+     weight and summed back into their tokens.
+
+No host sync on one rank: group sizes are the router's counts, kept on the device. For dropless
+token choice (every token has exactly k rows) gathering and combining are permutations whose
+gradients are gathers and sums over k: no atomics, no index_put. Other routings use index_add_.
 """
 
 import torch
@@ -35,6 +39,43 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
+class _GatherTokens(torch.autograd.Function):
+    """rows = x[token_of_row] when each token has exactly k rows; `inverse[t·k + j]` is the row
+    holding token t's j-th copy. Backward sums each token's k row gradients."""
+
+    @staticmethod
+    def forward(ctx, x, token_of_row, inverse, k: int):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x[token_of_row]  # [N, d]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse].view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
+
+
+class _CombineTokens(torch.autograd.Function):
+    """y[t] = Σ_j weight[t, j] · out[inverse[t·k + j]]: each token's weighted sum of its k
+    expert outputs. out: [N, d] sorted rows; weight: [T, k]; order = argsort, inverse its inverse."""
+
+    @staticmethod
+    def forward(ctx, out, weight, token_of_row, order, inverse):
+        T, k = weight.shape
+        ctx.save_for_backward(out, weight, token_of_row, order)
+        rows = out[inverse].view(T, k, -1)  # [T, k, d] in token order
+        return torch.bmm(weight.unsqueeze(1).to(out.dtype), rows).squeeze(1)  # [T, d]
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, weight, token_of_row, order = ctx.saved_tensors
+        grad_rows = grad[token_of_row]  # [N, d]: each row's token gradient
+        w_rows = weight.reshape(-1)[order].unsqueeze(-1).to(grad.dtype)  # [N, 1]
+        grad_w_rows = (grad_rows * out).sum(-1, dtype=torch.promote_types(out.dtype, torch.float32))  # [N]
+        grad_w = torch.empty_like(grad_w_rows).scatter_(0, order, grad_w_rows)
+        return grad_rows * w_rows, grad_w.view_as(weight).to(weight.dtype), None, None, None
+
+
 class Dispatcher:
     """Moves routed rows to the experts that own them and brings results back.
 
@@ -49,14 +90,23 @@ class Dispatcher:
 
     def run(self, x: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
         """x: [T, d] → Σ_assignments weight · expert(x[token]) per token, [T, d]."""
-        order = torch.argsort(routing.expert_idx, stable=True)  # [N]
-        token_of_row = routing.token_idx[order]
-        rows = x[token_of_row]  # [N, d] sorted by global expert id
-        counts = torch.bincount(routing.expert_idx, minlength=self.num_experts)  # [E]
+        k = routing.top_k
+        order = torch.argsort(routing.expert_idx, stable=True)  # [N] assignment of each sorted row
+        token_of_row = routing.token_idx[order]  # [N]
+        counts = routing.expert_load  # [E] rows per expert
+        if k:
+            inverse = torch.empty_like(order).scatter_(
+                0, order, torch.arange(order.numel(), device=order.device))  # [N] row of each assignment
+            rows = _GatherTokens.apply(x, token_of_row, inverse, k)  # [N, d] sorted by global expert id
+        else:
+            rows = x[token_of_row]
         if self.ep_size == 1:
             out = experts(rows, counts)
         else:
             out = self._run_expert_parallel(rows, counts, experts)
+        if k:
+            weight = routing.weight.view(-1, k)  # [T, k]
+            return _CombineTokens.apply(out, weight, token_of_row, order, inverse).to(x.dtype)
         out = out * routing.weight[order].unsqueeze(-1).to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_row, out.to(x.dtype))
 

@@ -22,7 +22,9 @@ class Routing:
     weight: torch.Tensor      # [N] its combine weight
     lb_loss: torch.Tensor     # scalar, Switch-style load-balancing loss (0 for expert choice)
     z_loss: torch.Tensor      # scalar, mean logsumexp(logits)^2
-    expert_load: torch.Tensor  # [E] assignments each expert received (detached, for logs)
+    expert_load: torch.Tensor  # [E] assignments each expert received (detached; dispatch's group sizes)
+    top_k: int = 0            # k when every token has exactly k assignments, token-major
+    #                           (token_idx = arange(T).repeat_interleave(k)): dropless token choice
 
 
 def load_balancing_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -31,6 +33,12 @@ def load_balancing_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts
     counts.scatter_add_(0, topk_idx.reshape(-1), torch.ones(topk_idx.numel(), device=probs.device))
     f = counts / probs.shape[0]  # [E]
     return num_experts * torch.sum(f * probs.mean(dim=0))
+
+
+def expert_counts(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 assignments per expert. Unlike torch.bincount on CUDA, no host sync."""
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_idx.device)
+    return counts.scatter_add_(0, expert_idx, torch.ones_like(expert_idx))
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -67,11 +75,12 @@ class Router(nn.Module):
         T = x.shape[0]
         token_idx = torch.arange(T, device=x.device).repeat_interleave(self.top_k)  # [T*k]
         expert_idx, weight = top_i.reshape(-1), top_w.reshape(-1)
-        if self.capacity_factor is not None:
-            keep = self._within_capacity(top_i, self.capacity(T))
-            token_idx, expert_idx, weight = token_idx[keep], expert_idx[keep], weight[keep]
-        load = torch.bincount(expert_idx, minlength=self.num_experts).detach()
-        return Routing(token_idx, expert_idx, weight, lb, zl, load)
+        if self.capacity_factor is None:
+            return Routing(token_idx, expert_idx, weight, lb, zl,
+                           expert_counts(expert_idx, self.num_experts), top_k=self.top_k)
+        keep = self._within_capacity(top_i, self.capacity(T))
+        token_idx, expert_idx, weight = token_idx[keep], expert_idx[keep], weight[keep]
+        return Routing(token_idx, expert_idx, weight, lb, zl, expert_counts(expert_idx, self.num_experts))
 
     def _within_capacity(self, top_i: torch.Tensor, capacity: int) -> torch.Tensor:
         """Mask [T*k] of assignments kept: first choices of all tokens fill experts first (GShard)."""

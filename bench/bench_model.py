@@ -1,0 +1,192 @@
+"""Full-model training throughput: forward + backward tokens/s of megamoe's OLMoE against
+transformers' OlmoeForCausalLM (grouped_mm experts, SDPA) holding the same weights, in one run.
+
+    PYTHONUNBUFFERED=1 python bench/bench_model.py                  # OLMoE-1B-7B, seq 4096, bf16
+    python bench/bench_model.py --cpu-smoke                         # tiny shapes on CPU, seconds
+
+Each step is zero_grad + forward with labels (LM loss + router aux losses) + backward, on
+random tokens. Reported: median step time over --iters steps after --warmup steps (CUDA
+events), tokens/s, MFU against a measured bf16 matmul ceiling, and peak allocated memory.
+"""
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (apply_compile, build_hf_like, build_megamoe, env_info, flops_per_token,  # noqa: E402
+                    matmul_ceiling_tflops, out_dir, summary, sync, time_ms)
+from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig  # noqa: E402
+
+
+def tiny_config() -> Config:
+    return Config(model=ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=64),
+                  moe=MoEConfig(num_experts=8, top_k=2, ffn_hidden=32), data=DataConfig(seq_length=64)).validate()
+
+
+def batches(cfg: Config, mb: int, seq: int, device, n: int = 4, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return [torch.randint(0, cfg.model.vocab_size, (mb, seq + 1), generator=g).to(device) for _ in range(n)]
+
+
+def megamoe_step(model, data):
+    it = iter(range(10**9))
+
+    def step():
+        t = data[next(it) % len(data)]
+        model.zero_grad(set_to_none=True)
+        model(t[:, :-1], labels=t[:, 1:]).loss.backward()
+    return step
+
+
+def hf_step(model, data):
+    it = iter(range(10**9))
+
+    def step():
+        t = data[next(it) % len(data)]
+        model.zero_grad(set_to_none=True)
+        model(input_ids=t[:, :-1], labels=t[:, :-1]).loss.backward()  # HF shifts labels itself
+    return step
+
+
+def measure(name, make_step, model, cfg, args, device, ceiling, log):
+    rows = []
+    for mb in args.mb:
+        data = batches(cfg, mb, args.seq, device)
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            times = time_ms(make_step(model, data), device, args.warmup, args.iters)
+        except torch.OutOfMemoryError:
+            print(f"{name} mb={mb}: out of memory", flush=True)
+            model.zero_grad(set_to_none=True)
+            continue
+        s = summary(times)
+        tokens = mb * args.seq
+        tok_s = tokens / (s["median_ms"] * 1e-3)
+        row = dict(system=name, mb=mb, seq=args.seq, tokens=tokens, **s, tok_s=tok_s,
+                   tflops=tok_s * flops_per_token(cfg, args.seq) / 1e12,
+                   mfu=tok_s * flops_per_token(cfg, args.seq) / 1e12 / ceiling,
+                   peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                   times_ms=[round(t, 3) for t in times])
+        rows.append(row)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        print(f"{name:>22} mb={mb} median {s['median_ms']:8.2f} ms  {tok_s:9.0f} tok/s  "
+              f"{row['tflops']:6.1f} TFLOP/s  MFU {row['mfu']:.3f}  peak {row['peak_gib'] or 0:.1f} GiB  "
+              f"(min {s['min_ms']:.2f} max {s['max_ms']:.2f})", flush=True)
+        model.zero_grad(set_to_none=True)
+    return rows
+
+
+def logits_of(model, tokens, hf: bool):
+    out = model(input_ids=tokens) if hf else model(tokens)
+    return out.logits.detach().float()
+
+
+def profile(model, cfg, args, device, path):
+    """Per-kernel device time of 2 steps of megamoe at the first micro-batch size."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    step = megamoe_step(model, batches(cfg, args.mb[0], args.seq, device))
+    for _ in range(2):
+        step()
+    sync(device)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        sync(device)
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events)
+    lines = [f"device time per step {total / 2e3:.2f} ms (sum of kernel self times)"]
+    for e in events[:40]:
+        lines.append(f"{e.self_device_time_total / 2e3:8.3f} ms {100 * e.self_device_time_total / total:5.1f}%"
+                     f" {e.count // 2:5d}x  {e.key[:110]}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[:26]), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--mb", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--systems", default="megamoe,megamoe-compile,hf-grouped_mm",
+                    help="comma list of megamoe, megamoe-compile, hf-grouped_mm, hf-eager")
+    ap.add_argument("--profile", action="store_true", help="kernel-time table of megamoe (last variant)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU in fp32: checks the script runs")
+    args = ap.parse_args()
+
+    if args.cpu_smoke:
+        device, dtype, cfg = torch.device("cpu"), torch.float32, tiny_config()
+        args.seq, args.mb, args.warmup, args.iters = 32, [1, 2], 1, 2
+    else:
+        device, dtype, cfg = torch.device("cuda"), torch.bfloat16, Config.olmoe_1b_7b()
+        torch._dynamo.config.cache_size_limit = 64
+        torch._dynamo.config.automatic_dynamic_shapes = False  # static graphs per micro-batch size
+    systems = args.systems.split(",")
+    info = env_info(device)
+    ceiling = matmul_ceiling_tflops(device, n=8192 if device.type == "cuda" else 256)
+    info.update(matmul_ceiling_tflops=ceiling, flops_per_token=flops_per_token(cfg, args.seq), args=vars(args))
+    print(json.dumps(info), flush=True)
+    log = open(os.path.join(out_dir(), "bench_model.jsonl"), "a")
+    log.write(json.dumps({"env": info}) + "\n")
+
+    ours = build_megamoe(cfg, device, dtype)
+    n_params = sum(p.numel() for p in ours.parameters())
+    print(f"megamoe params {n_params / 1e9:.3f} B", flush=True)
+    check = batches(cfg, 1, args.seq, device, n=1, seed=99)[0][:, :-1]
+    logits = {}
+    results = []
+    if "megamoe" in systems:
+        results += measure("megamoe", megamoe_step, ours, cfg, args, device, ceiling, log)
+        logits["megamoe"] = logits_of(ours, check, hf=False)
+    if "megamoe-compile" in systems and device.type == "cuda":
+        apply_compile(ours)
+        t0 = time.perf_counter()
+        megamoe_step(ours, batches(cfg, args.mb[0], args.seq, device, n=1))()
+        sync(device)
+        print(f"first compiled step (compilation) {time.perf_counter() - t0:.1f} s", flush=True)
+        results += measure("megamoe-compile", megamoe_step, ours, cfg, args, device, ceiling, log)
+        logits["megamoe-compile"] = logits_of(ours, check, hf=False)
+    if args.profile:
+        profile(ours, cfg, args, device, os.path.join(out_dir(), "profile_megamoe.txt"))
+
+    for impl in ("grouped_mm", "eager"):
+        if f"hf-{impl}" not in systems:
+            continue
+        hf = build_hf_like(ours, cfg, impl)
+        if not logits:
+            logits["megamoe"] = logits_of(ours, check, hf=False)
+        del ours
+        ours = None
+        print(f"transformers experts implementation: {hf.config._experts_implementation}", flush=True)
+        ref = logits_of(hf, check, hf=True)
+        for name, lg in logits.items():
+            rel = ((lg - ref).norm() / ref.norm()).item()
+            print(f"logits rel. error {name} vs transformers: {rel:.2e}", flush=True)
+            log.write(json.dumps({"check": name, "rel_err_vs_hf": rel}) + "\n")
+        results += measure(f"hf-{impl}", hf_step, hf, cfg, args, device, ceiling, log)
+        break  # one transformers model per run: both at once would not fit with the grads
+
+    print("\nsystem                  mb   tok/s     MFU   peak GiB   median ms")
+    for r in results:
+        print(f"{r['system']:<22} {r['mb']:3d} {r['tok_s']:8.0f}  {r['mfu']:6.3f}  "
+              f"{r['peak_gib'] or 0:8.1f}  {r['median_ms']:9.2f}")
+    if not results:
+        sys.exit("no system measured")
+
+
+if __name__ == "__main__":
+    main()
