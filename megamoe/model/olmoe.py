@@ -50,6 +50,11 @@ class Output:
     extra: dict = field(default_factory=dict)
 
 
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy in fp32; logits [N, V], labels [N] (-100 is ignored)."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=-100)
+
+
 class OLMoE(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -59,6 +64,7 @@ class OLMoE(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(m.n_layers))
         self.norm = RMSNorm(m.d_model, m.rms_norm_eps)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        self.loss_fn = cross_entropy  # tensor parallelism swaps in the vocab-parallel one
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 position_offset: int = 0) -> Output:
@@ -74,7 +80,7 @@ class OLMoE(nn.Module):
         logits = self.lm_head(self.norm(h))
         out = Output(logits=logits, aux_loss=aux)
         if labels is not None:
-            out.lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            out.lm_loss = self.loss_fn(logits.flatten(0, 1), labels.flatten())
             out.loss = out.lm_loss + aux
         return out
 
