@@ -104,10 +104,11 @@ def profile(model, cfg, args, device, path):
         for _ in range(2):
             step()
         sync(device)
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    from torch.autograd import DeviceType
+    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
     events.sort(key=lambda e: -e.self_device_time_total)
     total = sum(e.self_device_time_total for e in events)
-    lines = [f"device time per step {total / 2e3:.2f} ms (sum of kernel self times)"]
+    lines = [f"kernel time per step {total / 2e3:.2f} ms (sum over kernels, mb={args.mb[0]})"]
     for e in events[:40]:
         lines.append(f"{e.self_device_time_total / 2e3:8.3f} ms {100 * e.self_device_time_total / total:5.1f}%"
                      f" {e.count // 2:5d}x  {e.key[:110]}")
