@@ -1,0 +1,192 @@
+"""Tensor parallelism (± sequence parallelism) is the 1-rank model: a tiny fp32 OLMoE on gloo
+ranks gives the 1-rank loss and, shard by shard, the 1-rank gradients (relative error < 1e-5).
+
+The layout helpers here (`run_layout`, `assert_layout_matches`) serve the expert-parallel
+tests too: each data-parallel rank runs its own micro-batch, gradients are averaged the way the
+engine does (dense over DP, experts over expert-DP, both ÷ DP), and the 1-rank reference runs
+every micro-batch and averages the same way.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from distributed import run_ranks
+from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig
+from megamoe.model.olmoe import OLMoE, init_weights
+from megamoe.parallel import mappings
+from megamoe.parallel.expert import apply_expert_parallel
+from megamoe.parallel.sharding import local_slice, mark_shard, shards
+from megamoe.parallel.state import ParallelState
+from megamoe.parallel.tensor import apply_tensor_parallel
+
+SEQ, BATCH, RTOL = 16, 2, 1e-5
+
+
+def tiny(**moe) -> Config:
+    moe = {**dict(num_experts=8, top_k=2, ffn_hidden=16, lb_loss_weight=0.1, z_loss_weight=0.01), **moe}
+    cfg = Config(model=ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=SEQ),
+                 moe=MoEConfig(**moe), data=DataConfig(seq_length=SEQ))
+    return cfg.validate()
+
+
+def micro_batches(cfg: Config, n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """n micro-batches of (tokens, labels) [BATCH, SEQ]; a few labels are -100 (ignored)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(0, cfg.model.vocab_size, (BATCH, SEQ + 1), generator=g)
+        labels = tokens[:, 1:].clone()
+        labels[torch.rand(labels.shape, generator=g) < 0.1] = -100
+        out.append((tokens[:, :-1], labels))
+    return out
+
+
+def build(cfg: Config, state: ParallelState, layout: dict) -> OLMoE:
+    """The model of `layout` (keys tp, ep, sp, tp_first) on this rank, with the canonical weights."""
+    model = OLMoE(cfg)
+    transforms = [lambda: apply_expert_parallel(model, state),
+                  lambda: apply_tensor_parallel(model, state, layout.get("sp", False))]
+    for transform in reversed(transforms) if layout.get("tp_first") else transforms:
+        transform()
+    init_weights(model, std=0.2, seed=0)  # large std: routing decisions are not all ties
+    return model
+
+
+def run_layout(rank: int, world_size: int, cfg: Config, layout: dict, data: list) -> tuple:
+    """One rank: forward/backward on its DP rank's micro-batch, then the engine's DP mean.
+    Returns (loss, {name: (grad, shard marks)})."""
+    state = ParallelState(world_size, rank, tp=layout.get("tp", 1), ep=layout.get("ep", 1)).build_groups()
+    model = build(cfg, state, layout)
+    tokens, labels = data[state.dp_rank]
+    out = model(tokens, labels)
+    out.loss.backward()
+    loss = out.loss.detach()
+    if state.dp > 1:
+        dist.all_reduce(loss, group=state.dp_group)
+        for p in model.parameters():
+            dist.all_reduce(p.grad, group=state.edp_group if p.__dict__.get("allreduce", True) is False
+                            else state.dp_group)
+        loss /= state.dp
+        for p in model.parameters():
+            p.grad /= state.dp
+    return loss, {name: (p.grad, shards(p)) for name, p in model.named_parameters()}
+
+
+def reference(cfg: Config, data: list) -> tuple:
+    """The 1-rank model on every micro-batch, averaged: (loss, {name: full grad})."""
+    model = OLMoE(cfg)
+    init_weights(model, std=0.2, seed=0)
+    loss = sum(model(tokens, labels).loss for tokens, labels in data) / len(data)
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
+
+
+def assert_layout_matches(cfg: Config, world_size: int, layout: dict) -> None:
+    """Every rank's loss and every rank's gradient shard equal the 1-rank run's."""
+    dp = world_size // layout.get("tp", 1)
+    data = micro_batches(cfg, dp)
+    results = run_ranks(run_layout, world_size, cfg, layout, data)
+    want_loss, want_grads = reference(cfg, data)
+    for rank, (loss, grads) in enumerate(results):
+        assert rel_err(loss, want_loss) < RTOL, f"rank {rank}: loss {loss} vs 1-rank {want_loss}"
+        assert grads.keys() == want_grads.keys()
+        for name, (grad, marks) in grads.items():
+            holder = torch.empty_like(grad)
+            for mark in marks:
+                mark_shard(holder, *mark)
+            want = local_slice(holder, want_grads[name])  # this rank's piece of the full grad
+            assert grad.shape == want.shape, f"rank {rank} {name}: shape {grad.shape} vs {want.shape}"
+            err = rel_err(grad, want)
+            assert err < RTOL, f"rank {rank} {name}: gradient relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("layout,moe", [
+    (dict(tp=2), dict()),
+    (dict(tp=2, sp=True), dict()),
+    (dict(tp=2, sp=True), dict(capacity_factor=1.0, num_shared_experts=1)),
+    (dict(tp=2, sp=True), dict(routing="expert_choice")),
+    (dict(tp=2, sp=True), dict(num_experts=0)),
+], ids=["tp2", "tp2-sp", "tp2-sp-capacity-shared", "tp2-sp-expert-choice", "tp2-sp-dense"])
+def test_tensor_parallel_gives_the_one_rank_loss_and_grads(layout, moe):
+    assert_layout_matches(tiny(**moe), 2, layout)
+
+
+# The communication ops: forward and backward against their definitions ------------------------
+
+OPS = {  # name: (op, forward of all ranks' x, backward of all ranks' upstream grads), per rank r
+    "copy_to_tp": (mappings.copy_to_tp, lambda x, r: x[r], lambda g, r: sum(g)),
+    "reduce_from_tp": (mappings.reduce_from_tp, lambda x, r: sum(x), lambda g, r: g[r]),
+    "reduce_for_sharded": (mappings.reduce_for_sharded, lambda x, r: sum(x), lambda g, r: sum(g)),
+    "scatter_to_tp": (mappings.scatter_to_tp, lambda x, r: x[r].chunk(2, -1)[r],
+                      lambda g, r: torch.cat(g, -1)),
+    "gather_from_tp": (mappings.gather_from_tp, lambda x, r: torch.cat(x, -1),
+                       lambda g, r: g[r].chunk(2, -1)[r]),
+    "scatter_to_sp": (mappings.scatter_to_sp, lambda x, r: x[r].chunk(2, 1)[r], lambda g, r: torch.cat(g, 1)),
+    "gather_from_sp": (mappings.gather_from_sp, lambda x, r: torch.cat(x, 1),
+                       lambda g, r: sum(g).chunk(2, 1)[r]),
+    "reduce_scatter_to_sp": (mappings.reduce_scatter_to_sp, lambda x, r: sum(x).chunk(2, 1)[r],
+                             lambda g, r: torch.cat(g, 1)),
+}
+
+
+def _input(rank: int) -> torch.Tensor:
+    return torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(rank))  # [B, S, d]
+
+
+def _upstream(rank: int, shape) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(100 + rank))
+
+
+def run_ops(rank: int, world_size: int) -> dict:
+    """Each op on this rank's input; returns {name: (output, input grad)}."""
+    out = {}
+    for name, (op, _, _) in OPS.items():
+        x = _input(rank).requires_grad_()
+        y = op(x, dist.group.WORLD)
+        y.backward(_upstream(rank, y.shape))
+        out[name] = (y.detach(), x.grad)
+    return out
+
+
+def test_mappings_are_conjugate_pairs():
+    results = run_ranks(run_ops, 2)
+    xs = [_input(r) for r in range(2)]
+    for name, (_, forward, backward) in OPS.items():
+        for r, result in enumerate(results):
+            y, grad = result[name]
+            torch.testing.assert_close(y, forward(xs, r), msg=f"{name} forward, rank {r}")
+            gs = [_upstream(s, y.shape) for s in range(2)]
+            torch.testing.assert_close(grad, backward(gs, r), msg=f"{name} backward, rank {r}")
+
+
+def test_vocab_parallel_cross_entropy_equals_cross_entropy_of_gathered_logits():
+    results = run_ranks(run_cross_entropy, 2)
+    logits, labels = _logits_and_labels()
+    full = logits.clone().requires_grad_()
+    want = F.cross_entropy(full, labels, ignore_index=-100)
+    want.backward()
+    for r, (loss, grad) in enumerate(results):
+        torch.testing.assert_close(loss, want.detach())
+        torch.testing.assert_close(grad, full.grad.chunk(2, -1)[r])
+
+
+def _logits_and_labels():
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 10, (12,), generator=g)
+    labels[::5] = -100
+    return torch.randn(12, 10, generator=g) * 3, labels
+
+
+def run_cross_entropy(rank: int, world_size: int) -> tuple:
+    from megamoe.parallel.tensor import vocab_parallel_cross_entropy
+    logits, labels = _logits_and_labels()
+    local = logits.chunk(world_size, -1)[rank].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(local, labels, dist.group.WORLD)
+    loss.backward()
+    return loss.detach(), local.grad
