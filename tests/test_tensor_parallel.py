@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from distributed import run_ranks
+from distributed import RankFailed, run_ranks
 from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig
 from megamoe.model.olmoe import OLMoE, init_weights
 from megamoe.parallel import mappings
@@ -190,3 +190,24 @@ def run_cross_entropy(rank: int, world_size: int) -> tuple:
     loss = vocab_parallel_cross_entropy(local, labels, dist.group.WORLD)
     loss.backward()
     return loss.detach(), local.grad
+
+
+# The helper: a failing rank fails the test with its traceback, a hung one times out -----------
+
+def fail_on_rank_one(rank: int, world_size: int) -> int:
+    if rank == 1:
+        raise ValueError("rank one is broken")
+    dist.barrier()  # never completes: rank 1 is gone
+    return rank
+
+
+def sleep_long(rank: int, world_size: int) -> None:
+    import time
+    time.sleep(60)
+
+
+def test_run_ranks_reports_the_failing_rank_and_timeouts():
+    with pytest.raises(RankFailed, match=r"(?s)rank 1 of 2 failed.*ValueError: rank one is broken"):
+        run_ranks(fail_on_rank_one, 2, timeout=60)
+    with pytest.raises(RankFailed, match=r"did not finish within 1s"):
+        run_ranks(sleep_long, 2, timeout=1)

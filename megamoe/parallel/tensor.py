@@ -29,6 +29,7 @@ import dataclasses
 from functools import partial
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -142,9 +143,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         ctx.dtype = logits.dtype
         logits = logits.float()
         rows = logits.shape[-1]
-        start = torch.distributed.get_rank(group) * rows
+        start = dist.get_rank(group) * rows
         max_logit = logits.max(dim=-1).values  # [N]
-        torch.distributed.all_reduce(max_logit, op=torch.distributed.ReduceOp.MAX, group=group)
+        dist.all_reduce(max_logit, op=dist.ReduceOp.MAX, group=group)
         shifted = logits - max_logit.unsqueeze(-1)  # [N, V/tp]
         local = labels - start
         mine = (local >= 0) & (local < rows)  # [N]: label in this rank's range (never for -100)
@@ -152,7 +153,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         target = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(~mine, 0.0)
         exp = shifted.exp()
         sums = torch.stack([target, exp.sum(-1)])  # [2, N]: target logit, Σ exp, both partial
-        torch.distributed.all_reduce(sums, group=group)
+        dist.all_reduce(sums, group=group)
         target, sum_exp = sums
         ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local, mine)
         return sum_exp.log() - target
