@@ -3,7 +3,8 @@
     results = run_ranks(fn, 4, cfg)   # fn(rank, world_size, cfg) in 4 processes
 
 `fn` must be importable by name (a module-level function of a test module). Ranks fork from
-a server process that imported torch once, so a run costs well under a second. Each rank gets
+a server process that imported torch once, so a run costs about a second; they inherit the
+environment and sys.path that the server started with (at the first call). Each rank gets
 MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE, one CPU thread and an initialised gloo process
 group. Results come back pickled, in rank order. An exception in any rank fails the caller
 with that rank's traceback; a rank that hangs (say, in a collective its peer never reached)
