@@ -39,6 +39,21 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
+def _sum_rows(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """out[t] = Σ_j weight[t, j] · src[index[t, j]] (weight 1 if None), accumulated in fp32.
+    src: [N, d]; index, weight: [T, k] → [T, d]. Written as k gathers added one by one, not
+    src[index].sum(1): under torch.compile that is one pointwise kernel with k row loads
+    rather than a reduction over a middle dimension."""
+    acc_dtype = torch.promote_types(src.dtype, torch.float32)
+    acc = None
+    for j in range(index.shape[1]):
+        term = src[index[:, j]].to(acc_dtype)
+        if weight is not None:
+            term = term * weight[:, j:j + 1].to(acc_dtype)
+        acc = term if acc is None else acc + term
+    return acc.to(src.dtype)
+
+
 class _GatherTokens(torch.autograd.Function):
     """rows = x[token_of_row] when each token has exactly k rows; `inverse[t·k + j]` is the row
     holding token t's j-th copy. Backward sums each token's k row gradients."""
@@ -52,7 +67,7 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return grad[inverse].view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
+        return _sum_rows(grad, inverse.view(-1, ctx.k)), None, None, None
 
 
 class _CombineTokens(torch.autograd.Function):
@@ -63,10 +78,7 @@ class _CombineTokens(torch.autograd.Function):
     def forward(ctx, out, weight, token_of_row, order, inverse):
         T, k = weight.shape
         ctx.save_for_backward(out, weight, token_of_row, order)
-        rows = out[inverse].view(T, k, -1)  # [T, k, d] in token order
-        # A product and a sum over k, not bmm: cuBLAS runs [1, k] @ [k, d] batches slowly, and
-        # under torch.compile gather, product and sum fuse into one pass over `out`.
-        return (rows * weight.unsqueeze(-1).to(rows.dtype)).sum(1)  # [T, d]
+        return _sum_rows(out, inverse.view(T, k), weight)  # [T, d]
 
     @staticmethod
     def backward(ctx, grad):
