@@ -36,11 +36,13 @@ def batches(cfg: Config, mb: int, seq: int, device, n: int = 4, seed: int = 0):
     return [torch.randint(0, cfg.model.vocab_size, (mb, seq + 1), generator=g).to(device) for _ in range(n)]
 
 
-def megamoe_step(model, data):
+def megamoe_step(model, data, cuda_graphs: bool = False):
     it = iter(range(10**9))
 
     def step():
         t = data[next(it) % len(data)]
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         model.zero_grad(set_to_none=True)
         model(t[:, :-1], labels=t[:, 1:]).loss.backward()
     return step
@@ -93,10 +95,10 @@ def logits_of(model, tokens, hf: bool):
     return out.logits.detach().float()
 
 
-def profile(model, cfg, args, device, path):
+def profile(model, cfg, args, device, path, make_step=megamoe_step):
     """Per-kernel device time of 2 steps of megamoe at the first micro-batch size."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    step = megamoe_step(model, batches(cfg, args.mb[0], args.seq, device))
+    step = make_step(model, batches(cfg, args.mb[0], args.seq, device))
     for _ in range(2):
         step()
     sync(device)
@@ -123,8 +125,9 @@ def main():
     ap.add_argument("--mb", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--systems", default="megamoe,megamoe-compile,hf-grouped_mm",
-                    help="comma list of megamoe, megamoe-compile, hf-grouped_mm, hf-eager")
+    ap.add_argument("--systems", default="megamoe,megamoe-compile,megamoe-compile-cudagraphs,hf-grouped_mm",
+                    help="comma list of megamoe, megamoe-compile, megamoe-compile-cudagraphs, hf-grouped_mm, "
+                         "hf-eager")
     ap.add_argument("--profile", action="store_true", help="kernel-time tables of the megamoe variants")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU in fp32: checks the script runs")
     args = ap.parse_args()
@@ -155,19 +158,24 @@ def main():
         logits["megamoe"] = logits_of(ours, check, hf=False)
         if args.profile:
             profile(ours, cfg, args, device, os.path.join(out_dir(), "profile_megamoe.txt"))
-    if "megamoe-compile" in systems and device.type == "cuda":
-        apply_compile(ours)
+    for name, mode in (("megamoe-compile", None), ("megamoe-compile-cudagraphs", "reduce-overhead")):
+        if name not in systems or device.type != "cuda":
+            continue
+        apply_compile(ours, mode)
+        make_step = (lambda m, d: megamoe_step(m, d, cuda_graphs=True)) if mode else megamoe_step
         t0 = time.perf_counter()
         try:
-            megamoe_step(ours, batches(cfg, args.mb[0], args.seq, device, n=1))()
+            make_step(ours, batches(cfg, args.mb[0], args.seq, device, n=1))()
             sync(device)
-            print(f"first compiled step (compilation) {time.perf_counter() - t0:.1f} s", flush=True)
-            results += measure("megamoe-compile", megamoe_step, ours, cfg, args, device, ceiling, log)
-            logits["megamoe-compile"] = logits_of(ours, check, hf=False)
+            print(f"{name}: first step (compilation) {time.perf_counter() - t0:.1f} s", flush=True)
+            results += measure(name, make_step, ours, cfg, args, device, ceiling, log)
+            if mode:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits[name] = logits_of(ours, check, hf=False)
             if args.profile:
-                profile(ours, cfg, args, device, os.path.join(out_dir(), "profile_megamoe_compile.txt"))
+                profile(ours, cfg, args, device, os.path.join(out_dir(), f"profile_{name}.txt"), make_step)
         except Exception as e:  # report and go on to the reference rather than lose the run
-            print(f"megamoe-compile failed: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+            print(f"{name} failed: {type(e).__name__}: {str(e)[:2000]}", flush=True)
             ours.zero_grad(set_to_none=True)
 
     for impl in ("grouped_mm", "eager"):
@@ -177,7 +185,7 @@ def main():
         if not logits:
             logits["megamoe"] = logits_of(ours, check, hf=False)
         del ours
-        ours = None
+        torch.compiler.reset()  # drops compiled graphs and CUDA-graph memory pools
         print(f"transformers experts implementation: {hf.config._experts_implementation}", flush=True)
         ref = logits_of(hf, check, hf=True)
         for name, lg in logits.items():

@@ -132,11 +132,13 @@ def build_hf_like(ours: nn.Module, cfg: Config, experts_impl: str):
     return hf
 
 
-def apply_compile(model: nn.Module) -> nn.Module:
+def apply_compile(model: nn.Module, mode: str | None = None) -> nn.Module:
     """torch.compile each decoder block in place (torchtitan's per-block compile): the 16
-    blocks share one compiled graph, and norms, RoPE, SwiGLU and residual adds get fused."""
+    blocks share one compiled graph, and norms, RoPE, SwiGLU and residual adds get fused.
+    mode "reduce-overhead" also replays each block's kernels as a CUDA graph."""
+    torch._dynamo.reset()
     for block in model.layers:
-        block.compile()
+        block.compile(mode=mode)
     return model
 
 

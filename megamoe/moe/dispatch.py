@@ -40,10 +40,17 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
 
 
 def _sum_rows(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """out[t] = Σ_j weight[t, j] · src[index[t, j]] (weight 1 if None), accumulated in fp32.
-    src: [N, d]; index, weight: [T, k] → [T, d]. Written as k gathers added one by one, not
-    src[index].sum(1): under torch.compile that is one pointwise kernel with k row loads
-    rather than a reduction over a middle dimension."""
+    """out[t] = Σ_j weight[t, j] · src[index[t, j]] (weight 1 if None).
+    src: [N, d]; index, weight: [T, k] → [T, d].
+
+    Eager: one gather and a sum over k. Under torch.compile: k gathers added one by one in
+    fp32, which inductor makes one pointwise kernel with k row loads; the sum over a middle
+    dimension becomes a reduction kernel about 3× slower (H100, docs/performance.md)."""
+    if not torch.compiler.is_compiling():
+        rows = src[index]  # [T, k, d]
+        if weight is not None:
+            rows = rows * weight.unsqueeze(-1).to(rows.dtype)
+        return rows.sum(1)
     acc_dtype = torch.promote_types(src.dtype, torch.float32)
     acc = None
     for j in range(index.shape[1]):
