@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
@@ -142,7 +143,12 @@ def _mpi_broadcast_master(addr: str | None, port: str | None) -> tuple[str, int]
             "to mpirun.") from None
     comm = MPI.COMM_WORLD
     mine = (addr or socket.gethostname(), int(port or free_port())) if comm.rank == 0 else None
-    return comm.bcast(mine, root=0)
+    master = comm.bcast(mine, root=0)
+    # Done with MPI: the ranks meet through torch.distributed from here. A rank left inside
+    # MPI would, on an early exit, block in MPI_Finalize at interpreter exit while its peers
+    # wait for it in a torch collective: a silent deadlock instead of mpirun's abort.
+    MPI.Finalize()
+    return master
 
 
 def _from_srun(env) -> DistEnv:
@@ -236,9 +242,9 @@ def main() -> None:
                         help="only print what was discovered; create no process group")
     args = parser.parse_args()
     env = discover_env()
-    line = " ".join(f"{k}={v}" for k, v in asdict(env).items())
+    line = "megamoe.distributed " + " ".join(f"{k}={v}" for k, v in asdict(env).items())
     if args.no_init:
-        print(f"megamoe.distributed {line}", flush=True)
+        _say(line)
         return
     import torch
     import torch.distributed as dist
@@ -246,9 +252,14 @@ def main() -> None:
     backend = init_distributed(env)
     ranks = torch.ones(1, device="cuda" if backend == "nccl" else "cpu")
     dist.all_reduce(ranks)
-    print(f"megamoe.distributed {line} backend={backend} allreduce_world={int(ranks.item())}",
-          flush=True)
+    _say(f"{line} backend={backend} allreduce_world={int(ranks.item())}")
     dist.destroy_process_group()
+
+
+def _say(line: str) -> None:
+    """One write per line, so that the lines of ranks sharing a pipe do not interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

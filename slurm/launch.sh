@@ -40,13 +40,16 @@ if [[ ${MEGAMOE_DRY_RUN:-0} == 1 ]]; then
     exit 0
 fi
 
-# Slurm's SIGTERM (scancel, time limit) also reaches this shell: let the ranks checkpoint.
-trap 'echo "megamoe: job shell got SIGTERM; the ranks save and exit"' TERM
+# Slurm's SIGTERM (scancel, time limit, preemption) reaches this shell too: let the ranks
+# checkpoint, then end without requeueing. USR1 (the --signal warning before the time limit,
+# or `scancel --signal=USR1 JOB` by hand) reaches only the ranks: that path requeues.
+terminated=0
+trap 'terminated=1; echo "megamoe: job shell got SIGTERM; the ranks save and exit"' TERM
 # Each rank prints where it landed; launch mistakes fail here, in a second.
 "${check[@]}"
 status=0
 "${train[@]}" || status=$?
-if [[ $status == "$EXIT_REQUEUE" && -n ${SLURM_JOB_ID:-} ]]; then
+if [[ $status == "$EXIT_REQUEUE" && $terminated == 0 && -n ${SLURM_JOB_ID:-} ]]; then
     echo "megamoe: preempted, checkpoint saved; requeueing job $SLURM_JOB_ID to resume"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0

@@ -1,0 +1,246 @@
+"""Every launcher reaches `python -m megamoe.train` with the same world; preemption resumes.
+
+Unit: `discover_env` under each launcher's variables, and the errors for partial or
+contradictory ones. End to end: torchrun, the deepspeed launcher and mpirun each start 2 CPU
+ranks that agree on the world and train; SIGUSR1 to one rank stops both on the same step
+with a checkpoint and EXIT_REQUEUE, and a rerun resumes; Slurm runs slurm/train.sbatch on 2
+tasks, then a USR1 → checkpoint → requeue → resume cycle.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+
+import psutil
+import pytest
+
+from distributed import run_ranks
+from helpers_launch import (EXIT_REQUEUE, describe, job_output, job_state, latest_step, launch_env,
+                            last_step, rank_reports, require_slurm, run_script, sbatch, train_args, wait_job,
+                            wait_until)
+from megamoe.distributed import DistEnv, LaunchError, discover_env
+from megamoe.train.signals import EXIT_REQUEUE as TRAINER_EXIT_REQUEUE
+from megamoe.train.signals import PreemptionHandler
+from runs import REPO, metrics
+
+MASTER = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+
+
+# discover_env ---------------------------------------------------------------------------------
+
+def test_torchrun_variables():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+           "TORCHELASTIC_RUN_ID": "x", **MASTER}
+    assert discover_env(env) == DistEnv(3, 8, 1, 2, "10.0.0.1", 29500, "torchrun")
+
+
+def test_deepspeed_launcher_variables():
+    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_SIZE": "4", "CROSS_RANK": "1",
+           **MASTER}
+    assert discover_env(env) == DistEnv(5, 8, 1, 4, "10.0.0.1", 29500, "deepspeed")
+
+
+def test_open_mpi_variables():
+    env = {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
+           "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "2", **MASTER}
+    assert discover_env(env) == DistEnv(2, 4, 0, 2, "10.0.0.1", 29500, "mpirun")
+
+
+def test_srun_variables_give_first_host_and_job_port():
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+           "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "12345", "SLURM_JOB_NODELIST": "gpu7",
+           "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
+    assert discover_env(env) == DistEnv(3, 4, 1, 2, "gpu7", 20000 + 12345 % 20000, "srun")
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None, reason="needs scontrol to expand node lists")
+def test_srun_node_range_expands_with_scontrol():
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "3", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+           "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "gpu[3-4],cpu1",
+           "SLURM_STEP_TASKS_PER_NODE": "1(x3)"}
+    assert discover_env(env).master_addr == "gpu3"
+
+
+def test_torchrun_inside_a_slurm_allocation_is_torchrun():
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+           "TORCHELASTIC_RUN_ID": "x", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0",
+           **MASTER}
+    assert discover_env(env).launcher == "torchrun"
+
+
+def test_plain_process_is_a_world_of_one():
+    env = discover_env({})
+    assert (env.rank, env.world_size, env.launcher) == (0, 1, "single")
+
+
+@pytest.mark.parametrize("variables, words", [
+    ({"WORLD_SIZE": "2"}, ["RANK", "LOCAL_RANK", "not"]),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, ["MASTER_ADDR", "MASTER_PORT"]),
+    ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", **MASTER}, ["rank 2", "world size 2"]),
+    ({"RANK": "one", "WORLD_SIZE": "2", "LOCAL_RANK": "0", **MASTER}, ["RANK='one'"]),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "1"}, ["srun", "SLURM_STEP_ID"]),
+    ({"OMPI_COMM_WORLD_RANK": "0", **MASTER}, ["OMPI_COMM_WORLD_SIZE"]),
+])
+def test_partial_or_contradictory_variables_name_the_problem(variables, words):
+    with pytest.raises(LaunchError) as e:
+        discover_env(variables)
+    for word in words:
+        assert word in str(e.value)
+
+
+# Preemption flag ------------------------------------------------------------------------------
+
+def _stop_step(rank: int, world_size: int) -> tuple[int, str | None]:
+    """Rank 1 signals itself during step 3; every rank reports the step it stopped after."""
+    with PreemptionHandler() as preempt:
+        for step in range(1, 100):
+            if rank == 1 and step == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            if preempt.should_stop():
+                return step, preempt.received and preempt.received.name
+    return -1, None
+
+
+def test_one_signalled_rank_stops_every_rank_on_the_same_step():
+    assert run_ranks(_stop_step, 2) == [(3, None), (3, "SIGUSR1")]
+
+
+def test_handler_restores_previous_handlers():
+    before = signal.getsignal(signal.SIGTERM)
+    with PreemptionHandler():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# Launch scripts: bad input fails before anything starts --------------------------------------
+
+@pytest.mark.parametrize("script, args", [
+    ("launchers/deepspeed.sh", ["--hostfile", "/no/such/hostfile"]),
+    ("launchers/mpirun.sh", ["-np", "2", "--hostfile", "/no/such/hostfile"]),
+])
+def test_missing_hostfile_is_refused(script, args):
+    proc = run_script([script, *args, "--", "--config", "configs/tiny-cpu.yaml"], timeout=30)
+    assert proc.returncode == 2 and "hostfile '/no/such/hostfile' not found" in proc.stderr, describe(proc)
+
+
+def test_multinode_without_hostfile_or_rendezvous_is_refused():
+    proc = run_script(["launchers/deepspeed.sh", "--num_nodes", "2", "--"], timeout=30)
+    assert proc.returncode == 2 and "needs --hostfile" in proc.stderr, describe(proc)
+    proc = run_script(["launchers/torchrun.sh", "--nnodes", "2", "--"], timeout=30)
+    assert proc.returncode == 2 and "needs --rdzv_endpoint" in proc.stderr, describe(proc)
+
+
+def test_world_that_does_not_fit_the_layout_fails_before_training(tmp_path):
+    run = tmp_path / "run"
+    proc = run_script(["launchers/torchrun.sh", "--nproc_per_node", "2", "--",
+                       *train_args(run, "parallel.tensor=4")])
+    assert proc.returncode == 2, describe(proc)
+    assert "world size 2 is not divisible by tensor×pipeline=4" in proc.stderr
+    assert not (run / "metrics.jsonl").exists()
+
+
+# Launchers end to end -------------------------------------------------------------------------
+
+LAUNCHERS = {  # script, options for 2 CPU ranks on this host
+    "torchrun": ["launchers/torchrun.sh", "--nproc_per_node", "2"],
+    "deepspeed": ["launchers/deepspeed.sh", "--num_gpus", "2"],
+    "mpirun": ["launchers/mpirun.sh", "-np", "2"],
+}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_launcher_starts_two_ranks_that_agree_and_train(launcher, tmp_path):
+    if launcher == "mpirun" and shutil.which("mpirun") is None:
+        pytest.skip("Open MPI's mpirun is not installed (.ci/setup-system.sh installs it)")
+    check = run_script([*LAUNCHERS[launcher], "--"],
+                       env=launch_env(MEGAMOE_MODULE="megamoe.distributed"))
+    assert check.returncode == 0, describe(check)
+    reports = rank_reports(check.stdout)
+    assert [r["rank"] for r in reports] == ["0", "1"], describe(check)
+    for r in reports:
+        assert (r["world_size"], r["launcher"], r["allreduce_world"]) == ("2", launcher, "2")
+    assert len({(r["master_addr"], r["master_port"]) for r in reports}) == 1
+
+    run = tmp_path / "run"
+    proc = run_script([*LAUNCHERS[launcher], "--", *train_args(run, "train.steps=3")])
+    assert proc.returncode == 0, describe(proc)
+    assert "world 2 = pp 1 × dp 2" in proc.stdout + proc.stderr
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3]
+    assert latest_step(run) == 3
+
+
+# Preemption end to end ------------------------------------------------------------------------
+
+def test_signal_to_one_rank_checkpoints_exits_requeue_and_resumes(tmp_path):
+    assert EXIT_REQUEUE == TRAINER_EXIT_REQUEUE
+    run = tmp_path / "run"
+    cmd = [*LAUNCHERS["torchrun"], "--", *train_args(run, "train.steps=5000")]
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: last_step(run) >= 2 or launcher.poll() is not None, 90, "step 2")
+        ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                 if "megamoe.train" in p.cmdline() and p.environ().get("LOCAL_RANK") == "1"]
+        assert len(ranks) == 1, launcher.communicate(timeout=10)[0][-4000:]
+        ranks[0].send_signal(signal.SIGUSR1)
+        out, _ = launcher.communicate(timeout=60)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == EXIT_REQUEUE, out[-4000:]
+    stopped = latest_step(run)
+    assert f"checkpoint at step {stopped} saved, exiting {EXIT_REQUEUE}" in out
+    assert metrics(run)[-1]["step"] == stopped
+
+    proc = run_script([*LAUNCHERS["torchrun"], "--",
+                       *train_args(run, f"train.steps={stopped + 2}")])
+    assert proc.returncode == 0, describe(proc)
+    assert f"resuming at step {stopped}" in proc.stdout + proc.stderr
+    assert [r["step"] for r in metrics(run)][-3:] == [stopped, stopped + 1, stopped + 2]
+
+
+# Slurm ----------------------------------------------------------------------------------------
+
+def test_slurm_dry_run_prints_the_srun_command():
+    proc = run_script(["bash", "slurm/train.sbatch", "--config", "configs/tiny-cpu.yaml"],
+                      env=launch_env(MEGAMOE_DRY_RUN="1"), timeout=30)
+    assert proc.returncode == 0, describe(proc)
+    assert "srun --label --kill-on-bad-exit=0 python -m megamoe.train --config configs/tiny-cpu.yaml" \
+        in proc.stdout
+
+
+def test_slurm_job_trains_on_two_tasks(tmp_path):
+    require_slurm()
+    run = tmp_path / "run"
+    job = sbatch(tmp_path, 2, train_args(run, "train.steps=3"))
+    state = wait_job(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"}, timeout=150)
+    out = job_output(tmp_path, job)
+    assert state == "COMPLETED", out[-4000:]
+    reports = rank_reports(out)
+    assert [(r["rank"], r["world_size"], r["launcher"]) for r in reports] == [
+        ("0", "2", "srun"), ("1", "2", "srun")], out[-4000:]
+    assert "world 2 = pp 1 × dp 2" in out
+    assert latest_step(run) == 3
+
+
+def test_slurm_usr1_checkpoints_requeues_and_resumes(tmp_path):
+    require_slurm()
+    run = tmp_path / "run"
+    job = sbatch(tmp_path, 2, train_args(run, "train.steps=5000"))
+    try:
+        wait_until(lambda: last_step(run) >= 2, 120, "step 2",
+                   alive=lambda: job_state(job) in {"PENDING", "RUNNING"})
+        subprocess.run(["scancel", "--signal=USR1", str(job)], check=True)
+        # The ranks save and exit 75 and the job requeues itself. Slurm holds a requeued job
+        # for ~2 minutes (BeginTime); let it start at once, then it resumes.
+        wait_until(lambda: job_state(job) == "PENDING", 60, "requeued job")
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+        wait_until(lambda: "resuming at step" in job_output(tmp_path, job)
+                   and last_step(run) > latest_step(run), 150, "resumed step after the requeue")
+    finally:
+        subprocess.run(["scancel", str(job)])
+    out = job_output(tmp_path, job)
+    stopped = int(out.split("checkpoint at step ")[1].split()[0])
+    assert "requeueing job" in out and "(restart 1)" in out, out[-4000:]
+    assert f"resuming at step {stopped}" in out
+    assert stopped + 1 in [r["step"] for r in metrics(run)]
