@@ -181,11 +181,12 @@ def main():
     for impl in ("grouped_mm", "eager"):
         if f"hf-{impl}" not in systems:
             continue
-        hf = build_hf_like(ours, cfg, impl)
         if not logits:
             logits["megamoe"] = logits_of(ours, check, hf=False)
+        torch.compiler.reset()  # drops compiled graphs and their CUDA-graph memory pools
+        gc.collect()
+        hf = build_hf_like(ours, cfg, impl)
         del ours
-        torch.compiler.reset()  # drops compiled graphs and CUDA-graph memory pools
         print(f"transformers experts implementation: {hf.config._experts_implementation}", flush=True)
         ref = logits_of(hf, check, hf=True)
         for name, lg in logits.items():
