@@ -314,6 +314,10 @@ def _coerce(key: str, value, tp):
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        try:  # YAML 1.1 reads "1e-2" (no dot) as a string
+            return float(value) if isinstance(value, str) else None
+        except ValueError:
+            pass
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

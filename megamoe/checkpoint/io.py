@@ -109,7 +109,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
     model_file = tmp / f"model-rank{r:05d}.safetensors"
     save_file(tensors, str(model_file), metadata={"shards": json.dumps(specs)})
     optim_file = tmp / f"optim-rank{r:05d}.pt"
-    torch.save({"optimizer": _to_cpu(optimizer.state_dict()), "rng": _rng_state()}, optim_file)
+    torch.save({"optimizer": _portable(optimizer.state_dict()), "rng": _rng_state()}, optim_file)
     digests = {model_file.name: _sha256(model_file), optim_file.name: _sha256(optim_file)}
 
     all_digests = [None] * state.world_size if dist.is_initialized() else [digests]
@@ -142,6 +142,16 @@ def _prune(ckpt_root: Path, keep: int) -> None:
 def _named_params(model):
     for name, p in model.named_parameters():
         yield name.removeprefix("module."), p
+
+
+# Entries of DeepSpeed's ZeRO optimizer state that describe the layout or the (static) loss
+# scaler rather than training progress. They are Python objects that weights_only loading
+# refuses, so they are not saved; on load the live optimizer supplies its own.
+_DERIVED_KEYS = ("loss_scaler", "param_slice_mappings", "zero_stage")
+
+
+def _portable(state_dict: dict) -> dict:
+    return _to_cpu({k: v for k, v in state_dict.items() if k not in _DERIVED_KEYS})
 
 
 def _to_cpu(obj):
@@ -210,9 +220,22 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, state) -> dic
     optim_file = path / f"optim-rank{state.rank:05d}.pt"
     verify_file(optim_file, meta)
     blob = torch.load(optim_file, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
+    _load_optimizer(optimizer, blob["optimizer"])
     _set_rng_state(blob["rng"])
     return meta
+
+
+def _load_optimizer(optimizer, saved: dict) -> None:
+    live = optimizer.state_dict()
+    saved.update({k: live[k] for k in _DERIVED_KEYS if k in live})
+    if hasattr(optimizer, "dp_process_group"):  # DeepSpeed's ZeRO / bf16 wrappers
+        # They take every data-parallel rank's state and pick their own; ours is the same
+        # layout, so this rank's state is all they need (fp32 master weights restored exactly).
+        rank = dist.get_rank(group=optimizer.dp_process_group)
+        optimizer.load_state_dict(state_dict_list={rank: saved}, load_optimizer_states=True,
+                                  load_from_fp32_weights=True)
+    else:
+        optimizer.load_state_dict(saved)
 
 
 def _source_ranks(state) -> list[int]:

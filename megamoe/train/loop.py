@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint.io import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data.dataset import build_datasets, get_batch
 from ..distributed import discover_env, init_distributed
 from ..parallel.state import ParallelState
@@ -32,8 +32,7 @@ class Trainer:
         self.state = ParallelState(env.world_size, env.rank, cfg.parallel.tensor,
                                    cfg.parallel.pipeline, cfg.parallel.expert).build_groups()
         self.is_logger = env.rank == 0
-        self.run_dir = prepare_run_dir(cfg, write=self.is_logger)
-        _barrier()
+        self.run_dir = _rank0_then_all(lambda: prepare_run_dir(cfg))
         self.device = resolve_device(cfg)
         torch.manual_seed(cfg.train.seed)
         t = cfg.train
@@ -151,6 +150,16 @@ def _all_reduce_mean(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
-def _barrier() -> None:
+def _rank0_then_all(fn):
+    """Run fn on rank 0 only; every rank returns its result or raises its ConfigError."""
+    box = [None, None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            box[0] = fn()
+        except ConfigError as e:
+            box[1] = str(e)
     if dist.is_initialized():
-        dist.barrier()
+        dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise ConfigError(box[1])
+    return box[0]

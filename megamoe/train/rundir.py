@@ -35,8 +35,8 @@ def check_resumable(saved: dict, cfg: Config, where: Path) -> None:
                 "a checkpoint to another parallel layout).")
 
 
-def prepare_run_dir(cfg: Config, write: bool) -> Path:
-    """Check `run.dir` can hold this run; on the writing rank, record the resolved config.
+def prepare_run_dir(cfg: Config) -> Path:
+    """Check `run.dir` can hold this run and record the resolved config (on one rank).
 
     A directory with a config.yaml is a megamoe run: it is continued (the config must be
     compatible). A non-empty directory without one is refused. A changed config.yaml is kept
@@ -49,10 +49,9 @@ def prepare_run_dir(cfg: Config, write: bool) -> Path:
     elif run_dir.is_dir() and any(run_dir.iterdir()):
         raise ConfigError(f"run.dir: {run_dir} exists, is not empty and holds no megamoe run "
                           "(no config.yaml); pick a new run.dir so nothing there is overwritten")
-    if write:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-        if config_file.is_file() and config_file.read_text() != text:
-            config_file.rename(run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
-        config_file.write_text(text)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    if config_file.is_file() and config_file.read_text() != text:
+        config_file.rename(run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+    config_file.write_text(text)
     return run_dir

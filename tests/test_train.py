@@ -1,0 +1,104 @@
+"""The trainer end to end: runs, resumes bit-exactly, refuses bad runs, and DP equals 1 rank."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from megamoe.checkpoint.io import CheckpointError, latest_checkpoint, load_checkpoint
+from megamoe.config import ConfigError
+from runs import assert_same_run, final_weights, launch, metrics
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The 1-rank run every layout is compared with (gradient accumulation 4)."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    launch(run, 1, ["train.save_interval=2"])
+    return run
+
+
+def test_run_dir_holds_config_metrics_events_and_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    launch(run, 1, ["run.tensorboard=true", "train.steps=2"])
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 2
+    records = metrics(run)
+    assert [r["step"] for r in records] == [1, 2]
+    for key in ("loss", "lm_loss", "lb_loss", "z_loss", "lr", "grad_norm", "tokens_per_sec", "expert_load"):
+        assert key in records[0], key
+    assert len(records[0]["expert_load"]) == 2 and len(records[0]["expert_load"][0]) == 8
+    assert sum(records[0]["expert_load"][0]) == pytest.approx(1.0)
+    assert records[0]["loss"] == pytest.approx(records[0]["lm_loss"] + 0.01 * 2 * records[0]["lb_loss"]
+                                               + 0.001 * 2 * records[0]["z_loss"], rel=1e-4)
+    assert list((run / "tensorboard").glob("events.out.tfevents*"))
+    assert latest_checkpoint(run / "checkpoints").name == "step_00000002"
+
+
+def test_loss_falls(tmp_path):
+    run = tmp_path / "run"
+    launch(run, 1, ["train.steps=12", "optim.warmup_steps=2", "train.global_batch_size=4"])
+    losses = [r["lm_loss"] for r in metrics(run)]
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.parametrize("nproc,extra", [(1, []), (2, ["parallel.zero_stage=1"])])
+def test_resume_continues_bit_exactly(tmp_path, reference, nproc, extra):
+    """Stop after step 2, resume from its checkpoint: steps 3-4 and the weights are identical."""
+    straight = tmp_path / "straight"
+    launch(straight, nproc, ["train.save_interval=2", *extra])
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    (resumed / "checkpoints" / "latest").write_text("step_00000002\n")
+    (resumed / "metrics.jsonl").write_text("")
+    launch(resumed, nproc, ["train.save_interval=2", *extra])
+    after = {r["step"]: r for r in metrics(resumed)}
+    assert sorted(after) == [3, 4]
+    for r in metrics(straight)[2:]:
+        assert after[r["step"]]["loss"] == r["loss"] and after[r["step"]]["grad_norm"] == r["grad_norm"]
+    a, b = final_weights(resumed), final_weights(straight)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_data_parallel_equals_one_rank(tmp_path, reference, zero):
+    run = tmp_path / "dp2"
+    launch(run, 2, [f"parallel.zero_stage={zero}", "train.save_interval=2"])
+    assert_same_run(run, reference)
+
+
+def test_changed_model_cannot_resume(tmp_path):
+    run = tmp_path / "run"
+    launch(run, 1, ["train.steps=1"])
+    proc = launch(run, 1, ["train.steps=2", "model.d_model=64"], check=False)
+    assert proc.returncode == 2
+    assert "model.d_model" in proc.stderr and "run.dir" in proc.stderr
+    # but more steps may be asked of the same run: it resumes at step 1
+    launch(run, 1, ["train.steps=2"])
+    assert [r["step"] for r in metrics(run)] == [1, 2]
+
+
+def test_foreign_run_dir_is_not_overwritten(tmp_path):
+    run = tmp_path / "precious"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    proc = launch(run, 1, [], check=False)
+    assert proc.returncode == 2 and "not empty" in proc.stderr
+    assert (run / "notes.txt").read_text() == "mine" and len(list(run.iterdir())) == 1
+
+
+def test_layout_that_does_not_divide_is_refused_before_training(tmp_path):
+    proc = launch(tmp_path / "run", 2, ["train.global_batch_size=6", "train.micro_batch_size=4"], check=False)
+    assert proc.returncode != 0 and "train.global_batch_size" in proc.stderr
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    run = tmp_path / "run"
+    launch(run, 1, ["train.steps=1"])
+    ckpt = latest_checkpoint(run / "checkpoints")
+    model_file = next(ckpt.glob("model-rank*.safetensors"))
+    model_file.write_bytes(model_file.read_bytes()[:-100])
+    proc = launch(run, 1, ["train.steps=2"], check=False)
+    assert proc.returncode == 2 and model_file.name in proc.stderr and "corrupt" in proc.stderr
