@@ -7,7 +7,7 @@
 #             (run once, on the first host; it reaches the others over passwordless ssh)
 # Options before `--` are the deepspeed launcher's own. Added here: --no_local_rank and
 # --module (megamoe.train takes key=value overrides, not --local_rank), and on a host
-# without GPUs DS_ACCELERATOR=cpu with --num_gpus 1 unless given (DeepSpeed's CPU
+# without GPUs DS_ACCELERATOR=cpu with --num_gpus 1 unless given or a hostfile sets the slots (DeepSpeed's CPU
 # accelerator would otherwise start one rank per NUMA node), and --master_port $MASTER_PORT
 # when that is set.
 set -euo pipefail
@@ -24,7 +24,7 @@ if [[ -n ${MASTER_PORT:-} && -z $(option_value --master_port) ]]; then
 fi
 if ! has_gpu; then
     export DS_ACCELERATOR=cpu
-    [[ -n $(option_value --num_gpus) ]] || LAUNCH_ARGS+=(--num_gpus 1)
+    [[ -n $(option_value --num_gpus) || -n $hostfile ]] || LAUNCH_ARGS+=(--num_gpus 1)
 fi
 
 exec deepspeed "${LAUNCH_ARGS[@]}" --no_local_rank --module \

@@ -87,13 +87,20 @@ def require_slurm() -> None:
     pytest.skip(f"{problem}; to run these tests: {fix}")
 
 
-def sbatch(out_dir: Path, ntasks: int, train: list[str]) -> int:
-    """Submit slurm/train.sbatch with `ntasks` CPU ranks on one node; return the job id."""
-    proc = subprocess.run(
-        ["sbatch", "--parsable", f"--ntasks-per-node={ntasks}", "--gpus-per-node=0",
-         "--cpus-per-task=1", "--time=10", f"--output={out_dir}/%x-%j.out",
-         f"--error={out_dir}/%x-%j.err", "slurm/train.sbatch", *train],
-        cwd=REPO, env=launch_env(), capture_output=True, text=True, check=True)
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "GONE"}
+
+
+def sbatch_cpu_options(out_dir: Path, ntasks: int = 2) -> list[str]:
+    """sbatch options for `ntasks` CPU ranks on one node, job output in `out_dir`."""
+    return [f"--ntasks-per-node={ntasks}", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+            f"--output={out_dir}/%x-%j.out", f"--error={out_dir}/%x-%j.err"]
+
+
+def sbatch(out_dir: Path, train: list[str]) -> int:
+    """Submit slurm/train.sbatch on 2 CPU ranks; return the job id."""
+    proc = subprocess.run(["sbatch", "--parsable", *sbatch_cpu_options(out_dir), "slurm/train.sbatch",
+                           *train], cwd=REPO, env=launch_env(), capture_output=True, text=True,
+                          check=True)
     return int(proc.stdout.strip().split(";")[0])
 
 

@@ -16,9 +16,9 @@ import psutil
 import pytest
 
 from distributed import run_ranks
-from helpers_launch import (EXIT_REQUEUE, describe, job_output, job_state, latest_step, launch_env,
-                            last_step, rank_reports, require_slurm, run_script, sbatch, train_args, wait_job,
-                            wait_until)
+from helpers_launch import (ENDED, EXIT_REQUEUE, describe, job_output, job_state, last_step,
+                            latest_step, launch_env, rank_reports, require_slurm, run_script,
+                            sbatch, sbatch_cpu_options, train_args, wait_job, wait_until)
 from megamoe.distributed import DistEnv, LaunchError, discover_env
 from megamoe.train.signals import EXIT_REQUEUE as TRAINER_EXIT_REQUEUE
 from megamoe.train.signals import PreemptionHandler
@@ -170,6 +170,22 @@ def test_launcher_starts_two_ranks_that_agree_and_train(launcher, tmp_path):
     assert latest_step(run) == 3
 
 
+def test_deepspeed_multinode_path_reads_the_hostfile(tmp_path):
+    """The hostfile path of the deepspeed launcher (its Open MPI backend), on this one host."""
+    if shutil.which("mpirun") is None:
+        pytest.skip("Open MPI's mpirun is not installed (.ci/setup-system.sh installs it)")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    check = run_script(["launchers/deepspeed.sh", "--hostfile", str(hostfile), "--launcher", "openmpi",
+                        "--force_multi", "--no_ssh_check", "--master_addr", "127.0.0.1", "--"],
+                       env=launch_env(MEGAMOE_MODULE="megamoe.distributed", OMPI_ALLOW_RUN_AS_ROOT="1",
+                                      OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1"))
+    assert check.returncode == 0, describe(check)
+    assert "mpirun -n 2 -hostfile" in check.stdout + check.stderr
+    assert [(r["rank"], r["world_size"], r["allreduce_world"]) for r in rank_reports(check.stdout)] == [
+        ("0", "2", "2"), ("1", "2", "2")], describe(check)
+
+
 # Preemption end to end ------------------------------------------------------------------------
 
 def test_signal_to_one_rank_checkpoints_exits_requeue_and_resumes(tmp_path):
@@ -212,8 +228,8 @@ def test_slurm_dry_run_prints_the_srun_command():
 def test_slurm_job_trains_on_two_tasks(tmp_path):
     require_slurm()
     run = tmp_path / "run"
-    job = sbatch(tmp_path, 2, train_args(run, "train.steps=3"))
-    state = wait_job(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"}, timeout=150)
+    job = sbatch(tmp_path, train_args(run, "train.steps=3"))
+    state = wait_job(job, ENDED, timeout=150)
     out = job_output(tmp_path, job)
     assert state == "COMPLETED", out[-4000:]
     reports = rank_reports(out)
@@ -226,7 +242,7 @@ def test_slurm_job_trains_on_two_tasks(tmp_path):
 def test_slurm_usr1_checkpoints_requeues_and_resumes(tmp_path):
     require_slurm()
     run = tmp_path / "run"
-    job = sbatch(tmp_path, 2, train_args(run, "train.steps=5000"))
+    job = sbatch(tmp_path, train_args(run, "train.steps=5000"))
     try:
         wait_until(lambda: last_step(run) >= 2, 120, "step 2",
                    alive=lambda: job_state(job) in {"PENDING", "RUNNING"})
@@ -244,3 +260,16 @@ def test_slurm_usr1_checkpoints_requeues_and_resumes(tmp_path):
     assert "requeueing job" in out and "(restart 1)" in out, out[-4000:]
     assert f"resuming at step {stopped}" in out
     assert stopped + 1 in [r["step"] for r in metrics(run)]
+
+
+def test_slurm_chain_runs_jobs_in_turn_resuming(tmp_path):
+    require_slurm()
+    run = tmp_path / "run"
+    proc = run_script(["slurm/chain.sh", "2", "slurm/train.sbatch", *sbatch_cpu_options(tmp_path), "--",
+                       *train_args(run, "train.steps=3")], timeout=30)
+    assert proc.returncode == 0, describe(proc)
+    first, second = [int(line.split()[-1]) for line in proc.stdout.splitlines()]
+    assert wait_job(second, ENDED, timeout=150) == "COMPLETED", job_output(tmp_path, second)[-4000:]
+    assert job_state(first) == "COMPLETED"
+    assert "new run" in job_output(tmp_path, first)
+    assert "resuming at step 3" in job_output(tmp_path, second)
