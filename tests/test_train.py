@@ -102,3 +102,22 @@ def test_corrupt_checkpoint_is_named(tmp_path):
     model_file.write_bytes(model_file.read_bytes()[:-100])
     proc = launch(run, 1, ["train.steps=2"], check=False)
     assert proc.returncode == 2 and model_file.name in proc.stderr and "corrupt" in proc.stderr
+
+
+def test_generate_tool_samples_greedily_from_the_checkpoint(reference):
+    """tools/generate.py with temperature 0 continues the prompt with the model's argmax tokens."""
+    import subprocess
+    import sys
+
+    from megamoe.train.sample import load_model, tokenizer_for
+    model, _ = load_model(reference)
+    tok = tokenizer_for(model.cfg)
+    ids = tok.encode("def ")
+    for _ in range(5):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    expected = tok.decode(ids)
+    out = subprocess.run([sys.executable, "tools/generate.py", str(reference), "--prompt", "def ",
+                          "--max-new-tokens", "5", "--temperature", "0"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.rstrip("\n") == expected
