@@ -1,38 +1,103 @@
-"""The layout-free form: full tensors by canonical name, assembled from any checkpoint."""
+"""The layout-free form: full tensors by canonical name, read from or written as a checkpoint.
 
+Reading streams one full tensor at a time from the pieces of any layout (`iter_canonical`);
+writing (`write_run`) makes a new run directory whose step checkpoint holds full tensors in
+parts of bounded size, with no optimizer state: the trainer resumes from it in any layout.
+"""
+
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+import yaml
 
-from .io import CheckpointError, read_meta, read_rank_tensors
+from .files import CheckpointError, ShardedReader, atomic_dir, read_meta
+from .io import LATEST, latest_checkpoint, step_dir_name, write_meta, write_tensors
 
 
-def assemble(pieces: list[tuple[torch.Tensor, list]]) -> torch.Tensor:
-    """Full tensor from its distinct shards; each piece is (tensor, [(dim, index, count), ...])."""
-    if len(pieces) == 1 and not pieces[0][1]:
-        return pieces[0][0]
-    # Recursively concatenate along the outermost cut (the first recorded).
-    dim, _, count = pieces[0][1][0]
-    groups: dict[int, list] = {}
-    for t, spec in pieces:
-        d, index, c = spec[0]
-        assert (d, c) == (dim, count), "inconsistent shard specs"
-        groups.setdefault(index, []).append((t, spec[1:]))
-    if sorted(groups) != list(range(count)):
-        raise CheckpointError(f"shards {sorted(groups)} of {count} along dim {dim}: some are missing")
-    return torch.cat([assemble(groups[i]) for i in range(count)], dim=dim)
+def resolve(path: Path) -> Path:
+    """A step checkpoint directory from a run dir (its latest checkpoint) or a step dir."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        found = latest_checkpoint(path / "checkpoints")
+        if found is None:
+            raise CheckpointError(f"{path} has no checkpoint yet (no checkpoints/latest)")
+        return found
+    raise CheckpointError(f"{path} is neither a megamoe run directory nor a step_* checkpoint")
+
+
+def iter_canonical(path: Path, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor), one at a time, from checkpoint `path` (run dir or step dir)."""
+    path = resolve(path)
+    meta = read_meta(path)
+    with ShardedReader(path, meta, "model") as reader:
+        names = reader.names()
+        for name in _progress(names, progress, f"reading {path.name}"):
+            yield name, reader.read(name)
 
 
 def load_canonical(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(full tensors by name, meta) of the checkpoint directory `path`."""
-    meta = read_meta(path)
-    pieces: dict[str, dict[tuple, tuple]] = {}
-    for rank in range(meta["world_size"]):
-        f = Path(path) / f"model-rank{rank:05d}.safetensors"
-        if not f.exists():
-            continue  # ranks that own no unique shard still write (empty) files; tolerate none
-        tensors, specs = read_rank_tensors(path, rank, meta)
-        for name, t in tensors.items():
-            spec = [tuple(s) for s in specs[name]]
-            pieces.setdefault(name, {})[tuple(spec)] = (t, spec)
-    return {name: assemble(list(p.values())) for name, p in pieces.items()}, meta
+    """(full tensors by name, meta) of checkpoint `path` (run dir or step dir)."""
+    path = resolve(path)
+    return dict(iter_canonical(path)), read_meta(path)
+
+
+def expected_shapes(cfg) -> dict[str, tuple]:
+    """Full shape of every parameter of the 1-rank model `cfg` describes (nothing allocated)."""
+    from ..model.olmoe import OLMoE
+    with torch.device("meta"):
+        model = OLMoE(cfg)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def write_run(run_dir: Path, cfg, tensors: Iterable[tuple[str, torch.Tensor]], step: int = 0,
+              overwrite: bool = False, part_bytes: int = 1 << 30) -> Path:
+    """A new run directory (config.yaml + checkpoints/step_*/) holding `tensors` at `step`.
+
+    Tensors are streamed into parts of about `part_bytes`; their names and shapes must be
+    exactly those of the model `cfg` describes. Written atomically; returns the step dir.
+    """
+    cfg.run.dir = str(run_dir)
+    cfg.validate()
+    shapes = expected_shapes(cfg)
+    seen: set[str] = set()
+    with atomic_dir(Path(run_dir), overwrite) as tmp:
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        step_dir = tmp / "checkpoints" / step_dir_name(step)
+        step_dir.mkdir(parents=True)
+        digests, part, size = {}, {}, 0
+
+        def flush():
+            nonlocal part, size
+            if part:
+                digests.update(write_tensors(step_dir / f"model-part{len(digests):05d}.safetensors",
+                                             part, {k: [] for k in part}))
+            part, size = {}, 0
+
+        for name, t in tensors:
+            if name not in shapes or tuple(t.shape) != shapes[name]:
+                raise CheckpointError(f"tensor {name} {list(t.shape)} does not fit the model the config "
+                                      f"describes ({list(shapes[name]) if name in shapes else 'no such tensor'})")
+            seen.add(name)
+            part[name] = t.contiguous()
+            size += t.numel() * t.element_size()
+            if size >= part_bytes:
+                flush()
+        flush()
+        missing = sorted(set(shapes) - seen)
+        if missing:
+            raise CheckpointError(f"the source has no tensor for {missing[:4]} ({len(missing)} missing); "
+                                  "its config does not match its tensors")
+        write_meta(step_dir, step, cfg.to_dict(), {"tp": 1, "pp": 1, "ep": 1, "dp": 1, "zero_stage": 0},
+                   1, digests, 0)
+        (tmp / "checkpoints" / LATEST).write_text(step_dir.name + "\n")
+    return Path(run_dir) / "checkpoints" / step_dir_name(step)
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, unit="tensor")

@@ -1,23 +1,26 @@
-"""Distributed checkpoints: save, verify, resume.
+"""Distributed checkpoints: every layout saves layout-free files; any layout loads them.
 
 Layout of `run.dir/checkpoints/step_00000100/`:
-  meta.json                       step, config, layout, per-file sha256
-  model-rank00003.safetensors     this rank's *unique* local tensors, named canonically, with
-                                  their shard specs (dim, index, count) in the file metadata
-  optim-rank00003.pt              optimizer state + RNG states of that rank (tensors only,
-                                  read back with torch.load(weights_only=True))
+  meta.json                     format, step, config, layout, optimizer step, sha256 per file
+  model-rank00003.safetensors   this rank's *unique* parameter shards under canonical names, in
+                                the optimizer's precision (the fp32 master weights under bf16),
+                                with their cuts (dim, index, count) in the file metadata
+  optim-rank00003.safetensors   the same shards' Adam moments, `<name>.exp_avg` / `<name>.exp_avg_sq`
+  rng-rank00003.safetensors     every RNG of that rank (restored only by a same-layout resume)
 Dense tensors are written by data-parallel rank 0 of each (tp, pp) coordinate, expert tensors
-by expert-data-parallel rank 0, so every full tensor is assembled from exactly one copy of each
-shard. A checkpoint appears atomically: written under a temporary name, renamed when complete,
-then the `latest` pointer file is replaced.
+by expert-data-parallel rank 0, tensors that tensor parallelism replicates by tp rank 0 only:
+one copy of every distinct piece. Loading reads, for each local parameter, the box of the full
+tensor it covers from whichever pieces overlap it (`files.ShardedReader`), so a checkpoint of any
+TP/PP/EP/DP/ZeRO layout resumes in any other. A checkpoint appears atomically: written under a
+temporary name, renamed when complete, then the `latest` pointer file is replaced.
 """
 
-import hashlib
 import json
 import os
 import random
 import shutil
 import uuid
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +30,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..parallel.sharding import shards
+from .files import FORMAT, CheckpointError, ShardedReader, piece_box, read_meta, sha256, verify_file
+
+__all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "read_meta", "save_checkpoint"]
 
 LATEST = "latest"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, corrupt or incompatible; the message names it."""
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def step_dir_name(step: int) -> str:
@@ -50,43 +53,61 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return path
 
 
+def publish(ckpt_root: Path, tmp: Path, final: Path) -> None:
+    """Rename the complete checkpoint `tmp` to `final`, then move the `latest` pointer to it."""
+    if final.exists():  # a re-save of the same step (e.g. after a resume): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer_tmp = ckpt_root / f".{LATEST}.tmp"
+    pointer_tmp.write_text(final.name + "\n")
+    os.replace(pointer_tmp, ckpt_root / LATEST)
+
+
+def write_meta(directory: Path, step: int, config: dict, layout: dict, world_size: int,
+               files: dict, optimizer_step: int) -> None:
+    meta = dict(format=FORMAT, step=step, config=config, world_size=world_size, layout=layout,
+                optimizer={"step": optimizer_step} if optimizer_step else None, files=files)
+    (directory / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def write_tensors(path: Path, tensors: dict, cuts: dict) -> dict:
+    """One safetensors file of pieces (cuts per name in the metadata); returns {name: sha256}."""
+    save_file(tensors, str(path), metadata={"shards": json.dumps(cuts)})
+    return {path.name: sha256(path)}
+
+
 def _owns(param: torch.nn.Parameter, state) -> bool:
     """Whether this rank writes `param`: one copy of every distinct shard across the world."""
     is_expert = getattr(param, "allreduce", True) is False
-    return (state.edp_rank if is_expert else state.dp_rank) == 0
+    tp_cut = getattr(param, "tensor_model_parallel", False)
+    return (state.edp_rank if is_expert else state.dp_rank) == 0 and (tp_cut or state.tp_rank == 0)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _named_params(model):
+    for name, p in model.named_parameters():
+        yield name.removeprefix("module."), p
 
 
-def _rng_state() -> dict:
-    """Every RNG this process draws from, as tensors and plain numbers (weights_only-safe)."""
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                       "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
-             "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64),
-                        "gauss": py_gauss}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+def optimizer_step(optimizer) -> int:
+    """How many steps the (torch, apex or DeepSpeed-wrapped) Adam optimizer has taken."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed wrappers hold the torch optimizer
+    steps = [st["step"] for st in inner.state.values() if "step" in st]
+    steps += [g["step"] for g in inner.param_groups if "step" in g]  # apex FusedAdam
+    return int(max(float(s) for s in steps)) if steps else 0
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["gauss"]))
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def _param_state(p: torch.nn.Parameter, optimizer, with_moments: bool) -> list[torch.Tensor]:
+    """[master weight, exp_avg, exp_avg_sq] of this rank's local `p`, on CPU.
+
+    Collective for DeepSpeed's ZeRO / bf16 optimizers (over p's data-parallel group).
+    """
+    if hasattr(p, "_hp_mapping"):  # DeepSpeed keeps fp32 master + moments in flat partitions
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        found = [safe_get_full_fp32_param(p)]
+        found += [safe_get_full_optimizer_state(p, k) for k in MOMENTS] if with_moments else []
+    else:  # the torch optimizer itself: the parameter is the master weight
+        found = [p.detach()] + ([optimizer.state[p][k] for k in MOMENTS] if with_moments else [])
+    return [t.detach().to("cpu").contiguous() for t in found]
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer, state,
@@ -101,36 +122,42 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
     tmp.mkdir(parents=True, exist_ok=True)
     r = state.rank
 
-    tensors, specs = {}, {}
+    opt_step = optimizer_step(optimizer)
+    if opt_step and hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        _link_fragments(optimizer)
+    weights, moments, cuts = {}, {}, {}
     for name, p in _named_params(model):
+        master, *moms = _param_state(p, optimizer, with_moments=opt_step > 0)
         if _owns(p, state):
-            tensors[name] = p.detach().to("cpu").contiguous()
-            specs[name] = shards(p)
-    model_file = tmp / f"model-rank{r:05d}.safetensors"
-    save_file(tensors, str(model_file), metadata={"shards": json.dumps(specs)})
-    optim_file = tmp / f"optim-rank{r:05d}.pt"
-    torch.save({"optimizer": _portable(optimizer.state_dict()), "rng": _rng_state()}, optim_file)
-    digests = {model_file.name: _sha256(model_file), optim_file.name: _sha256(optim_file)}
+            weights[name], cuts[name] = master, shards(p)
+            for key, t in zip(MOMENTS, moms):
+                moments[f"{name}.{key}"], cuts[f"{name}.{key}"] = t, shards(p)
+    digests = write_tensors(tmp / f"model-rank{r:05d}.safetensors", weights, cuts)
+    if opt_step:
+        digests |= write_tensors(tmp / f"optim-rank{r:05d}.safetensors", moments, cuts)
+    del weights, moments
+    rng, rng_meta = _rng_state()
+    rng_file = tmp / f"rng-rank{r:05d}.safetensors"
+    save_file(rng, str(rng_file), metadata={"rng": json.dumps(rng_meta)})
+    digests[rng_file.name] = sha256(rng_file)
 
     all_digests = [None] * state.world_size if dist.is_initialized() else [digests]
     if dist.is_initialized():
         dist.all_gather_object(all_digests, digests)
     if r == 0:
-        meta = dict(extra, step=step, world_size=state.world_size,
-                    layout={"tp": state.tp, "pp": state.pp, "ep": state.ep, "dp": state.dp},
-                    files={k: v for d in all_digests for k, v in d.items()})
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():  # a re-save of the same step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer_tmp = ckpt_root / f".{LATEST}.tmp"
-        pointer_tmp.write_text(final.name + "\n")
-        os.replace(pointer_tmp, ckpt_root / LATEST)
+        write_meta(tmp, step, extra["config"], _layout(state, extra["config"]), state.world_size,
+                   {k: v for d in all_digests for k, v in d.items()}, opt_step)
+        publish(ckpt_root, tmp, final)
         if keep:
             _prune(ckpt_root, keep)
     if dist.is_initialized():
         dist.barrier()
     return final
+
+
+def _layout(state, config: dict) -> dict:
+    return {"tp": state.tp, "pp": state.pp, "ep": state.ep, "dp": state.dp,
+            "zero_stage": config.get("parallel", {}).get("zero_stage", 0)}
 
 
 def _prune(ckpt_root: Path, keep: int) -> None:
@@ -139,113 +166,125 @@ def _prune(ckpt_root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _named_params(model):
-    for name, p in model.named_parameters():
-        yield name.removeprefix("module."), p
-
-
-# Entries of DeepSpeed's ZeRO optimizer state that describe the layout or the (static) loss
-# scaler rather than training progress. They are Python objects that weights_only loading
-# refuses, so they are not saved; on load the live optimizer supplies its own.
-_DERIVED_KEYS = ("loss_scaler", "param_slice_mappings", "zero_stage")
-
-
-def _portable(state_dict: dict) -> dict:
-    return _to_cpu({k: v for k, v in state_dict.items() if k not in _DERIVED_KEYS})
-
-
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu")
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
-
-
-def read_meta(path: Path) -> dict:
-    meta_file = Path(path) / "meta.json"
-    try:
-        return json.loads(meta_file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{meta_file} is missing: {path} is not a megamoe checkpoint") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{meta_file} is corrupt ({e}); restore it or pick another checkpoint") from None
-
-
-def verify_file(path: Path, meta: dict) -> None:
-    expected = meta["files"].get(path.name)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete")
-    if expected is not None and _sha256(path) != expected:
-        raise CheckpointError(f"checkpoint file {path} is corrupt or truncated (sha256 mismatch); "
-                              "restore it from a copy or resume from an earlier checkpoint")
-
-
-def read_rank_tensors(path: Path, rank: int, meta: dict) -> tuple[dict, dict]:
-    """(tensors, shard specs) written by one rank, checksum-verified."""
-    f = Path(path) / f"model-rank{rank:05d}.safetensors"
-    verify_file(f, meta)
-    with safe_open(str(f), framework="pt") as sf:
-        specs = json.loads(sf.metadata()["shards"])
-        return {k: sf.get_tensor(k) for k in sf.keys()}, specs
-
+# Loading -------------------------------------------------------------------------------------
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, state) -> dict:
-    """Restore this rank's parameters, optimizer and RNG from a checkpoint of the same layout."""
+    """Restore this rank's parameters, optimizer state and RNG from a checkpoint of any layout.
+
+    Collective when the optimizer is DeepSpeed's (every rank must call it). Returns meta.
+    """
     path = Path(path)
     meta = read_meta(path)
-    layout = {"tp": state.tp, "pp": state.pp, "ep": state.ep, "dp": state.dp}
-    if meta["layout"] != layout:
-        raise CheckpointError(
-            f"{path} was saved with layout {meta['layout']} but this run is {layout}; resume with "
-            "the same parallel layout, or reshard it with tools/convert_checkpoint.py")
     params = dict(_named_params(model))
-    needed = {n for n in params}
-    found: dict[str, torch.Tensor] = {}
-    for r in _source_ranks(state):
-        tensors, _ = read_rank_tensors(path, r, meta)
-        found.update({k: v for k, v in tensors.items() if k in needed and k not in found
-                      and _same_shard(params[k], r, state)})
-    missing = needed - found.keys()
-    if missing:
-        raise CheckpointError(f"{path} lacks tensors {sorted(missing)[:5]}...: it does not match this model")
-    with torch.no_grad():
+    opt_step = (meta.get("optimizer") or {}).get("step", 0)
+    with ShardedReader(path, meta, "model") as weights, ShardedReader(path, meta, "optim") as moments:
+        _check_matches(path, weights, params, state)
+        if opt_step:
+            _prepare_optimizer_state(optimizer, params.values(), opt_step)
         for name, p in params.items():
-            if found[name].shape != p.shape:
-                raise CheckpointError(f"{path}: tensor {name} has shape {tuple(found[name].shape)}, "
-                                      f"the model expects {tuple(p.shape)}")
-            p.copy_(found[name])
-    optim_file = path / f"optim-rank{state.rank:05d}.pt"
-    verify_file(optim_file, meta)
-    blob = torch.load(optim_file, map_location="cpu", weights_only=True)
-    _load_optimizer(optimizer, blob["optimizer"])
-    _set_rng_state(blob["rng"])
+            box = piece_box(p.shape, shards(p))
+            master = weights.read(name, box).to(p.device, torch.float32)
+            found = [moments.read(f"{name}.{k}", box).to(p.device, torch.float32) for k in MOMENTS] if opt_step else []
+            _set_param_state(p, optimizer, master, found)
+    rng_file = path / f"rng-rank{state.rank:05d}.safetensors"
+    if (rng_file.name in meta["files"] and meta["world_size"] == state.world_size
+            and meta["layout"] == _layout(state, meta["config"])):
+        verify_file(rng_file, meta)
+        _set_rng_state(rng_file)
+    else:  # another layout: ranks mean other things; reseed deterministically instead
+        seed = meta["config"]["train"]["seed"]
+        _reseed(zlib.crc32(f"{seed}:{meta['step']}:{state.rank}".encode()))
     return meta
 
 
-def _load_optimizer(optimizer, saved: dict) -> None:
-    live = optimizer.state_dict()
-    saved.update({k: live[k] for k in _DERIVED_KEYS if k in live})
-    if hasattr(optimizer, "dp_process_group"):  # DeepSpeed's ZeRO / bf16 wrappers
-        # They take every data-parallel rank's state and pick their own; ours is the same
-        # layout, so this rank's state is all they need (fp32 master weights restored exactly).
-        rank = dist.get_rank(group=optimizer.dp_process_group)
-        optimizer.load_state_dict(state_dict_list={rank: saved}, load_optimizer_states=True,
-                                  load_from_fp32_weights=True)
+def _check_matches(path: Path, weights: ShardedReader, params: dict, state) -> None:
+    """One clear error when the checkpoint's tensors do not fit this model."""
+    from ..parallel.sharding import full_shape
+    missing = sorted(set(params) - set(weights.names()))
+    extra = sorted(set(weights.names()) - set(params)) if state.pp == 1 else []
+    if missing or extra:
+        raise CheckpointError(f"{path} does not match this model's config: it lacks {missing[:4]} and has "
+                              f"unexpected {extra[:4]} (check model.* / moe.* against its meta.json)")
+    for name, p in params.items():
+        if tuple(full_shape(p)) != weights.full_shapes[name]:
+            raise CheckpointError(f"{path}: tensor {name} is {list(weights.full_shapes[name])} but "
+                                  f"this model's config makes it {list(full_shape(p))}")
+
+
+def _step_value(group: dict, like: torch.Tensor, step: int) -> torch.Tensor:
+    """torch Adam's per-parameter step counter, on the device torch would put it."""
+    device = like.device if group.get("fused") or group.get("capturable") else "cpu"
+    return torch.tensor(float(step), dtype=torch.float32, device=device)
+
+
+def _prepare_optimizer_state(optimizer, params, step: int) -> None:
+    """Create (or reset the step of) the Adam state that the loaded moments are written into."""
+    deepspeed = any(hasattr(p, "_hp_mapping") for p in params)
+    inner = optimizer.optimizer if deepspeed else optimizer
+    for group in inner.param_groups:
+        if "step" in group:  # apex FusedAdam counts steps per group
+            group["step"] = step
+        for hp in group["params"]:
+            st = inner.state[hp]
+            if "step" not in group:
+                st["step"] = _step_value(group, hp, step)
+            for k in MOMENTS:
+                st.setdefault(k, torch.zeros_like(hp, memory_format=torch.preserve_format))
+    if deepspeed:
+        _link_fragments(optimizer)
+
+
+def _link_fragments(optimizer) -> None:
+    """Point every parameter's DeepSpeed fragment at its group's flat Adam moments.
+
+    DeepSpeed links them once, after stepping only the *first* parameter group, so the other
+    groups' fragments stay empty; relinking when all states exist fixes that.
+    """
+    optimizer._hp_optimizer_states_linked = False
+    optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _set_param_state(p: torch.nn.Parameter, optimizer, master: torch.Tensor, moments: list) -> None:
+    with torch.no_grad():
+        p.copy_(master)
+    if hasattr(p, "_hp_mapping"):
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        safe_set_full_fp32_param(p, master)
+        for k, t in zip(MOMENTS, moments):
+            safe_set_full_optimizer_state(p, t, k)
     else:
-        optimizer.load_state_dict(saved)
+        for k, t in zip(MOMENTS, moments):
+            optimizer.state[p][k].copy_(t)
 
 
-def _source_ranks(state) -> list[int]:
-    """Ranks whose files hold this rank's shards: the dp-rank-0 twin (dense) and edp-rank-0 twin."""
-    dense = state._rank_of(state.pp_rank, 0, state.tp_rank)
-    expert = state._rank_of(state.pp_rank, state.ep_rank, state.tp_rank)
-    return sorted({dense, expert})
+# RNG, as tensors plus a JSON line (no pickle) -----------------------------------------------
+
+def _rng_state() -> tuple[dict, dict]:
+    """Every RNG this process draws from: (tensors, plain numbers)."""
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_keys.astype(np.int64)),
+               "python": torch.tensor(py_state, dtype=torch.int64)}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    return tensors, {"numpy": [int(np_pos), int(np_has_gauss), float(np_gauss)],
+                     "python": [py_version, py_gauss]}
 
 
-def _same_shard(param, writer_rank: int, state) -> bool:
-    is_expert = getattr(param, "allreduce", True) is False
-    writer_dp = (writer_rank // state.tp) % state.dp
-    return (writer_dp % state.ep == state.ep_rank) if is_expert else writer_dp == 0
+def _set_rng_state(path: Path) -> None:
+    with safe_open(str(path), framework="pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+        numbers = json.loads(f.metadata()["rng"])
+    torch.set_rng_state(t["torch"])
+    pos, has_gauss, gauss = numbers["numpy"]
+    np.random.set_state(("MT19937", t["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, py_gauss = numbers["python"]
+    random.setstate((version, tuple(t["python"].tolist()), py_gauss))
+    if "cuda" in t and torch.cuda.is_available():
+        torch.cuda.set_rng_state(t["cuda"])
+
+
+def _reseed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)

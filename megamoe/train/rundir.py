@@ -12,7 +12,11 @@ from ..config import Config, ConfigError
 RESUMABLE_CHANGES = {"train.steps", "train.log_interval", "train.eval_interval", "train.eval_batches",
                      "train.save_interval", "train.keep_checkpoints", "train.device",
                      "run.dir", "run.tensorboard", "run.sample_prompt", "run.sample_tokens",
-                     "data.cache_dir"}
+                     "data.cache_dir",
+                     # checkpoints are layout-free: a run continues in any parallel layout
+                     "parallel.tensor", "parallel.pipeline", "parallel.expert", "parallel.zero_stage",
+                     "parallel.sequence_parallel", "parallel.pipeline_layers",
+                     "parallel.activation_checkpointing"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
