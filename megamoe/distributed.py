@@ -163,19 +163,27 @@ def _from_srun(env) -> DistEnv:
 
 
 def _first_slurm_host(env) -> str:
+    """The address of the step's first node: its NodeAddr, which is its name by default."""
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
     if not nodelist:
         raise LaunchError("srun task without SLURM_JOB_NODELIST: cannot name rank 0's host. "
                           "Export MASTER_ADDR in the job script (see slurm/train.sbatch).")
-    if not re.search(r"[\[,]", nodelist):
-        return nodelist
+    first = nodelist
+    if re.search(r"[\[,]", nodelist):  # a list or range: expand it
+        try:
+            first = _scontrol("show", "hostnames", nodelist).split()[0]
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise LaunchError(f"cannot expand SLURM_JOB_NODELIST={nodelist} with scontrol ({e}); "
+                              "export MASTER_ADDR in the job script (see slurm/train.sbatch).") from None
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
-                             capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError) as e:
-        raise LaunchError(f"`scontrol show hostnames {nodelist}` failed ({e}); export "
-                          "MASTER_ADDR in the job script (see slurm/train.sbatch).") from None
-    return out.split()[0]
+        m = re.search(r"NodeAddr=(\S+)", _scontrol("show", "node", first, "-o"))
+    except (OSError, subprocess.CalledProcessError):
+        m = None  # no Slurm client here, or a node it does not know: use the name
+    return m.group(1) if m else first
+
+
+def _scontrol(*args: str) -> str:
+    return subprocess.run(["scontrol", *args], check=True, capture_output=True, text=True).stdout
 
 
 def _tasks_on_node(tasks_per_node: str, node_id: int) -> int:

@@ -9,8 +9,12 @@ EXIT_REQUEUE=75  # megamoe.train.signals.EXIT_REQUEUE
 
 job_id=${SLURM_JOB_ID:-0}
 nodelist=${SLURM_JOB_NODELIST:-$(hostname -s)}
+# Rank 0 runs on the first node of the job; its address is the node's NodeAddr (the name
+# unless slurm.conf gives another address).
 if command -v scontrol >/dev/null; then
-    MASTER_ADDR=$(scontrol show hostnames "$nodelist" | head -n1)
+    first=$(scontrol show hostnames "$nodelist" | head -n1)
+    MASTER_ADDR=$(scontrol show node "$first" -o 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2 || true)
+    MASTER_ADDR=${MASTER_ADDR:-$first}
 else
     MASTER_ADDR=$nodelist
 fi

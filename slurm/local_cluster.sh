@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# A one-node Slurm cluster on this machine, for tests and for trying the sbatch scripts.
+# A Slurm cluster on this machine, for tests and for trying the sbatch scripts: slurmctld and
+# $MEGAMOE_SLURM_NODES (default 2) slurmd daemons, each a node (node1, node2, ...) with all of
+# this host's CPUs at address 127.0.0.1, so that multi-node jobs run here too.
 #
-#   slurm/local_cluster.sh start    # write configs, start munged, slurmctld, slurmd; wait idle
+#   slurm/local_cluster.sh start    # write configs, start munged, slurmctld, slurmds; wait idle
 #   slurm/local_cluster.sh status   # daemons and sinfo
-#   slurm/local_cluster.sh stop     # stop the daemons started here
+#   slurm/local_cluster.sh stop     # stop the Slurm daemons started here
 #
 # Needs root and Debian's slurm-wlm + munge (.ci/setup-system.sh installs them). Writes
 # /etc/slurm/slurm.conf (refusing to replace one it did not write) and keeps state, logs and
@@ -12,6 +14,7 @@
 set -euo pipefail
 
 STATE=${MEGAMOE_SLURM_STATE:-/var/tmp/megamoe-slurm}
+NODES=${MEGAMOE_SLURM_NODES:-2}
 CONF_DIR=/etc/slurm
 MARK="# written by megamoe slurm/local_cluster.sh"
 
@@ -25,16 +28,26 @@ require_tools() {
     done
 }
 
+node_names() { seq -f "node%g" "$NODES"; }
+
+pid_files() {  # one per daemon this script starts
+    echo "$STATE/slurmctld.pid"
+    for name in $(node_names); do echo "$STATE/slurmd-$name.pid"; done
+}
+
+running() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
 write_configs() {
-    mkdir -p "$CONF_DIR" "$STATE"/{ctld,spool,log}
+    mkdir -p "$CONF_DIR" "$STATE"/{ctld,log}
     if [[ -f $CONF_DIR/slurm.conf ]] && ! grep -qF "$MARK" "$CONF_DIR/slurm.conf"; then
         die "$CONF_DIR/slurm.conf exists and was not written by this script; refusing to replace it"
     fi
-    local host node
+    local host hardware name
     host=$(hostname -s)
-    # slurmd -C prints this machine's NodeName=... CPUs=... RealMemory=... line.
-    node=$(slurmd -C | head -n1)
-    cat >"$CONF_DIR/slurm.conf" <<EOF
+    # slurmd -C prints "NodeName=<host> CPUs=... RealMemory=..."; every node gets that hardware.
+    hardware=$(slurmd -C | head -n1 | cut -d' ' -f2-)
+    {
+        cat <<EOF
 $MARK
 ClusterName=megamoe-local
 SlurmctldHost=$host(127.0.0.1)
@@ -42,11 +55,11 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/spool
+SlurmdSpoolDir=$STATE/spool-%n
 SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
+SlurmdPidFile=$STATE/slurmd-%n.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+SlurmdLogFile=$STATE/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -60,9 +73,14 @@ MinJobAge=600
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MailProg=/bin/true
-$node NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
+        # Several slurmd on one host: each node its own name and port; NodeHostname is this host.
+        for name in $(node_names); do
+            echo "NodeName=$name NodeHostname=$host NodeAddr=127.0.0.1 Port=$((17000 + ${name#node}))" \
+                "$hardware State=UNKNOWN"
+        done
+    } >"$CONF_DIR/slurm.conf"
     cat >"$CONF_DIR/cgroup.conf" <<EOF
 $MARK
 CgroupAutomount=no
@@ -84,37 +102,39 @@ start_munge() {
     munge -n | unmunge >/dev/null || die "munged is not answering; see /var/log/munge/munged.log"
 }
 
-running() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
-
 start() {
     require_tools
     write_configs
     start_munge
     running "$STATE/slurmctld.pid" || slurmctld
-    running "$STATE/slurmd.pid" || slurmd
+    for name in $(node_names); do
+        mkdir -p "$STATE/spool-$name"
+        running "$STATE/slurmd-$name.pid" || slurmd -N "$name"
+    done
     for _ in $(seq 60); do
-        if sinfo -h -o %T 2>/dev/null | grep -qx idle; then
+        if [[ $(sinfo -h -N -t idle -o %N 2>/dev/null | sort -u | wc -l) == "$NODES" ]]; then
             sinfo
             return 0
         fi
-        # A node left down by an earlier run comes back once told to.
-        scontrol update nodename="$(hostname -s)" state=resume >/dev/null 2>&1 || true
+        # Nodes left down by an earlier run come back once told to.
+        scontrol update nodename="$(node_names | paste -sd,)" state=resume >/dev/null 2>&1 || true
         sleep 1
     done
-    die "the node did not become idle in 60 s; see $STATE/log/slurmctld.log and slurmd.log"
+    die "the nodes did not become idle in 60 s; see $STATE/log/slurmctld.log and slurmd-*.log"
 }
 
 stop() {
-    for daemon in slurmd slurmctld; do
-        if running "$STATE/$daemon.pid"; then
-            kill "$(cat "$STATE/$daemon.pid")"
-        fi
+    local pid_file
+    for pid_file in $(pid_files); do
+        if running "$pid_file"; then kill "$(cat "$pid_file")"; fi
     done
 }
 
 status() {
-    for daemon in slurmctld slurmd; do
-        if running "$STATE/$daemon.pid"; then echo "$daemon: running"; else echo "$daemon: stopped"; fi
+    local pid_file
+    for pid_file in $(pid_files); do
+        if running "$pid_file"; then echo "$(basename "$pid_file" .pid): running"
+        else echo "$(basename "$pid_file" .pid): stopped"; fi
     done
     sinfo
 }

@@ -72,15 +72,18 @@ def latest_step(run_dir: Path) -> int:
 
 # Slurm --------------------------------------------------------------------------------------
 
-def require_slurm() -> None:
-    """Skip (locally) or fail (CI=true) unless a Slurm cluster answers with an idle node."""
+def require_slurm(nodes: int = 1) -> None:
+    """Skip (locally) or fail (CI=true) unless Slurm answers with `nodes` nodes up."""
     if shutil.which("sinfo") is None:
         problem = "Slurm is not installed (no sinfo)"
     else:
-        states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
-        if states.returncode == 0 and re.search(r"^(idle|mixed|allocated)", states.stdout, re.M):
+        states = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True)
+        up = {line.split()[0] for line in states.stdout.splitlines()
+              if re.search(r" (idle|mixed|allocated)", line)}
+        if states.returncode == 0 and len(up) >= nodes:
             return
-        problem = f"no Slurm node is up (sinfo: {states.stdout.strip() or states.stderr.strip()})"
+        problem = (f"{len(up)} Slurm node(s) up, {nodes} needed "
+                   f"(sinfo: {states.stdout.strip() or states.stderr.strip()})")
     fix = "run .ci/setup-system.sh && slurm/local_cluster.sh start"
     if os.environ.get("CI") == "true":
         pytest.fail(f"{problem}; CI must run the Slurm tests: {fix}")
@@ -90,15 +93,15 @@ def require_slurm() -> None:
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "GONE"}
 
 
-def sbatch_cpu_options(out_dir: Path, ntasks: int = 2) -> list[str]:
-    """sbatch options for `ntasks` CPU ranks on one node, job output in `out_dir`."""
-    return [f"--ntasks-per-node={ntasks}", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
-            f"--output={out_dir}/%x-%j.out", f"--error={out_dir}/%x-%j.err"]
+def sbatch_cpu_options(out_dir: Path, ntasks: int = 2, nodes: int = 1) -> list[str]:
+    """sbatch options for `ntasks` CPU ranks on each of `nodes` nodes, job output in `out_dir`."""
+    return [f"--nodes={nodes}", f"--ntasks-per-node={ntasks}", "--gpus-per-node=0", "--cpus-per-task=1",
+            "--time=10", f"--output={out_dir}/%x-%j.out", f"--error={out_dir}/%x-%j.err"]
 
 
-def sbatch(out_dir: Path, train: list[str]) -> int:
-    """Submit slurm/train.sbatch on 2 CPU ranks; return the job id."""
-    proc = subprocess.run(["sbatch", "--parsable", *sbatch_cpu_options(out_dir), "slurm/train.sbatch",
+def sbatch(out_dir: Path, train: list[str], script: str = "slurm/train.sbatch", **options) -> int:
+    """Submit `script` on CPU ranks (2 on one node unless `options` say otherwise); the job id."""
+    proc = subprocess.run(["sbatch", "--parsable", *sbatch_cpu_options(out_dir, **options), script,
                            *train], cwd=REPO, env=launch_env(), capture_output=True, text=True,
                           check=True)
     return int(proc.stdout.strip().split(";")[0])

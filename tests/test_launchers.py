@@ -225,16 +225,17 @@ def test_slurm_dry_run_prints_the_srun_command():
         in proc.stdout
 
 
-def test_slurm_job_trains_on_two_tasks(tmp_path):
-    require_slurm()
+def test_slurm_multinode_job_trains_on_two_nodes(tmp_path):
+    require_slurm(nodes=2)
     run = tmp_path / "run"
-    job = sbatch(tmp_path, train_args(run, "train.steps=3"))
+    job = sbatch(tmp_path, train_args(run, "train.steps=3"), "slurm/train-multinode.sbatch",
+                 nodes=2, ntasks=1)
     state = wait_job(job, ENDED, timeout=150)
     out = job_output(tmp_path, job)
     assert state == "COMPLETED", out[-4000:]
     reports = rank_reports(out)
-    assert [(r["rank"], r["world_size"], r["launcher"]) for r in reports] == [
-        ("0", "2", "srun"), ("1", "2", "srun")], out[-4000:]
+    assert [(r["rank"], r["world_size"], r["local_world_size"]) for r in reports] == [
+        ("0", "2", "1"), ("1", "2", "1")], out[-4000:]
     assert "world 2 = pp 1 × dp 2" in out
     assert latest_step(run) == 3
 
@@ -262,14 +263,20 @@ def test_slurm_usr1_checkpoints_requeues_and_resumes(tmp_path):
     assert stopped + 1 in [r["step"] for r in metrics(run)]
 
 
-def test_slurm_chain_runs_jobs_in_turn_resuming(tmp_path):
+def test_slurm_job_trains_on_two_tasks_and_a_chained_job_resumes(tmp_path):
     require_slurm()
     run = tmp_path / "run"
     proc = run_script(["slurm/chain.sh", "2", "slurm/train.sbatch", *sbatch_cpu_options(tmp_path), "--",
                        *train_args(run, "train.steps=3")], timeout=30)
     assert proc.returncode == 0, describe(proc)
     first, second = [int(line.split()[-1]) for line in proc.stdout.splitlines()]
+    assert wait_job(first, ENDED, timeout=150) == "COMPLETED", job_output(tmp_path, first)[-4000:]
+    out = job_output(tmp_path, first)
+    reports = rank_reports(out)
+    assert [(r["rank"], r["world_size"], r["launcher"]) for r in reports] == [
+        ("0", "2", "srun"), ("1", "2", "srun")], out[-4000:]
+    assert "world 2 = pp 1 × dp 2" in out and "new run" in out
+    assert latest_step(run) == 3
+
     assert wait_job(second, ENDED, timeout=150) == "COMPLETED", job_output(tmp_path, second)[-4000:]
-    assert job_state(first) == "COMPLETED"
-    assert "new run" in job_output(tmp_path, first)
     assert "resuming at step 3" in job_output(tmp_path, second)
