@@ -82,7 +82,7 @@ def discover_env(environ: dict | None = None) -> DistEnv:
         return _from_mpi(env, "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS")
     if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
         return _from_srun(env)
-    if "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+    if "SLURM_NTASKS" in env and _int(env, "SLURM_NTASKS") > 1:
         raise LaunchError(
             f"this process runs inside a Slurm allocation of SLURM_NTASKS={env['SLURM_NTASKS']} "
             "tasks but was not started by srun (no SLURM_STEP_ID), so it cannot tell its rank. "

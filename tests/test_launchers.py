@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 
 import psutil
 import pytest
@@ -22,7 +23,7 @@ from helpers_launch import (ENDED, EXIT_REQUEUE, describe, job_output, job_state
 from megamoe.distributed import DistEnv, LaunchError, discover_env
 from megamoe.train.signals import EXIT_REQUEUE as TRAINER_EXIT_REQUEUE
 from megamoe.train.signals import PreemptionHandler
-from runs import REPO, metrics
+from runs import REPO, free_port, metrics
 
 MASTER = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
 
@@ -106,10 +107,12 @@ def test_one_signalled_rank_stops_every_rank_on_the_same_step():
     assert run_ranks(_stop_step, 2) == [(3, None), (3, "SIGUSR1")]
 
 
-def test_handler_restores_previous_handlers():
+def test_sigterm_is_recorded_and_previous_handlers_come_back():
     before = signal.getsignal(signal.SIGTERM)
-    with PreemptionHandler():
-        assert signal.getsignal(signal.SIGTERM) is not before
+    with PreemptionHandler() as preempt:
+        assert not preempt.should_stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preempt.should_stop() and preempt.received == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
 
 
@@ -137,6 +140,15 @@ def test_world_that_does_not_fit_the_layout_fails_before_training(tmp_path):
                        *train_args(run, "parallel.tensor=4")])
     assert proc.returncode == 2, describe(proc)
     assert "world size 2 is not divisible by tensor×pipeline=4" in proc.stderr
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_rank_variable_without_its_launcher_fails_before_training(tmp_path):
+    run = tmp_path / "run"
+    env = {k: v for k, v in launch_env(RANK="1").items() if k not in ("WORLD_SIZE", "LOCAL_RANK")}
+    proc = run_script([sys.executable, "-m", "megamoe.train", *train_args(run)], env=env, timeout=60)
+    assert proc.returncode == 2, describe(proc)
+    assert "RANK set but WORLD_SIZE, LOCAL_RANK not" in proc.stderr
     assert not (run / "metrics.jsonl").exists()
 
 
@@ -184,6 +196,20 @@ def test_deepspeed_multinode_path_reads_the_hostfile(tmp_path):
     assert "mpirun -n 2 -hostfile" in check.stdout + check.stderr
     assert [(r["rank"], r["world_size"], r["allreduce_world"]) for r in rank_reports(check.stdout)] == [
         ("0", "2", "2"), ("1", "2", "2")], describe(check)
+
+
+def test_torchrun_two_node_rendezvous(tmp_path):
+    """Two torchrun agents, one per "node", meet at a c10d rendezvous endpoint."""
+    env = launch_env(MEGAMOE_MODULE="megamoe.distributed")
+    cmd = ["launchers/torchrun.sh", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", "test", "--"]
+    nodes = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outs = [node.communicate(timeout=120)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs
+    reports = rank_reports("\n".join(outs))
+    assert [(r["rank"], r["world_size"], r["local_world_size"], r["launcher"]) for r in reports] == [
+        ("0", "2", "1", "torchrun"), ("1", "2", "1", "torchrun")], outs
 
 
 # Preemption end to end ------------------------------------------------------------------------
