@@ -26,7 +26,10 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(m.d_model, m.rms_norm_eps)
         self.attn = Attention(m.d_model, m.n_heads, m.dim_per_head, m.rms_norm_eps, m.clip_qkv)
         self.ffn_norm = RMSNorm(m.d_model, m.rms_norm_eps)
-        if moe.num_experts:
+        if moe.num_experts and moe.backend == "deepspeed":
+            from ..moe.deepspeed_backend import build_deepspeed_moe
+            self.ffn = build_deepspeed_moe(cfg)  # deepspeed.moe.layer.MoE behind MoELayer's contract
+        elif moe.num_experts:
             self.ffn = MoELayer(m.d_model, moe.num_experts, moe.top_k, moe.ffn_hidden, moe.routing,
                                 moe.capacity_factor, moe.norm_topk_prob, moe.num_shared_experts,
                                 moe.lb_loss_weight, moe.z_loss_weight)
@@ -43,11 +46,12 @@ class Block(nn.Module):
 
 @dataclass
 class Output:
-    logits: torch.Tensor           # [B, S, V] (vocab-local under tensor parallelism)
-    aux_loss: torch.Tensor         # Σ over layers of weighted LB + z losses
+    logits: torch.Tensor | None    # [B, S, V] (vocab-local under TP); None before the last stage
+    aux_loss: torch.Tensor         # Σ over (this stage's) layers of weighted LB + z losses
     loss: torch.Tensor | None = None     # lm_loss + aux_loss, when labels are given
     lm_loss: torch.Tensor | None = None  # mean cross-entropy
     extra: dict = field(default_factory=dict)
+    hidden: torch.Tensor | None = None   # [B, S, d]: a non-last pipeline stage's output
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -61,22 +65,28 @@ class OLMoE(nn.Module):
         m = cfg.model
         self.cfg = cfg
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(m.n_layers))
+        # keyed by global index, so a pipeline stage holding some blocks keeps canonical names
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(m.n_layers)})
         self.norm = RMSNorm(m.d_model, m.rms_norm_eps)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         self.loss_fn = cross_entropy  # tensor parallelism swaps in the vocab-parallel one
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
-                position_offset: int = 0) -> Output:
-        """tokens, labels: [B, S] (labels already shifted; -100 is ignored)."""
+                position_offset: int = 0, hidden: torch.Tensor | None = None) -> Output:
+        """tokens, labels: [B, S] (labels already shifted; -100 is ignored).
+
+        A pipeline stage without `embed` starts from the previous stage's `hidden` [B, S, d];
+        one without `lm_head` returns its blocks' output as `Output.hidden`."""
         m = self.cfg.model
-        h = self.embed(tokens)  # [B, S, d]
+        h = self.embed(tokens) if hidden is None else hidden  # [B, S, d]
         cos, sin = rope_cos_sin(tokens.shape[1], m.dim_per_head, m.rope_theta, tokens.device,
                                 h.dtype, position_offset)
         aux = h.new_zeros((), dtype=torch.float32)
-        for block in self.layers:
+        for block in self.layers.values():
             h, block_aux = block(h, cos, sin)
             aux = aux + block_aux
+        if self.lm_head is None:
+            return Output(logits=None, aux_loss=aux, hidden=h)
         logits = self.lm_head(self.norm(h))
         out = Output(logits=logits, aux_loss=aux)
         if labels is not None:
@@ -84,8 +94,9 @@ class OLMoE(nn.Module):
             out.loss = out.lm_loss + aux
         return out
 
-    def moe_layers(self) -> list[MoELayer]:
-        return [b.ffn for b in self.layers if isinstance(b.ffn, MoELayer)]
+    def moe_layers(self) -> list[nn.Module]:
+        """The MoE FFNs (either backend): each keeps its last forward's routing `stats`."""
+        return [b.ffn for b in self.layers.values() if hasattr(b.ffn, "stats")]
 
 
 def init_weights(model: nn.Module, std: float, seed: int) -> None:

@@ -1,8 +1,8 @@
 """Build the model for this rank's layout and wrap it in the DeepSpeed engine.
 
-Order, torchtitan style: plain model → tensor parallel → expert parallel → init weights
-(layout-independent) → activation checkpointing → `deepspeed.initialize` with MoE-aware
-parameter groups. The LR schedule is a pure function of the step (`lr_at`), so resuming
+Order, torchtitan style: plain model → pipeline stage → tensor parallel → expert parallel →
+init weights (layout-independent) → activation checkpointing → `deepspeed.initialize` with
+MoE-aware parameter groups. The LR schedule is a pure function of the step (`lr_at`), so resuming
 needs no scheduler state.
 """
 
@@ -40,16 +40,28 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 def build_model(cfg: Config, state: ParallelState) -> OLMoE:
     """The plain model, cut to this rank's layout and initialised like the 1-rank model."""
     model = OLMoE(cfg)
+    if state.pp > 1:
+        from ..parallel.pipeline import apply_pipeline
+        apply_pipeline(model, state, cfg.parallel.pipeline_layers)
     if state.tp > 1:
         from ..parallel.tensor import apply_tensor_parallel
         apply_tensor_parallel(model, state, cfg.parallel.sequence_parallel)
     if state.ep > 1:
         from ..parallel.expert import apply_expert_parallel
         apply_expert_parallel(model, state)
+        if cfg.moe.backend == "deepspeed":
+            from ..moe import deepspeed_backend
+            deepspeed_backend.apply_expert_parallel(model, state)
     init_weights(model, cfg.model.init_std, cfg.train.seed)
     if cfg.parallel.activation_checkpointing != "none":
         from ..parallel.checkpointing import apply_activation_checkpointing
         apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
+    if cfg.train.compile:
+        if resolve_device(cfg).type == "cuda":
+            from ..model.compile import apply_compile
+            apply_compile(model)
+        elif state.rank == 0:
+            print("megamoe: train.compile is for CUDA; running eager on CPU", flush=True)
     return model
 
 
@@ -144,7 +156,8 @@ def build_engine(cfg: Config, state: ParallelState, model: nn.Module, device: to
     model.to(device)
     if state.ep > 1:
         state.register_with_deepspeed()
-        _mark_moe_for_deepspeed(model, state)
+        if cfg.moe.backend != "deepspeed":  # DeepSpeed finds its own MoE modules
+            _mark_moe_for_deepspeed(model, state)
     optimizer = build_optimizer(cfg, model, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            mpu=state if state.world_size > 1 else None,

@@ -8,6 +8,7 @@ reads exactly the samples it would have read had it never stopped.
 import math
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -16,6 +17,7 @@ from ..checkpoint.io import latest_checkpoint, load_checkpoint, read_meta, save_
 from ..config import Config, ConfigError
 from ..data.dataset import build_datasets, get_batch
 from ..distributed import discover_env, init_distributed
+from ..parallel import pipeline
 from ..parallel.state import ParallelState
 from .engine import build_engine, build_model, lr_at, resolve_device
 from .metrics import MetricsLogger
@@ -68,16 +70,20 @@ class Trainer:
         sums = torch.zeros(4, dtype=torch.float64)  # loss, lm_loss, lb_loss, z_loss
         layers = self.model.moe_layers()
         load = torch.zeros(len(layers), self.cfg.moe.num_experts or 1, dtype=torch.float64)
-        for micro in range(self.gas):
-            tokens, labels = self._micro_batch(self.train_data, self.step, micro)
-            out = self.engine(tokens, labels)
-            self.engine.backward(out.loss)
-            self.engine.step()
-            sums += torch.tensor([out.loss.item(), out.lm_loss.item(),
-                                  _mean([l.stats["lb_loss"] for l in layers]),
-                                  _mean([l.stats["z_loss"] for l in layers])], dtype=torch.float64)
-            for i, layer in enumerate(layers):
-                load[i] += layer.stats["expert_load"].double().cpu()
+        if self.state.pp > 1:  # 1F1B over the micro-batches; sums and loads of every stage
+            sums, load = pipeline.train_step(self.engine, self.state, self.cfg,
+                                             partial(self._micro_batch, self.train_data, self.step))
+        else:
+            for micro in range(self.gas):
+                tokens, labels = self._micro_batch(self.train_data, self.step, micro)
+                out = self.engine(tokens, labels)
+                self.engine.backward(out.loss)
+                self.engine.step()
+                sums += torch.tensor([out.loss.item(), out.lm_loss.item(),
+                                      _mean([l.stats["lb_loss"] for l in layers]),
+                                      _mean([l.stats["z_loss"] for l in layers])], dtype=torch.float64)
+                for i, layer in enumerate(layers):
+                    load[i] += layer.stats["expert_load"].double().cpu()
         sums = _all_reduce_mean(sums / self.gas, self.state.dp_group)
         load = _all_reduce_sum(load, self.state.dp_group)
         self.step += 1
@@ -92,6 +98,10 @@ class Trainer:
         self.model.eval()
         total = torch.zeros(1, dtype=torch.float64)
         for i in range(self.cfg.train.eval_batches):
+            if self.state.pp > 1:
+                total += pipeline.eval_lm_loss(self.engine, self.state, self.cfg,
+                                               partial(self._micro_batch, self.valid_data, i))
+                continue
             for micro in range(self.gas):
                 tokens, labels = self._micro_batch(self.valid_data, i, micro)
                 total += self.engine(tokens, labels).lm_loss.item()
