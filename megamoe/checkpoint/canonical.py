@@ -5,11 +5,13 @@ writing (`write_run`) makes a new run directory whose step checkpoint holds full
 parts of bounded size, with no optimizer state: the trainer resumes from it in any layout.
 """
 
+import copy
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 import yaml
+from tqdm import tqdm
 
 from .files import CheckpointError, ShardedReader, atomic_dir, read_meta
 from .io import LATEST, latest_checkpoint, step_dir_name, write_meta, write_tensors
@@ -34,7 +36,7 @@ def iter_canonical(path: Path, progress: bool = False) -> Iterator[tuple[str, to
     meta = read_meta(path)
     with ShardedReader(path, meta, "model") as reader:
         names = reader.names()
-        for name in _progress(names, progress, f"reading {path.name}"):
+        for name in tqdm(names, desc=f"reading {path.name}", unit="tensor", disable=not progress):
             yield name, reader.read(name)
 
 
@@ -42,6 +44,19 @@ def load_canonical(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(full tensors by name, meta) of checkpoint `path` (run dir or step dir)."""
     path = resolve(path)
     return dict(iter_canonical(path)), read_meta(path)
+
+
+def config_with(base: dict, overrides) -> "Config":
+    """The Config of `base` (a saved config dict) with `section.key=value` overrides applied."""
+    from ..config import ConfigError, from_dict
+    data = copy.deepcopy(base)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. parallel.expert=2")
+        data.setdefault(section, {})[name] = yaml.safe_load(raw) if raw else None
+    return from_dict(data)
 
 
 def expected_shapes(cfg) -> dict[str, tuple]:
@@ -94,10 +109,3 @@ def write_run(run_dir: Path, cfg, tensors: Iterable[tuple[str, torch.Tensor]], s
                    1, digests, 0)
         (tmp / "checkpoints" / LATEST).write_text(step_dir.name + "\n")
     return Path(run_dir) / "checkpoints" / step_dir_name(step)
-
-
-def _progress(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-    return tqdm(items, desc=desc, unit="tensor")

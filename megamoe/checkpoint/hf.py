@@ -43,9 +43,15 @@ def config_from_hf(hf: dict) -> tuple[ModelConfig, MoEConfig]:
     """ModelConfig and MoEConfig from a transformers OLMoE config.json dict."""
     rope = hf.get("rope_parameters") or {}
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    head_dim = hf.get("head_dim")
+    if head_dim == hf["hidden_size"] // hf["num_attention_heads"]:
+        head_dim = None  # megamoe's default: written only when it differs
+    if hf.get("num_key_value_heads", hf["num_attention_heads"]) != hf["num_attention_heads"]:
+        raise ValueError("num_key_value_heads differs from num_attention_heads: megamoe's OLMoE "
+                         "has no grouped-query attention")
     model = ModelConfig(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
                         n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-                        head_dim=hf.get("head_dim"), rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+                        head_dim=head_dim, rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
                         rope_theta=float(theta), max_seq_len=hf.get("max_position_embeddings", 4096),
                         clip_qkv=hf.get("clip_qkv"), init_std=hf.get("initializer_range", 0.02))
     moe = MoEConfig(num_experts=hf["num_experts"], top_k=hf["num_experts_per_tok"],

@@ -1,0 +1,216 @@
+"""transformers OLMoE directories ↔ megamoe checkpoints, streamed tensor by tensor.
+
+Export writes what `OlmoeForCausalLM.from_pretrained` reads: config.json, safetensors shards
+with a `model.safetensors.index.json`, and the run's tokenizer. The default expert layout is
+per expert (`mlp.experts.{j}.gate_proj.weight` ...), the published OLMoE layout: transformers
+4.x loads it as is and transformers 5 converts it to its stacked layout on load
+(`conversion_mapping.py`, olmoe → qwen2_moe). Import reads either layout.
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ..config import from_dict, load_config
+from .canonical import expected_shapes, resolve, write_run
+from .files import CheckpointError, ShardedReader, atomic_dir, read_meta
+from .hf import config_from_hf, from_hf, hf_config_dict, to_hf, to_hf_per_expert
+
+INDEX = "model.safetensors.index.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def export_hf(src: Path, out: Path, expert_layout: str = "per-expert", dtype: str | None = None,
+              shard_bytes: int = 5 << 30, overwrite: bool = False, progress: bool = True) -> Path:
+    """Checkpoint `src` (run or step dir, any layout) → transformers OLMoE directory `out`."""
+    step_dir = resolve(src)
+    meta = read_meta(step_dir)
+    cfg = from_dict(meta["config"])
+    _check_exportable(cfg)
+    convert = {"per-expert": to_hf_per_expert, "stacked": to_hf}[expert_layout]
+    with ShardedReader(step_dir, meta, "model") as reader, atomic_dir(out, overwrite) as tmp:
+        names = [n for n in expected_shapes(cfg) if n in reader.pieces]
+        if len(names) != len(reader.names()):
+            raise CheckpointError(f"{step_dir}: its tensors do not match its config (meta.json)")
+        out_dtype = DTYPES[dtype] if dtype else None
+        shards = _plan(names, reader, out_dtype, shard_bytes)
+        weight_map, total = {}, 0
+        bar = tqdm(total=len(names), desc=f"exporting {step_dir.name}", unit="tensor", disable=not progress)
+        for k, shard in enumerate(shards):
+            file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for name in shard:
+                t = reader.read(name)
+                tensors.update(convert(name, t.to(out_dtype) if out_dtype else t))
+                bar.update()
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            weight_map.update({key: file for key in tensors})
+            del tensors
+        bar.close()
+        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                             "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        written_dtype = out_dtype or _torch_dtype(reader.dtypes[names[0]])
+        tokenizer = _export_tokenizer(cfg, tmp)
+        _write_config(cfg, tmp, written_dtype, tokenizer)
+    return Path(out)
+
+
+def _check_exportable(cfg) -> None:
+    moe = cfg.moe
+    if moe.num_experts == 0:
+        raise CheckpointError("this checkpoint is dense (moe.num_experts=0); OLMoE has no dense form: "
+                              "upcycle it first (tools/convert_checkpoint.py upcycle)")
+    if moe.num_shared_experts or moe.routing != "token_choice" or moe.capacity_factor is not None:
+        raise CheckpointError("transformers' OLMoE has dropless token-choice routing and no shared "
+                              "experts; this run uses moe.routing / capacity_factor / num_shared_experts "
+                              "it cannot express")
+
+
+def _plan(names, reader, dtype, shard_bytes) -> list[list[str]]:
+    """Group tensors, in model order, into shards of about `shard_bytes`."""
+    shards, size = [[]], 0
+    for name in names:
+        itemsize = (dtype or _torch_dtype(reader.dtypes[name])).itemsize
+        n = torch.Size(reader.full_shapes[name]).numel() * itemsize
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+def _torch_dtype(safetensors_dtype: str) -> torch.dtype:
+    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}[safetensors_dtype]
+
+
+def _write_config(cfg, out: Path, dtype: torch.dtype, tokenizer) -> None:
+    import transformers
+    ids = {} if tokenizer is None else dict(eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.bos_id,
+                                            pad_token_id=tokenizer.pad_id)
+    config = transformers.OlmoeConfig(**hf_config_dict(cfg), architectures=["OlmoeForCausalLM"], **ids)
+    config.save_pretrained(out)
+    data = json.loads((out / "config.json").read_text())
+    # transformers 4.x reads these keys (5 reads rope_parameters and dtype)
+    data.update(rope_theta=cfg.model.rope_theta, torch_dtype=str(dtype).removeprefix("torch."))
+    if tokenizer is None:
+        data.update(eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _export_tokenizer(cfg, out: Path):
+    """Copy the run's tokenizer (data.tokenizer, or the embedded corpus's) in transformers form."""
+    from ..data.dataset import data_sources
+    from ..data.tokenizer import HFTokenizer, load_tokenizer
+    try:
+        path = Path(data_sources(cfg.data, cfg.model.vocab_size)[1])
+    except Exception:  # noqa: BLE001 - the run's data may be elsewhere; weights still export
+        return None
+    if not path.is_file():
+        return None
+    tok = load_tokenizer(path)
+    if isinstance(tok, HFTokenizer):
+        shutil.copy(path, out / "tokenizer.json")
+        names = {k: tok.tok.id_to_token(i) for k, i in
+                 [("eos_token", tok.eos_id), ("bos_token", tok.bos_id), ("pad_token", tok.pad_id)] if i is not None}
+        (out / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", **names}, indent=2))
+        return tok
+    # sentencepiece: tokenizer.model + a Llama-style config without the dummy prefix space
+    # (megamoe's models are trained with none); transformers then writes tokenizer.json too.
+    import transformers
+    sp = tok.sp
+    shutil.copy(path, out / "tokenizer.model")
+    names = {k: sp.id_to_piece(i) for k, i in [("eos_token", sp.eos_id()), ("bos_token", sp.bos_id()),
+                                                ("unk_token", sp.unk_id()), ("pad_token", sp.pad_id())] if i >= 0}
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
+         "add_prefix_space": False, **names}, indent=2))
+    transformers.AutoTokenizer.from_pretrained(out).save_pretrained(out)
+    return tok
+
+
+# Import ------------------------------------------------------------------------------------
+
+def import_hf(src: Path, run_dir: Path, overrides: list[str] = (), overwrite: bool = False,
+              progress: bool = True) -> Path:
+    """transformers OLMoE directory `src` → new megamoe run `run_dir` (checkpoint at step 0).
+
+    model.* and moe sizes come from config.json; `overrides` (section.key=value) set the rest
+    (data, optim, train, parallel). Streams one layer at a time.
+    """
+    src = Path(src)
+    try:
+        hf = json.loads((src / "config.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{src / 'config.json'} is missing: {src} is not a transformers model directory") from None
+    if hf.get("model_type") != "olmoe":
+        raise CheckpointError(f"{src} holds a {hf.get('model_type')!r} model; only OLMoE ('olmoe') converts")
+    cfg = load_config(None, list(overrides))
+    try:
+        cfg.model, moe = config_from_hf(hf)
+    except ValueError as e:
+        raise CheckpointError(f"{src / 'config.json'}: {e}") from None
+    for key in ("num_experts", "top_k", "ffn_hidden", "norm_topk_prob", "lb_loss_weight"):
+        setattr(cfg.moe, key, getattr(moe, key))
+    files = _hf_files(src)
+    groups: dict[str, list[str]] = {}
+    for key in files:
+        m = re.match(r"model\.layers\.(\d+)\.", key)
+        groups.setdefault(f"layer {int(m.group(1)):05d}" if m else "top", []).append(key)
+    tie = hf.get("tie_word_embeddings", False) and "lm_head.weight" not in files
+
+    def tensors():
+        handles = {}
+        try:
+            for group in tqdm(sorted(groups), desc=f"importing {src.name}", unit="layer", disable=not progress):
+                state = {}
+                for key in groups[group]:
+                    f = files[key]
+                    if f not in handles:
+                        handles[f] = safe_open(str(src / f), framework="pt")
+                    state[key] = handles[f].get_tensor(key)
+                if tie and "model.embed_tokens.weight" in state:
+                    state["lm_head.weight"] = state["model.embed_tokens.weight"]
+                try:
+                    converted = from_hf(state)
+                except KeyError as e:
+                    raise CheckpointError(f"{src}: {e.args[0]}") from None
+                yield from sorted(converted.items())
+        finally:
+            handles.clear()
+
+    return write_run(run_dir, cfg, tensors(), overwrite=overwrite)
+
+
+def _hf_files(src: Path) -> dict[str, str]:
+    """{tensor key: file} of a transformers directory (sharded with an index, or one file)."""
+    index = src / INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    elif (src / "model.safetensors").is_file():
+        weight_map = None
+    else:
+        raise CheckpointError(f"{src} has neither {INDEX} nor model.safetensors (only safetensors "
+                              "checkpoints are read: .bin files would need unpickling)")
+    for f in sorted(set(weight_map.values()) if weight_map else ["model.safetensors"]):
+        if not (src / f).is_file():
+            raise CheckpointError(f"shard {src / f} named by {INDEX} is missing")
+        try:
+            with safe_open(str(src / f), framework="pt") as sf:
+                keys = list(sf.keys())
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type
+            raise CheckpointError(f"shard {src / f} is corrupt or truncated ({e})") from None
+        if weight_map is None:
+            return {k: f for k in keys}
+        absent = [k for k, v in weight_map.items() if v == f and k not in keys]
+        if absent:
+            raise CheckpointError(f"shard {src / f} lacks {absent[:3]} that {INDEX} places in it")
+    return weight_map

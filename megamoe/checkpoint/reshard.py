@@ -1,0 +1,53 @@
+"""Another parallel layout for a checkpoint: checked, then copied to a new run directory.
+
+Checkpoint files are layout-free (pieces with their cuts, optimizer moments per parameter),
+so the trainer loads any layout into any other and a run may simply be relaunched with new
+`parallel.*` values. `reshard` is that move made explicit and safe: it checks that the new
+layout divides the model and the world size, verifies every file's checksum while copying it,
+and writes a run directory whose config.yaml has the new layout.
+"""
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import yaml
+
+from .canonical import config_with, resolve
+from .files import CheckpointError, atomic_dir, read_meta
+from .io import LATEST
+
+
+def reshard(src: Path, out: Path, overrides: list[str], world_size: int, overwrite: bool = False,
+            progress: bool = True) -> Path:
+    step_dir = resolve(src)
+    meta = read_meta(step_dir)
+    changed = [o.partition("=")[0] for o in overrides if not o.startswith("parallel.")]
+    if changed:
+        raise CheckpointError(f"reshard changes the parallel layout only; {', '.join(changed)} would "
+                              "change what the checkpoint means (set it when launching, if resumable)")
+    cfg = config_with(meta["config"], [*overrides, f"run.dir={out}"])
+    cfg.validate(world_size)  # a layout that does not divide raises a ConfigError naming the key
+    from tqdm import tqdm
+    with atomic_dir(Path(out), overwrite) as tmp:
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        dest = tmp / "checkpoints" / step_dir.name
+        dest.mkdir(parents=True)
+        for name in tqdm(sorted(meta["files"]), desc="copying", unit="file", disable=not progress):
+            _copy_verified(step_dir / name, dest / name, meta["files"][name])
+        shutil.copy(step_dir / "meta.json", dest / "meta.json")
+        (tmp / "checkpoints" / LATEST).write_text(step_dir.name + "\n")
+    return Path(out) / "checkpoints" / step_dir.name
+
+
+def _copy_verified(src: Path, dst: Path, expected: str) -> None:
+    if not src.is_file():
+        raise CheckpointError(f"checkpoint file {src} is missing; the checkpoint is incomplete")
+    h = hashlib.sha256()
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        for chunk in iter(lambda: fin.read(1 << 24), b""):
+            h.update(chunk)
+            fout.write(chunk)
+    if h.hexdigest() != expected:
+        raise CheckpointError(f"checkpoint file {src} is corrupt or truncated (sha256 mismatch); "
+                              "restore it from a copy or use an earlier checkpoint")

@@ -1,0 +1,42 @@
+"""Sparse upcycling: a dense checkpoint → MoE, every expert a copy of the dense FFN.
+
+The dense SwiGLU of each block (`layers.i.ffn.w1` [d, 2F], `w2` [F, d]) becomes the stacked
+experts (`ffn.experts.w1` [E, d, 2F], `w2` [E, F, d]); each block gets a fresh router
+(N(0, init_std), seeded by its name). Everything else is copied. The result is a new run at
+step 0 (fresh optimizer and LR schedule), as in the OLMoE upcycling ablation.
+"""
+
+import re
+import zlib
+from pathlib import Path
+
+import torch
+
+from .canonical import config_with, iter_canonical, resolve, write_run
+from .files import CheckpointError, read_meta
+
+
+def upcycle(src: Path, out: Path, num_experts: int, top_k: int, overrides: list[str] = (),
+            overwrite: bool = False, progress: bool = True) -> Path:
+    step_dir = resolve(src)
+    base = read_meta(step_dir)["config"]
+    if base["moe"]["num_experts"]:
+        raise CheckpointError(f"{step_dir} is already a MoE checkpoint (moe.num_experts="
+                              f"{base['moe']['num_experts']}); upcycling starts from a dense one")
+    cfg = config_with(base, [f"moe.num_experts={num_experts}", f"moe.top_k={top_k}", *overrides])
+    d, std, seed = cfg.model.d_model, cfg.model.init_std, cfg.train.seed
+
+    def tensors():
+        for name, t in iter_canonical(step_dir, progress):
+            m = re.fullmatch(r"layers\.(\d+)\.ffn\.(w1|w2)", name)
+            if m is None:
+                yield name, t
+                continue
+            i, w = m.groups()
+            yield f"layers.{i}.ffn.experts.{w}", t.unsqueeze(0).expand(num_experts, *t.shape)
+            if w == "w1":
+                router = f"layers.{i}.ffn.router.weight"
+                g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(router.encode()))
+                yield router, torch.randn(num_experts, d, generator=g) * std
+
+    return write_run(out, cfg, tensors(), overwrite=overwrite)

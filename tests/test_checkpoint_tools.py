@@ -1,0 +1,182 @@
+"""Checkpoint tools: any layout continues in any other, transformers OLMoE both ways, upcycling.
+
+One real run (EP2 × ZeRO-1 on 2 CPU ranks, 6 steps, checkpoints at 3 and 6) is the source of
+every test; the others convert it, continue it in another layout, or break it on purpose.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from megamoe.checkpoint.canonical import load_canonical, write_run
+from megamoe.checkpoint.files import CheckpointError, ShardedReader, read_meta
+from megamoe.checkpoint.hf_dirs import export_hf, import_hf
+from megamoe.checkpoint.reshard import reshard
+from megamoe.checkpoint.upcycle import upcycle
+from megamoe.config import ConfigError, load_config
+from megamoe.model.olmoe import OLMoE, init_weights
+from megamoe.train.sample import load_model, tokenizer_for
+from runs import REPO, TINY, launch, metrics
+
+LAYOUT_A = ["parallel.expert=2", "parallel.zero_stage=1"]
+SIX_STEPS = ["train.steps=6", "train.save_interval=3"]
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    run = tmp_path_factory.mktemp("a") / "run"
+    launch(run, 2, [*LAYOUT_A, *SIX_STEPS])
+    return run
+
+
+def tokens(cfg, seed=0):
+    return torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def moments(step_dir):
+    meta = read_meta(step_dir)
+    with ShardedReader(step_dir, meta, "optim") as r:
+        return {n: r.read(n) for n in r.names()}
+
+
+def test_reshard_continues_the_same_loss_curve_optimizer_included(run_a, tmp_path):
+    """EP2×ZeRO-1 for 3 steps, then TP2 (ZeRO 0) for 3 more: the curve of staying at EP2×ZeRO-1."""
+    b = tmp_path / "b"
+    reshard(run_a / "checkpoints" / "step_00000003", b,
+            ["parallel.expert=1", "parallel.zero_stage=0", "parallel.tensor=2"], world_size=2, progress=False)
+    launch(b, 2, ["parallel.tensor=2", *SIX_STEPS])
+    stayed = {r["step"]: r for r in metrics(run_a)}
+    moved = metrics(b)
+    assert [r["step"] for r in moved] == [4, 5, 6]
+    for r in moved:
+        assert r["loss"] == pytest.approx(stayed[r["step"]]["loss"], rel=1e-5), r["step"]
+        assert r["grad_norm"] == pytest.approx(stayed[r["step"]]["grad_norm"], rel=1e-4), r["step"]
+    wa, wb = load_canonical(run_a)[0], load_canonical(b)[0]
+    ma, mb = moments(run_a / "checkpoints" / "step_00000006"), moments(b / "checkpoints" / "step_00000006")
+    assert wa.keys() == wb.keys() and ma.keys() == mb.keys() and len(ma) == 2 * len(wa)
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name in ma:
+        torch.testing.assert_close(mb[name], ma[name], rtol=1e-3, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["per-expert", "stacked"])
+def test_to_hf_loads_in_transformers_with_the_same_logits(run_a, tmp_path, layout):
+    out = export_hf(run_a, tmp_path / "hf", expert_layout=layout, progress=False)
+    keys = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    expert_key = {"per-expert": "model.layers.0.mlp.experts.7.gate_proj.weight",  # transformers 4.x names
+                  "stacked": "model.layers.0.mlp.experts.gate_up_proj"}[layout]
+    assert expert_key in keys
+    ours, _ = load_model(run_a)
+    hf = transformers.OlmoeForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert rel(ours(tokens(ours.cfg)).logits, hf(tokens(ours.cfg)).logits) < 1e-5
+    text = "def main():\n    return 42"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tokenizer_for(ours.cfg).encode(text)
+
+
+def test_from_hf_round_trips_and_trains_in_another_layout(run_a, tmp_path):
+    ours, _ = load_model(run_a)
+    for layout in ["per-expert", "stacked"]:
+        hf_dir = export_hf(run_a, tmp_path / f"hf-{layout}", expert_layout=layout,
+                           shard_bytes=100_000, progress=False)  # several shards
+        back = tmp_path / f"back-{layout}"
+        import_hf(hf_dir, back, TINY, progress=False)
+        model, meta = load_model(back)
+        assert meta["step"] == 0 and meta["optimizer"] is None
+        with torch.no_grad():
+            assert rel(model(tokens(ours.cfg)).logits, ours(tokens(ours.cfg)).logits) < 1e-6
+    launch(back, 2, ["parallel.expert=2", "train.steps=1"])  # continue pretraining, EP2
+    assert [r["step"] for r in metrics(back)] == [1]
+
+
+def test_upcycled_dense_model_computes_the_dense_function_and_trains(tmp_path):
+    """Every expert a copy of the FFN and normalized top-k weights: the MoE is the dense model."""
+    dense_cfg = load_config(None, [*TINY, "moe.num_experts=0"])
+    dense = OLMoE(dense_cfg)
+    init_weights(dense, 0.2, seed=3)
+    write_run(tmp_path / "dense", dense_cfg, ((n, p.detach()) for n, p in dense.named_parameters()))
+    moe_run = tmp_path / "moe"
+    upcycle(tmp_path / "dense", moe_run, num_experts=8, top_k=2, overrides=["moe.norm_topk_prob=true"],
+            progress=False)
+    moe, _ = load_model(moe_run)
+    w = load_canonical(moe_run)[0]
+    assert torch.equal(w["layers.1.ffn.experts.w1"][5], dict(dense.named_parameters())["layers.1.ffn.w1"])
+    assert w["layers.1.ffn.router.weight"].shape == (8, 32)
+    with torch.no_grad():
+        assert rel(moe(tokens(dense_cfg)).logits, dense.eval()(tokens(dense_cfg)).logits) < 1e-5
+    launch(moe_run, 1, ["moe.norm_topk_prob=true", "train.steps=1"])
+    assert [r["step"] for r in metrics(moe_run)] == [1]
+
+
+# Bad input: one clear error each ----------------------------------------------------------
+
+def test_corrupt_truncated_or_missing_files_are_named(run_a, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run_a / "checkpoints" / "step_00000006", ckpt)
+    victim = ckpt / "model-rank00001.safetensors"
+    good = victim.read_bytes()
+    victim.write_bytes(good[:-64])  # truncated
+    with pytest.raises(CheckpointError, match="model-rank00001.safetensors.*(corrupt|truncated)"):
+        export_hf(ckpt, tmp_path / "hf", progress=False)
+    victim.write_bytes(good[:-8] + b"\0" * 8)  # same size, different bytes
+    with pytest.raises(CheckpointError, match="model-rank00001.safetensors is corrupt"):
+        load_canonical(ckpt)
+    victim.unlink()
+    with pytest.raises(CheckpointError, match="model-rank00001.safetensors is missing"):
+        load_canonical(ckpt)
+    assert not (tmp_path / "hf").exists()  # nothing half-written
+
+
+def test_hf_missing_shard_and_mismatched_config_are_refused(run_a, tmp_path):
+    hf_dir = export_hf(run_a, tmp_path / "hf", shard_bytes=100_000, progress=False)
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps(dict(config, intermediate_size=64)))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        import_hf(hf_dir, tmp_path / "bad", TINY, progress=False)
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    shard = sorted(set(json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"].values()))[1]
+    (hf_dir / shard).unlink()
+    with pytest.raises(CheckpointError, match=f"{shard}.*missing"):
+        import_hf(hf_dir, tmp_path / "bad", TINY, progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_layout_that_does_not_divide_and_existing_outputs_are_refused(run_a, tmp_path):
+    with pytest.raises(ConfigError, match="parallel.expert"):
+        reshard(run_a, tmp_path / "r", ["parallel.expert=3"], world_size=3, progress=False)
+    with pytest.raises(ConfigError, match="parallel.tensor"):
+        reshard(run_a, tmp_path / "r", ["parallel.tensor=3"], world_size=3, progress=False)
+    with pytest.raises(CheckpointError, match="parallel layout only"):
+        reshard(run_a, tmp_path / "r", ["model.d_model=64"], world_size=1, progress=False)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(CheckpointError, match="--overwrite"):
+        export_hf(run_a, out, progress=False)
+    assert (out / "mine.txt").read_text() == "keep"
+    export_hf(run_a, out, overwrite=True, progress=False)
+    assert (out / "config.json").is_file() and not (out / "mine.txt").exists()
+
+
+def test_cli_inspect_and_errors(run_a, tmp_path):
+    tool = [sys.executable, str(REPO / "tools" / "convert_checkpoint.py")]
+    shown = subprocess.run([*tool, "inspect", str(run_a), "--verify"], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    for text in (r"step +6", "tp 1 · pp 1 · ep 2 · dp 2 · zero 1", "sha256 verified",
+                 r"layers\.1\.ffn\.experts\.w1 +\[8, 32, 64\] +F32 +2", "vocab_size: 512"):
+        assert re.search(text, shown.stdout), text
+    failed = subprocess.run([*tool, "to-hf", str(tmp_path / "nothing"), str(tmp_path / "out")],
+                            capture_output=True, text=True)
+    assert failed.returncode == 2 and "is neither a megamoe run directory" in failed.stderr

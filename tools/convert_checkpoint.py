@@ -1,0 +1,87 @@
+"""Convert, reshard, upcycle and inspect megamoe checkpoints.
+
+  to-hf     megamoe checkpoint (any layout)  → transformers OLMoE directory
+  from-hf   transformers OLMoE directory     → new megamoe run (step 0)
+  reshard   megamoe checkpoint               → new run with another parallel layout
+  upcycle   dense megamoe checkpoint         → new MoE run, experts copied from the FFN
+  inspect   print a checkpoint's step, layout, model, config and tensor table
+
+A megamoe source may be a run directory (its latest checkpoint) or a step_* directory.
+Outputs are written atomically and never replace an existing path without --overwrite.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tools/convert_checkpoint.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, help_text, out=True):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("src", type=Path)
+        if out:
+            p.add_argument("out", type=Path)
+            p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+            p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        return p
+
+    p = command("to-hf", "megamoe checkpoint → transformers OLMoE directory")
+    p.add_argument("--expert-layout", choices=["per-expert", "stacked"], default="per-expert",
+                   help="per-expert (default): published OLMoE keys, loads in transformers 4.x and 5; "
+                        "stacked: transformers 5's own layout")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the checkpoint's")
+    p.add_argument("--shard-size-gb", type=float, default=5.0)
+    p = command("from-hf", "transformers OLMoE directory → new megamoe run")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="the new run's data/optim/train/parallel settings")
+    p = command("reshard", "megamoe checkpoint → new run with another parallel layout")
+    p.add_argument("overrides", nargs="+", metavar="parallel.key=value")
+    p.add_argument("--world-size", type=int, required=True, help="ranks the new run will use")
+    p = command("upcycle", "dense megamoe checkpoint → MoE run (experts = copies of the FFN)")
+    p.add_argument("--num-experts", type=int, required=True)
+    p.add_argument("--top-k", type=int, required=True)
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p = command("inspect", "print a checkpoint's layout, step, config and tensor table", out=False)
+    p.add_argument("--verify", action="store_true", help="check every file's sha256")
+    p.add_argument("--no-config", action="store_true")
+    args = parser.parse_args(argv)
+
+    from megamoe.checkpoint.files import CheckpointError
+    from megamoe.config import ConfigError
+    progress = not getattr(args, "no_progress", True)
+    try:
+        if args.command == "to-hf":
+            from megamoe.checkpoint.hf_dirs import export_hf
+            out = export_hf(args.src, args.out, args.expert_layout, args.dtype,
+                            int(args.shard_size_gb * 2**30), args.overwrite, progress)
+        elif args.command == "from-hf":
+            from megamoe.checkpoint.hf_dirs import import_hf
+            out = import_hf(args.src, args.out, args.overrides, args.overwrite, progress)
+        elif args.command == "reshard":
+            from megamoe.checkpoint.reshard import reshard
+            out = reshard(args.src, args.out, args.overrides, args.world_size, args.overwrite, progress)
+        elif args.command == "upcycle":
+            from megamoe.checkpoint.upcycle import upcycle
+            out = upcycle(args.src, args.out, args.num_experts, args.top_k, args.overrides,
+                          args.overwrite, progress)
+        else:
+            from megamoe.checkpoint.summary import describe
+            print(describe(args.src, args.verify, not args.no_config))
+            return 0
+    except (CheckpointError, ConfigError) as e:
+        print(f"convert_checkpoint: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
