@@ -17,9 +17,10 @@ import psutil
 import pytest
 
 from distributed import run_ranks
-from helpers_launch import (ENDED, EXIT_REQUEUE, describe, job_output, job_state, last_step,
-                            latest_step, launch_env, rank_reports, require_slurm, run_script,
-                            sbatch, sbatch_cpu_options, train_args, wait_job, wait_until)
+from helpers_launch import (ENDED, EXIT_REQUEUE, checkpoint_world_size, describe, job_output,
+                            job_state, last_step, latest_step, launch_env, rank_reports,
+                            require_slurm, run_script, sbatch, sbatch_cpu_options, train_args,
+                            wait_job, wait_until)
 from megamoe.distributed import DistEnv, LaunchError, discover_env
 from megamoe.train.signals import EXIT_REQUEUE as TRAINER_EXIT_REQUEUE
 from megamoe.train.signals import PreemptionHandler
@@ -179,7 +180,7 @@ def test_launcher_starts_two_ranks_that_agree_and_train(launcher, tmp_path):
     assert proc.returncode == 0, describe(proc)
     assert "world 2 = pp 1 × dp 2" in proc.stdout + proc.stderr
     assert [r["step"] for r in metrics(run)] == [1, 2, 3]
-    assert latest_step(run) == 3
+    assert latest_step(run) == 3 and checkpoint_world_size(run) == 2
 
 
 def test_deepspeed_multinode_path_reads_the_hostfile(tmp_path):
@@ -263,7 +264,7 @@ def test_slurm_multinode_job_trains_on_two_nodes(tmp_path):
     assert [(r["rank"], r["world_size"], r["local_world_size"]) for r in reports] == [
         ("0", "2", "1"), ("1", "2", "1")], out[-4000:]
     assert "world 2 = pp 1 × dp 2" in out
-    assert latest_step(run) == 3
+    assert latest_step(run) == 3 and checkpoint_world_size(run) == 2
 
 
 def test_slurm_usr1_checkpoints_requeues_and_resumes(tmp_path):
@@ -302,7 +303,7 @@ def test_slurm_job_trains_on_two_tasks_and_a_chained_job_resumes(tmp_path):
     assert [(r["rank"], r["world_size"], r["launcher"]) for r in reports] == [
         ("0", "2", "srun"), ("1", "2", "srun")], out[-4000:]
     assert "world 2 = pp 1 × dp 2" in out and "new run" in out
-    assert latest_step(run) == 3
+    assert latest_step(run) == 3 and checkpoint_world_size(run) == 2
 
     assert wait_job(second, ENDED, timeout=150) == "COMPLETED", job_output(tmp_path, second)[-4000:]
     assert "resuming at step 3" in job_output(tmp_path, second)
