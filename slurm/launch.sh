@@ -23,7 +23,8 @@ export MASTER_ADDR
 export MASTER_PORT=$((20000 + job_id % 20000))
 # Cores per rank for torch's CPU threads, unless the user chose.
 if [[ -z ${OMP_NUM_THREADS:-} && -n ${SLURM_CPUS_ON_NODE:-} && -n ${SLURM_NTASKS_PER_NODE:-} ]]; then
-    export OMP_NUM_THREADS=$((SLURM_CPUS_ON_NODE / SLURM_NTASKS_PER_NODE > 0 ? SLURM_CPUS_ON_NODE / SLURM_NTASKS_PER_NODE : 1))
+    cores=$((SLURM_CPUS_ON_NODE / SLURM_NTASKS_PER_NODE))
+    export OMP_NUM_THREADS=$((cores > 0 ? cores : 1))
 fi
 # A failed peer ends the collective with an error instead of a hang (NCCL); gloo and NCCL
 # use the interface named by MEGAMOE_IFNAME when the default one is wrong.
