@@ -5,7 +5,9 @@ holding the same weights and seeing the same input.
     PYTHONUNBUFFERED=1 python bench/bench_moe_layer.py
     python bench/bench_moe_layer.py --cpu-smoke
 
-Variants: megamoe, megamoe-compile; `sort+index_add` (argsort, x[idx] gather, grouped GEMMs,
+Variants: megamoe, megamoe-compile; `deepspeed` and `deepspeed-cap1.25` (`moe.backend:
+deepspeed`, i.e. `deepspeed.moe.layer.MoE` with k=8, dropless / capacity factor 1.25; its top-k
+gating renormalises the k weights, so its errors against megamoe are not rounding); `sort+index_add` (argsort, x[idx] gather, grouped GEMMs,
 weighted index_add_ — the plain version megamoe started from); transformers' sparse MoE block
 with grouped_mm and with eager experts; and `gemm-only`, the two grouped GEMMs with their
 backward on balanced groups, the floor for any dispatch. TFLOP/s counts the router and
@@ -39,6 +41,20 @@ def sort_index_add(layer: MoELayer):
         y = torch.zeros_like(x).index_add_(0, tok, out)
         return y, layer.lb_loss_weight * r.lb_loss + layer.z_loss_weight * r.z_loss
     return forward
+
+
+def deepspeed_layer(layer: MoELayer, d: int, E: int, k: int, F_: int, capacity_factor: float | None):
+    """`moe.backend: deepspeed` (megamoe.moe.deepspeed_backend) holding `layer`'s weights."""
+    from megamoe.moe.deepspeed_backend import DeepSpeedMoE
+    p = layer.experts.w1
+    with torch.device(p.device), default_dtype(p.dtype):
+        ds = DeepSpeedMoE(d, E, k, F_, capacity_factor, layer.lb_loss_weight)
+    with torch.no_grad():
+        ds.moe.deepspeed_moe.gate.wg.weight.copy_(layer.router.weight)
+        for e, expert in enumerate(ds.moe.deepspeed_moe.experts.deepspeed_experts):
+            expert.w1.copy_(layer.experts.w1[e])
+            expert.w2.copy_(layer.experts.w2[e])
+    return ds
 
 
 def hf_block(layer: MoELayer, d: int, E: int, k: int, F_: int, impl: str):
@@ -76,7 +92,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--variants", default="megamoe,megamoe-compile,sort+index_add,hf-grouped_mm,hf-eager,gemm-only")
+    ap.add_argument("--variants", default="megamoe,megamoe-compile,deepspeed,deepspeed-cap1.25,sort+index_add,"
+                                          "hf-grouped_mm,hf-eager,gemm-only")
     ap.add_argument("--cpu-smoke", action="store_true")
     args = ap.parse_args()
     if args.cpu_smoke:
@@ -108,6 +125,8 @@ def main():
                 variants[name] = torch.compile(layer)
         elif name == "sort+index_add":
             variants[name] = sort_index_add(layer)
+        elif name.startswith("deepspeed"):
+            variants[name] = deepspeed_layer(layer, d, E, k, F_, 1.25 if name.endswith("cap1.25") else None)
         elif name.startswith("hf-"):
             variants[name] = hf_block(layer, d, E, k, F_, name[3:])[0]
         elif name == "gemm-only":

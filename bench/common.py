@@ -132,16 +132,6 @@ def build_hf_like(ours: nn.Module, cfg: Config, experts_impl: str):
     return hf
 
 
-def apply_compile(model: nn.Module, mode: str | None = None) -> nn.Module:
-    """torch.compile each decoder block in place (torchtitan's per-block compile): the 16
-    blocks share one compiled graph, and norms, RoPE, SwiGLU and residual adds get fused.
-    mode "reduce-overhead" also replays each block's kernels as a CUDA graph."""
-    torch._dynamo.reset()
-    for block in model.layers:
-        block.compile(mode=mode)
-    return model
-
-
 def out_dir() -> str:
     """$OUT on the device machine, else ./bench_out."""
     d = os.environ.get("OUT", "bench_out")

@@ -98,6 +98,7 @@ class TrainConfig:
     eval_batches: int = 4
     save_interval: int = 500
     keep_checkpoints: int = 2
+    compile: bool = False  # torch.compile each block (CUDA; ignored with a notice on CPU)
 
 
 @dataclass
