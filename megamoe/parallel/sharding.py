@@ -29,7 +29,7 @@ def full_shape(param: torch.Tensor) -> torch.Size:
 
 def local_slice(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """This rank's piece of `full`, for a parameter shaped and marked like `param`."""
-    for dim, index, count in reversed(shards(param)):
+    for dim, index, count in shards(param):  # in the order the cuts were made
         size = full.shape[dim] // count
         full = full.narrow(dim, index * size, size)
     return full
