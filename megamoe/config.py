@@ -162,6 +162,11 @@ class Config:
                  f"{d.seq_length} exceeds model.max_seq_len={m.max_seq_len}")
         _choice("moe.routing", moe.routing, ("token_choice", "expert_choice"))
         _choice("moe.backend", moe.backend, ("megamoe", "deepspeed"))
+        if moe.backend == "deepspeed":
+            _require(moe.routing == "token_choice", "moe.routing",
+                     "expert choice is not available with moe.backend=deepspeed; use moe.backend=megamoe")
+            _require(moe.num_shared_experts == 0, "moe.num_shared_experts",
+                     "shared experts are not available with moe.backend=deepspeed; use moe.backend=megamoe")
         if moe.num_experts:
             _require(1 <= moe.top_k <= moe.num_experts, "moe.top_k",
                      f"must be in [1, num_experts={moe.num_experts}], got {moe.top_k}")

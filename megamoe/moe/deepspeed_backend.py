@@ -60,13 +60,9 @@ class DeepSpeedMoE(nn.Module):
 
 
 def build_deepspeed_moe(cfg) -> DeepSpeedMoE:
-    """The Block FFN for `moe.backend: deepspeed` (see the module docstring for what differs)."""
+    """The Block FFN for `moe.backend: deepspeed` (see the module docstring for what differs;
+    `Config.validate` refuses the options it lacks)."""
     moe = cfg.moe
-    unsupported = {"moe.routing": moe.routing != "token_choice",
-                   "moe.num_shared_experts": moe.num_shared_experts > 0}
-    for key, bad in unsupported.items():
-        if bad:
-            raise ValueError(f"{key}: not available with moe.backend=deepspeed; use moe.backend=megamoe")
     return DeepSpeedMoE(cfg.model.d_model, moe.num_experts, moe.top_k, moe.ffn_hidden,
                         moe.capacity_factor, moe.lb_loss_weight)
 
