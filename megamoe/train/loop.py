@@ -135,7 +135,7 @@ class Trainer:
                     if self.step % t.save_interval and self.step != t.steps:
                         self.save()
                     if self.is_logger:
-                        print(f"megamoe: preempted by {preempt.received or 'a peer'}; checkpoint "
+                        print(f"megamoe: preempted by {preempt.received.name if preempt.received else 'a peer'}; checkpoint "
                               f"at step {self.step} saved, exiting {EXIT_REQUEUE} to be requeued",
                               flush=True)
                     return EXIT_REQUEUE
