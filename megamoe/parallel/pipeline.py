@@ -103,11 +103,12 @@ class _Stats:
     def add(self, out) -> None:
         lm = out.lm_loss.item() if out.lm_loss is not None else 0.0
         self.sums += torch.tensor([out.aux_loss.item(), lm, 0.0, 0.0], dtype=torch.float64)
-        for key, block in self.model.layers.items():
-            if self.n_moe:
-                st = block.ffn.stats
-                self.sums[2:] += torch.tensor([st["lb_loss"].item(), st["z_loss"].item()], dtype=torch.float64)
-                self.load[int(key)] += st["expert_load"].double().cpu()
+        if not self.n_moe:
+            return
+        for key, block in self.model.layers.items():  # key: the global layer index
+            st = block.ffn.stats
+            self.sums[2:] += torch.tensor([st["lb_loss"].item(), st["z_loss"].item()], dtype=torch.float64)
+            self.load[int(key)] += st["expert_load"].double().cpu()
 
     def reduce(self, group) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, lm_loss, mean lb, mean z) summed over micro-batches, and the [layers, E] load."""
