@@ -31,13 +31,13 @@ def references(tmp_path_factory):
     return get
 
 
-def assert_same_logs(run, ref, expert_load: bool = True) -> None:
+def assert_same_logs(run, ref) -> None:
     for a, b in zip(metrics(run), metrics(ref)):
         for key in ("lm_loss", "lb_loss", "z_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-3), (a["step"], key)
     first, ref_first = metrics(run)[0], metrics(ref)[0]
-    if expert_load:  # per-layer shares: every stage's layers, in the 1-rank order
-        np.testing.assert_allclose(first["expert_load"], ref_first["expert_load"], atol=1e-6)
+    # per-layer expert shares: every stage's layers (and every SP chunk), in the 1-rank order
+    np.testing.assert_allclose(first["expert_load"], ref_first["expert_load"], atol=1e-6)
     assert metrics(run)[-1]["eval_loss"] == pytest.approx(metrics(ref)[-1]["eval_loss"], rel=1e-5)
 
 
@@ -73,8 +73,7 @@ def test_layout_gives_the_one_rank_run(tmp_path, references, nproc, overrides, v
     run = tmp_path / "run"
     launch(run, nproc, [*variant, *overrides, *EVAL])
     assert_same_run(run, ref)
-    # Under sequence parallelism each TP rank routes its own chunk and logs that chunk's load.
-    assert_same_logs(run, ref, expert_load="parallel.sequence_parallel=true" not in overrides)
+    assert_same_logs(run, ref)
 
 
 @pytest.mark.parametrize("overrides,key", [

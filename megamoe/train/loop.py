@@ -86,6 +86,8 @@ class Trainer:
                     load[i] += layer.stats["expert_load"].double().cpu()
         sums = _all_reduce_mean(sums / self.gas, self.state.dp_group)
         load = _all_reduce_sum(load, self.state.dp_group)
+        if self.cfg.parallel.sequence_parallel:  # each TP rank routed its own sequence chunk
+            load = _all_reduce_sum(load, self.state.tp_group)
         self.step += 1
         norm = self.engine.get_global_grad_norm()
         return {"loss": sums[0].item(), "lm_loss": sums[1].item(), "lb_loss": sums[2].item(),
