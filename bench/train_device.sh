@@ -2,12 +2,15 @@
 # Full training steps (optimizer included) through the trainer on one GPU, eager and with
 # train.compile, plus the MoE-layer comparison with moe.backend=deepspeed. Logs land in $OUT.
 # usage: bash bench/train_device.sh [n_layers to try, largest first (default "8 6")]
+#        SKIP_LAYER_BENCH=1 EAGER_ONLY=1 STEPS=10 bash bench/train_device.sh "10 9"   (sizing only)
 # Data: an indexed dataset + tokenizer in .devdata/ (data.paths); checkpoint writing is
 # switched off (Trainer.save) so a 3B-parameter run does not write ~45 GB at its last step.
 export PYTHONUNBUFFERED=1 OUT=${OUT:-bench_out}
 mkdir -p $OUT
+if [ -z "${SKIP_LAYER_BENCH:-}" ]; then
 python3 bench/bench_moe_layer.py --variants megamoe,megamoe-compile,deepspeed,deepspeed-cap1.25 \
     2>&1 | grep -v '^{' | tee $OUT/moe_layer_ds.log
+fi
 train() {  # $1 = n_layers, $2 = compile, $3 = run name
     python3 -c "import sys, megamoe.train.loop as L; L.Trainer.save = lambda self: None
 from megamoe.train.__main__ import main; import torch; rc = main(sys.argv[1:])
@@ -34,7 +37,8 @@ print(f"{sys.argv[2]}: rc {sys.argv[3]}, steps {len(rs)}, loss {rs[0]['loss']:.3
 PY
     return $rc
 }
-for L in ${1:-8 6}; do
+for L in ${1:-8 6}; do  # EAGER_ONLY=1: size the model without compiling (same peak memory)
+    if [ -n "${EAGER_ONLY:-}" ]; then train $L false L${L}-eager && break; continue; fi
     if train $L true L${L}-compile; then
         train $L false L${L}-eager
         break

@@ -4,7 +4,13 @@ Every launcher (deepspeed, torchrun, mpirun, srun) starts this module on each ra
 """
 
 import argparse
+import os
 import sys
+
+# Routed token counts, and so the expert buffers' sizes, change every step: without expandable
+# segments the CUDA allocator fragments (9 OLMoE layers fit one H100 only with it). Must be set
+# before torch initialises CUDA; a user's own setting wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from ..checkpoint.io import CheckpointError
 from ..config import ConfigError, load_config
