@@ -5,7 +5,7 @@ pre-norm blocks of attention (QK-norm, RoPE) and a MoE FFN, a final RMSNorm and 
 untied LM head. Parallel layouts are applied afterwards by `megamoe.parallel` functions.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,6 @@ class Output:
     aux_loss: torch.Tensor         # Σ over (this stage's) layers of weighted LB + z losses
     loss: torch.Tensor | None = None     # lm_loss + aux_loss, when labels are given
     lm_loss: torch.Tensor | None = None  # mean cross-entropy
-    extra: dict = field(default_factory=dict)
     hidden: torch.Tensor | None = None   # [B, S, d]: a non-last pipeline stage's output
 
 
