@@ -1,0 +1,83 @@
+"""Layout planning: which (tensor, pipeline, expert) layouts fit a world size, and what one
+rank then holds — parameters and the bytes of weights, gradients and optimizer state.
+
+Parameter counts are exact (they follow the cuts `apply_pipeline`, `apply_tensor_parallel`
+and `apply_expert_parallel` make; a test builds the layouts and counts). Memory is the model
+state only — activations come on top and depend on micro-batch size, sequence length and
+activation checkpointing.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..config import Config, ConfigError
+from .pipeline import stage_layers
+
+
+@dataclass
+class Plan:
+    tp: int
+    pp: int
+    ep: int
+    dp: int
+    params_per_rank: int  # the largest over pipeline stages
+    state_gib: float      # weights + gradients + optimizer state on that rank
+
+
+def params_per_stage(cfg: Config, tp: int, pp: int, ep: int) -> list[int]:
+    """Parameters held by one rank of each pipeline stage."""
+    m, moe = cfg.model, cfg.moe
+    d, width, f, e = m.d_model, m.n_heads * m.dim_per_head, moe.ffn_hidden, moe.num_experts
+    attention = (4 * d * width + 2 * width) // tp  # q, k, v, o and the QK-norm weights: cut by heads
+    norms = 2 * d
+    if e:
+        ffn = e * d + e * 3 * d * f // ep + moe.num_shared_experts * 3 * d * f  # router, experts, shared
+    else:
+        ffn = 3 * d * f
+    per_layer = attention + norms + ffn
+    stages = stage_layers(m.n_layers, pp, cfg.parallel.pipeline_layers)
+    counts = [len(layers) * per_layer for layers in stages]
+    counts[0] += m.vocab_size * d // tp                # embedding (vocab-parallel)
+    counts[-1] += m.vocab_size * d // tp + d           # LM head (vocab-parallel) and final norm
+    return counts
+
+
+def _state_bytes(cfg: Config, tp: int, pp: int, ep: int, dp: int, stage: int, bf16: bool) -> float:
+    """Weights + grads + Adam state of one rank; ZeRO-1/2 shard the optimizer state (and ZeRO-2
+    the gradients) over data parallelism (dense) or expert-data parallelism (experts)."""
+    total = params_per_stage(cfg, tp, pp, ep)[stage]
+    m, moe = cfg.model, cfg.moe
+    layers = len(stage_layers(m.n_layers, pp, cfg.parallel.pipeline_layers)[stage])
+    experts = layers * moe.num_experts * 3 * m.d_model * moe.ffn_hidden // ep
+    dense = total - experts
+    zero = cfg.parallel.zero_stage
+    weight, grad, optim = (2, 2, 12) if bf16 else (4, 4, 8)  # bf16: fp32 master + 2 moments
+    out = 0.0
+    for n, shard in ((dense, dp), (experts, dp // ep)):
+        s = shard if zero >= 1 else 1
+        out += n * (weight + grad / (shard if zero >= 2 else 1) + optim / s)
+    return out
+
+
+def plan_layouts(cfg: Config, world_size: int, bf16: bool = True) -> list[Plan]:
+    """Every valid layout of `world_size` ranks for `cfg`, least state per rank first."""
+    plans = []
+    for tp in _divisors(world_size):
+        for pp in _divisors(world_size // tp):
+            for ep in _divisors(world_size // (tp * pp)):
+                c = dataclasses.replace(cfg, parallel=dataclasses.replace(
+                    cfg.parallel, tensor=tp, pipeline=pp, expert=ep, pipeline_layers=None,
+                    sequence_parallel=cfg.parallel.sequence_parallel and tp > 1))
+                try:
+                    c.validate(world_size)
+                except ConfigError:
+                    continue
+                dp = world_size // (tp * pp)
+                per_stage = params_per_stage(c, tp, pp, ep)
+                state = max(_state_bytes(c, tp, pp, ep, dp, s, bf16) for s in range(pp))
+                plans.append(Plan(tp, pp, ep, dp, max(per_stage), state / 2**30))
+    return sorted(plans, key=lambda p: (p.state_gib, p.tp * p.pp))
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]

@@ -1,0 +1,51 @@
+"""tools/plan_layout.py: its parameter counts are what each rank of a layout really holds."""
+
+import subprocess
+import sys
+
+import pytest
+
+from distributed import run_ranks
+from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig
+from megamoe.parallel.plan import params_per_stage, plan_layouts
+from megamoe.parallel.state import ParallelState
+from megamoe.train.engine import build_model
+
+
+def tiny(**moe) -> Config:
+    moe = {**dict(num_experts=8, top_k=2, ffn_hidden=16, num_shared_experts=1), **moe}
+    return Config(model=ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, max_seq_len=16),
+                  moe=MoEConfig(**moe), data=DataConfig(seq_length=16))
+
+
+def count_params(rank: int, world_size: int, cfg: Config, tp: int, pp: int, ep: int) -> tuple[int, int]:
+    state = ParallelState(world_size, rank, tp, pp, ep).build_groups()
+    model = build_model(cfg, state)
+    return state.pp_rank, sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("tp,pp,ep,moe", [
+    (2, 2, 1, {}), (1, 2, 2, {}), (2, 1, 2, {}), (1, 1, 4, {}),
+    (2, 2, 1, {"num_experts": 0}),  # a dense model (the upcycling start)
+])
+def test_counts_equal_the_built_layout(tp, pp, ep, moe):
+    cfg = tiny(**moe)
+    expected = params_per_stage(cfg, tp, pp, ep)
+    for stage, n in run_ranks(count_params, 4, cfg, tp, pp, ep):
+        assert n == expected[stage]
+
+
+def test_one_rank_holds_the_whole_model_and_layouts_are_valid():
+    cfg = tiny()
+    from megamoe.model.olmoe import OLMoE
+    assert params_per_stage(cfg, 1, 1, 1) == [sum(p.numel() for p in OLMoE(cfg).parameters())]
+    plans = plan_layouts(cfg, 8)
+    assert {(p.tp, p.pp, p.ep) for p in plans} >= {(1, 1, 8), (2, 2, 2), (1, 4, 2)}
+    assert all(p.tp * p.pp * p.dp == 8 and p.dp % p.ep == 0 for p in plans)
+    assert [p.state_gib for p in plans] == sorted(p.state_gib for p in plans)
+
+
+def test_cli_lists_olmoe_layouts():
+    out = subprocess.run([sys.executable, "tools/plan_layout.py", "--config", "configs/olmoe-1b-7b.yaml",
+                          "--world-size", "8"], capture_output=True, text=True, check=True).stdout
+    assert "6.919B" in out  # tensor 1 pipeline 1 expert 1 data 8: the whole model on each rank
