@@ -260,6 +260,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return with_overrides(data, overrides)
+
+
+def with_overrides(data: dict, overrides: list[str] = ()) -> Config:
+    """A Config from nested dicts (a YAML file's, a checkpoint's) with `section.key=value`
+    overrides applied; `data` itself is left unchanged."""
     data = {k: dict(v or {}) for k, v in data.items()} if data else {}
     for item in overrides:
         key, sep, raw = item.partition("=")

@@ -1,14 +1,12 @@
 """The trainer end to end: runs, resumes bit-exactly, refuses bad runs, and DP equals 1 rank."""
 
-import json
 import shutil
 
 import pytest
 import torch
 import yaml
 
-from megamoe.checkpoint.io import CheckpointError, latest_checkpoint, load_checkpoint
-from megamoe.config import ConfigError
+from megamoe.checkpoint.io import latest_checkpoint
 from runs import assert_same_run, final_weights, launch, metrics
 
 

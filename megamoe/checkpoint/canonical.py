@@ -5,7 +5,6 @@ writing (`write_run`) makes a new run directory whose step checkpoint holds full
 parts of bounded size, with no optimizer state: the trainer resumes from it in any layout.
 """
 
-import copy
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -46,17 +45,10 @@ def load_canonical(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return dict(iter_canonical(path)), read_meta(path)
 
 
-def config_with(base: dict, overrides) -> "Config":
+def config_with(base: dict, overrides):
     """The Config of `base` (a saved config dict) with `section.key=value` overrides applied."""
-    from ..config import ConfigError, from_dict
-    data = copy.deepcopy(base)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot:
-            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. parallel.expert=2")
-        data.setdefault(section, {})[name] = yaml.safe_load(raw) if raw else None
-    return from_dict(data)
+    from ..config import with_overrides
+    return with_overrides(base, overrides)
 
 
 def expected_shapes(cfg) -> dict[str, tuple]:

@@ -6,7 +6,6 @@ reads exactly the samples it would have read had it never stopped.
 """
 
 import math
-import sys
 import time
 from functools import partial
 
