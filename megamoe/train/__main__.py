@@ -32,10 +32,26 @@ def main(argv: list[str] | None = None) -> int:
             from .sample import sample_from_checkpoint
             text = sample_from_checkpoint(trainer.run_dir, cfg.run.sample_prompt, cfg.run.sample_tokens)
             print(f"megamoe: sample from the final checkpoint:\n{cfg.run.sample_prompt}{text}", flush=True)
+        _shutdown(clean=True)
         return code
     except (ConfigError, LaunchError, CheckpointError) as e:
         print(f"megamoe: error: {e}", file=sys.stderr, flush=True)
+        _shutdown(clean=False)
         return 2
+
+
+def _shutdown(clean: bool) -> None:
+    """Destroy the process groups while the interpreter is still whole.
+
+    Left to interpreter finalization, gloo's worker threads can outlive Python and abort the
+    process (SIGABRT, "terminate called without an active exception") after a run that
+    finished. After an error, other ranks may still be inside a collective that destroying
+    would wait on, so a multi-rank group is then left to the exit.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and (clean or dist.get_world_size() == 1):
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

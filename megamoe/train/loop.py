@@ -73,16 +73,24 @@ class Trainer:
             sums, load = pipeline.train_step(self.engine, self.state, self.cfg,
                                              partial(self._micro_batch, self.train_data, self.step))
         else:
+            # Summed where the model runs and read once per step: one host sync, not one per
+            # micro-batch and layer.
+            dev_sums, dev_load = None, None
             for micro in range(self.gas):
                 tokens, labels = self._micro_batch(self.train_data, self.step, micro)
                 out = self.engine(tokens, labels)
                 self.engine.backward(out.loss)
                 self.engine.step()
-                sums += torch.tensor([out.loss.item(), out.lm_loss.item(),
-                                      _mean([l.stats["lb_loss"] for l in layers]),
-                                      _mean([l.stats["z_loss"] for l in layers])], dtype=torch.float64)
-                for i, layer in enumerate(layers):
-                    load[i] += layer.stats["expert_load"].double().cpu()
+                micro_sums = torch.stack([out.loss.detach().float(), out.lm_loss.detach().float(),
+                                          _layer_mean(layers, "lb_loss", out.loss),
+                                          _layer_mean(layers, "z_loss", out.loss)]).double()
+                dev_sums = micro_sums if dev_sums is None else dev_sums + micro_sums
+                if layers:
+                    micro_load = torch.stack([l.stats["expert_load"].double() for l in layers])
+                    dev_load = micro_load if dev_load is None else dev_load + micro_load
+            sums = dev_sums.cpu()
+            if dev_load is not None:
+                load = dev_load.cpu()
         sums = _all_reduce_mean(sums / self.gas, self.state.dp_group)
         load = _all_reduce_sum(load, self.state.dp_group)
         if self.cfg.parallel.sequence_parallel:  # each TP rank routed its own sequence chunk
@@ -97,7 +105,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         self.model.eval()
-        total = torch.zeros(1, dtype=torch.float64)
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)  # read once, at the end
         for i in range(self.cfg.train.eval_batches):
             if self.state.pp > 1:
                 total += pipeline.eval_lm_loss(self.engine, self.state, self.cfg,
@@ -105,7 +113,8 @@ class Trainer:
                 continue
             for micro in range(self.gas):
                 tokens, labels = self._micro_batch(self.valid_data, i, micro)
-                total += self.engine(tokens, labels).lm_loss.item()
+                total += self.engine(tokens, labels).lm_loss.double()
+        total = total.cpu()
         self.model.train()
         loss = _all_reduce_mean(total / (self.cfg.train.eval_batches * self.gas), self.state.dp_group).item()
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
@@ -119,33 +128,38 @@ class Trainer:
         t = self.cfg.train
         tokens_per_step = t.global_batch_size * self.cfg.data.seq_length
         self.model.train()
-        with PreemptionHandler() as preempt:
-            while self.step < t.steps:
-                start = time.perf_counter()
-                record = self.train_step()
-                elapsed = time.perf_counter() - start
-                record = {"step": self.step, **record, "tokens_per_sec": tokens_per_step / elapsed,
-                          "step_time_ms": 1000 * elapsed}
-                if self.step % t.eval_interval == 0 or self.step == t.steps:
-                    record.update(self.evaluate())
-                if self.step % t.log_interval == 0 or self.step == t.steps or "eval_loss" in record:
-                    self.metrics.log(record)
-                if self.step % t.save_interval == 0 or self.step == t.steps:
-                    self.save()
-                if preempt.should_stop():
-                    if self.step % t.save_interval and self.step != t.steps:
+        try:
+            with PreemptionHandler() as preempt:
+                while self.step < t.steps:
+                    start = time.perf_counter()
+                    record = self.train_step()
+                    elapsed = time.perf_counter() - start
+                    record = {"step": self.step, **record, "tokens_per_sec": tokens_per_step / elapsed,
+                              "step_time_ms": 1000 * elapsed}
+                    if self.step % t.eval_interval == 0 or self.step == t.steps:
+                        record.update(self.evaluate())
+                    if self.step % t.log_interval == 0 or self.step == t.steps or "eval_loss" in record:
+                        self.metrics.log(record)
+                    if self.step % t.save_interval == 0 or self.step == t.steps:
                         self.save()
-                    if self.is_logger:
-                        print(f"megamoe: preempted by {preempt.received.name if preempt.received else 'a peer'}; checkpoint "
-                              f"at step {self.step} saved, exiting {EXIT_REQUEUE} to be requeued",
-                              flush=True)
-                    return EXIT_REQUEUE
-        self.metrics.close()
-        return 0
+                    if preempt.should_stop():
+                        if self.step % t.save_interval and self.step != t.steps:
+                            self.save()
+                        if self.is_logger:
+                            by = preempt.received.name if preempt.received else "a peer"
+                            print(f"megamoe: preempted by {by}; checkpoint at step {self.step} saved, "
+                                  f"exiting {EXIT_REQUEUE} to be requeued", flush=True)
+                        return EXIT_REQUEUE
+            return 0
+        finally:
+            self.metrics.close()  # also on preemption and errors: tensorboard flushes what it has
 
 
-def _mean(values: list[torch.Tensor]) -> float:
-    return float(torch.stack(values).float().mean()) if values else 0.0
+def _layer_mean(layers, key: str, like: torch.Tensor) -> torch.Tensor:
+    """Mean over MoE layers of one logged statistic, on the model's device (0 without layers)."""
+    if not layers:
+        return torch.zeros((), dtype=torch.float32, device=like.device)
+    return torch.stack([l.stats[key] for l in layers]).float().mean()
 
 
 def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:

@@ -39,7 +39,9 @@ class MetricsLogger:
                                            max(load) * len(load) / max(sum(load), 1e-12), record["step"])
 
     def close(self) -> None:
+        """Flush and close; safe to call more than once."""
         if self.enabled:
             self.jsonl.close()
             if self.writer is not None:
                 self.writer.close()
+            self.enabled = False
