@@ -1,13 +1,16 @@
 """The trainer end to end: runs, resumes bit-exactly, refuses bad runs, and DP equals 1 rank."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import yaml
 
 from megamoe.checkpoint.io import latest_checkpoint
-from runs import assert_same_run, final_weights, launch, metrics
+from runs import REPO, TINY, assert_same_run, final_weights, free_port, launch, metrics
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +144,22 @@ def test_bf16_matches_fp32_across_layouts_and_resumes_exactly(tmp_path, referenc
     (resumed / "metrics.jsonl").write_text("")
     launch(resumed, 1, ["train.precision=bf16", "train.save_interval=2"])
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(runs["one"])[2:]]
+
+
+def test_entry_point_leaves_no_process_group_behind(tmp_path):
+    """`main` destroys its process groups before returning, on every rank: left to interpreter
+    finalization, gloo's worker threads can abort a run that finished (SIGABRT)."""
+    script = tmp_path / "entry.py"
+    script.write_text(
+        "import sys\n"
+        "import torch.distributed as dist\n"
+        "from megamoe.train.__main__ import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print(f'exit={code} group_left={dist.is_initialized()}', flush=True)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", str(script), *TINY, "train.steps=1",
+           f"run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("exit=0 group_left=False") == 2, proc.stdout[-2000:]
