@@ -5,6 +5,7 @@ every test; the others convert it, continue it in another layout, or break it on
 """
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 
 from megamoe.checkpoint.canonical import load_canonical, write_run
 from megamoe.checkpoint.files import CheckpointError, ShardedReader, read_meta
@@ -84,6 +86,65 @@ def test_to_hf_loads_in_transformers_with_the_same_logits(run_a, tmp_path, layou
     text = "def main():\n    return 42"
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == tokenizer_for(ours.cfg).encode(text)
+
+
+# Published OLMoE checkpoints were written by transformers 4.x (one module per expert). The
+# suite runs 4.x in a subprocess from its own --target directory, installed once into .cache/.
+TRANSFORMERS_4 = ["transformers==4.57.6", "tokenizers==0.22.1", "huggingface_hub==0.36.0"]
+
+_TRANSFORMERS_4_SCRIPT = """
+import sys, torch, transformers
+assert transformers.__version__.startswith("4."), transformers.__version__
+ours, fresh, out = sys.argv[1:4]
+model = transformers.OlmoeForCausalLM.from_pretrained(ours).eval()
+tok = transformers.AutoTokenizer.from_pretrained(ours)
+ids = torch.load(out + ".in", weights_only=True)
+torch.manual_seed(0)  # a 4.x model of the same sizes, saved the 4.x way
+other = transformers.OlmoeForCausalLM(model.config).eval()
+other.save_pretrained(fresh)
+with torch.no_grad():
+    torch.save({"ours": model(ids).logits, "fresh": other(ids).logits,
+                "encoded": torch.tensor(tok(sys.argv[4], add_special_tokens=False)["input_ids"])}, out)
+"""
+
+
+@pytest.fixture(scope="module")
+def transformers4():
+    """PYTHONPATH entry holding transformers 4.x; pip-installed into .cache/ on first use."""
+    target = REPO / ".cache" / ("-".join(TRANSFORMERS_4).replace("==", "-"))
+    if not (target / "transformers").is_dir():
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(partial),
+                        *TRANSFORMERS_4], check=True, timeout=600)
+        partial.rename(target)
+    return target
+
+
+def test_transformers_4_loads_our_export_and_its_own_saves_import(run_a, tmp_path, transformers4):
+    """Per-expert export → transformers 4.x: same logits and tokens; a 4.x save → megamoe: same logits."""
+    ours, _ = load_model(run_a)
+    out = export_hf(run_a, tmp_path / "hf", expert_layout="per-expert", progress=False)
+    ids = tokens(ours.cfg)
+    torch.save(ids, tmp_path / "result.pt.in")
+    text = "def main():\n    return 42  # café"
+    script = tmp_path / "t4.py"
+    script.write_text(_TRANSFORMERS_4_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "fresh"),
+                           str(tmp_path / "result.pt"), text], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(transformers4)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = torch.load(tmp_path / "result.pt", weights_only=True)
+    with torch.no_grad():
+        assert rel(ours(ids).logits, result["ours"]) < 1e-5
+    assert result["encoded"].tolist() == tokenizer_for(ours.cfg).encode(text)
+    with safe_open(tmp_path / "fresh" / "model.safetensors", "pt") as f:
+        assert "model.layers.0.mlp.experts.7.gate_proj.weight" in f.keys()  # the published layout
+    back = tmp_path / "back"
+    import_hf(tmp_path / "fresh", back, TINY, progress=False)
+    model, _ = load_model(back)
+    with torch.no_grad():
+        assert rel(model(ids).logits, result["fresh"]) < 1e-5
 
 
 def test_from_hf_round_trips_and_trains_in_another_layout(run_a, tmp_path):

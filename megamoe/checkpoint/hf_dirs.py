@@ -133,7 +133,11 @@ def _export_tokenizer(cfg, out: Path):
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
          "add_prefix_space": False, **names}, indent=2))
-    transformers.AutoTokenizer.from_pretrained(out).save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(out).save_pretrained(out)  # writes tokenizer.json
+    # ...whose tokenizer_config.json only transformers 5 reads (extra_special_tokens as a list).
+    # The fast tokenizer in tokenizer.json, named plainly, loads the same in 4.x and 5.x.
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", **names}, indent=2))
     return tok
 
 
