@@ -211,3 +211,27 @@ def test_run_ranks_reports_the_failing_rank_and_timeouts():
         run_ranks(fail_on_rank_one, 2, timeout=60)
     with pytest.raises(RankFailed, match=r"did not finish within 1s"):
         run_ranks(sleep_long, 2, timeout=1)
+
+
+
+def _bookkeeping_all_reduce(rank, world_size):
+    from megamoe.parallel import comm
+    pair = dist.new_group([0, 1])
+    singles = [dist.new_group([r]) for r in range(world_size)]  # every rank creates every group
+    base = torch.arange(6, dtype=torch.float64).view(2, 3) + 10 * rank
+    summed = comm.all_reduce(base[1], pair) if rank < 2 else None  # a view of the input
+    peak = comm.all_reduce(torch.tensor([rank]), None, op=dist.ReduceOp.MAX)
+    own = comm.all_reduce(base, singles[rank])
+    return {"summed": summed, "base": base, "peak": peak, "own_is_input": own is base}
+
+
+def test_bookkeeping_all_reduce_copies_reduces_and_returns_where_the_input_was():
+    """comm.all_reduce, which the trainer's logged sums, loads and grad norms go through: a
+    reduced copy over a subgroup, the input untouched, a group of one rank a no-op."""
+    results = run_ranks(_bookkeeping_all_reduce, 3)
+    for rank, r in enumerate(results):
+        if rank < 2:
+            torch.testing.assert_close(r["summed"], torch.tensor([16.0, 18.0, 20.0], dtype=torch.float64))
+            assert r["summed"].device.type == "cpu"
+        assert torch.equal(r["base"], torch.arange(6, dtype=torch.float64).view(2, 3) + 10 * rank)
+        assert r["peak"].tolist() == [2] and r["own_is_input"]

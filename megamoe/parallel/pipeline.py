@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import Config
+from . import comm
 from .state import ParallelState
 
 Batches = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # micro index -> (tokens, labels)
@@ -112,8 +113,7 @@ class _Stats:
 
     def reduce(self, group) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, lm_loss, mean lb, mean z) summed over micro-batches, and the [layers, E] load."""
-        dist.all_reduce(self.sums, group=group)
-        dist.all_reduce(self.load, group=group)
+        self.sums, self.load = comm.all_reduce(self.sums, group), comm.all_reduce(self.load, group)
         aux, lm, lb, z = self.sums.tolist()
         n = max(self.n_moe, 1)
         return torch.tensor([lm + aux, lm, lb / n, z / n], dtype=torch.float64), self.load
@@ -172,5 +172,4 @@ def eval_lm_loss(engine, state: ParallelState, cfg: Config, batches: Batches) ->
         if state.is_last_stage:
             total += out.lm_loss.item()
         pipe.exchange(send_next=out.hidden)
-    dist.all_reduce(total, group=state.pp_group)
-    return total.item()
+    return comm.all_reduce(total, state.pp_group).item()

@@ -185,21 +185,22 @@ def clip_grad_norm(model: nn.Module, state: ParallelState, max_norm: float) -> f
     Each distinct gradient element counts once: expert shards are summed over the EP group,
     tensor-parallel shards over the TP group, stages over the PP group; replicas count once.
     """
-    import torch.distributed as dist
+    from ..parallel import comm
     from ..parallel.sharding import shards
 
-    sq = torch.zeros(3, dtype=torch.float64)  # replicated, tp-sharded, expert
     params = [p for p in model.parameters() if p.grad is not None]
-    for p in params:
+    device = params[0].grad.device if params else torch.device("cpu")
+    sq = torch.zeros(3, dtype=torch.float64, device=device)  # replicated, tp-sharded, expert
+    for p in params:  # summed on the device; read once, below
         kind = 2 if getattr(p, "allreduce", True) is False else (1 if shards(p) else 0)
-        sq[kind] += p.grad.detach().double().pow(2).sum().cpu()
+        sq[kind] += p.grad.detach().double().pow(2).sum()
     if state.tp > 1:
-        dist.all_reduce(sq[1:2], group=state.tp_group)
+        sq[1:2] = comm.all_reduce(sq[1:2], state.tp_group)
     if state.ep > 1:
-        dist.all_reduce(sq[2:3], group=state.ep_group)
+        sq[2:3] = comm.all_reduce(sq[2:3], state.ep_group)
     total = sq.sum()
     if state.pp > 1:
-        dist.all_reduce(total, group=state.pp_group)
+        total = comm.all_reduce(total, state.pp_group)
     norm = float(total.sqrt())
     coef = max_norm / (norm + 1e-6)
     if max_norm > 0 and coef < 1:

@@ -16,7 +16,7 @@ from ..checkpoint.io import latest_checkpoint, load_checkpoint, read_meta, save_
 from ..config import Config, ConfigError
 from ..data.dataset import build_datasets, get_batch
 from ..distributed import discover_env, init_distributed
-from ..parallel import pipeline
+from ..parallel import comm, pipeline
 from ..parallel.state import ParallelState
 from .engine import build_engine, build_model, lr_at, resolve_device
 from .metrics import MetricsLogger
@@ -88,13 +88,14 @@ class Trainer:
                 if layers:
                     micro_load = torch.stack([l.stats["expert_load"].double() for l in layers])
                     dev_load = micro_load if dev_load is None else dev_load + micro_load
-            sums = dev_sums.cpu()
+            sums = dev_sums
             if dev_load is not None:
-                load = dev_load.cpu()
-        sums = _all_reduce_mean(sums / self.gas, self.state.dp_group)
-        load = _all_reduce_sum(load, self.state.dp_group)
+                load = dev_load
+        sums = _all_reduce_mean(sums / self.gas, self.state.dp_group).cpu()
+        load = comm.all_reduce(load, self.state.dp_group)
         if self.cfg.parallel.sequence_parallel:  # each TP rank routed its own sequence chunk
-            load = _all_reduce_sum(load, self.state.tp_group)
+            load = comm.all_reduce(load, self.state.tp_group)
+        load = load.cpu()
         self.step += 1
         norm = self.engine.get_global_grad_norm()
         return {"loss": sums[0].item(), "lm_loss": sums[1].item(), "lb_loss": sums[2].item(),
@@ -114,7 +115,6 @@ class Trainer:
             for micro in range(self.gas):
                 tokens, labels = self._micro_batch(self.valid_data, i, micro)
                 total += self.engine(tokens, labels).lm_loss.double()
-        total = total.cpu()
         self.model.train()
         loss = _all_reduce_mean(total / (self.cfg.train.eval_batches * self.gas), self.state.dp_group).item()
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
@@ -162,17 +162,8 @@ def _layer_mean(layers, key: str, like: torch.Tensor) -> torch.Tensor:
     return torch.stack([l.stats[key] for l in layers]).float().mean()
 
 
-def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
-    return t
-
-
 def _all_reduce_mean(t: torch.Tensor, group) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
-        t = t / dist.get_world_size(group)
-    return t
+    return comm.all_reduce(t, group) / (dist.get_world_size(group) if dist.is_initialized() else 1)
 
 
 def _rank0_then_all(fn):

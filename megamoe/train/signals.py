@@ -11,6 +11,8 @@ import signal
 import torch
 import torch.distributed as dist
 
+from ..parallel.comm import all_reduce
+
 # EX_TEMPFAIL from sysexits.h: "try again later". The launch scripts requeue on it.
 EXIT_REQUEUE = 75
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -57,7 +59,5 @@ class PreemptionHandler:
         local = self.received is not None
         if not (dist.is_available() and dist.is_initialized()):
             return local
-        device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-        flag = torch.tensor([int(local)], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return bool(flag.item())
+        flag = torch.tensor([int(local)], dtype=torch.int32)
+        return bool(all_reduce(flag, group, op=dist.ReduceOp.MAX).item())
