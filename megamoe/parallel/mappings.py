@@ -25,6 +25,11 @@ import torch.distributed as dist
 
 SEQ_DIM = 1  # activations are [B, S, d]
 
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor (the old names still work,
+# with a FutureWarning); clusters with an older torch build have only the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 # Collectives along one dimension: (x, dim, group) -> tensor -----------------------------
 
@@ -50,7 +55,7 @@ def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Every rank's x concatenated along dim, in rank order."""
     size = dist.get_world_size(group)
     out = x.new_empty((size * x.shape[0],) + tuple(x.shape[1:]))  # ranks' x stacked along dim 0
-    dist.all_gather_single(out, x.contiguous(), group=group)
+    _all_gather_single(out, x.contiguous(), group=group)
     return torch.cat(out.chunk(size), dim=dim)
 
 
@@ -60,7 +65,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     assert x.shape[dim] % size == 0, f"dim {dim} of {tuple(x.shape)} does not split over {size} ranks"
     chunks = torch.cat(x.chunk(size, dim))  # the ranks' chunks stacked along dim 0
     out = x.new_empty((chunks.shape[0] // size,) + tuple(chunks.shape[1:]))
-    dist.reduce_scatter_single(out, chunks, group=group)
+    _reduce_scatter_single(out, chunks, group=group)
     return out
 
 
