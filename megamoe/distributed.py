@@ -231,8 +231,11 @@ def init_distributed(env: DistEnv, backend: str | None = None,
         if env.local_rank >= torch.cuda.device_count():
             raise LaunchError(
                 f"local rank {env.local_rank} but only {torch.cuda.device_count()} GPUs are "
-                "visible: start at most one rank per GPU on each node (--nproc_per_node, "
-                "--num_gpus, --ntasks-per-node).")
+                f"visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
+                "start at most one rank per GPU on each node (--nproc_per_node, --num_gpus, "
+                "--ntasks-per-node), and let every rank of a node see all its GPUs: megamoe and "
+                "DeepSpeed pick GPU LOCAL_RANK, so per-task binding (srun --gpus-per-task, "
+                "--gpu-bind) must be off.")
         torch.cuda.set_device(env.local_rank)
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size),
                       LOCAL_RANK=str(env.local_rank),

@@ -33,8 +33,10 @@ if [[ -n ${MEGAMOE_IFNAME:-} ]]; then
     export NCCL_SOCKET_IFNAME=$MEGAMOE_IFNAME GLOO_SOCKET_IFNAME=$MEGAMOE_IFNAME
 fi
 
-check=(srun --label "${PYTHON:-python}" -m megamoe.distributed --no-init)
-train=(srun --label --kill-on-bad-exit=0 "${PYTHON:-python}" -m megamoe.train "$@")
+# --gpu-bind=none: every rank sees all GPUs of its node and takes GPU LOCAL_RANK (as DeepSpeed
+# does); a cluster default that binds one GPU per task would leave ranks 1.. without theirs.
+check=(srun --label --gpu-bind=none "${PYTHON:-python}" -m megamoe.distributed --no-init)
+train=(srun --label --gpu-bind=none --kill-on-bad-exit=0 "${PYTHON:-python}" -m megamoe.train "$@")
 
 echo "megamoe: job $job_id (restart ${SLURM_RESTART_COUNT:-0}) on $nodelist;" \
     "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"

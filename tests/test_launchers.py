@@ -248,7 +248,7 @@ def test_slurm_dry_run_prints_the_srun_command():
     proc = run_script(["bash", "slurm/train.sbatch", "--config", "configs/tiny-cpu.yaml"],
                       env=launch_env(MEGAMOE_DRY_RUN="1"), timeout=30)
     assert proc.returncode == 0, describe(proc)
-    assert "srun --label --kill-on-bad-exit=0 python -m megamoe.train --config configs/tiny-cpu.yaml" \
+    assert "srun --label --gpu-bind=none --kill-on-bad-exit=0 python -m megamoe.train --config configs/tiny-cpu.yaml" \
         in proc.stdout
 
 
