@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: timing, the FLOP model, the matmul ceiling, model builders.
+"""Shared pieces of the benchmarks: timing, the matmul ceiling, model builders (the FLOP model
+is megamoe/model/flops.py, which the trainer uses too).
 
 Timing follows one rule everywhere: warm-up steps first (compilation, allocator, cuBLAS
 handles), then CUDA events around each repeated step, and the median of those.
@@ -70,18 +71,6 @@ def matmul_ceiling_tflops(device: torch.device, n: int = 8192, iters: int = 20) 
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms = statistics.median(time_ms(lambda: a @ b, device, warmup=5, iters=iters))
     return 2 * n**3 / (ms * 1e-3) / 1e12
-
-
-def flops_per_token(cfg: Config, seq_len: int) -> float:
-    """Training FLOPs per token, forward + backward: 6 × matmul parameters a token touches
-    (attention projections, router, its k experts, LM head) + causal attention scores and
-    values (fwd 2·S·d per token and layer — half the square of 4·S·d — times 3 for fwd + bwd)."""
-    m, moe = cfg.model, cfg.moe
-    width = m.n_heads * m.dim_per_head
-    per_layer = 4 * m.d_model * width + m.d_model * moe.num_experts + moe.top_k * 3 * m.d_model * moe.ffn_hidden
-    matmul_params = m.n_layers * per_layer + m.d_model * m.vocab_size
-    attention = m.n_layers * 3 * 2 * seq_len * width
-    return 6 * matmul_params + attention
 
 
 @contextmanager

@@ -83,3 +83,33 @@ def test_lb_and_z_loss_formulas():
     assert load_balancing_loss(probs, top, 3).item() == pytest.approx(1.35)
     logits = torch.zeros(4, 3)
     assert z_loss(logits).item() == pytest.approx(torch.log(torch.tensor(3.0)).item() ** 2)
+
+
+@pytest.mark.parametrize("extra", [[], ["moe.num_shared_experts=1", "model.head_dim=16"], ["moe.num_experts=0"]])
+def test_flop_model_counts_the_matmul_weights_a_token_passes_through(extra):
+    """Counted from the built model's parameters: every matrix but the embedding (a lookup),
+    the routed experts scaled by top_k / num_experts. The trainer's TFLOP/s and MFU rest on it."""
+    from megamoe.config import load_config
+    from megamoe.model.flops import flops_per_token, matmul_params_per_token
+    cfg = load_config(None, ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
+                             "moe.num_experts=8", "moe.top_k=2", "moe.ffn_hidden=24", *extra])
+    with torch.device("meta"):
+        model = OLMoE(cfg)
+    touched = 0.0
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or name == "embed.weight":
+            continue
+        touched += p.numel() * (cfg.moe.top_k / cfg.moe.num_experts if ".experts." in name else 1)
+    assert matmul_params_per_token(cfg) == touched
+    width = model.layers["0"].attn.q_proj.weight.shape[0]  # heads × head_dim
+    assert flops_per_token(cfg, 16) == 6 * touched + 2 * 3 * 2 * 16 * width  # 2 layers, seq 16
+
+
+def test_flop_model_gives_the_reference_numbers_for_olmoe_1b_7b():
+    """../shared/DESIGN.md: ~7.9 GFLOP per token at seq 4096, from 6 × 1.18B matmul parameters
+    plus causal attention."""
+    from megamoe.config import load_config
+    from megamoe.model.flops import flops_per_token, matmul_params_per_token
+    cfg = load_config("configs/olmoe-1b-7b.yaml", [])
+    assert round(matmul_params_per_token(cfg) / 1e9, 2) == 1.18
+    assert round(flops_per_token(cfg, 4096) / 1e9, 1) == 7.9

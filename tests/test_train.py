@@ -10,6 +10,8 @@ import torch
 import yaml
 
 from megamoe.checkpoint.io import latest_checkpoint
+from megamoe.config import load_config
+from megamoe.model.flops import flops_per_token
 from runs import REPO, TINY, assert_same_run, final_weights, free_port, launch, metrics
 
 
@@ -29,6 +31,10 @@ def test_run_dir_holds_config_metrics_events_and_checkpoints(tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     for key in ("loss", "lm_loss", "lb_loss", "z_loss", "lr", "grad_norm", "tokens_per_sec", "expert_load"):
         assert key in records[0], key
+    cfg = load_config(None, [*TINY, "train.steps=2"])
+    assert records[0]["tflops_per_rank"] == pytest.approx(
+        records[0]["tokens_per_sec"] * flops_per_token(cfg, 16) / 1e12, rel=1e-6)
+    assert "mfu" not in records[0]  # no known peak on a CPU
     assert len(records[0]["expert_load"]) == 2 and len(records[0]["expert_load"][0]) == 8
     assert sum(records[0]["expert_load"][0]) == pytest.approx(1.0)
     assert records[0]["loss"] == pytest.approx(records[0]["lm_loss"] + 0.01 * 2 * records[0]["lb_loss"]

@@ -16,9 +16,10 @@ from ..checkpoint.io import latest_checkpoint, load_checkpoint, read_meta, save_
 from ..config import Config, ConfigError
 from ..data.dataset import build_datasets, get_batch
 from ..distributed import discover_env, init_distributed
+from ..model.flops import flops_per_token, peak_flops
 from ..parallel import comm, pipeline
 from ..parallel.state import ParallelState
-from .engine import build_engine, build_model, lr_at, resolve_device
+from .engine import build_engine, build_model, lr_at, resolve_device, resolve_dtype
 from .metrics import MetricsLogger
 from .rundir import check_resumable, prepare_run_dir
 from .signals import EXIT_REQUEUE, PreemptionHandler
@@ -127,6 +128,9 @@ class Trainer:
         """Train to `train.steps`; returns the process exit code (EXIT_REQUEUE when preempted)."""
         t = self.cfg.train
         tokens_per_step = t.global_batch_size * self.cfg.data.seq_length
+        # Model FLOPs of a step per rank (= per GPU), and this GPU's bf16 peak for the MFU.
+        flops_per_rank = tokens_per_step * flops_per_token(self.cfg, self.cfg.data.seq_length) / self.state.world_size
+        peak = peak_flops(self.device, resolve_dtype(self.cfg, self.device))
         self.model.train()
         try:
             with PreemptionHandler() as preempt:
@@ -135,7 +139,9 @@ class Trainer:
                     record = self.train_step()
                     elapsed = time.perf_counter() - start
                     record = {"step": self.step, **record, "tokens_per_sec": tokens_per_step / elapsed,
-                              "step_time_ms": 1000 * elapsed}
+                              "step_time_ms": 1000 * elapsed, "tflops_per_rank": flops_per_rank / elapsed / 1e12}
+                    if peak:
+                        record["mfu"] = flops_per_rank / elapsed / peak
                     if self.step % t.eval_interval == 0 or self.step == t.steps:
                         record.update(self.evaluate())
                     if self.step % t.log_interval == 0 or self.step == t.steps or "eval_loss" in record:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 _HUMAN = [("loss", "loss {:.4f}"), ("lm_loss", "lm {:.4f}"), ("lb_loss", "lb {:.3f}"),
           ("z_loss", "z {:.3f}"), ("eval_loss", "eval {:.4f}"), ("eval_ppl", "ppl {:.1f}"),
-          ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3f}"), ("tokens_per_sec", "{:,.0f} tok/s")]
+          ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3f}"), ("tokens_per_sec", "{:,.0f} tok/s"),
+          ("mfu", "mfu {:.1%}")]
 
 
 class MetricsLogger:
