@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from megamoe.config import DataConfig
 from megamoe.data.corpus import iter_stdlib_documents, split_docstrings, write_jsonl
 from megamoe.data.dataset import (BlendedDataset, GPTDataset, blend_indices, build_datasets,
-                                  get_batch, split_documents)
+                                  _loss_mask_for, get_batch, split_documents)
 from megamoe.data.indexed import IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError
 from megamoe.data import prepare
 from megamoe.data.prepare import BadInputError, ensure_default_corpus, preprocess
@@ -385,3 +386,68 @@ def test_build_datasets_default_corpus_and_blended_paths(tmp_path, monkeypatch):
     assert np.bincount(train.dataset_idx).tolist() == [75, 25]
     with pytest.raises(ValueError, match="more than model.vocab_size=800"):
         build_datasets(cfg, seed=0, num_train_samples=5, num_valid_samples=5, model_vocab_size=800)
+
+
+# Fine-tuning data: prompt/completion with a loss mask ---------------------------------------
+
+def test_prompt_completion_documents_mask_the_prompt(tmp_path, small_corpus):
+    _, model = small_corpus
+    tok = load_tokenizer(model)
+    records = [{"prompt": "Q: what is 2 + 2?\nA:", "completion": " 4"},
+               {"prompt": "", "completion": "def f():\n    return 1"},  # no prompt: all targets
+               {"prompt": "only a prompt", "completion": ""},          # nothing to learn: skipped
+               {"completion": "no prompt field"},                      # skipped
+               {"prompt": UNICODE, "completion": "naïve → café"}]
+    src = tmp_path / "sft.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = preprocess([src], tmp_path / "sft", model, json_key="completion", prompt_key="prompt",
+                        workers=2, progress=False)
+    assert report.documents == 3 and sum(report.skipped.values()) == 2
+    assert report.examples["no string 'prompt' field"] == [f"{src}:4"]
+    tokens, mask = IndexedDataset(tmp_path / "sft"), IndexedDataset(tmp_path / "sft.lossmask")
+    assert mask.dtype == np.uint8 and np.array_equal(mask.sizes, tokens.sizes)
+    kept = [records[0], records[1], records[4]]
+    assert report.targets == sum(len(tok.encode(r["completion"])) + 1 for r in kept)
+    for i, r in enumerate(kept):
+        prompt = tok.encode(r["prompt"]) if r["prompt"] else []
+        completion = tok.encode(r["completion"]) + [tok.eos_id]
+        assert tokens[i].tolist() == prompt + completion
+        assert mask[i].tolist() == [0] * len(prompt) + [1] * len(completion)
+
+
+def test_loss_mask_follows_its_tokens_through_packing_splits_and_blending(tmp_path):
+    """A mask that is a function of the token (odd ids are targets) must still be that
+    function of every packed sample, whatever document boundaries the sample crosses."""
+    sizes = [7, 1, 30, 12, 5, 40, 3]
+    docs = numbered_docs(sizes)
+    make_indexed(tmp_path / "ds", docs, np.int32)
+    make_indexed(tmp_path / "ds.lossmask", [d % 2 for d in docs], np.uint8)
+    make_indexed(tmp_path / "plain", docs, np.int32)
+    ds, plain = IndexedDataset(tmp_path / "ds"), IndexedDataset(tmp_path / "plain")
+    gpt = GPTDataset(ds, np.arange(len(sizes)), 5, 30, seed=3, loss_mask=_loss_mask_for(str(tmp_path / "ds"), ds))
+    for i in range(len(gpt)):
+        assert np.array_equal(gpt.loss_mask(i), gpt[i] % 2 == 1)
+    unmasked = GPTDataset(plain, np.arange(len(sizes)), 5, 30, seed=3,
+                          loss_mask=_loss_mask_for(str(tmp_path / "plain"), plain))
+    blend = BlendedDataset([gpt, unmasked], [0.5, 0.5], 40)
+    assert blend.has_loss_mask and not BlendedDataset([unmasked], [1.0], 10).has_loss_mask
+    for i in range(len(blend)):
+        expected = blend[i] % 2 == 1 if blend.dataset_idx[i] == 0 else np.ones(6, dtype=bool)
+        assert np.array_equal(blend.loss_mask(i), expected)
+    batch = get_batch(blend, 1, 8, 2, 1, 2, 1, loss_mask=True)
+    assert batch.dtype == torch.bool and batch.shape == (2, 6)
+    first = 1 * 8 + 1 * (2 * 2) + 1 * 2  # step 1, micro-step 1 of DP rank 1 (get_batch's order)
+    assert torch.equal(batch, torch.from_numpy(np.stack([blend.loss_mask(first + j) for j in range(2)])))
+
+
+def test_loss_mask_of_other_documents_and_prompt_key_on_text_are_refused(tmp_path, small_corpus):
+    _, model = small_corpus
+    make_indexed(tmp_path / "ds", numbered_docs([4, 5, 6]), np.int32)
+    make_indexed(tmp_path / "ds.lossmask", [np.ones(4), np.ones(5)], np.uint8)  # a document short
+    with pytest.raises(ValueError, match=r"ds.lossmask.idx does not describe the documents.*--overwrite"):
+        _loss_mask_for(str(tmp_path / "ds"), IndexedDataset(tmp_path / "ds"))
+    (tmp_path / "a.txt").write_text("plain text")
+    with pytest.raises(ValueError, match="must be JSONL"):
+        preprocess([tmp_path / "a.txt"], tmp_path / "out", model, json_key="completion",
+                   prompt_key="prompt", progress=False)
+    assert not list(tmp_path.glob("out*"))

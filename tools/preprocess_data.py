@@ -4,7 +4,9 @@
         --tokenizer tok/my.model --workers 8
 
 Each JSONL line is one document (its --json-key field); each plain-text file is one
-document. EOS is appended to every document. Malformed lines, empty documents and
+document. EOS is appended to every document. For fine-tuning, --prompt-key names a prompt
+field: the document is prompt + completion + EOS, and only the completion and EOS are targets
+(PREFIX.lossmask.bin/.idx). Malformed lines, empty documents and
 non-UTF-8 bytes are skipped and summarised by file:line, or are an error with --strict.
 """
 
@@ -26,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--tokenizer", required=True, help="sentencepiece .model or tokenizer.json")
     parser.add_argument("--json-key", default="text", help="field of each JSONL object holding text")
+    parser.add_argument("--prompt-key", default=None,
+                        help="fine-tuning data: field holding a prompt that is context, not a target; "
+                             "each document is prompt + --json-key field (e.g. completion) + EOS, and "
+                             "PREFIX.lossmask.bin/.idx marks the targets")
     parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first bad line instead of skipping it")
@@ -37,12 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = preprocess(args.input, args.output_prefix, args.tokenizer,
                             json_key=args.json_key, workers=args.workers, strict=args.strict,
-                            overwrite=args.overwrite, progress=not args.no_progress)
+                            overwrite=args.overwrite, progress=not args.no_progress,
+                            prompt_key=args.prompt_key)
     except (ValueError, OSError) as e:  # bad input, existing output, missing file
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {report.documents} documents, {report.tokens} tokens to "
           f"{args.output_prefix}.bin/.idx")
+    if args.prompt_key:
+        print(f"wrote the loss mask ({report.targets} target tokens) to "
+              f"{args.output_prefix}.lossmask.bin/.idx")
     return 0
 
 

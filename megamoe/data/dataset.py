@@ -13,7 +13,7 @@ import torch
 
 from megamoe.config import DataConfig
 from megamoe.data import prepare
-from megamoe.data.indexed import IndexedDataset
+from megamoe.data.indexed import IndexedDataset, dataset_exists, loss_mask_prefix
 from megamoe.data.tokenizer import Tokenizer, load_tokenizer
 
 SPLIT_SEED = 0x5EED  # fixed: the train/valid split must not move when the training seed does
@@ -51,8 +51,9 @@ class GPTDataset:
     """
 
     def __init__(self, indexed: IndexedDataset, documents: np.ndarray, seq_length: int,
-                 num_samples: int, seed: int):
+                 num_samples: int, seed: int, loss_mask: IndexedDataset | None = None):
         self.indexed, self.seq_length, self.num_samples = indexed, seq_length, num_samples
+        self.mask = loss_mask  # per-token 0/1 (fine-tuning data), read with the same spans
         documents = np.asarray(documents, dtype=np.int64)
         tokens_per_epoch = int(indexed.sizes[documents].sum(dtype=np.int64))
         if tokens_per_epoch <= seq_length:
@@ -77,6 +78,15 @@ class GPTDataset:
 
     def __getitem__(self, i: int) -> np.ndarray:
         """Sample i → int64 tokens [seq_length + 1]."""
+        return self._read(self.indexed, i).astype(np.int64)
+
+    def loss_mask(self, i: int) -> np.ndarray:
+        """Sample i's loss mask → bool [seq_length + 1]: all True for data without one."""
+        if self.mask is None:
+            return np.ones(self.seq_length + 1, dtype=bool)
+        return self._read(self.mask, i).astype(bool)
+
+    def _read(self, source: IndexedDataset, i: int) -> np.ndarray:
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
         start = int(self.shuffle_idx[i]) * self.seq_length
@@ -86,9 +96,9 @@ class GPTDataset:
         while need:
             doc = int(self.doc_idx[pos])
             take = min(need, int(self.indexed.sizes[doc]) - offset)
-            pieces.append(self.indexed.get(doc, offset, take))
+            pieces.append(source.get(doc, offset, take))
             need, pos, offset = need - take, pos + 1, 0
-        return np.concatenate(pieces).astype(np.int64)
+        return np.concatenate(pieces)
 
 
 def blend_indices(weights: list[float], num_samples: int) -> tuple[np.ndarray, np.ndarray]:
@@ -135,6 +145,17 @@ class BlendedDataset:
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
         return self.datasets[self.dataset_idx[i]][int(self.sample_idx[i])]
 
+    @property
+    def has_loss_mask(self) -> bool:
+        """Whether any part is fine-tuning data (then the trainer masks labels and normalises
+        the loss by the step's target count)."""
+        return any(getattr(d, "mask", None) is not None for d in self.datasets)
+
+    def loss_mask(self, i: int) -> np.ndarray:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
+        return self.datasets[self.dataset_idx[i]].loss_mask(int(self.sample_idx[i]))
+
 
 def data_sources(data_cfg: DataConfig, model_vocab_size: int | None = None) -> tuple[list[str], str]:
     """(dataset prefixes, tokenizer path) of a run; builds the embedded corpus if it has no paths.
@@ -169,24 +190,40 @@ def build_datasets(data_cfg: DataConfig, seed: int, num_train_samples: int,
                          f"than model.vocab_size={model_vocab_size}; raise model.vocab_size")
     weights = data_cfg.weights or [1.0] * len(prefixes)
     indexed = [IndexedDataset(p) for p in prefixes]
+    masks = [_loss_mask_for(p, ds) for p, ds in zip(prefixes, indexed)]
     splits = [split_documents(len(ds), data_cfg.valid_fraction) for ds in indexed]
     blended = []
     for which, num_samples in ((0, num_train_samples), (1, num_valid_samples)):
-        parts = [GPTDataset(ds, split[which], data_cfg.seq_length, n, seed)
-                 for ds, split, n in zip(indexed, splits, samples_per_dataset(weights, num_samples))]
+        parts = [GPTDataset(ds, split[which], data_cfg.seq_length, n, seed, mask)
+                 for ds, mask, split, n in zip(indexed, masks, splits,
+                                               samples_per_dataset(weights, num_samples))]
         blended.append(BlendedDataset(parts, weights, num_samples))
     return blended[0], blended[1], tokenizer
 
 
+def _loss_mask_for(prefix: str, tokens: IndexedDataset) -> IndexedDataset | None:
+    """PREFIX.lossmask.bin/.idx when it exists; it must describe the same documents."""
+    if not dataset_exists(loss_mask_prefix(prefix)):
+        return None
+    mask = IndexedDataset(loss_mask_prefix(prefix))
+    if not np.array_equal(mask.sizes, tokens.sizes):
+        raise ValueError(f"{loss_mask_prefix(prefix)}.idx does not describe the documents of "
+                         f"{prefix}.idx ({len(mask)} vs {len(tokens)} documents, or other lengths): "
+                         "the two were not written together; run tools/preprocess_data.py again "
+                         "with --overwrite")
+    return mask
+
+
 def get_batch(dataset, step: int, global_batch_size: int, micro_batch_size: int,
-              dp_rank: int, dp_size: int, micro_step: int) -> torch.Tensor:
+              dp_rank: int, dp_size: int, micro_step: int, loss_mask: bool = False) -> torch.Tensor:
     """The micro-batch of one DP rank at one micro-step of `step` → LongTensor [mbs, seq+1].
 
     Step s reads samples [s * gbs, (s + 1) * gbs). Within it, sample
         s * gbs + micro_step * (mbs * dp_size) + dp_rank * mbs + j,   j < mbs
     goes to rank `dp_rank` at `micro_step`: each micro-step takes the next mbs * dp_size
     samples, rank-major. So DP2 × accumulation 1 and DP1 × accumulation 2 read the same
-    samples per step, in the same order.
+    samples per step, in the same order. `loss_mask=True` returns those samples' loss masks
+    (bool) instead of their tokens.
     """
     per_micro_step = micro_batch_size * dp_size
     if global_batch_size % per_micro_step:
@@ -197,4 +234,5 @@ def get_batch(dataset, step: int, global_batch_size: int, micro_batch_size: int,
     if first + micro_batch_size > len(dataset):
         raise IndexError(f"step {step} needs sample {first + micro_batch_size - 1} but the dataset "
                          f"holds {len(dataset)}; build it with more samples (steps × global batch)")
-    return torch.from_numpy(np.stack([dataset[first + j] for j in range(micro_batch_size)]))
+    read = dataset.loss_mask if loss_mask else dataset.__getitem__
+    return torch.from_numpy(np.stack([read(first + j) for j in range(micro_batch_size)]))

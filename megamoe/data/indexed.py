@@ -29,6 +29,15 @@ CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, n sequences, n doc indices
 
 
+# Fine-tuning data: PREFIX.lossmask.bin/.idx beside PREFIX.bin/.idx, one uint8 per token
+# (1 = a target the loss counts, 0 = context only, e.g. a prompt), same document sizes.
+LOSS_MASK_SUFFIX = ".lossmask"
+
+
+def loss_mask_prefix(prefix: str | Path) -> str:
+    return f"{prefix}{LOSS_MASK_SUFFIX}"
+
+
 class IndexedDatasetError(ValueError):
     """A .bin/.idx pair is missing, truncated or corrupt; the message names the file."""
 

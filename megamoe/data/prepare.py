@@ -5,6 +5,10 @@ document per file), tokenizes with worker processes, appends EOS to every docume
 writes prefix.bin/.idx. Bad input (malformed JSON, empty documents, bytes that are not
 UTF-8) is skipped and reported by file:line, or is an error with `strict=True`.
 
+For fine-tuning, `prompt_key` names a second JSONL field: a document is then the prompt's
+tokens followed by the completion's (`json_key`) and EOS, and prefix.lossmask.bin/.idx marks
+the completion and EOS as the only targets the loss counts.
+
 `ensure_default_corpus` builds the stdlib corpus, its tokenizer and its dataset once per
 cache key; concurrent callers (every rank of a job) wait on a file lock and share the result.
 """
@@ -23,11 +27,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
 from megamoe.data.corpus import iter_stdlib_documents, stdlib_root, write_jsonl
-from megamoe.data.indexed import IndexedDatasetBuilder, dataset_exists, dtype_for_vocab
+from megamoe.data.indexed import IndexedDatasetBuilder, dataset_exists, dtype_for_vocab, loss_mask_prefix
 from megamoe.data.tokenizer import load_tokenizer, train_sentencepiece
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,7 @@ class PreprocessReport:
 
     documents: int = 0
     tokens: int = 0
+    targets: int = 0  # tokens the loss counts (all of them without a prompt key)
     skipped: Counter = field(default_factory=Counter)  # problem -> count
     examples: dict = field(default_factory=dict)  # problem -> first few "file:line"
 
@@ -70,8 +76,10 @@ class PreprocessReport:
         return "\n".join(lines)
 
 
-def _parse_json_line(raw: bytes, json_key: str) -> tuple[str | None, str | None]:
-    """One JSONL line → (text, None), or (None, problem); a blank line is (None, None)."""
+def _parse_json_line(raw: bytes, json_key: str, prompt_key: str | None = None):
+    """One JSONL line → (text, None), or (None, problem); a blank line is (None, None).
+
+    With `prompt_key`, text is the pair (prompt, completion); the prompt may be empty."""
     if not raw.strip():
         return None, None
     try:
@@ -82,7 +90,19 @@ def _parse_json_line(raw: bytes, json_key: str) -> tuple[str | None, str | None]
         return None, "malformed JSON"
     if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
         return None, f"no string {json_key!r} field"
-    return _check_text(record[json_key])
+    if prompt_key is None:
+        return _check_text(record[json_key])
+    if not isinstance(record.get(prompt_key), str):
+        return None, f"no string {prompt_key!r} field"
+    completion, problem = _check_text(record[json_key])
+    if problem:
+        return None, problem if problem != "empty document" else f"empty {json_key!r} (nothing to learn)"
+    prompt = record[prompt_key]
+    try:
+        prompt.encode("utf-8")  # may be empty, but not broken
+    except UnicodeEncodeError:
+        return None, "not UTF-8"
+    return (prompt, completion), None
 
 
 def _check_text(text: str) -> tuple[str | None, str | None]:
@@ -94,18 +114,24 @@ def _check_text(text: str) -> tuple[str | None, str | None]:
 
 
 def read_documents(paths: list[str | Path], json_key: str, strict: bool,
-                   report: PreprocessReport) -> Iterator[tuple[str, int]]:
-    """Yield (document text, input bytes it came from), recording bad input in `report`."""
+                   report: PreprocessReport, prompt_key: str | None = None) -> Iterator[tuple]:
+    """Yield (document text, input bytes it came from), recording bad input in `report`.
+
+    With `prompt_key` (JSONL only), the text is a (prompt, completion) pair."""
     for path in map(Path, paths):
         if path.suffix in JSON_SUFFIXES:
             with open(path, "rb") as f:
                 for line_no, raw in enumerate(f, 1):
-                    text, problem = _parse_json_line(raw, json_key)
+                    text, problem = _parse_json_line(raw, json_key, prompt_key)
                     if problem:
                         report.skip(path, line_no, problem, strict)
                     elif text is not None:
                         yield text, len(raw)
             continue
+        if prompt_key is not None:
+            raise ValueError(f"{path} is plain text, but prompt/completion data (--prompt-key "
+                             f"{prompt_key}) must be JSONL (.jsonl/.json) with a {prompt_key!r} "
+                             f"and a {json_key!r} field per line")
         raw = path.read_bytes()
         try:
             text, problem = _check_text(raw.decode("utf-8"))
@@ -126,26 +152,37 @@ def _init_worker(tokenizer_path: str) -> None:
     _worker_tokenizer = load_tokenizer(tokenizer_path)
 
 
-def _encode(item: tuple[str, int]) -> tuple[list[int], int]:
+def _encode(item: tuple) -> tuple[list[int], list[int] | None, int]:
+    """(text or (prompt, completion), bytes) → (ids with EOS, loss mask or None, bytes)."""
     text, nbytes = item
-    return _worker_tokenizer.encode(text) + [_worker_tokenizer.eos_id], nbytes
+    if isinstance(text, str):
+        return _worker_tokenizer.encode(text) + [_worker_tokenizer.eos_id], None, nbytes
+    prompt, completion = text
+    context = _worker_tokenizer.encode(prompt) if prompt else []
+    target = _worker_tokenizer.encode(completion) + [_worker_tokenizer.eos_id]
+    return context + target, [0] * len(context) + [1] * len(target), nbytes
 
 
 def preprocess(input_paths: list[str | Path], output_prefix: str | Path,
                tokenizer_path: str | Path, *, json_key: str = "text", workers: int = 1,
-               strict: bool = False, overwrite: bool = False,
-               progress: bool = True) -> PreprocessReport:
-    """Tokenize text / JSONL files into output_prefix.bin/.idx (EOS after every document)."""
+               strict: bool = False, overwrite: bool = False, progress: bool = True,
+               prompt_key: str | None = None) -> PreprocessReport:
+    """Tokenize text / JSONL files into output_prefix.bin/.idx (EOS after every document).
+
+    With `prompt_key`: prompt + completion (`json_key`) + EOS per document, and
+    output_prefix.lossmask.bin/.idx with 1 on the completion and EOS tokens."""
     output_prefix = str(output_prefix)
-    if dataset_exists(output_prefix) and not overwrite:
-        raise FileExistsError(f"{output_prefix}.bin/.idx already exist; choose another output "
-                              "prefix or pass --overwrite (overwrite=True) to replace them")
+    mask_prefix = loss_mask_prefix(output_prefix)
+    for prefix in (output_prefix, mask_prefix):
+        if dataset_exists(prefix) and not overwrite:
+            raise FileExistsError(f"{prefix}.bin/.idx already exist; choose another output "
+                                  "prefix or pass --overwrite (overwrite=True) to replace them")
     for path in input_paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"input file {path} does not exist")
     tokenizer = load_tokenizer(tokenizer_path)
     report = PreprocessReport()
-    documents = read_documents(input_paths, json_key, strict, report)
+    documents = read_documents(input_paths, json_key, strict, report, prompt_key)
     total_bytes = sum(Path(p).stat().st_size for p in input_paths)
     pool = (multiprocessing.Pool(workers, _init_worker, (str(tokenizer_path),))
             if workers > 1 else None)
@@ -153,18 +190,29 @@ def preprocess(input_paths: list[str | Path], output_prefix: str | Path,
         _init_worker(str(tokenizer_path))
     try:
         encoded = pool.imap(_encode, documents, chunksize=16) if pool else map(_encode, documents)
+        keys = f"--json-key {json_key!r}" + (f" and --prompt-key {prompt_key!r}" if prompt_key else "")
         with (IndexedDatasetBuilder(output_prefix, dtype_for_vocab(tokenizer.vocab_size)) as builder,
+              IndexedDatasetBuilder(mask_prefix, np.uint8) as masks,
               tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress,
                    desc=f"tokenizing into {output_prefix}") as bar):
-            for ids, nbytes in encoded:
+            for ids, mask, nbytes in encoded:
                 builder.add_document(ids)
+                if mask is not None:
+                    masks.add_document(mask)
                 report.documents += 1
                 report.tokens += len(ids)
+                report.targets += sum(mask) if mask is not None else len(ids)
                 bar.update(nbytes)
             if not report.documents:
                 raise ValueError(f"no usable documents in {', '.join(map(str, input_paths))}"
-                                 f" (check --json-key, currently {json_key!r})\n{report.problems()}")
-            builder.finalize()
+                                 f" (check {keys})\n{report.problems()}")
+            if prompt_key is None:
+                masks.abort()
+                for suffix in (".bin", ".idx"):  # --overwrite of fine-tuning data with plain text
+                    Path(mask_prefix + suffix).unlink(missing_ok=True)
+            else:
+                masks.finalize()
+            builder.finalize()  # the tokens' .idx last: readers look for it first
     finally:
         if pool is not None:
             pool.terminate()

@@ -53,9 +53,9 @@ class Output:
     hidden: torch.Tensor | None = None   # [B, S, d]: a non-last pipeline stage's output
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy in fp32; logits [N, V], labels [N] (-100 is ignored)."""
-    return F.cross_entropy(logits.float(), labels, ignore_index=-100)
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Token cross-entropy in fp32, mean or sum; logits [N, V], labels [N] (-100 is ignored)."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction=reduction)
 
 
 class OLMoE(nn.Module):
@@ -69,6 +69,10 @@ class OLMoE(nn.Module):
         self.norm = RMSNorm(m.d_model, m.rms_norm_eps)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         self.loss_fn = cross_entropy  # tensor parallelism swaps in the vocab-parallel one
+        # None: lm_loss is the mean over this micro-batch's targets. A number D: the sum over
+        # them / D. The trainer sets D for loss-masked data, so that every target of a step
+        # weighs the same however the batch is split into micro-batches and ranks.
+        self.loss_denominator: float | None = None
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 position_offset: int = 0, hidden: torch.Tensor | None = None) -> Output:
@@ -89,7 +93,11 @@ class OLMoE(nn.Module):
         logits = self.lm_head(self.norm(h))
         out = Output(logits=logits, aux_loss=aux)
         if labels is not None:
-            out.lm_loss = self.loss_fn(logits.flatten(0, 1), labels.flatten())
+            if self.loss_denominator is None:
+                out.lm_loss = self.loss_fn(logits.flatten(0, 1), labels.flatten())
+            else:
+                out.lm_loss = self.loss_fn(logits.flatten(0, 1), labels.flatten(),
+                                           reduction="sum") / self.loss_denominator
             out.loss = out.lm_loss + aux
         return out
 

@@ -166,12 +166,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return (g * grad.unsqueeze(-1)).to(ctx.dtype), None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group) -> torch.Tensor:
-    """Mean cross-entropy over labels != -100; logits [N, V/tp] vocab-local, labels [N] global ids.
-    Equal to F.cross_entropy on the gathered logits, without ever holding [N, V]."""
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group,
+                                 reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over labels != -100, mean or sum; logits [N, V/tp] vocab-local, labels [N]
+    global ids. Equal to F.cross_entropy on the gathered logits, without ever holding [N, V]."""
     losses = _VocabParallelCrossEntropy.apply(logits, labels, group)  # [N]
     valid = labels != -100
-    return (losses * valid).sum() / valid.sum()
+    total = (losses * valid).sum()
+    return total if reduction == "sum" else total / valid.sum()
 
 
 class _WholeSequenceRouting:

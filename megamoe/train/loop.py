@@ -7,6 +7,7 @@ reads exactly the samples it would have read had it never stopped.
 
 import math
 import time
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -60,38 +61,45 @@ class Trainer:
     def _micro_batch(self, data, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         t, s = self.cfg.train, self.state
         batch = get_batch(data, step, t.global_batch_size, t.micro_batch_size, s.dp_rank, s.dp, micro)
-        batch = batch.to(self.device)
-        return batch[:, :-1], batch[:, 1:]  # tokens, labels: [mbs, seq]
+        tokens, labels = batch[:, :-1], batch[:, 1:]  # [mbs, seq]
+        if data.has_loss_mask:  # fine-tuning data: only marked tokens are targets
+            mask = get_batch(data, step, t.global_batch_size, t.micro_batch_size, s.dp_rank, s.dp,
+                             micro, loss_mask=True)
+            labels = labels.masked_fill(~mask[:, 1:], -100)
+        return tokens.to(self.device), labels.to(self.device)
+
+    def _count_targets(self, data, step: int, batches: int) -> float:
+        """Targets (labels != -100) in `batches` micro-batches of `step` over the DP group: the
+        whole step's, read from the data alone (no forward pass)."""
+        count = sum(int((self._micro_batch(data, step, m)[1] != -100).sum()) for m in range(batches))
+        return float(comm.all_reduce(torch.tensor([count], dtype=torch.float64), self.state.dp_group))
+
+    @contextmanager
+    def _per_target_loss(self, data, step: int, batches: int, scale: int):
+        """Loss-masked data: each micro-batch's lm_loss is its sum over targets × `scale` / the
+        step's target count, so every target weighs the same whatever the split into micro-
+        batches and ranks (DeepSpeed then averages over both: scale = micro-batches × DP).
+        Without loss masks, the mean per micro-batch is the same thing and nothing changes."""
+        if not data.has_loss_mask:
+            yield
+            return
+        self.model.loss_denominator = max(self._count_targets(data, step, batches), 1.0) / scale
+        try:
+            yield
+        finally:
+            self.model.loss_denominator = None
 
     def train_step(self) -> dict:
         """One optimizer step; returns the step's metrics (averaged over micro-batches and DP)."""
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr_at(self.cfg, self.step)
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, lm_loss, lb_loss, z_loss
         layers = self.model.moe_layers()
-        load = torch.zeros(len(layers), self.cfg.moe.num_experts or 1, dtype=torch.float64)
-        if self.state.pp > 1:  # 1F1B over the micro-batches; sums and loads of every stage
-            sums, load = pipeline.train_step(self.engine, self.state, self.cfg,
-                                             partial(self._micro_batch, self.train_data, self.step))
-        else:
-            # Summed where the model runs and read once per step: one host sync, not one per
-            # micro-batch and layer.
-            dev_sums, dev_load = None, None
-            for micro in range(self.gas):
-                tokens, labels = self._micro_batch(self.train_data, self.step, micro)
-                out = self.engine(tokens, labels)
-                self.engine.backward(out.loss)
-                self.engine.step()
-                micro_sums = torch.stack([out.loss.detach().float(), out.lm_loss.detach().float(),
-                                          _layer_mean(layers, "lb_loss", out.loss),
-                                          _layer_mean(layers, "z_loss", out.loss)]).double()
-                dev_sums = micro_sums if dev_sums is None else dev_sums + micro_sums
-                if layers:
-                    micro_load = torch.stack([l.stats["expert_load"].double() for l in layers])
-                    dev_load = micro_load if dev_load is None else dev_load + micro_load
-            sums = dev_sums
-            if dev_load is not None:
-                load = dev_load
+        with self._per_target_loss(self.train_data, self.step, self.gas, self.gas * self.state.dp):
+            if self.state.pp > 1:  # 1F1B over the micro-batches; sums and loads of every stage
+                sums, load = pipeline.train_step(self.engine, self.state, self.cfg,
+                                                 partial(self._micro_batch, self.train_data, self.step))
+            else:
+                sums, load = self._accumulate(layers)
         sums = _all_reduce_mean(sums / self.gas, self.state.dp_group).cpu()
         load = comm.all_reduce(load, self.state.dp_group)
         if self.cfg.parallel.sequence_parallel:  # each TP rank routed its own sequence chunk
@@ -104,18 +112,40 @@ class Trainer:
                 "grad_norm": float(norm) if norm is not None else float("nan"),
                 "expert_load": (load / load.sum(-1, keepdim=True).clamp_min(1)).tolist() if layers else []}
 
+    def _accumulate(self, layers) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over the step's micro-batches (no pipeline) → the sums of
+        (loss, lm_loss, mean lb, mean z) and the expert loads [layers, E]. Summed where the
+        model runs and read once per step: one host sync, not one per micro-batch and layer."""
+        sums, load = None, None
+        for micro in range(self.gas):
+            tokens, labels = self._micro_batch(self.train_data, self.step, micro)
+            out = self.engine(tokens, labels)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            micro_sums = torch.stack([out.loss.detach().float(), out.lm_loss.detach().float(),
+                                      _layer_mean(layers, "lb_loss", out.loss),
+                                      _layer_mean(layers, "z_loss", out.loss)]).double()
+            sums = micro_sums if sums is None else sums + micro_sums
+            if layers:
+                micro_load = torch.stack([l.stats["expert_load"].double() for l in layers])
+                load = micro_load if load is None else load + micro_load
+        if load is None:
+            load = torch.zeros(0, 1, dtype=torch.float64)
+        return sums, load
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         self.model.eval()
         total = torch.zeros(1, dtype=torch.float64, device=self.device)  # read once, at the end
-        for i in range(self.cfg.train.eval_batches):
-            if self.state.pp > 1:
-                total += pipeline.eval_lm_loss(self.engine, self.state, self.cfg,
-                                               partial(self._micro_batch, self.valid_data, i))
-                continue
-            for micro in range(self.gas):
-                tokens, labels = self._micro_batch(self.valid_data, i, micro)
-                total += self.engine(tokens, labels).lm_loss.double()
+        for i in range(self.cfg.train.eval_batches):  # each batch: the mean over its targets
+            with self._per_target_loss(self.valid_data, i, self.gas, self.gas * self.state.dp):
+                if self.state.pp > 1:
+                    total += pipeline.eval_lm_loss(self.engine, self.state, self.cfg,
+                                                   partial(self._micro_batch, self.valid_data, i))
+                    continue
+                for micro in range(self.gas):
+                    tokens, labels = self._micro_batch(self.valid_data, i, micro)
+                    total += self.engine(tokens, labels).lm_loss.double()
         self.model.train()
         loss = _all_reduce_mean(total / (self.cfg.train.eval_batches * self.gas), self.state.dp_group).item()
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
