@@ -451,3 +451,33 @@ def test_loss_mask_of_other_documents_and_prompt_key_on_text_are_refused(tmp_pat
         preprocess([tmp_path / "a.txt"], tmp_path / "out", model, json_key="completion",
                    prompt_key="prompt", progress=False)
     assert not list(tmp_path.glob("out*"))
+
+
+def test_chat_conversations_train_on_assistant_turns_only(tmp_path, small_corpus):
+    _, model = small_corpus
+    tok = load_tokenizer(model)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 + 3?"},
+            {"role": "assistant", "content": "6, " + UNICODE}]
+    lines = [{"messages": chat},
+             {"messages": [{"role": "user", "content": "hi"}]},               # nothing to learn
+             {"messages": [{"role": "robot", "content": "beep"}]},            # unknown role
+             {"messages": "not a list"}]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    report = preprocess([src], tmp_path / "chat", model, messages_key="messages", progress=False)
+    assert report.documents == 1
+    assert dict(report.skipped) == {"no assistant turn (nothing to learn)": 1, "no list 'messages' field": 1,
+                                    'a message that is not {"role": system|user|assistant, "content": str}': 1}
+    eos = [tok.eos_id]
+    expected = [(tok.encode("<|system|>\nBe brief.\n"), 0), (tok.encode("<|user|>\n2 + 2?\n"), 0),
+                (tok.encode("<|assistant|>\n"), 0), (tok.encode("4") + eos, 1),
+                (tok.encode("<|user|>\nAnd 3 + 3?\n"), 0), (tok.encode("<|assistant|>\n"), 0),
+                (tok.encode("6, " + UNICODE) + eos, 1)]
+    tokens, mask = IndexedDataset(tmp_path / "chat"), IndexedDataset(tmp_path / "chat.lossmask")
+    assert tokens[0].tolist() == [t for ids, _ in expected for t in ids]
+    assert mask[0].tolist() == [m for ids, m in expected for _ in ids]
+    assert tok.decode(tokens[0][mask[0] == 1][:-1].tolist()).startswith("4")
+    with pytest.raises(ValueError, match="give one of them"):
+        preprocess([src], tmp_path / "both", model, messages_key="messages", prompt_key="prompt",
+                   progress=False)

@@ -6,7 +6,8 @@
 Each JSONL line is one document (its --json-key field); each plain-text file is one
 document. EOS is appended to every document. For fine-tuning, --prompt-key names a prompt
 field: the document is prompt + completion + EOS, and only the completion and EOS are targets
-(PREFIX.lossmask.bin/.idx). Malformed lines, empty documents and
+(PREFIX.lossmask.bin/.idx); --messages-key reads chat conversations, whose assistant turns
+are the targets. Malformed lines, empty documents and
 non-UTF-8 bytes are skipped and summarised by file:line, or are an error with --strict.
 """
 
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="fine-tuning data: field holding a prompt that is context, not a target; "
                              "each document is prompt + --json-key field (e.g. completion) + EOS, and "
                              "PREFIX.lossmask.bin/.idx marks the targets")
+    parser.add_argument("--messages-key", default=None,
+                        help="fine-tuning data: field holding a chat ([{role, content}, ...]), "
+                             "rendered in the Tulu / OLMoE-Instruct format; assistant turns are "
+                             "the targets (PREFIX.lossmask.bin/.idx)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first bad line instead of skipping it")
@@ -44,13 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         report = preprocess(args.input, args.output_prefix, args.tokenizer,
                             json_key=args.json_key, workers=args.workers, strict=args.strict,
                             overwrite=args.overwrite, progress=not args.no_progress,
-                            prompt_key=args.prompt_key)
+                            prompt_key=args.prompt_key, messages_key=args.messages_key)
     except (ValueError, OSError) as e:  # bad input, existing output, missing file
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {report.documents} documents, {report.tokens} tokens to "
           f"{args.output_prefix}.bin/.idx")
-    if args.prompt_key:
+    if args.prompt_key or args.messages_key:
         print(f"wrote the loss mask ({report.targets} target tokens) to "
               f"{args.output_prefix}.lossmask.bin/.idx")
     return 0

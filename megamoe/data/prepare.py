@@ -7,7 +7,9 @@ UTF-8) is skipped and reported by file:line, or is an error with `strict=True`.
 
 For fine-tuning, `prompt_key` names a second JSONL field: a document is then the prompt's
 tokens followed by the completion's (`json_key`) and EOS, and prefix.lossmask.bin/.idx marks
-the completion and EOS as the only targets the loss counts.
+the completion and EOS as the only targets the loss counts. `messages_key` reads chat
+conversations instead ([{"role", "content"}, ...]), rendered in the Tulu / OLMoE-Instruct
+format (`render_chat`); the assistant turns and their EOS are the targets.
 
 `ensure_default_corpus` builds the stdlib corpus, its tokenizer and its dataset once per
 cache key; concurrent callers (every rank of a job) wait on a file lock and share the result.
@@ -76,10 +78,48 @@ class PreprocessReport:
         return "\n".join(lines)
 
 
-def _parse_json_line(raw: bytes, json_key: str, prompt_key: str | None = None):
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def render_chat(messages: list[dict]) -> list[tuple[str | None, bool]]:
+    """A conversation → segments (text, is_target); text None stands for EOS.
+
+    The Tulu / OLMoE-Instruct format: "<|role|>\n" + content + "\n" per turn; an assistant
+    turn's content ends with EOS instead of the newline. Only assistant contents and their EOS
+    are targets, so the model learns to answer and to stop, never to write the user's turns.
+    """
+    segments = []
+    for m in messages:
+        if m["role"] == "assistant":
+            segments += [("<|assistant|>\n", False), (m["content"], True), (None, True)]
+        else:
+            segments += [(f"<|{m['role']}|>\n{m['content']}\n", False)]
+    return segments
+
+
+def _parse_messages(record: dict, key: str):
+    """(segments, None) from a chat record, or (None, problem)."""
+    messages = record.get(key)
+    if not isinstance(messages, list) or not messages:
+        return None, f"no list {key!r} field"
+    for m in messages:
+        if not (isinstance(m, dict) and m.get("role") in CHAT_ROLES and isinstance(m.get("content"), str)):
+            return None, f"a message that is not {{\"role\": {'|'.join(CHAT_ROLES)}, \"content\": str}}"
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            return None, "not UTF-8"
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        return None, "no assistant turn (nothing to learn)"
+    return render_chat(messages), None
+
+
+def _parse_json_line(raw: bytes, json_key: str, prompt_key: str | None = None,
+                     messages_key: str | None = None):
     """One JSONL line → (text, None), or (None, problem); a blank line is (None, None).
 
-    With `prompt_key`, text is the pair (prompt, completion); the prompt may be empty."""
+    With `prompt_key` or `messages_key`, text is a list of segments (text, is_target), text
+    None standing for EOS; a prompt may be empty."""
     if not raw.strip():
         return None, None
     try:
@@ -88,7 +128,11 @@ def _parse_json_line(raw: bytes, json_key: str, prompt_key: str | None = None):
         return None, "not UTF-8"
     except json.JSONDecodeError:
         return None, "malformed JSON"
-    if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
+    if not isinstance(record, dict):
+        return None, "not a JSON object"
+    if messages_key is not None:
+        return _parse_messages(record, messages_key)
+    if not isinstance(record.get(json_key), str):
         return None, f"no string {json_key!r} field"
     if prompt_key is None:
         return _check_text(record[json_key])
@@ -102,7 +146,7 @@ def _parse_json_line(raw: bytes, json_key: str, prompt_key: str | None = None):
         prompt.encode("utf-8")  # may be empty, but not broken
     except UnicodeEncodeError:
         return None, "not UTF-8"
-    return (prompt, completion), None
+    return [(prompt, False), (completion, True), (None, True)], None
 
 
 def _check_text(text: str) -> tuple[str | None, str | None]:
@@ -114,24 +158,26 @@ def _check_text(text: str) -> tuple[str | None, str | None]:
 
 
 def read_documents(paths: list[str | Path], json_key: str, strict: bool,
-                   report: PreprocessReport, prompt_key: str | None = None) -> Iterator[tuple]:
+                   report: PreprocessReport, prompt_key: str | None = None,
+                   messages_key: str | None = None) -> Iterator[tuple]:
     """Yield (document text, input bytes it came from), recording bad input in `report`.
 
-    With `prompt_key` (JSONL only), the text is a (prompt, completion) pair."""
+    With `prompt_key` or `messages_key` (JSONL only), the text is a list of segments."""
     for path in map(Path, paths):
         if path.suffix in JSON_SUFFIXES:
             with open(path, "rb") as f:
                 for line_no, raw in enumerate(f, 1):
-                    text, problem = _parse_json_line(raw, json_key, prompt_key)
+                    text, problem = _parse_json_line(raw, json_key, prompt_key, messages_key)
                     if problem:
                         report.skip(path, line_no, problem, strict)
                     elif text is not None:
                         yield text, len(raw)
             continue
-        if prompt_key is not None:
-            raise ValueError(f"{path} is plain text, but prompt/completion data (--prompt-key "
-                             f"{prompt_key}) must be JSONL (.jsonl/.json) with a {prompt_key!r} "
-                             f"and a {json_key!r} field per line")
+        if prompt_key is not None or messages_key is not None:
+            fields = (f"a {prompt_key!r} and a {json_key!r} field" if prompt_key is not None
+                      else f"a {messages_key!r} list")
+            raise ValueError(f"{path} is plain text, but fine-tuning data (--prompt-key / "
+                             f"--messages-key) must be JSONL (.jsonl/.json) with {fields} per line")
         raw = path.read_bytes()
         try:
             text, problem = _check_text(raw.decode("utf-8"))
@@ -153,24 +199,30 @@ def _init_worker(tokenizer_path: str) -> None:
 
 
 def _encode(item: tuple) -> tuple[list[int], list[int] | None, int]:
-    """(text or (prompt, completion), bytes) → (ids with EOS, loss mask or None, bytes)."""
+    """(text or segments, bytes) → (ids with EOS, loss mask or None, bytes)."""
     text, nbytes = item
     if isinstance(text, str):
         return _worker_tokenizer.encode(text) + [_worker_tokenizer.eos_id], None, nbytes
-    prompt, completion = text
-    context = _worker_tokenizer.encode(prompt) if prompt else []
-    target = _worker_tokenizer.encode(completion) + [_worker_tokenizer.eos_id]
-    return context + target, [0] * len(context) + [1] * len(target), nbytes
+    ids, mask = [], []
+    for piece, target in text:  # tokenized apart, so that no token straddles two segments
+        new = [_worker_tokenizer.eos_id] if piece is None else (_worker_tokenizer.encode(piece) if piece else [])
+        ids += new
+        mask += [int(target)] * len(new)
+    return ids, mask, nbytes
 
 
 def preprocess(input_paths: list[str | Path], output_prefix: str | Path,
                tokenizer_path: str | Path, *, json_key: str = "text", workers: int = 1,
                strict: bool = False, overwrite: bool = False, progress: bool = True,
-               prompt_key: str | None = None) -> PreprocessReport:
+               prompt_key: str | None = None, messages_key: str | None = None) -> PreprocessReport:
     """Tokenize text / JSONL files into output_prefix.bin/.idx (EOS after every document).
 
-    With `prompt_key`: prompt + completion (`json_key`) + EOS per document, and
-    output_prefix.lossmask.bin/.idx with 1 on the completion and EOS tokens."""
+    With `prompt_key`: prompt + completion (`json_key`) + EOS per document; with
+    `messages_key`: a rendered conversation (`render_chat`). Either writes
+    output_prefix.lossmask.bin/.idx too, 1 on the tokens that are targets."""
+    if prompt_key is not None and messages_key is not None:
+        raise ValueError("--prompt-key and --messages-key are two formats of fine-tuning data; "
+                         "give one of them")
     output_prefix = str(output_prefix)
     mask_prefix = loss_mask_prefix(output_prefix)
     for prefix in (output_prefix, mask_prefix):
@@ -182,7 +234,8 @@ def preprocess(input_paths: list[str | Path], output_prefix: str | Path,
             raise FileNotFoundError(f"input file {path} does not exist")
     tokenizer = load_tokenizer(tokenizer_path)
     report = PreprocessReport()
-    documents = read_documents(input_paths, json_key, strict, report, prompt_key)
+    documents = read_documents(input_paths, json_key, strict, report, prompt_key, messages_key)
+    fine_tuning = prompt_key is not None or messages_key is not None
     total_bytes = sum(Path(p).stat().st_size for p in input_paths)
     pool = (multiprocessing.Pool(workers, _init_worker, (str(tokenizer_path),))
             if workers > 1 else None)
@@ -190,7 +243,8 @@ def preprocess(input_paths: list[str | Path], output_prefix: str | Path,
         _init_worker(str(tokenizer_path))
     try:
         encoded = pool.imap(_encode, documents, chunksize=16) if pool else map(_encode, documents)
-        keys = f"--json-key {json_key!r}" + (f" and --prompt-key {prompt_key!r}" if prompt_key else "")
+        keys = (f"--messages-key {messages_key!r}" if messages_key is not None else
+                f"--json-key {json_key!r}" + (f" and --prompt-key {prompt_key!r}" if prompt_key else ""))
         with (IndexedDatasetBuilder(output_prefix, dtype_for_vocab(tokenizer.vocab_size)) as builder,
               IndexedDatasetBuilder(mask_prefix, np.uint8) as masks,
               tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress,
@@ -206,7 +260,7 @@ def preprocess(input_paths: list[str | Path], output_prefix: str | Path,
             if not report.documents:
                 raise ValueError(f"no usable documents in {', '.join(map(str, input_paths))}"
                                  f" (check {keys})\n{report.problems()}")
-            if prompt_key is None:
+            if not fine_tuning:
                 masks.abort()
                 for suffix in (".bin", ".idx"):  # --overwrite of fine-tuning data with plain text
                     Path(mask_prefix + suffix).unlink(missing_ok=True)
