@@ -241,3 +241,24 @@ def test_cli_inspect_and_errors(run_a, tmp_path):
     failed = subprocess.run([*tool, "to-hf", str(tmp_path / "nothing"), str(tmp_path / "out")],
                             capture_output=True, text=True)
     assert failed.returncode == 2 and "is neither a megamoe run directory" in failed.stderr
+
+
+def test_from_hf_cli_takes_a_config_file_for_everything_but_the_model(run_a, tmp_path):
+    """`from-hf --config sft.yaml key=value`: the YAML, then the overrides, set the new run's
+    training keys; model sizes always come from config.json, whatever the YAML says."""
+    hf_dir = export_hf(run_a, tmp_path / "hf", progress=False)
+    (tmp_path / "sft.yaml").write_text("model:\n  d_model: 4096\noptim:\n  lr: 2.0e-5\n  weight_decay: 0.0\n"
+                                       "train:\n  steps: 7\n  global_batch_size: 8\n  micro_batch_size: 2\n"
+                                       "data:\n  seq_length: 16\n")
+    out = tmp_path / "sft-run"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "from-hf",
+                           "--no-progress", "--config", str(tmp_path / "sft.yaml"), str(hf_dir), str(out),
+                           "train.steps=9"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    cfg = load_config(str(out / "config.yaml"))
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.train.steps) == (2e-5, 0.0, 9)
+    assert cfg.model.d_model == 32 and cfg.moe.num_experts == 8  # from config.json, not the YAML
+    ours, _ = load_model(run_a)
+    model, _ = load_model(out)
+    with torch.no_grad():
+        assert rel(model(tokens(ours.cfg)).logits, ours(tokens(ours.cfg)).logits) < 1e-6

@@ -26,6 +26,8 @@ def test_olmoe_preset_is_the_paper_model(tmp_path):
     assert (c.moe.num_experts, c.moe.top_k, c.moe.ffn_hidden, c.model.d_model, c.model.n_layers) == (64, 8, 1024, 2048, 16)
     assert (c.moe.lb_loss_weight, c.moe.z_loss_weight, c.moe.norm_topk_prob) == (0.01, 0.001, False)
     assert load_config("configs/olmoe-1b-7b.yaml").validate(8).model.vocab_size == 50304
+    sft = load_config("configs/olmoe-1b-7b-sft.yaml", ["data.paths=[d]", "data.tokenizer=t.json"]).validate(8)
+    assert sft.optim.lr == 2e-5 and sft.grad_accumulation_steps(8) == 16
 
 
 @pytest.mark.parametrize("overrides,key,fix", [

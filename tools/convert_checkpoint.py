@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the checkpoint's")
     p.add_argument("--shard-size-gb", type=float, default=5.0)
     p = command("from-hf", "transformers OLMoE directory → new megamoe run")
+    p.add_argument("--config", help="YAML with the new run's data/optim/train/parallel settings "
+                                    "(e.g. configs/olmoe-1b-7b-sft.yaml); model sizes come from config.json")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="the new run's data/optim/train/parallel settings")
+                   help="the new run's data/optim/train/parallel settings (after --config)")
     p = command("reshard", "megamoe checkpoint → new run with another parallel layout")
     p.add_argument("overrides", nargs="+", metavar="parallel.key=value")
     p.add_argument("--world-size", type=int, required=True, help="ranks the new run will use")
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                             int(args.shard_size_gb * 2**30), args.overwrite, progress)
         elif args.command == "from-hf":
             from megamoe.checkpoint.hf_dirs import import_hf
-            out = import_hf(args.src, args.out, args.overrides, args.overwrite, progress)
+            out = import_hf(args.src, args.out, args.overrides, args.overwrite, progress, config=args.config)
         elif args.command == "reshard":
             from megamoe.checkpoint.reshard import reshard
             out = reshard(args.src, args.out, args.overrides, args.world_size, args.overwrite, progress)

@@ -144,11 +144,11 @@ def _export_tokenizer(cfg, out: Path):
 # Import ------------------------------------------------------------------------------------
 
 def import_hf(src: Path, run_dir: Path, overrides: list[str] = (), overwrite: bool = False,
-              progress: bool = True) -> Path:
+              progress: bool = True, config: str | Path | None = None) -> Path:
     """transformers OLMoE directory `src` → new megamoe run `run_dir` (checkpoint at step 0).
 
-    model.* and moe sizes come from config.json; `overrides` (section.key=value) set the rest
-    (data, optim, train, parallel). Streams one layer at a time.
+    model.* and moe sizes come from config.json; the YAML `config` and then `overrides`
+    (section.key=value) set the rest (data, optim, train, parallel). Streams one layer at a time.
     """
     src = Path(src)
     try:
@@ -157,7 +157,7 @@ def import_hf(src: Path, run_dir: Path, overrides: list[str] = (), overwrite: bo
         raise CheckpointError(f"{src / 'config.json'} is missing: {src} is not a transformers model directory") from None
     if hf.get("model_type") != "olmoe":
         raise CheckpointError(f"{src} holds a {hf.get('model_type')!r} model; only OLMoE ('olmoe') converts")
-    cfg = load_config(None, list(overrides))
+    cfg = load_config(str(config) if config is not None else None, list(overrides))
     try:
         cfg.model, moe = config_from_hf(hf)
     except ValueError as e:
