@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -278,9 +279,22 @@ def test_slurm_usr1_checkpoints_requeues_and_resumes(tmp_path):
         # The ranks save and exit 75 and the job requeues itself. Slurm holds a requeued job
         # for ~2 minutes (BeginTime); let it start at once, then it resumes.
         wait_until(lambda: job_state(job) == "PENDING", 60, "requeued job")
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-        wait_until(lambda: "resuming at step" in job_output(tmp_path, job)
-                   and last_step(run) > latest_step(run), 150, "resumed step after the requeue")
+
+        released = [0.0]
+
+        def resumed() -> bool:
+            # Repeated while pending (every 5 s): slurmctld may set the requeue's BeginTime after
+            # an early update, and the job would then wait out the whole hold.
+            if time.monotonic() - released[0] > 5 and job_state(job) == "PENDING":
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+                released[0] = time.monotonic()
+            return "resuming at step" in job_output(tmp_path, job) and last_step(run) > latest_step(run)
+
+        try:
+            wait_until(resumed, 150, "resumed step after the requeue")
+        except AssertionError as e:
+            shown = subprocess.run(["scontrol", "show", "job", str(job)], capture_output=True, text=True)
+            raise AssertionError(f"{e}\n{shown.stdout}\n{job_output(tmp_path, job)[-3000:]}") from None
     finally:
         subprocess.run(["scancel", str(job)])
     out = job_output(tmp_path, job)

@@ -6,6 +6,7 @@ Every launcher (deepspeed, torchrun, mpirun, srun) starts this module on each ra
 import argparse
 import os
 import sys
+import traceback
 
 # Routed token counts, and so the expert buffers' sizes, change every step: without expandable
 # segments the CUDA allocator fragments (9 OLMoE layers fit one H100 only with it). Must be set
@@ -54,5 +55,39 @@ def _shutdown(clean: bool) -> None:
         dist.destroy_process_group()
 
 
+def _exit(code: int) -> None:
+    """End the process without interpreter finalization.
+
+    Everything the run owes is done by now: checkpoints written, metrics and tensorboard
+    closed, process groups destroyed. What finalization would still do is tear down what
+    other libraries keep alive. DeepSpeed and the parallel state keep references to the gloo
+    process groups, so their worker threads outlive destroy_process_group (21 threads on an
+    EP2 rank). Torn down during finalization, they now and then aborted a finished run with
+    SIGABRT, "terminate called without an active exception": twice in CI runs of the CPU
+    suite, each time one launch among its ~70 multi-rank ones.
+    """
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        exit_code = main()
+    except SystemExit as e:  # argparse's usage errors and --help (already printed)
+        exit_code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        exit_code = 130
+    except BaseException:  # noqa: BLE001 - printed as Python would, then the same exit
+        traceback.print_exc()
+        exit_code = 1
+    _exit(exit_code)
