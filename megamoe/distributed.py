@@ -275,3 +275,6 @@ def _say(line: str) -> None:
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as megamoe.train does: no finalization of gloo threads DeepSpeed keeps alive
