@@ -42,12 +42,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _shutdown(clean: bool) -> None:
-    """Destroy the process groups while the interpreter is still whole.
+    """Destroy the process groups (what torch asks of every program that made them).
 
-    Left to interpreter finalization, gloo's worker threads can outlive Python and abort the
-    process (SIGABRT, "terminate called without an active exception") after a run that
-    finished. After an error, other ranks may still be inside a collective that destroying
-    would wait on, so a multi-rank group is then left to the exit.
+    For library callers of `main`; run as a module, `_exit` then ends the process. After an
+    error, other ranks may still be inside a collective that destroying would wait on, so a
+    multi-rank group is then left to the exit.
     """
     import torch.distributed as dist
 
