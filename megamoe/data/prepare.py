@@ -26,6 +26,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,9 +106,7 @@ def _parse_messages(record: dict, key: str):
     for m in messages:
         if not (isinstance(m, dict) and m.get("role") in CHAT_ROLES and isinstance(m.get("content"), str)):
             return None, f"a message that is not {{\"role\": {'|'.join(CHAT_ROLES)}, \"content\": str}}"
-        try:
-            m["content"].encode("utf-8")
-        except UnicodeEncodeError:
+        if not _is_utf8(m["content"]):
             return None, "not UTF-8"
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         return None, "no assistant turn (nothing to learn)"
@@ -142,17 +141,21 @@ def _parse_json_line(raw: bytes, json_key: str, prompt_key: str | None = None,
     if problem:
         return None, problem if problem != "empty document" else f"empty {json_key!r} (nothing to learn)"
     prompt = record[prompt_key]
-    try:
-        prompt.encode("utf-8")  # may be empty, but not broken
-    except UnicodeEncodeError:
+    if not _is_utf8(prompt):  # may be empty, but not broken
         return None, "not UTF-8"
     return [(prompt, False), (completion, True), (None, True)], None
 
 
-def _check_text(text: str) -> tuple[str | None, str | None]:
+def _is_utf8(text: str) -> bool:
     try:
         text.encode("utf-8")  # JSON escapes can smuggle in lone surrogates
     except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_text(text: str) -> tuple[str | None, str | None]:
+    if not _is_utf8(text):
         return None, "not UTF-8"
     return (text, None) if text.strip() else (None, "empty document")
 
@@ -246,7 +249,7 @@ def preprocess(input_paths: list[str | Path], output_prefix: str | Path,
         keys = (f"--messages-key {messages_key!r}" if messages_key is not None else
                 f"--json-key {json_key!r}" + (f" and --prompt-key {prompt_key!r}" if prompt_key else ""))
         with (IndexedDatasetBuilder(output_prefix, dtype_for_vocab(tokenizer.vocab_size)) as builder,
-              IndexedDatasetBuilder(mask_prefix, np.uint8) as masks,
+              IndexedDatasetBuilder(mask_prefix, np.uint8) if fine_tuning else nullcontext() as masks,
               tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress,
                    desc=f"tokenizing into {output_prefix}") as bar):
             for ids, mask, nbytes in encoded:
@@ -260,12 +263,11 @@ def preprocess(input_paths: list[str | Path], output_prefix: str | Path,
             if not report.documents:
                 raise ValueError(f"no usable documents in {', '.join(map(str, input_paths))}"
                                  f" (check {keys})\n{report.problems()}")
-            if not fine_tuning:
-                masks.abort()
-                for suffix in (".bin", ".idx"):  # --overwrite of fine-tuning data with plain text
-                    Path(mask_prefix + suffix).unlink(missing_ok=True)
-            else:
+            if fine_tuning:
                 masks.finalize()
+            else:  # --overwrite of fine-tuning data with plain text: drop the old mask
+                for suffix in (".bin", ".idx"):
+                    Path(mask_prefix + suffix).unlink(missing_ok=True)
             builder.finalize()  # the tokens' .idx last: readers look for it first
     finally:
         if pool is not None:

@@ -71,7 +71,9 @@ class Trainer:
     def _count_targets(self, data, step: int, batches: int) -> float:
         """Targets (labels != -100) in `batches` micro-batches of `step` over the DP group: the
         whole step's, read from the data alone (no forward pass)."""
-        count = sum(int((self._micro_batch(data, step, m)[1] != -100).sum()) for m in range(batches))
+        t, s = self.cfg.train, self.state
+        count = sum(int(get_batch(data, step, t.global_batch_size, t.micro_batch_size, s.dp_rank, s.dp, m,
+                                  loss_mask=True)[:, 1:].sum()) for m in range(batches))  # the labels' mask
         return float(comm.all_reduce(torch.tensor([count], dtype=torch.float64), self.state.dp_group))
 
     @contextmanager
