@@ -277,14 +277,15 @@ def test_slurm_usr1_checkpoints_requeues_and_resumes(tmp_path):
                    alive=lambda: job_state(job) in {"PENDING", "RUNNING"})
         subprocess.run(["scancel", "--signal=USR1", str(job)], check=True)
         # The ranks save and exit 75 and the job requeues itself. Slurm holds a requeued job
-        # for ~2 minutes (BeginTime); let it start at once, then it resumes.
+        # for ~2 minutes (BeginTime); let it start sooner, then it resumes.
         wait_until(lambda: job_state(job) == "PENDING", 60, "requeued job")
 
-        released = [0.0]
+        # Not at once: slurmd refuses a job credential made in the same second the old one was
+        # revoked ("Job credential revoked", the job then fails), seen in CI. Then every 5 s
+        # while pending, in case slurmctld set the requeue's BeginTime after an update.
+        released = [time.monotonic()]
 
         def resumed() -> bool:
-            # Repeated while pending (every 5 s): slurmctld may set the requeue's BeginTime after
-            # an early update, and the job would then wait out the whole hold.
             if time.monotonic() - released[0] > 5 and job_state(job) == "PENDING":
                 subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
                 released[0] = time.monotonic()
