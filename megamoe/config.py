@@ -99,6 +99,7 @@ class TrainConfig:
     save_interval: int = 500
     keep_checkpoints: int = 2
     compile: bool = False  # torch.compile each block (CUDA; ignored with a notice on CPU)
+    max_skipped_steps: int = 10  # stop after this many steps in a row with a non-finite grad norm/loss
 
 
 @dataclass
@@ -150,7 +151,8 @@ class Config:
                            ("train.global_batch_size", t.global_batch_size),
                            ("train.log_interval", t.log_interval),
                            ("train.eval_interval", t.eval_interval),
-                           ("train.save_interval", t.save_interval)]:
+                           ("train.save_interval", t.save_interval),
+                           ("train.max_skipped_steps", t.max_skipped_steps)]:
             _require(value >= 1, key, f"must be a positive integer, got {value}")
         _require(moe.num_experts >= 0, "moe.num_experts", "must be >= 0 (0 = dense FFN)")
         if m.head_dim is None:

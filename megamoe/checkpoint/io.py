@@ -89,7 +89,9 @@ def _named_params(model):
 
 
 def optimizer_step(optimizer) -> int:
-    """How many steps the (torch, apex or DeepSpeed-wrapped) Adam optimizer has taken."""
+    """How many steps the Adam optimizer (ours, torch's, apex's, DeepSpeed-wrapped) has taken."""
+    if hasattr(optimizer, "steps_taken"):  # megamoe.train.optimizer.AdamW
+        return optimizer.steps_taken()
     inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed wrappers hold the torch optimizer
     steps = [st["step"] for st in inner.state.values() if "step" in st]
     steps += [g["step"] for g in inner.param_groups if "step" in g]  # apex FusedAdam
@@ -105,8 +107,9 @@ def _param_state(p: torch.nn.Parameter, optimizer, with_moments: bool) -> list[t
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
         found = [safe_get_full_fp32_param(p)]
         found += [safe_get_full_optimizer_state(p, k) for k in MOMENTS] if with_moments else []
-    else:  # the torch optimizer itself: the parameter is the master weight
-        found = [p.detach()] + ([optimizer.state[p][k] for k in MOMENTS] if with_moments else [])
+    else:  # our AdamW (fp32 master beside a bf16 weight) or a torch optimizer (the weight itself)
+        master = optimizer.master(p) if hasattr(optimizer, "master") else p
+        found = [master.detach()] + ([optimizer.state[p][k] for k in MOMENTS] if with_moments else [])
     return [t.detach().to("cpu").contiguous() for t in found]
 
 
@@ -179,13 +182,16 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, state) -> dic
     opt_step = (meta.get("optimizer") or {}).get("step", 0)
     with ShardedReader(path, meta, "model") as weights, ShardedReader(path, meta, "optim") as moments:
         _check_matches(path, weights, params, state)
-        if opt_step:
+        if opt_step and not hasattr(optimizer, "load_param_state"):
             _prepare_optimizer_state(optimizer, params.values(), opt_step)
         for name, p in params.items():
             box = piece_box(p.shape, shards(p))
             master = weights.read(name, box).to(p.device, torch.float32)
             found = [moments.read(f"{name}.{k}", box).to(p.device, torch.float32) for k in MOMENTS] if opt_step else []
-            _set_param_state(p, optimizer, master, found)
+            if hasattr(optimizer, "load_param_state"):  # megamoe.train.optimizer.AdamW
+                optimizer.load_param_state(p, master, found or _zero_moments(master), opt_step)
+            else:
+                _set_param_state(p, optimizer, master, found)
     rng_file = path / f"rng-rank{state.rank:05d}.safetensors"
     if (rng_file.name in meta["files"] and meta["world_size"] == state.world_size
             and meta["layout"] == _layout(state, meta["config"])):
@@ -242,6 +248,10 @@ def _link_fragments(optimizer) -> None:
     """
     optimizer._hp_optimizer_states_linked = False
     optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _zero_moments(master: torch.Tensor) -> list[torch.Tensor]:
+    return [torch.zeros_like(master) for _ in MOMENTS]
 
 
 def _set_param_state(p: torch.nn.Parameter, optimizer, master: torch.Tensor, moments: list) -> None:

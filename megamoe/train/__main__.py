@@ -16,6 +16,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 from ..checkpoint.io import CheckpointError
 from ..config import ConfigError, load_config
 from ..distributed import LaunchError
+from .loop import DivergenceError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"megamoe: sample from the final checkpoint:\n{cfg.run.sample_prompt}{text}", flush=True)
         _shutdown(clean=True)
         return code
-    except (ConfigError, LaunchError, CheckpointError) as e:
+    except (ConfigError, LaunchError, CheckpointError, DivergenceError) as e:
         print(f"megamoe: error: {e}", file=sys.stderr, flush=True)
         _shutdown(clean=False)
-        return 2
+        return 3 if isinstance(e, DivergenceError) else 2
 
 
 def _shutdown(clean: bool) -> None:

@@ -97,11 +97,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """apex FusedAdam when NVIDIA apex is installed (GPU), else torch AdamW (fused on GPU)."""
+def build_optimizer(cfg: Config, model: nn.Module, state: ParallelState,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """ZeRO 0: our AdamW (fp32 masters for bf16 weights, clipping and the non-finite guard in one
+    fused pass per parameter). ZeRO 1/2: the inner optimizer DeepSpeed's partitioned one steps:
+    apex FusedAdam when NVIDIA apex is installed, else torch's AdamW (fused on GPU)."""
     o = cfg.optim
     groups = param_groups(model, o.weight_decay)
     kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    if cfg.parallel.zero_stage == 0:
+        from .optimizer import AdamW
+        return AdamW(groups, state, max_norm=o.grad_clip, master_weights=resolve_dtype(cfg, device) != torch.float32,
+                     **kwargs)
     if device.type == "cuda":
         try:
             from apex.optimizers import FusedAdam
@@ -114,25 +121,28 @@ def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torc
 def deepspeed_config(cfg: Config, state: ParallelState, dtype: torch.dtype) -> dict:
     """DeepSpeed's config for this run.
 
-    bf16 runs through DeepSpeed's ZeRO optimizer (fp32 master weights and Adam moments, kept
-    per parameter by its fragment mapping, which checkpoints read). Its ZeRO-0 bf16 path keeps
-    neither in a form we can checkpoint per parameter, so `zero_stage: 0` runs as ZeRO-1 in bf16:
-    on one data-parallel rank that is the same thing, on several it also shards the optimizer
-    state. (tests/test_train.py: bf16 on 1 rank, EP2 and PP2 agree with the fp32 run.)
+    ZeRO 0: DeepSpeed sees a plain optimizer (ours, which keeps fp32 masters itself, clips and
+    skips non-finite steps) and only reduces gradients over data parallelism, in fp32.
+    ZeRO 1/2: DeepSpeed's partitioned optimizer keeps fp32 masters and Adam moments per parameter
+    through its fragment mapping (which checkpoints read), clips, and skips a step whose gradient
+    norm is not finite (`bf16.check_grad_overflow`).
     """
-    t = cfg.train
+    t, zero = cfg.train, cfg.parallel.zero_stage
     bf16 = dtype == torch.bfloat16
-    return {
+    config = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accumulation_steps(state.world_size),
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": max(cfg.parallel.zero_stage, 1) if bf16 else cfg.parallel.zero_stage},
+        "gradient_clipping": cfg.optim.grad_clip if zero else 0.0,
+        "zero_optimization": {"stage": zero},
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": bf16 and zero > 0, "check_grad_overflow": True},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if bf16 and zero == 0:
+        config["communication_data_type"] = "fp32"  # bf16 gradients are averaged over DP in fp32
+    return config
 
 
 def _mark_moe_for_deepspeed(model: nn.Module, state: ParallelState) -> None:
@@ -167,43 +177,11 @@ def build_engine(cfg: Config, state: ParallelState, model: nn.Module, device: to
         state.register_with_deepspeed()
         if cfg.moe.backend != "deepspeed":  # DeepSpeed finds its own MoE modules
             _mark_moe_for_deepspeed(model, state)
-    optimizer = build_optimizer(cfg, model, device)
+    optimizer = build_optimizer(cfg, model, state, device)  # fp32 masters from the fp32 init
+    if dtype != torch.float32 and cfg.parallel.zero_stage == 0:  # DeepSpeed casts under ZeRO 1/2
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            mpu=state if state.world_size > 1 else None,
                                            config=deepspeed_config(cfg, state, dtype))
-
-    def clip_fp32_gradients():  # DeepSpeed's fp32/ZeRO-0 path: clip by the true global norm
-        engine._global_grad_norm = clip_grad_norm(model, state, cfg.optim.grad_clip)
-
-    engine.clip_fp32_gradients = clip_fp32_gradients
     return engine
-
-
-def clip_grad_norm(model: nn.Module, state: ParallelState, max_norm: float) -> float:
-    """Clip gradients by the norm of the *full* model's gradient, whatever the layout.
-
-    Each distinct gradient element counts once: expert shards are summed over the EP group,
-    tensor-parallel shards over the TP group, stages over the PP group; replicas count once.
-    """
-    from ..parallel import comm
-    from ..parallel.sharding import shards
-
-    params = [p for p in model.parameters() if p.grad is not None]
-    device = params[0].grad.device if params else torch.device("cpu")
-    sq = torch.zeros(3, dtype=torch.float64, device=device)  # replicated, tp-sharded, expert
-    for p in params:  # summed on the device; read once, below
-        kind = 2 if getattr(p, "allreduce", True) is False else (1 if shards(p) else 0)
-        sq[kind] += p.grad.detach().double().pow(2).sum()
-    if state.tp > 1:
-        sq[1:2] = comm.all_reduce(sq[1:2], state.tp_group)
-    if state.ep > 1:
-        sq[2:3] = comm.all_reduce(sq[2:3], state.ep_group)
-    total = sq.sum()
-    if state.pp > 1:
-        total = comm.all_reduce(total, state.pp_group)
-    norm = float(total.sqrt())
-    coef = max_norm / (norm + 1e-6)
-    if max_norm > 0 and coef < 1:
-        for p in params:
-            p.grad.detach().mul_(coef)
-    return norm

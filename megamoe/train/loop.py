@@ -46,6 +46,7 @@ class Trainer:
         self.model = build_model(cfg, self.state)
         self.engine = build_engine(cfg, self.state, self.model, self.device)
         self.step = 0
+        self.skipped_steps = self.skipped_in_a_row = 0  # divergence guard (`_guard`)
         latest = latest_checkpoint(self.run_dir / "checkpoints")
         if latest is not None:
             check_resumable(read_meta(latest)["config"], cfg, latest)
@@ -109,10 +110,31 @@ class Trainer:
         load = load.cpu()
         self.step += 1
         norm = self.engine.get_global_grad_norm()
+        self._guard(skipped=bool(getattr(self.engine.optimizer, "overflow", False)))
         return {"loss": sums[0].item(), "lm_loss": sums[1].item(), "lb_loss": sums[2].item(),
                 "z_loss": sums[3].item(), "lr": lr_at(self.cfg, self.step - 1),
                 "grad_norm": float(norm) if norm is not None else float("nan"),
+                "skipped_steps": self.skipped_steps,
                 "expert_load": (load / load.sum(-1, keepdim=True).clamp_min(1)).tolist() if layers else []}
+
+    def _guard(self, skipped: bool) -> None:
+        """Divergence guard: the optimizer left a step whose gradient norm (or loss) was not
+        finite undone; count it, and stop after `train.max_skipped_steps` in a row."""
+        if not skipped:
+            self.skipped_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        limit = self.cfg.train.max_skipped_steps
+        if self.is_logger:
+            print(f"megamoe: step {self.step} skipped: its gradient norm or loss is not finite; weights and "
+                  f"optimizer state unchanged ({self.skipped_in_a_row} in a row, limit {limit})", flush=True)
+        if self.skipped_in_a_row >= limit:
+            raise DivergenceError(
+                f"{self.skipped_in_a_row} steps in a row (to step {self.step}) had a non-finite gradient norm "
+                f"or loss and were skipped (train.max_skipped_steps={limit}); the run has diverged. The last "
+                "checkpoint holds finite weights: resume from it with a lower optim.lr, more "
+                "optim.warmup_steps or a tighter optim.grad_clip")
 
     def _accumulate(self, layers) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over the step's micro-batches (no pipeline) → the sums of
@@ -123,11 +145,13 @@ class Trainer:
             tokens, labels = self._micro_batch(self.train_data, self.step, micro)
             out = self.engine(tokens, labels)
             self.engine.backward(out.loss)
-            self.engine.step()
             micro_sums = torch.stack([out.loss.detach().float(), out.lm_loss.detach().float(),
                                       _layer_mean(layers, "lb_loss", out.loss),
                                       _layer_mean(layers, "z_loss", out.loss)]).double()
             sums = micro_sums if sums is None else sums + micro_sums
+            if micro == self.gas - 1 and hasattr(self.engine.optimizer, "also_finite"):
+                self.engine.optimizer.also_finite = sums[0]  # a non-finite loss skips the step too
+            self.engine.step()  # steps the optimizer after the last micro-batch only
             if layers:
                 micro_load = torch.stack([l.stats["expert_load"].double() for l in layers])
                 load = micro_load if load is None else load + micro_load
@@ -191,6 +215,10 @@ class Trainer:
             return 0
         finally:
             self.metrics.close()  # also on preemption and errors: tensorboard flushes what it has
+
+
+class DivergenceError(RuntimeError):
+    """Too many consecutive steps had a non-finite gradient norm or loss."""
 
 
 def _layer_mean(layers, key: str, like: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,121 @@
+"""AdamW with fp32 master weights, global-norm clipping and a non-finite guard, in one pass.
+
+The optimizer of `parallel.zero_stage: 0` runs (ZeRO 1/2 use DeepSpeed's partitioned one).
+Per parameter it keeps an fp32 master weight (when the parameters are trained in bf16) and the
+two fp32 Adam moments, so checkpoints read and write them per parameter by name. One step:
+
+1. the global gradient norm: one multi-tensor norm per kind of parameter (replicated, tensor-
+   parallel shard, expert shard), summed over the groups that hold distinct pieces, read once;
+2. a step whose norm (or the loss the trainer hands over) is not finite changes nothing:
+   `overflow` is set, and the DeepSpeed engine counts it in `skipped_steps`;
+3. else each parameter is updated by one fused pass (`fused_adamw.adamw_step` on CUDA: reads the
+   bf16 gradient, master and moments once, writes master, moments and the bf16 weight once;
+   the same arithmetic in torch ops elsewhere), the clipping factor folded into the gradient.
+
+Against DeepSpeed's bf16 ZeRO optimizer on one H100 (8 OLMoE layers, 3.56 B parameters) this is
+the difference between 236 ms and the memory-traffic bound of the update (docs/performance.md).
+"""
+
+import torch
+import torch.distributed as dist
+
+from ..parallel import comm
+from ..parallel.sharding import shards
+from . import fused_adamw
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def grad_norm(params: list[torch.Tensor], state) -> torch.Tensor:
+    """L2 norm of the *full* model's gradient, whatever the layout (a device scalar, fp64).
+
+    Each distinct gradient element counts once: expert shards are summed over the EP group,
+    tensor-parallel shards over the TP group, stages over the PP group; replicas count once.
+    """
+    kinds = ([], [], [])  # replicated, tp-sharded, expert
+    for p in params:
+        kinds[2 if getattr(p, "allreduce", True) is False else (1 if shards(p) else 0)].append(p.grad)
+    device = params[0].grad.device if params else torch.device("cpu")
+    sq = torch.zeros(3, dtype=torch.float64, device=device)
+    for i, grads in enumerate(kinds):
+        if grads:  # per-tensor norms accumulate in fp32; their squares are summed in fp64
+            sq[i] = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double().square().sum()
+    if state.tp > 1:
+        sq[1:2] = comm.all_reduce(sq[1:2], state.tp_group)
+    if state.ep > 1:
+        sq[2:3] = comm.all_reduce(sq[2:3], state.ep_group)
+    total = sq.sum()
+    if state.pp > 1:
+        total = comm.all_reduce(total, state.pp_group)
+    return total.sqrt()
+
+
+class AdamW(torch.optim.Optimizer):
+    """Decoupled-weight-decay Adam (torch's AdamW arithmetic) over parameters of any dtype."""
+
+    def __init__(self, groups: list[dict], parallel_state, *, lr: float, betas: tuple[float, float],
+                 eps: float, max_norm: float, master_weights: bool = False):
+        """master_weights: keep an fp32 copy of every parameter, taken now (build the optimizer
+        over the fp32 initialisation, then cast the parameters to bf16)."""
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0))
+        self.parallel_state, self.max_norm, self.master_weights = parallel_state, max_norm, master_weights
+        self._global_grad_norm: float | None = None  # the engine reports it (get_global_grad_norm)
+        self.overflow = False  # the last step was skipped (the engine counts skipped_steps)
+        self.also_finite: torch.Tensor | None = None  # e.g. the step's loss: must be finite too
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_state(p)
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        st = self.state[p]
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32)
+            if self.master_weights:
+                st["master"] = p.detach().float().clone()
+            for k in MOMENTS:
+                st[k] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        return st
+
+    # Per-parameter state, for checkpoints -------------------------------------------------
+    def master(self, p: torch.Tensor) -> torch.Tensor:
+        """The fp32 weight the optimizer updates (`p` itself without master weights)."""
+        return self.state[p].get("master", p)
+
+    def steps_taken(self) -> int:
+        return int(max((float(st["step"]) for st in self.state.values()), default=0))
+
+    @torch.no_grad()
+    def load_param_state(self, p: torch.Tensor, master: torch.Tensor, moments: list[torch.Tensor],
+                         step: int) -> None:
+        st = self._init_state(p)
+        p.copy_(master)
+        if "master" in st:
+            st["master"].copy_(master)
+        for k, t in zip(MOMENTS, moments):
+            st[k].copy_(t)
+        st["step"].fill_(step)
+
+    # The step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = grad_norm(params, self.parallel_state)
+        check = norm if self.also_finite is None else norm + 0 * self.also_finite.to(norm)
+        # Every rank must take the same decision: a loss is local to its data-parallel rank.
+        bad = comm.all_reduce((~torch.isfinite(check)).double().reshape(1), op=dist.ReduceOp.MAX)
+        norm_value, ok = float(norm), not bool(bad)  # the step's host reads
+        self._global_grad_norm, self.overflow, self.also_finite = norm_value, not ok, None
+        if not ok:
+            return
+        scale = min(1.0, self.max_norm / (norm_value + 1e-6)) if self.max_norm > 0 else 1.0
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self._init_state(p)
+                st["step"] += 1
+                fused_adamw.adamw_step(p, p.grad, st.get("master"), st["exp_avg"], st["exp_avg_sq"],
+                                       lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                                       weight_decay=group["weight_decay"], step=int(st["step"]),
+                                       grad_scale=scale)

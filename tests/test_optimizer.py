@@ -1,0 +1,179 @@
+"""megamoe's AdamW (ZeRO 0): torch's AdamW arithmetic, fp32 masters for bf16 weights, clipping by
+the global norm, and the divergence guard (a non-finite step changes nothing; too many stop the run)."""
+
+import math
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megamoe.checkpoint.io import latest_checkpoint
+from megamoe.train.fused_adamw import adamw_step
+from megamoe.train.optimizer import AdamW
+from runs import REPO, TINY, free_port, metrics
+
+ONE_RANK = SimpleNamespace(tp=1, ep=1, pp=1)
+HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _params(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(shape, generator=g).to(dtype)) for shape in [(7, 5), (13,), (3, 4, 6)]]
+
+
+def _grads(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    return [torch.randn(shape, generator=g) for shape in [(7, 5), (13,), (3, 4, 6)]]
+
+
+def test_fused_update_is_torch_adamw():
+    """The torch form of the fused update equals torch.optim.AdamW bit for bit, step after step."""
+    ours, ref = _params(), _params()
+    state = [[torch.zeros_like(p), torch.zeros_like(p)] for p in ours]
+    torch_opt = torch.optim.AdamW(ref, weight_decay=0.1, foreach=False, **HYPER)
+    for step in range(1, 6):
+        for p, q, g, moments in zip(ours, ref, _grads(step), state):
+            q.grad = g.clone()
+            with torch.no_grad():
+                adamw_step(p, g, None, *moments, lr=HYPER["lr"], beta1=0.9, beta2=0.95,
+                           eps=1e-8, weight_decay=0.1, step=step)
+        torch_opt.step()
+        for p, q in zip(ours, ref):
+            assert torch.equal(p, q), step
+
+
+def test_clipping_scales_the_gradient_by_the_global_norm():
+    """max_norm clips like torch.nn.utils.clip_grad_norm_ followed by AdamW."""
+    ours, ref = _params(), _params()
+    opt = AdamW([{"params": ours, "weight_decay": 0.0}], ONE_RANK, max_norm=0.5, **HYPER)
+    torch_opt = torch.optim.AdamW(ref, weight_decay=0.0, foreach=False, **HYPER)
+    for step in range(1, 4):
+        for p, q, g in zip(ours, ref, _grads(step)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(ref, 0.5)
+        torch_opt.step()
+        assert opt._global_grad_norm == pytest.approx(float(norm), rel=1e-6)
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_bf16_weights_follow_their_fp32_masters():
+    """bf16 weights are their fp32 masters rounded; the masters take the fp32 run's path given
+    the same (bf16-representable) gradients."""
+    fp32 = _params()
+    bf16 = [torch.nn.Parameter(p.detach().clone()) for p in fp32]
+    opt32 = AdamW([{"params": fp32, "weight_decay": 0.1}], ONE_RANK, max_norm=0.0, **HYPER)
+    opt16 = AdamW([{"params": bf16, "weight_decay": 0.1}], ONE_RANK, max_norm=0.0, master_weights=True, **HYPER)
+    for p in bf16:  # masters are taken from the fp32 init, before the cast (as build_engine does)
+        p.data = p.data.bfloat16()
+    for step in range(1, 5):
+        for p, q, g in zip(fp32, bf16, _grads(step)):
+            g = g.bfloat16()
+            p.grad, q.grad = g.float(), g
+        opt32.step()
+        opt16.step()
+    for p, q in zip(fp32, bf16):
+        assert q.dtype == torch.bfloat16
+        torch.testing.assert_close(opt16.master(q), p, rtol=1e-6, atol=1e-7)
+        assert torch.equal(q, opt16.master(q).bfloat16())
+    assert opt16.steps_taken() == 4
+
+
+@pytest.mark.parametrize("poison", ["grad_nan", "grad_inf", "loss_nan"])
+def test_non_finite_step_changes_nothing(poison):
+    params = _params(torch.bfloat16)
+    opt = AdamW([{"params": params, "weight_decay": 0.1}], ONE_RANK, max_norm=1.0, master_weights=True, **HYPER)
+    for p, g in zip(params, _grads(1)):
+        p.grad = g.bfloat16()
+    opt.step()
+    before = {id(p): {k: v.clone() for k, v in opt.state[p].items()} | {"w": p.detach().clone()} for p in params}
+    for p, g in zip(params, _grads(2)):
+        p.grad = g.bfloat16()
+    if poison == "grad_nan":
+        params[1].grad[3] = float("nan")
+    elif poison == "grad_inf":
+        params[2].grad[0, 0, 0] = float("inf")
+    else:
+        opt.also_finite = torch.tensor(float("nan"))
+    opt.step()
+    assert opt.overflow
+    for p in params:
+        after = {k: v for k, v in opt.state[p].items()} | {"w": p.detach()}
+        assert all(torch.equal(after[k], before[id(p)][k]) for k in after)
+    for p, g in zip(params, _grads(2)):
+        p.grad = g.bfloat16()
+    opt.step()  # the same gradients, finite this time: the step is taken
+    assert not opt.overflow and opt.steps_taken() == 2
+    assert not torch.equal(params[0], before[id(params[0])]["w"])
+
+
+NAN_AT = """
+import sys, torch
+import megamoe.model.olmoe as olmoe
+import megamoe.train.loop as loop
+from megamoe.train.__main__ import main
+first, last, rank = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+step = [0]
+train_step = loop.Trainer.train_step
+def counted(self):
+    step[0] = self.step + 1  # the step being taken (as logged)
+    return train_step(self)
+loop.Trainer.train_step = counted
+forward = olmoe.OLMoE.forward
+def poisoned(self, *args, **kwargs):
+    out = forward(self, *args, **kwargs)
+    import torch.distributed as dist
+    if first <= step[0] <= last and out.loss is not None and (not dist.is_initialized() or dist.get_rank() == rank):
+        out.loss = out.loss * float("nan")
+    return out
+olmoe.OLMoE.forward = poisoned
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def _launch_poisoned(tmp_path, run, nproc, first, last, overrides):
+    script = tmp_path / "poison.py"
+    script.write_text(NAN_AT)
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                                      f"--master_port={free_port()}"]
+    cmd = [sys.executable, *launcher, str(script), str(first), str(last), str(nproc - 1), *TINY, *overrides,
+           f"run.dir={run}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _checkpoint(run, step):
+    d = run / "checkpoints" / f"step_{step:08d}"
+    return {**load_file(d / "model-rank00000.safetensors"), **load_file(d / "optim-rank00000.safetensors")}
+
+
+def test_a_nan_step_on_one_rank_is_skipped_by_every_rank_and_the_run_goes_on(tmp_path):
+    """NaN loss on data-parallel rank 1 at step 3: both ranks skip it (weights and Adam moments of
+    step 3 equal step 2's bit for bit), it is counted, and steps 4-5 train on."""
+    run = tmp_path / "run"
+    proc = _launch_poisoned(tmp_path, run, 2, 3, 3, ["train.steps=5", "train.save_interval=1",
+                                                     "train.keep_checkpoints=10"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 3 skipped" in proc.stdout
+    records = {r["step"]: r for r in metrics(run)}
+    assert [records[s]["skipped_steps"] for s in range(1, 6)] == [0, 0, 1, 1, 1]
+    assert math.isnan(records[3]["loss"]) and all(math.isfinite(records[s]["loss"]) for s in (4, 5))
+    two, three, four = (_checkpoint(run, s) for s in (2, 3, 4))
+    assert all(torch.equal(three[k], two[k]) for k in two)
+    assert not all(torch.equal(four[k], three[k]) for k in three)
+
+
+def test_a_diverged_run_stops_with_an_error_and_finite_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    proc = _launch_poisoned(tmp_path, run, 1, 3, 100, ["train.steps=8", "train.save_interval=1",
+                                                       "train.max_skipped_steps=3"])
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "megamoe: error: 3 steps in a row" in proc.stderr and "optim.lr" in proc.stderr
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]  # the fifth raised before its record
+    weights = _checkpoint(run, int(latest_checkpoint(run / "checkpoints").name[5:]))
+    assert all(torch.isfinite(t).all() for t in weights.values())
