@@ -3,6 +3,8 @@
 # train.compile, plus the MoE-layer comparison with moe.backend=deepspeed. Logs land in $OUT.
 # usage: bash bench/train_device.sh [n_layers to try, largest first (default "8 6")]
 #        SKIP_LAYER_BENCH=1 EAGER_ONLY=1 STEPS=10 bash bench/train_device.sh "10 9"   (sizing only)
+#        COMPILE_ONLY=1: the compiled run only; EXTRA="key=value ...": more trainer overrides (they win);
+#        TAG=name-: prefix of the run names (runs/ and $OUT)
 # Data: an indexed dataset + tokenizer in .devdata/ (data.paths); checkpoint writing is
 # switched off (Trainer.save) so a 3B-parameter run does not write ~45 GB at its last step.
 export PYTHONUNBUFFERED=1 OUT=${OUT:-bench_out}
@@ -11,7 +13,9 @@ if [ -z "${SKIP_LAYER_BENCH:-}" ]; then
 python3 bench/bench_moe_layer.py --variants megamoe,megamoe-compile,deepspeed,deepspeed-cap1.25 \
     2>&1 | grep -v '^{' | tee $OUT/moe_layer_ds.log
 fi
-train() {  # $1 = n_layers, $2 = compile, $3 = run name
+train() {  # $1 = n_layers, $2 = compile, $3 = run name (prefixed with $TAG; a fresh run each time)
+    set -- "$1" "$2" "${TAG:-}$3"
+    rm -rf runs/$3
     python3 -c "import sys, megamoe.train.loop as L; L.Trainer.save = lambda self: None
 from megamoe.train.__main__ import main; import torch; rc = main(sys.argv[1:])
 print('peak GiB', torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0); sys.exit(rc)" \
@@ -40,7 +44,7 @@ PY
 for L in ${1:-8 6}; do  # EAGER_ONLY=1: size the model without compiling (same peak memory)
     if [ -n "${EAGER_ONLY:-}" ]; then train $L false L${L}-eager && break; continue; fi
     if train $L true L${L}-compile; then
-        train $L false L${L}-eager
+        [ -n "${COMPILE_ONLY:-}" ] || train $L false L${L}-eager
         break
     fi
 done

@@ -1,0 +1,80 @@
+"""Where a full training step's time goes: `python -m megamoe.train`'s own Trainer, with the
+engine's forward, backward and step timed (CUDA-synchronised) inside its `train_step`.
+
+    python3 bench/bench_train_step.py [--steps 12] [--profile] -- key=value ...  (trainer overrides)
+
+Checkpoint writing is switched off (the last step would write tens of GB). Prints one JSON line:
+median ms per phase over the steps after the first 3, the step's median, and the peak memory;
+with --profile also the top CUDA kernels of one step (torch.profiler) into $OUT/kernels_*.txt.
+The synchronisation adds a little to each step: tokens/s are read from a run without it
+(`tokens_per_sec` in metrics.jsonl, bench/train_device.sh).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+import megamoe.train.loop as loop
+from megamoe.config import load_config
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--name", default="run")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    cfg = load_config(None, [*args.overrides, f"train.steps={args.steps}"])
+    loop.Trainer.save = lambda self: None
+    trainer = loop.Trainer(cfg)
+    engine = trainer.engine
+    phases: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            torch.cuda.synchronize()
+            phases[name].append(1e3 * (time.perf_counter() - t0))
+            return out
+        return wrapper
+
+    engine.forward = timed("forward", engine.forward)
+    engine.backward = timed("backward", engine.backward)
+    engine.step = timed("optimizer", engine.step)
+    steps = []
+    trainer.model.train()
+    for i in range(args.steps):
+        if args.profile and i == args.steps - 1:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
+                trainer.train_step()
+                torch.cuda.synchronize()
+            out = os.environ.get("OUT", ".")
+            with open(os.path.join(out, f"kernels_{args.name}.txt"), "w") as f:
+                f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+        else:
+            t0 = time.perf_counter()
+            trainer.train_step()
+            torch.cuda.synchronize()
+        steps.append(1e3 * (time.perf_counter() - t0))
+    skip = 3
+    med = {k: statistics.median(v[skip:]) for k, v in phases.items()}
+    step_ms = statistics.median(steps[skip:])
+    tokens = cfg.train.global_batch_size * cfg.data.seq_length
+    print(json.dumps({"name": args.name, **{f"{k}_ms": round(v, 1) for k, v in med.items()},
+                      "rest_ms": round(step_ms - sum(med.values()), 1), "step_ms": round(step_ms, 1),
+                      "tokens_per_sec_synced": round(tokens / step_ms * 1e3),
+                      "params": sum(p.numel() for p in trainer.model.parameters()),
+                      "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}), flush=True)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
