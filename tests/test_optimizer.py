@@ -177,3 +177,44 @@ def test_a_diverged_run_stops_with_an_error_and_finite_checkpoints(tmp_path):
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]  # the fifth raised before its record
     weights = _checkpoint(run, int(latest_checkpoint(run / "checkpoints").name[5:]))
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+INTERPRETED = """
+import math, sys, torch
+from megamoe.train import fused_adamw as F
+assert F.triton is not None
+worst = {}
+for dtype in (torch.float32, torch.bfloat16):
+    n, w = 10_007, torch.randn(10_007, generator=torch.Generator().manual_seed(0))  # n: not a block multiple
+    runs = []
+    for kernel in (True, False):
+        p = w.to(dtype).clone()
+        master = w.clone() if dtype != torch.float32 else None
+        m, v = torch.zeros(n), torch.zeros(n)
+        for step in range(1, 4):
+            g = torch.randn(n, generator=torch.Generator().manual_seed(step)).to(dtype)
+            if kernel:
+                F._launch(p, g, master, m, v, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1 - 0.9**step, math.sqrt(1 - 0.95**step), 0.7)
+            else:
+                F.adamw_step(p, g, master, m, v, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
+                             step=step, grad_scale=0.7)
+        runs.append([(master if master is not None else p).clone(), m, v, p.float()])
+    (a, b) = runs
+    worst[str(dtype)] = [float(((x - y).norm() / y.norm())) for x, y in zip(a[:3], b[:3])]
+    # The kernel's weight is its own master rounded to the weight's dtype: to nearest even on a GPU
+    # (bench/bench_optimizer.py), toward zero in the interpreter (numpy's conversion).
+    toward_zero = (a[0].view(torch.int32) & ~0xFFFF).view(torch.float32) if dtype != torch.float32 else a[0]
+    worst[str(dtype)].append(bool(torch.equal(a[3], toward_zero.to(dtype).float())))
+print(worst)
+"""
+
+
+def test_the_triton_kernel_computes_the_torch_form(tmp_path):
+    """The CUDA kernel itself, run by Triton's interpreter on the CPU: masters and moments equal the
+    torch form to fp32 rounding, and the weight is the kernel's master in the weight's dtype."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    worst = eval(out.stdout.strip().splitlines()[-1])
+    for dtype, (master, m, v, weight_is_master_rounded) in worst.items():
+        assert max(master, m, v) < 1e-6 and weight_is_master_rounded, (dtype, worst)

@@ -110,7 +110,11 @@ def _param_state(p: torch.nn.Parameter, optimizer, with_moments: bool) -> list[t
     else:  # our AdamW (fp32 master beside a bf16 weight) or a torch optimizer (the weight itself)
         master = optimizer.master(p) if hasattr(optimizer, "master") else p
         found = [master.detach()] + ([optimizer.state[p][k] for k in MOMENTS] if with_moments else [])
-    return [t.detach().to("cpu").contiguous() for t in found]
+    found = [t.detach().to("cpu").contiguous() for t in found]
+    if not all(torch.isfinite(t).all() for t in found):  # the divergence guard should make this impossible
+        raise CheckpointError("a parameter or its Adam state is not finite; no checkpoint is written over "
+                              "the last finite one (resume from it with a lower optim.lr)")
+    return found
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer, state,
