@@ -112,7 +112,7 @@ def test_corrupt_checkpoint_is_named(tmp_path):
 
 
 def test_generate_tool_samples_greedily_from_the_checkpoint(reference):
-    """tools/generate.py with temperature 0 continues the prompt with the model's argmax tokens."""
+    """megamoe-generate with temperature 0 continues the prompt with the model's argmax tokens."""
     import subprocess
     import sys
 
@@ -124,7 +124,7 @@ def test_generate_tool_samples_greedily_from_the_checkpoint(reference):
         with torch.no_grad():
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     expected = tok.decode(ids)
-    out = subprocess.run([sys.executable, "tools/generate.py", str(reference), "--prompt", "def ",
+    out = subprocess.run([sys.executable, "-m", "megamoe.cli.generate", str(reference), "--prompt", "def ",
                           "--max-new-tokens", "5", "--temperature", "0"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.rstrip("\n") == expected
