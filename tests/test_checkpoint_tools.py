@@ -89,8 +89,10 @@ def test_to_hf_loads_in_transformers_with_the_same_logits(run_a, tmp_path, layou
 
 
 # Published OLMoE checkpoints were written by transformers 4.x (one module per expert). The
-# suite runs 4.x in a subprocess from its own --target directory, installed once into .cache/.
-TRANSFORMERS_4 = ["transformers==4.57.6", "tokenizers==0.22.1", "huggingface_hub==0.36.0"]
+# suite runs 4.x in a subprocess from its own --target directory, installed once into .cache/
+# without dependencies (so nothing else changes), with those 5.x's do not bring: requests and its own.
+TRANSFORMERS_4 = ["transformers==4.57.6", "tokenizers==0.22.1", "huggingface_hub==0.36.0", "requests==2.34.2",
+                  "charset-normalizer==3.4.7", "urllib3==2.7.0", "certifi==2026.5.20", "idna==3.20"]
 
 _TRANSFORMERS_4_SCRIPT = """
 import sys, torch, transformers
