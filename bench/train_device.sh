@@ -7,7 +7,6 @@
 # switched off (Trainer.save) so a 3B-parameter run does not write ~45 GB at its last step.
 export PYTHONUNBUFFERED=1 OUT=${OUT:-bench_out}
 mkdir -p $OUT
-python3 -m pip install -q --no-deps -e .  # megamoe importable from bench/*.py (torch etc. already there)
 if [ -z "${SKIP_LAYER_BENCH:-}" ]; then
 python3 bench/bench_moe_layer.py --variants megamoe,megamoe-compile,deepspeed,deepspeed-cap1.25 \
     2>&1 | grep -v '^{' | tee $OUT/moe_layer_ds.log
