@@ -2,7 +2,7 @@
 
 issue 5 asks that converting OLMoE-1B-7B never needs more than about 1.5x the model's size
 in RAM. This benchmark writes a synthetic (random) OLMoE-1B-7B megamoe checkpoint in bf16,
-then runs each conversion the way a user does (`tools/convert_checkpoint.py ...` in its own
+then runs each conversion the way a user does (`megamoe-convert ...` in its own
 process) and samples that process's memory from /proc every 50 ms:
 
   - RssAnon: memory the process allocated itself (tensors, buffers); it must fit in RAM.
@@ -28,17 +28,16 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from megamoe.checkpoint.canonical import expected_shapes, write_run  # noqa: E402
-from megamoe.config import load_config  # noqa: E402
+from megamoe.checkpoint.canonical import expected_shapes, write_run
+from megamoe.config import load_config
 
-TOOL = [sys.executable, str(REPO / "tools" / "convert_checkpoint.py")]
+TOOL = [sys.executable, "-m", "megamoe.cli.convert"]
 
 
 def olmoe_config(layers: int):
     # data.paths/tokenizer point nowhere: a synthetic checkpoint has no tokenizer to export.
-    return load_config(str(REPO / "configs" / "olmoe-1b-7b.yaml"),
+    return load_config("olmoe-1b-7b",
                        [f"model.n_layers={layers}", "parallel.expert=1", "data.paths=[none]",
                         "data.tokenizer=none.json"])
 

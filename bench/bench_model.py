@@ -18,14 +18,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import (build_hf_like, build_megamoe, env_info, matmul_ceiling_tflops,  # noqa: E402
+from common import (build_hf_like, build_megamoe, env_info, matmul_ceiling_tflops,
                     out_dir, summary, sync, time_ms)
-from megamoe.model.flops import flops_per_token  # noqa: E402
-from megamoe.model.compile import apply_compile  # noqa: E402
-from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig  # noqa: E402
+from megamoe.model.flops import flops_per_token
+from megamoe.model.compile import apply_compile
+from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig
 
 
 def tiny_config() -> Config:

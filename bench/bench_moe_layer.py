@@ -17,16 +17,12 @@ expert matmuls (6 · T · (d·E + k·3·d·F)).
 import argparse
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import default_dtype, env_info, out_dir, summary, time_ms  # noqa: E402
-from megamoe.moe.experts import grouped_mm_available  # noqa: E402
-from megamoe.moe.layer import MoELayer  # noqa: E402
+from common import default_dtype, env_info, out_dir, summary, time_ms
+from megamoe.moe.experts import grouped_mm_available
+from megamoe.moe.layer import MoELayer
 
 
 def sort_index_add(layer: MoELayer):

@@ -248,21 +248,36 @@ def _choice(key: str, value, choices: tuple) -> None:
 
 # Loading ---------------------------------------------------------------------------------
 
+PRESETS = Path(__file__).parent / "configs"  # the repository's configs/, shipped in the package
+
+
+def presets() -> list[str]:
+    """Names of the shipped configs, which `--config` takes from any directory."""
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """YAML file (optional) + `section.key=value` overrides → validated-shape Config."""
+    """YAML file or preset name (optional) + `section.key=value` overrides → validated-shape Config."""
+    return with_overrides(read_config(path), overrides)
+
+
+def read_config(path: str | Path | None) -> dict:
+    """The sections of a YAML config file or preset ({} for none), not yet checked."""
     data: dict = {}
     if path is not None:
         path = Path(path)
+        if not path.is_file() and str(path) in presets():
+            path = PRESETS / f"{path}.yaml"
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass an existing YAML file "
-                              "(see configs/)")
+                              f"or a preset name: {', '.join(presets())}")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
-    return with_overrides(data, overrides)
+    return data
 
 
 def with_overrides(data: dict, overrides: list[str] = ()) -> Config:

@@ -8,6 +8,8 @@ every rank sees, the first thing to run when a new cluster launch misbehaves.
 """
 
 import argparse
+import contextlib
+import io
 import os
 import re
 import socket
@@ -241,8 +243,13 @@ def init_distributed(env: DistEnv, backend: str | None = None,
                       LOCAL_RANK=str(env.local_rank),
                       LOCAL_WORLD_SIZE=str(env.local_world_size),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout,
-                               rank=env.rank, world_size=env.world_size, verbose=False)
+    # On CPU, DeepSpeed prints that its collective op "built successfully" on every rank of
+    # every run, cached or not: that line is dropped, anything else it prints is kept.
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout,
+                                   rank=env.rank, world_size=env.world_size, verbose=False)
+    sys.stdout.write("".join(line for line in said.getvalue().splitlines(True)
+                             if "built successfully" not in line))
     return backend
 
 

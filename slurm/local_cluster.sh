@@ -5,7 +5,8 @@
 #
 #   slurm/local_cluster.sh start    # write configs, start munged, slurmctld, slurmds; wait idle
 #   slurm/local_cluster.sh status   # daemons and sinfo
-#   slurm/local_cluster.sh stop     # stop the Slurm daemons started here
+#   slurm/local_cluster.sh running  # exit status 0 when slurmctld is up
+#   slurm/local_cluster.sh stop     # stop the daemons started here (munged too, if it did)
 #
 # Needs root and Debian's slurm-wlm + munge (.ci/setup-system.sh installs them). Writes
 # /etc/slurm/slurm.conf (refusing to replace one it did not write) and keeps state, logs and
@@ -96,10 +97,13 @@ start_munge() {
     chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
     mkdir -p /run/munge /var/log/munge /var/lib/munge
     chown munge:munge /run/munge /var/log/munge /var/lib/munge
+    local started=
     if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
         runuser -u munge -- /usr/sbin/munged
+        started=1
     fi
     munge -n | unmunge >/dev/null || die "munged is not answering; see /var/log/munge/munged.log"
+    if [[ $started ]]; then cp /run/munge/munged.pid "$STATE/munged.pid"; fi  # for stop
 }
 
 start() {
@@ -123,11 +127,16 @@ start() {
     die "the nodes did not become idle in 60 s; see $STATE/log/slurmctld.log and slurmd-*.log"
 }
 
-stop() {
-    local pid_file
-    for pid_file in $(pid_files); do
-        if running "$pid_file"; then kill "$(cat "$pid_file")"; fi
+stop() {  # the Slurm daemons, then munged if start started it; waits until they are gone
+    local pid_file pids=()
+    for pid_file in $(pid_files) "$STATE/munged.pid"; do
+        if running "$pid_file"; then pids+=("$(cat "$pid_file")"); kill "${pids[-1]}"; fi
     done
+    for _ in $(seq 30); do
+        kill -0 "${pids[@]}" 2>/dev/null || return 0
+        sleep 1
+    done
+    die "daemons ${pids[*]} did not stop in 30 s"
 }
 
 status() {
@@ -143,5 +152,6 @@ case ${1:-} in
     start) start ;;
     stop) stop ;;
     status) status ;;
-    *) die "usage: $0 start|stop|status" ;;
+    running) running "$STATE/slurmctld.pid" ;;
+    *) die "usage: $0 start|stop|status|running" ;;
 esac

@@ -27,7 +27,7 @@ def test_tool_reports_every_layer_of_a_trained_run(tmp_path):
     run = tmp_path / "run"
     launch(run, 1, ["train.steps=2"])
     out = tmp_path / "routing.json"
-    proc = subprocess.run([sys.executable, "tools/analyze_routing.py", str(run), "--tokens", "256",
+    proc = subprocess.run([sys.executable, "-m", "megamoe.cli.routing", str(run), "--tokens", "256",
                            "--json", str(out)], capture_output=True, text=True, check=True)
     rep = json.loads(out.read_text())
     assert len(rep["layers"]) == 2 and set(rep["domain_share"]) == {"code", "docs"}

@@ -89,8 +89,10 @@ def test_to_hf_loads_in_transformers_with_the_same_logits(run_a, tmp_path, layou
 
 
 # Published OLMoE checkpoints were written by transformers 4.x (one module per expert). The
-# suite runs 4.x in a subprocess from its own --target directory, installed once into .cache/.
-TRANSFORMERS_4 = ["transformers==4.57.6", "tokenizers==0.22.1", "huggingface_hub==0.36.0"]
+# suite runs 4.x in a subprocess from its own --target directory, installed once into .cache/
+# without dependencies (so nothing else changes), with those 5.x's do not bring: requests and its own.
+TRANSFORMERS_4 = ["transformers==4.57.6", "tokenizers==0.22.1", "huggingface_hub==0.36.0", "requests==2.34.2",
+                  "charset-normalizer==3.4.7", "urllib3==2.7.0", "certifi==2026.5.20", "idna==3.20"]
 
 _TRANSFORMERS_4_SCRIPT = """
 import sys, torch, transformers
@@ -158,6 +160,9 @@ def test_from_hf_round_trips_and_trains_in_another_layout(run_a, tmp_path):
         assert meta["step"] == 0 and meta["optimizer"] is None
         with torch.no_grad():
             assert rel(model(tokens(ours.cfg)).logits, ours(tokens(ours.cfg)).logits) < 1e-6
+    # unset, data.seq_length is the model's 32 positions, not the default 4096 it cannot run
+    import_hf(hf_dir, tmp_path / "default-length", progress=False)
+    assert load_config(str(tmp_path / "default-length" / "config.yaml")).data.seq_length == 32
     launch(back, 2, ["parallel.expert=2", "train.steps=1"])  # continue pretraining, EP2
     assert [r["step"] for r in metrics(back)] == [1]
 
@@ -231,8 +236,15 @@ def test_layout_that_does_not_divide_and_existing_outputs_are_refused(run_a, tmp
     assert (out / "config.json").is_file() and not (out / "mine.txt").exists()
 
 
+def test_safetensors_files_get_the_permissions_of_every_other_file(run_a, tmp_path):
+    out = export_hf(run_a, tmp_path / "hf", progress=False)
+    files = [*run_a.rglob("*.safetensors"), *out.glob("*.safetensors")]
+    mode = {f: os.stat(f).st_mode & 0o777 for f in files}
+    assert len(files) > 2 and set(mode.values()) == {os.stat(out / "config.json").st_mode & 0o777}, mode
+
+
 def test_cli_inspect_and_errors(run_a, tmp_path):
-    tool = [sys.executable, str(REPO / "tools" / "convert_checkpoint.py")]
+    tool = [sys.executable, "-m", "megamoe.cli.convert"]
     shown = subprocess.run([*tool, "inspect", str(run_a), "--verify"], capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
     for text in (r"step +6", "tp 1 · pp 1 · ep 2 · dp 2 · zero 1", "sha256 verified",
@@ -251,7 +263,7 @@ def test_from_hf_cli_takes_a_config_file_for_everything_but_the_model(run_a, tmp
                                        "train:\n  steps: 7\n  global_batch_size: 8\n  micro_batch_size: 2\n"
                                        "data:\n  seq_length: 16\n")
     out = tmp_path / "sft-run"
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "from-hf",
+    proc = subprocess.run([sys.executable, "-m", "megamoe.cli.convert", "from-hf",
                            "--no-progress", "--config", str(tmp_path / "sft.yaml"), str(hf_dir), str(out),
                            "train.steps=9"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -320,9 +320,8 @@ def test_preprocess_cli_never_overwrites_without_flag(tmp_path, small_corpus):
     jsonl, model = small_corpus
     out = tmp_path / "out"
 
-    def cli(*extra, module=False):
-        launcher = ["-m", "tools.preprocess_data"] if module else ["tools/preprocess_data.py"]
-        return subprocess.run([sys.executable, *launcher, "--input", str(jsonl), "--output-prefix",
+    def cli(*extra):
+        return subprocess.run([sys.executable, "-m", "megamoe.cli.preprocess", "--input", str(jsonl), "--output-prefix",
                                str(out), "--tokenizer", str(model), "--no-progress", *extra],
                               cwd=REPO, capture_output=True, text=True)
 
@@ -334,21 +333,29 @@ def test_preprocess_cli_never_overwrites_without_flag(tmp_path, small_corpus):
     assert len(ds) == documents
     before = (tmp_path / "out.bin").read_bytes()
 
-    again = cli(module=True)
+    again = cli()
     assert again.returncode == 1 and "--overwrite" in again.stderr
     assert (tmp_path / "out.bin").read_bytes() == before
 
-    assert cli("--overwrite", module=True).returncode == 0
+    assert cli("--overwrite").returncode == 0
     assert (tmp_path / "out.bin").read_bytes() == before, "1 and 2 workers give the same bytes"
 
 
 def test_train_tokenizer_cli(tmp_path, small_corpus):
     jsonl, _ = small_corpus
-    result = subprocess.run([sys.executable, "tools/train_tokenizer.py", "--input", str(jsonl),
-                             "--model-prefix", str(tmp_path / "tok"), "--vocab-size", "600"],
-                            cwd=REPO, capture_output=True, text=True)
+
+    def cli(vocab_size):
+        return subprocess.run([sys.executable, "-m", "megamoe.cli.tokenizer", "--input", str(jsonl),
+                               "--model-prefix", str(tmp_path / "tok"), "--vocab-size", str(vocab_size)],
+                              cwd=REPO, capture_output=True, text=True)
+
+    result = cli(600)
     assert result.returncode == 0, result.stderr
     assert load_tokenizer(tmp_path / "tok.model").vocab_size == 600
+    too_big = cli(32000)  # more pieces than the text has: one error line saying what fits
+    assert too_big.returncode == 2 and "Traceback" not in too_big.stderr
+    assert too_big.stderr.startswith("megamoe-tokenizer: error: the training text is too small for vocab_size=32000")
+    assert "lower vocab_size" in too_big.stderr
 
 
 # Default corpus ----------------------------------------------------------------------------

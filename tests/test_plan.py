@@ -1,4 +1,4 @@
-"""tools/plan_layout.py: its parameter counts are what each rank of a layout really holds."""
+"""megamoe-plan: its parameter counts are what each rank of a layout really holds."""
 
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from distributed import run_ranks
-from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig
+from megamoe.config import Config, ConfigError, DataConfig, ModelConfig, MoEConfig, load_config
 from megamoe.parallel.plan import params_per_stage, plan_layouts
 from megamoe.parallel.state import ParallelState
 from megamoe.train.engine import build_model
@@ -45,7 +45,19 @@ def test_one_rank_holds_the_whole_model_and_layouts_are_valid():
     assert [p.state_gib for p in plans] == sorted(p.state_gib for p in plans)
 
 
-def test_cli_lists_olmoe_layouts():
-    out = subprocess.run([sys.executable, "tools/plan_layout.py", "--config", "configs/olmoe-1b-7b.yaml",
-                          "--world-size", "8"], capture_output=True, text=True, check=True).stdout
+def test_cli_lists_olmoe_layouts_and_marks_what_does_not_fit():
+    out = subprocess.run([sys.executable, "-m", "megamoe.cli.plan", "--config", "olmoe-1b-7b",
+                          "--world-size", "8", "--gpu-gib", "80"], capture_output=True, text=True, check=True).stdout
     assert "6.919B" in out  # tensor 1 pipeline 1 expert 1 data 8: the whole model on each rank
+    rows = {tuple(line.split()[:4]): line for line in out.splitlines()[1:]}
+    assert rows[("8", "1", "1", "1")].endswith("96.9  (does not fit)")
+    assert rows[("4", "1", "1", "2")].endswith("61.1  (tight: activations get < 1/4)")
+    assert rows[("1", "1", "8", "8")].endswith("14.4")
+
+
+def test_no_valid_layout_says_why_each_failed():
+    with pytest.raises(ConfigError) as e:
+        plan_layouts(load_config("olmoe-1b-7b"), 3)
+    assert str(e.value).startswith("no layout of 3 ranks is valid for this config: ")
+    assert "tensor=3 pipeline=1 expert=1: parallel.tensor: n_heads=16 is not divisible by tensor=3" in str(e.value)
+    assert "tensor=1 pipeline=1 expert=1: train.global_batch_size: 512 is not a multiple" in str(e.value)

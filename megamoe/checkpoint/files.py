@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 META = "meta.json"
 FORMAT = 2  # 2: layout-free optimizer state (optim-*.safetensors), RNG in rng-*.safetensors
@@ -24,6 +25,14 @@ FORMAT = 2  # 2: layout-free optimizer state (optim-*.safetensors), RNG in rng-*
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, corrupt or incompatible; the message names it."""
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
+    """safetensors' `save_file`, with the permissions of any other new file (it makes them 600)."""
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def sha256(path: Path) -> str:

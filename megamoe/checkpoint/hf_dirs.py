@@ -14,12 +14,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ..config import from_dict, load_config
+from ..config import DataConfig, from_dict, read_config, with_overrides
 from .canonical import expected_shapes, resolve, write_run
-from .files import CheckpointError, ShardedReader, atomic_dir, read_meta
+from .files import CheckpointError, ShardedReader, atomic_dir, read_meta, save_safetensors
 from .hf import config_from_hf, from_hf, hf_config_dict, to_hf, to_hf_per_expert
 
 INDEX = "model.safetensors.index.json"
@@ -49,7 +48,7 @@ def export_hf(src: Path, out: Path, expert_layout: str = "per-expert", dtype: st
                 t = reader.read(name)
                 tensors.update(convert(name, t.to(out_dtype) if out_dtype else t))
                 bar.update()
-            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            save_safetensors(tensors, tmp / file, metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             weight_map.update({key: file for key in tensors})
             del tensors
@@ -66,7 +65,7 @@ def _check_exportable(cfg) -> None:
     moe = cfg.moe
     if moe.num_experts == 0:
         raise CheckpointError("this checkpoint is dense (moe.num_experts=0); OLMoE has no dense form: "
-                              "upcycle it first (tools/convert_checkpoint.py upcycle)")
+                              "upcycle it first (megamoe-convert upcycle)")
     if moe.num_shared_experts or moe.routing != "token_choice" or moe.capacity_factor is not None:
         raise CheckpointError("transformers' OLMoE has dropless token-choice routing and no shared "
                               "experts; this run uses moe.routing / capacity_factor / num_shared_experts "
@@ -157,11 +156,14 @@ def import_hf(src: Path, run_dir: Path, overrides: list[str] = (), overwrite: bo
         raise CheckpointError(f"{src / 'config.json'} is missing: {src} is not a transformers model directory") from None
     if hf.get("model_type") != "olmoe":
         raise CheckpointError(f"{src} holds a {hf.get('model_type')!r} model; only OLMoE ('olmoe') converts")
-    cfg = load_config(str(config) if config is not None else None, list(overrides))
     try:
-        cfg.model, moe = config_from_hf(hf)
+        model, moe = config_from_hf(hf)
     except ValueError as e:
         raise CheckpointError(f"{src / 'config.json'}: {e}") from None
+    data = read_config(config)  # unless it or an override sets it, train on at most the model's positions
+    data["data"] = {"seq_length": min(DataConfig.seq_length, model.max_seq_len), **(data.get("data") or {})}
+    cfg = with_overrides(data, list(overrides))
+    cfg.model = model
     for key in ("num_experts", "top_k", "ffn_hidden", "norm_topk_prob", "lb_loss_weight"):
         setattr(cfg.moe, key, getattr(moe, key))
     files = _hf_files(src)

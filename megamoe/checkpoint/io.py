@@ -27,10 +27,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..parallel.sharding import shards
-from .files import FORMAT, CheckpointError, ShardedReader, piece_box, read_meta, sha256, verify_file
+from .files import (FORMAT, CheckpointError, ShardedReader, piece_box, read_meta, save_safetensors, sha256,
+                    verify_file)
 
 __all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "read_meta", "save_checkpoint"]
 
@@ -72,7 +72,7 @@ def write_meta(directory: Path, step: int, config: dict, layout: dict, world_siz
 
 def write_tensors(path: Path, tensors: dict, cuts: dict) -> dict:
     """One safetensors file of pieces (cuts per name in the metadata); returns {name: sha256}."""
-    save_file(tensors, str(path), metadata={"shards": json.dumps(cuts)})
+    save_safetensors(tensors, path, metadata={"shards": json.dumps(cuts)})
     return {path.name: sha256(path)}
 
 
@@ -145,7 +145,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
     del weights, moments
     rng, rng_meta = _rng_state()
     rng_file = tmp / f"rng-rank{r:05d}.safetensors"
-    save_file(rng, str(rng_file), metadata={"rng": json.dumps(rng_meta)})
+    save_safetensors(rng, rng_file, metadata={"rng": json.dumps(rng_meta)})
     digests[rng_file.name] = sha256(rng_file)
 
     all_digests = [None] * state.world_size if dist.is_initialized() else [digests]

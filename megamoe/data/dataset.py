@@ -209,7 +209,7 @@ def _loss_mask_for(prefix: str, tokens: IndexedDataset) -> IndexedDataset | None
     if not np.array_equal(mask.sizes, tokens.sizes):
         raise ValueError(f"{loss_mask_prefix(prefix)}.idx does not describe the documents of "
                          f"{prefix}.idx ({len(mask)} vs {len(tokens)} documents, or other lengths): "
-                         "the two were not written together; run tools/preprocess_data.py again "
+                         "the two were not written together; run megamoe-preprocess again "
                          "with --overwrite")
     return mask
 

@@ -116,7 +116,7 @@ class IndexedDataset:
         for path in (idx_path, bin_path):
             if not path.is_file():
                 raise IndexedDatasetError(
-                    f"{path} does not exist; build the dataset with tools/preprocess_data.py "
+                    f"{path} does not exist; build the dataset with megamoe-preprocess "
                     "(data.paths takes the prefix, without .bin/.idx)")
         self.dtype, self.sizes, self.pointers = _read_index(idx_path)
         expected = int(self.sizes.sum(dtype=np.int64)) * self.dtype.itemsize
@@ -124,7 +124,7 @@ class IndexedDataset:
         if actual != expected:
             raise IndexedDatasetError(
                 f"{bin_path} has {actual} bytes but its index {idx_path} describes {expected}; "
-                "the pair is truncated or mismatched: rebuild with tools/preprocess_data.py")
+                "the pair is truncated or mismatched: rebuild with megamoe-preprocess")
         # np.memmap cannot map an empty file; an empty dataset has nothing to read anyway.
         self._data = (np.memmap(bin_path, dtype=self.dtype, mode="r") if expected
                       else np.zeros(0, dtype=self.dtype))
@@ -152,7 +152,7 @@ def _read_index(path: Path) -> tuple[np.dtype, np.ndarray, np.ndarray]:
     raw = path.read_bytes()
     if len(raw) < _HEADER.size or raw[:len(MAGIC)] != MAGIC:
         raise IndexedDatasetError(f"{path} is not an indexed-dataset index (bad header); "
-                                  "rebuild it with tools/preprocess_data.py")
+                                  "rebuild it with megamoe-preprocess")
     _, version, code, n, n_doc_idx = _HEADER.unpack_from(raw)
     if version != VERSION or code not in CODE_DTYPES:
         raise IndexedDatasetError(f"{path} has version {version} / dtype code {code}, which this "
@@ -161,7 +161,7 @@ def _read_index(path: Path) -> tuple[np.dtype, np.ndarray, np.ndarray]:
     if len(raw) != expected:
         raise IndexedDatasetError(
             f"{path} has {len(raw)} bytes but its header implies {expected}; it is truncated "
-            "or corrupt: rebuild with tools/preprocess_data.py")
+            "or corrupt: rebuild with megamoe-preprocess")
     dtype = CODE_DTYPES[code]
     sizes = np.frombuffer(raw, dtype=np.int32, count=n, offset=_HEADER.size)
     pointers = np.frombuffer(raw, dtype=np.int64, count=n, offset=_HEADER.size + 4 * n)
@@ -169,5 +169,5 @@ def _read_index(path: Path) -> tuple[np.dtype, np.ndarray, np.ndarray]:
     np.cumsum(sizes[:-1], dtype=np.int64, out=expected_pointers[1:])
     if (sizes < 0).any() or not np.array_equal(pointers, expected_pointers * dtype.itemsize):
         raise IndexedDatasetError(f"{path} has inconsistent sizes/pointers; it is corrupt: "
-                                  "rebuild with tools/preprocess_data.py")
+                                  "rebuild with megamoe-preprocess")
     return dtype, sizes, pointers

@@ -303,7 +303,8 @@ def ensure_default_corpus(cache_dir: str | Path, vocab_size: int = DEFAULT_VOCAB
         fcntl.flock(lock, fcntl.LOCK_EX)
         if final.is_dir():
             return result
-        log.info("building the default stdlib corpus in %s (once)", final)
+        print(f"megamoe: building the embedded corpus (the Python standard library) and its tokenizer "
+              f"in {final}, once; later runs reuse it", flush=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp"))
         try:
             jsonl = tmp / "corpus.jsonl"

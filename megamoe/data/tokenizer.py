@@ -42,7 +42,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.vocab_size = self.sp.get_piece_size()
         if self.sp.eos_id() < 0:
             raise ValueError(f"tokenizer {path} has no end-of-sequence piece; retrain it with "
-                             "tools/train_tokenizer.py (which sets one)")
+                             "megamoe-tokenizer (which sets one)")
         self.eos_id = self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
@@ -89,7 +89,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file {path} does not exist; give a sentencepiece "
-                                ".model or a tokenizer.json (tools/train_tokenizer.py makes one)")
+                                ".model or a tokenizer.json (megamoe-tokenizer makes one)")
     with open(path, "rb") as f:
         head = f.read(64).lstrip()
     if head.startswith(b"{"):

@@ -60,8 +60,9 @@ def _state_bytes(cfg: Config, tp: int, pp: int, ep: int, dp: int, stage: int, bf
 
 
 def plan_layouts(cfg: Config, world_size: int, bf16: bool = True) -> list[Plan]:
-    """Every valid layout of `world_size` ranks for `cfg`, least state per rank first."""
-    plans = []
+    """Every valid layout of `world_size` ranks for `cfg`, least state per rank first; a
+    ConfigError with each reason a layout failed for when none is valid."""
+    plans, reasons = [], {}
     for tp in _divisors(world_size):
         for pp in _divisors(world_size // tp):
             for ep in _divisors(world_size // (tp * pp)):
@@ -70,12 +71,16 @@ def plan_layouts(cfg: Config, world_size: int, bf16: bool = True) -> list[Plan]:
                     sequence_parallel=cfg.parallel.sequence_parallel and tp > 1))
                 try:
                     c.validate(world_size)
-                except ConfigError:
+                except ConfigError as e:
+                    reasons.setdefault(str(e), f"tensor={tp} pipeline={pp} expert={ep}")
                     continue
                 dp = world_size // (tp * pp)
                 per_stage = params_per_stage(c, tp, pp, ep)
                 state = max(_state_bytes(c, tp, pp, ep, dp, s, bf16) for s in range(pp))
                 plans.append(Plan(tp, pp, ep, dp, max(per_stage), state / 2**30))
+    if not plans:
+        raise ConfigError(f"no layout of {world_size} ranks is valid for this config: "
+                          + "; ".join(f"{where}: {why}" for why, where in reasons.items()))
     return sorted(plans, key=lambda p: (p.state_gib, p.tp * p.pp))
 
 

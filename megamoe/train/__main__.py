@@ -1,4 +1,4 @@
-"""`python -m megamoe.train --config configs/tiny-cpu.yaml key=value ...`: the one entry point.
+"""`python -m megamoe.train --config tiny-cpu key=value ...` (or `megamoe-train`): the one entry point.
 
 Every launcher (deepspeed, torchrun, mpirun, srun) starts this module on each rank.
 """
@@ -6,25 +6,32 @@ Every launcher (deepspeed, torchrun, mpirun, srun) starts this module on each ra
 import argparse
 import os
 import sys
+import time
 import traceback
+import warnings
 
 # Routed token counts, and so the expert buffers' sizes, change every step: without expandable
 # segments the CUDA allocator fragments (9 OLMoE layers fit one H100 only with it). Must be set
 # before torch initialises CUDA; a user's own setting wins.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+# torch warns that a barrier falls back to the current device; init_distributed made that
+# device this rank's GPU (torch.cuda.set_device(local_rank)), which is the right one.
+warnings.filterwarnings("ignore", message=r"barrier\(\): using the device under current context")
 
 from ..checkpoint.io import CheckpointError
-from ..config import ConfigError, load_config
+from ..config import ConfigError, load_config, presets
 from ..distributed import LaunchError
 from .loop import DivergenceError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megamoe.train", description=__doc__)
-    parser.add_argument("--config", help="YAML config (see configs/); defaults are OLMoE-1B-7B")
+    parser = argparse.ArgumentParser(prog="megamoe-train", description=__doc__)
+    parser.add_argument("--config", help="YAML config file, or a preset name: "
+                        f"{', '.join(presets())}; defaults are OLMoE-1B-7B")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
+    start = time.monotonic()
     try:
         cfg = load_config(args.config, args.overrides)
         from .loop import Trainer
@@ -34,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
             from .sample import sample_from_checkpoint
             text = sample_from_checkpoint(trainer.run_dir, cfg.run.sample_prompt, cfg.run.sample_tokens)
             print(f"megamoe: sample from the final checkpoint:\n{cfg.run.sample_prompt}{text}", flush=True)
+        if code == 0 and trainer.is_logger:
+            minutes, seconds = divmod(round(time.monotonic() - start), 60)
+            print(f"megamoe: done: step {trainer.step} of {cfg.train.steps} in {minutes} min {seconds} s; "
+                  f"{trainer.run_dir} holds config.yaml, metrics.jsonl and checkpoints/ (sample it with "
+                  f"`megamoe-generate {trainer.run_dir} --prompt TEXT`)", flush=True)
         _shutdown(clean=True)
         return code
     except (ConfigError, LaunchError, CheckpointError, DivergenceError) as e:
@@ -77,7 +89,8 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m megamoe.train` and the `megamoe-train` command: `main`, then `_exit`."""
     try:
         exit_code = main()
     except SystemExit as e:  # argparse's usage errors and --help (already printed)
@@ -91,3 +104,7 @@ if __name__ == "__main__":
         traceback.print_exc()
         exit_code = 1
     _exit(exit_code)
+
+
+if __name__ == "__main__":
+    cli()

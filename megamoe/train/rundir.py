@@ -36,7 +36,7 @@ def check_resumable(saved: dict, cfg: Config, where: Path) -> None:
             raise ConfigError(
                 f"{key}: the run in {where} used {old.get(key)!r}, this launch asks for "
                 f"{new.get(key)!r}; a run cannot continue with a changed {key}. Restore it, "
-                "or start a new run with another run.dir (tools/convert_checkpoint.py reshards "
+                "or start a new run with another run.dir (megamoe-convert reshards "
                 "a checkpoint to another parallel layout).")
 
 

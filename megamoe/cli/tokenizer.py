@@ -1,20 +1,16 @@
 """Train a byte-fallback sentencepiece tokenizer on text or JSONL files.
 
-    python tools/train_tokenizer.py --input data/*.jsonl --model-prefix tok/my --vocab-size 32000
+    megamoe-tokenizer --input data/*.jsonl --model-prefix tok/my --vocab-size 32000
 """
 
 import argparse
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megamoe.data.tokenizer import load_tokenizer, train_sentencepiece  # noqa: E402
+from ..data.tokenizer import load_tokenizer, train_sentencepiece
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="megamoe-tokenizer", description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", required=True,
                         help=".jsonl files (one JSON object per line) or plain-text files")
     parser.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
@@ -25,14 +21,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="default: all cores")
     parser.add_argument("--model-type", default="bpe", choices=("bpe", "unigram"))
     args = parser.parse_args(argv)
-    path = train_sentencepiece(args.input, args.model_prefix, args.vocab_size,
-                               json_key=args.json_key,
-                               input_sentence_size=args.input_sentence_size,
-                               num_threads=args.threads, model_type=args.model_type)
+    try:
+        path = train_sentencepiece(args.input, args.model_prefix, args.vocab_size,
+                                   json_key=args.json_key,
+                                   input_sentence_size=args.input_sentence_size,
+                                   num_threads=args.threads, model_type=args.model_type)
+    except (ValueError, OSError) as e:  # too small a text for the vocabulary, a missing file
+        print(f"megamoe-tokenizer: error: {e}", file=sys.stderr)
+        return 2
     tokenizer = load_tokenizer(path)
     print(f"wrote {path}: vocab {tokenizer.vocab_size}, eos {tokenizer.eos_id}, "
           f"pad {tokenizer.pad_id}, bos {tokenizer.bos_id}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

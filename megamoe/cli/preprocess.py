@@ -1,6 +1,6 @@
 """Tokenize JSONL or plain-text files into a Megatron-style indexed dataset (PREFIX.bin/.idx).
 
-    python tools/preprocess_data.py --input data/*.jsonl --output-prefix data/my \
+    megamoe-preprocess --input data/*.jsonl --output-prefix data/my \
         --tokenizer tok/my.model --workers 8
 
 Each JSONL line is one document (its --json-key field); each plain-text file is one
@@ -14,16 +14,12 @@ non-UTF-8 bytes are skipped and summarised by file:line, or are an error with --
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megamoe.data.prepare import preprocess  # noqa: E402
+from ..data.prepare import preprocess
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="megamoe-preprocess", description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", required=True,
                         help=".jsonl/.json files (JSON lines) or plain-text files")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
@@ -42,16 +38,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop at the first bad line instead of skipping it")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing PREFIX.bin/.idx")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (always none when stderr is not a terminal)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         report = preprocess(args.input, args.output_prefix, args.tokenizer,
                             json_key=args.json_key, workers=args.workers, strict=args.strict,
-                            overwrite=args.overwrite, progress=not args.no_progress,
+                            overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(),
                             prompt_key=args.prompt_key, messages_key=args.messages_key)
     except (ValueError, OSError) as e:  # bad input, existing output, missing file
-        print(f"error: {e}", file=sys.stderr)
+        print(f"megamoe-preprocess: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {report.documents} documents, {report.tokens} tokens to "
           f"{args.output_prefix}.bin/.idx")

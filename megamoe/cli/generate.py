@@ -1,20 +1,18 @@
 """Sample text from a megamoe checkpoint (a run directory or one step_* directory).
 
-    python tools/generate.py runs/tiny-cpu --prompt "def " --max-new-tokens 64
+    megamoe-generate runs/tiny-cpu --prompt "def " --max-new-tokens 64
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from megamoe.checkpoint.io import CheckpointError  # noqa: E402
-from megamoe.train.sample import sample_from_checkpoint  # noqa: E402
+from ..checkpoint.io import CheckpointError
+from ..train.sample import sample_from_checkpoint
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="megamoe-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="run directory (uses its latest checkpoint) or step_* directory")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -26,7 +24,7 @@ def main(argv=None) -> int:
         text = sample_from_checkpoint(args.checkpoint, args.prompt, args.max_new_tokens,
                                       temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     except CheckpointError as e:
-        print(f"generate: error: {e}", file=sys.stderr)
+        print(f"megamoe-generate: error: {e}", file=sys.stderr)
         return 2
     print(args.prompt + text)
     return 0

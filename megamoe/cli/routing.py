@@ -1,6 +1,6 @@
 """Routing analysis of a checkpoint on the embedded corpus's two domains (code, docs).
 
-    python tools/analyze_routing.py runs/tiny-cpu --tokens 16384 --json routing.json
+    megamoe-routing runs/tiny-cpu --tokens 16384 --json routing.json
 """
 
 import argparse
@@ -8,16 +8,13 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megamoe.analysis.routing import domain_batches, expert_counts, format_report, report  # noqa: E402
-from megamoe.checkpoint.io import CheckpointError  # noqa: E402
-from megamoe.train.sample import load_model, tokenizer_for  # noqa: E402
+from ..analysis.routing import domain_batches, expert_counts, format_report, report
+from ..checkpoint.io import CheckpointError
+from ..train.sample import load_model, tokenizer_for
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="megamoe-routing", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", type=Path, help="run directory (latest checkpoint) or step_* directory")
     p.add_argument("--tokens", type=int, default=16384, help="tokens per domain")
     p.add_argument("--json", type=Path, help="also write the full statistics here")
@@ -25,10 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, _ = load_model(args.checkpoint)
     except CheckpointError as e:
-        print(f"analyze_routing: error: {e}", file=sys.stderr)
+        print(f"megamoe-routing: error: {e}", file=sys.stderr)
         return 2
     if not model.cfg.moe.num_experts:
-        print("analyze_routing: error: this checkpoint is a dense model (moe.num_experts=0)", file=sys.stderr)
+        print("megamoe-routing: error: this checkpoint is a dense model (moe.num_experts=0)", file=sys.stderr)
         return 2
     tok = tokenizer_for(model.cfg)
     seq = model.cfg.data.seq_length

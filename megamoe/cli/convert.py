@@ -15,12 +15,11 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tools/convert_checkpoint.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="megamoe-convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -30,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         if out:
             p.add_argument("out", type=Path)
             p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-            p.add_argument("--no-progress", action="store_true", help="no progress bars")
+            p.add_argument("--no-progress", action="store_true",
+                           help="no progress bars (always none when stderr is not a terminal)")
         return p
 
     p = command("to-hf", "megamoe checkpoint → transformers OLMoE directory")
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size-gb", type=float, default=5.0)
     p = command("from-hf", "transformers OLMoE directory → new megamoe run")
     p.add_argument("--config", help="YAML with the new run's data/optim/train/parallel settings "
-                                    "(e.g. configs/olmoe-1b-7b-sft.yaml); model sizes come from config.json")
+                                    "(e.g. olmoe-1b-7b-sft); model sizes come from config.json")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="the new run's data/optim/train/parallel settings (after --config)")
     p = command("reshard", "megamoe checkpoint → new run with another parallel layout")
@@ -56,30 +56,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-config", action="store_true")
     args = parser.parse_args(argv)
 
-    from megamoe.checkpoint.files import CheckpointError
-    from megamoe.config import ConfigError
-    progress = not getattr(args, "no_progress", True)
+    from ..checkpoint.files import CheckpointError
+    from ..config import ConfigError
+    progress = not getattr(args, "no_progress", True) and sys.stderr.isatty()  # no \r lines in logs
     try:
         if args.command == "to-hf":
-            from megamoe.checkpoint.hf_dirs import export_hf
+            from ..checkpoint.hf_dirs import export_hf
             out = export_hf(args.src, args.out, args.expert_layout, args.dtype,
                             int(args.shard_size_gb * 2**30), args.overwrite, progress)
         elif args.command == "from-hf":
-            from megamoe.checkpoint.hf_dirs import import_hf
+            from ..checkpoint.hf_dirs import import_hf
             out = import_hf(args.src, args.out, args.overrides, args.overwrite, progress, config=args.config)
         elif args.command == "reshard":
-            from megamoe.checkpoint.reshard import reshard
+            from ..checkpoint.reshard import reshard
             out = reshard(args.src, args.out, args.overrides, args.world_size, args.overwrite, progress)
         elif args.command == "upcycle":
-            from megamoe.checkpoint.upcycle import upcycle
+            from ..checkpoint.upcycle import upcycle
             out = upcycle(args.src, args.out, args.num_experts, args.top_k, args.overrides,
                           args.overwrite, progress)
         else:
-            from megamoe.checkpoint.summary import describe
+            from ..checkpoint.summary import describe
             print(describe(args.src, args.verify, not args.no_config))
             return 0
     except (CheckpointError, ConfigError) as e:
-        print(f"convert_checkpoint: error: {e}", file=sys.stderr)
+        print(f"megamoe-convert: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

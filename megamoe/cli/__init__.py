@@ -1,0 +1,1 @@
+"""Command lines over the library, installed as `megamoe-*` commands (see pyproject.toml)."""
