@@ -24,6 +24,7 @@ from megamoe.checkpoint.upcycle import upcycle
 from megamoe.config import ConfigError, load_config
 from megamoe.model.olmoe import OLMoE, init_weights
 from megamoe.train.sample import load_model, tokenizer_for
+from pip_cache import pip_target
 from runs import REPO, TINY, launch, metrics
 
 LAYOUT_A = ["parallel.expert=2", "parallel.zero_stage=1"]
@@ -113,14 +114,7 @@ with torch.no_grad():
 @pytest.fixture(scope="module")
 def transformers4():
     """PYTHONPATH entry holding transformers 4.x; pip-installed into .cache/ on first use."""
-    target = REPO / ".cache" / ("-".join(TRANSFORMERS_4).replace("==", "-"))
-    if not (target / "transformers").is_dir():
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(partial),
-                        *TRANSFORMERS_4], check=True, timeout=600)
-        partial.rename(target)
-    return target
+    return pip_target(TRANSFORMERS_4)
 
 
 def test_transformers_4_loads_our_export_and_its_own_saves_import(run_a, tmp_path, transformers4):

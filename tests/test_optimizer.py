@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from megamoe.checkpoint.io import latest_checkpoint
 from megamoe.train.fused_adamw import adamw_step
 from megamoe.train.optimizer import AdamW
+from pip_cache import pip_target
 from runs import REPO, TINY, free_port, metrics
 
 ONE_RANK = SimpleNamespace(tp=1, ep=1, pp=1)
@@ -212,7 +213,8 @@ print(worst)
 def test_the_triton_kernel_computes_the_torch_form(tmp_path):
     """The CUDA kernel itself, run by Triton's interpreter on the CPU: masters and moments equal the
     torch form to fp32 rounding, and the weight is the kernel's master in the weight's dtype."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    triton = pip_target(["triton==3.6.0"])  # no dependencies; its interpreter runs on numpy
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{REPO}:{triton}")
     out = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     worst = eval(out.stdout.strip().splitlines()[-1])
