@@ -24,10 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
+    lock = None
     try:
         cfg = load_config(args.config, args.overrides)
         from .loop import Trainer
-        trainer = Trainer(cfg)
+        from .rundir import RunLock
+        lock = RunLock(cfg.run.dir)  # rank 0 takes it once the process group exists
+        trainer = Trainer(cfg, lock)
         code = trainer.fit()
         if code == 0 and trainer.is_logger and cfg.run.sample_prompt:
             from .sample import sample_from_checkpoint
@@ -39,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megamoe: error: {e}", file=sys.stderr, flush=True)
         _shutdown(clean=False)
         return 2
+    finally:  # before _exit: the next job finds run.dir free, not a lock to take over
+        if lock is not None:
+            lock.release()
 
 
 def _shutdown(clean: bool) -> None:

@@ -22,12 +22,13 @@ from ..parallel import comm, pipeline
 from ..parallel.state import ParallelState
 from .engine import build_engine, build_model, lr_at, resolve_device, resolve_dtype
 from .metrics import MetricsLogger
-from .rundir import check_resumable, prepare_run_dir
+from .rundir import RunLock, check_resumable, prepare_run_dir
 from .signals import EXIT_REQUEUE, PreemptionHandler
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, lock: RunLock):
+        """`lock` (on cfg.run.dir) is taken by rank 0 here; the caller releases it at the end."""
         env = discover_env()
         cfg.validate(env.world_size)  # every layout error before any process group exists
         init_distributed(env)
@@ -35,7 +36,7 @@ class Trainer:
         self.state = ParallelState(env.world_size, env.rank, cfg.parallel.tensor,
                                    cfg.parallel.pipeline, cfg.parallel.expert).build_groups()
         self.is_logger = env.rank == 0
-        self.run_dir = _rank0_then_all(lambda: prepare_run_dir(cfg))
+        self.run_dir = _rank0_then_all(lambda: prepare_run_dir(cfg, lock))
         self.device = resolve_device(cfg)
         torch.manual_seed(cfg.train.seed)
         t = cfg.train
