@@ -97,7 +97,8 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 4
     save_interval: int = 500
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # 0 = keep all; never counts checkpoints newer than the resume point
+    async_save: bool = True  # write checkpoints in a background thread (the copy to host stays in the step)
     compile: bool = False  # torch.compile each block (CUDA; ignored with a notice on CPU)
 
 
@@ -187,6 +188,8 @@ class Config:
             _require(all(w > 0 for w in d.weights), "data.weights", "weights must be positive")
         _require(not d.paths or d.tokenizer, "data.tokenizer",
                  "data.paths is set, so name the tokenizer those datasets were built with")
+        _require(t.keep_checkpoints >= 0, "train.keep_checkpoints",
+                 f"must be >= 0 (0 keeps every checkpoint), got {t.keep_checkpoints}")
         _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
         _choice("train.device", t.device, ("auto", "cpu", "cuda"))
         _choice("parallel.activation_checkpointing", p.activation_checkpointing,

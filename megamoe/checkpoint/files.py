@@ -77,6 +77,9 @@ def atomic_dir(final: Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for f in tmp.rglob("*"):  # durable before it appears under its name
+        fsync_path(f)
+    fsync_path(tmp)
     if final.exists():
         old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(final, old)
@@ -84,6 +87,16 @@ def atomic_dir(final: Path, overwrite: bool = False):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    fsync_path(final.parent)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def piece_box(shape, cuts) -> tuple[tuple[int, int], ...]:

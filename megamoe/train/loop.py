@@ -13,7 +13,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from ..checkpoint.io import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from ..checkpoint.io import CheckpointWriter, latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from ..config import Config, ConfigError
 from ..data.dataset import build_datasets, get_batch
 from ..distributed import discover_env, init_distributed
@@ -51,6 +51,8 @@ class Trainer:
         if latest is not None:
             check_resumable(read_meta(latest)["config"], cfg, latest)
             self.step = load_checkpoint(latest, self.model, self.engine.optimizer, self.state)["step"]
+        self.checkpoints = CheckpointWriter(self.run_dir / "checkpoints", env.rank, env.world_size,
+                                            t.keep_checkpoints, self.step, t.async_save)
         self.metrics = MetricsLogger(self.run_dir, t.steps, self.is_logger, cfg.run.tensorboard)
         if self.is_logger:
             n = sum(p.numel() for p in self.model.parameters())
@@ -154,8 +156,8 @@ class Trainer:
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
     def save(self) -> None:
-        save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.engine.optimizer,
-                        self.state, {"config": self.cfg.to_dict()}, keep=self.cfg.train.keep_checkpoints)
+        save_checkpoint(self.checkpoints, self.step, self.model, self.engine.optimizer, self.state,
+                        {"config": self.cfg.to_dict()})
 
     def fit(self) -> int:
         """Train to `train.steps`; returns the process exit code (EXIT_REQUEUE when preempted)."""
@@ -188,7 +190,9 @@ class Trainer:
                             by = preempt.received.name if preempt.received else "a peer"
                             print(f"megamoe: preempted by {by}; checkpoint at step {self.step} saved, "
                                   f"exiting {EXIT_REQUEUE} to be requeued", flush=True)
+                        self.checkpoints.wait()
                         return EXIT_REQUEUE
+            self.checkpoints.wait()  # the last checkpoint is published before the run reports success
             return 0
         finally:
             self.metrics.close()  # also on preemption and errors: tensorboard flushes what it has

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from ..checkpoint.io import latest_checkpoint
+from ..checkpoint.io import recover_checkpoints
 from ..config import Config, ConfigError
 
 LOCK = ".lock"
@@ -20,6 +20,7 @@ LOCK = ".lock"
 RESUMABLE_CHANGES = {"train.steps", "train.log_interval", "train.eval_interval", "train.eval_batches",
                      "train.save_interval", "train.keep_checkpoints", "train.device",
                      "train.micro_batch_size",  # a new layout may need another to divide the batch
+                     "train.async_save",
                      "run.dir", "run.tensorboard", "run.sample_prompt", "run.sample_tokens",
                      "data.cache_dir",
                      # checkpoints are layout-free: a run continues in any parallel layout
@@ -162,7 +163,7 @@ def prepare_run_dir(cfg: Config, lock: RunLock) -> Path:
     try:
         _refuse_foreign(run_dir, locked=True)
         config_file = run_dir / "config.yaml"
-        latest = latest_checkpoint(run_dir / "checkpoints")
+        latest = recover_checkpoints(run_dir / "checkpoints")
         if latest is not None and config_file.is_file():
             check_resumable(yaml.safe_load(config_file.read_text()), cfg, run_dir)
         text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
