@@ -42,9 +42,14 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"{meta_file} is missing: {path} is not a megamoe checkpoint") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_file} is corrupt ({e}); restore it or pick another checkpoint") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_file} is corrupt (not a JSON object); restore it or pick another checkpoint")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} has checkpoint format {meta.get('format', 1)}; this megamoe "
                               f"reads format {FORMAT} (layout-free optimizer state)")
+    if not isinstance(meta.get("files"), dict):
+        raise CheckpointError(f"{meta_file} has no 'files' (the sha256 of every file in {path}): it is "
+                              "damaged; restore it, or resume from another checkpoint")
     return meta
 
 

@@ -5,13 +5,15 @@ of a step is a pure function of the step, so a resumed run reads exactly the sam
 would have read had it never stopped.
 """
 
+import hashlib
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from megamoe.config import DataConfig
+from megamoe.config import ConfigError, DataConfig
 from megamoe.data import prepare
 from megamoe.data.indexed import IndexedDataset, dataset_exists, loss_mask_prefix
 from megamoe.data.tokenizer import Tokenizer, load_tokenizer
@@ -173,6 +175,55 @@ def data_sources(data_cfg: DataConfig, model_vocab_size: int | None = None) -> t
     prefix, tokenizer_path = prepare.ensure_default_corpus(
         Path(data_cfg.cache_dir).expanduser(), vocab_size=vocab)
     return [str(prefix)], str(tokenizer_path)
+
+
+def check_data(data_cfg: DataConfig, model_vocab_size: int) -> None:
+    """Every problem of `data.paths` / `data.tokenizer` as one ConfigError, before any setup:
+    a missing or unreadable tokenizer or dataset, a truncated or corrupt .bin/.idx, a tokenizer
+    or a token id that does not fit model.vocab_size (under tensor parallelism such ids would
+    otherwise train silently on zero embeddings). The embedded corpus is built to fit."""
+    if not data_cfg.paths:
+        return
+    try:
+        tokenizer = load_tokenizer(data_cfg.tokenizer)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.tokenizer: {e}") from None
+    if tokenizer.vocab_size > model_vocab_size:
+        raise ConfigError(f"model.vocab_size: data.tokenizer {data_cfg.tokenizer} has {tokenizer.vocab_size} "
+                          f"tokens, more than model.vocab_size={model_vocab_size}; raise model.vocab_size "
+                          "(a multiple of parallel.tensor) or name the tokenizer the data was built with")
+    for prefix in data_cfg.paths:
+        try:
+            largest = max_token_id(IndexedDataset(prefix), Path(data_cfg.cache_dir).expanduser())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"data.paths: {e}") from None
+        if largest >= model_vocab_size:
+            raise ConfigError(f"data.paths: {prefix}.bin holds token id {largest}, which model.vocab_size="
+                              f"{model_vocab_size} has no embedding for: the data was built with a larger "
+                              "tokenizer. Rebuild it with data.tokenizer (tools/preprocess_data.py), or "
+                              f"raise model.vocab_size above {largest}")
+
+
+def max_token_id(indexed: IndexedDataset, cache_dir: Path) -> int:
+    """The largest token id in a dataset: read once, then remembered in `cache_dir` for as long
+    as the .bin keeps its size and modification time (a pretraining corpus is large)."""
+    bin_path = Path(f"{indexed.prefix}.bin").resolve()
+    st = bin_path.stat()
+    key = hashlib.sha1(f"{bin_path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    cached = cache_dir / "max-token-id" / key
+    try:
+        return int(cached.read_text())
+    except (OSError, ValueError):
+        pass
+    largest = indexed.max_token()
+    try:  # a cache, not a requirement: written atomically, skipped where it cannot be
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f"{key}.tmp{os.getpid()}")
+        tmp.write_text(str(largest))
+        os.replace(tmp, cached)
+    except OSError:
+        pass
+    return largest
 
 
 def build_datasets(data_cfg: DataConfig, seed: int, num_train_samples: int,

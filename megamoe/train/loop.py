@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ..checkpoint.io import CheckpointWriter, latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from ..config import Config, ConfigError
-from ..data.dataset import build_datasets, get_batch
+from ..data.dataset import build_datasets, check_data, get_batch
 from ..distributed import discover_env, init_distributed
 from ..model.flops import flops_per_token, peak_flops
 from ..parallel import comm, pipeline
@@ -31,6 +31,7 @@ class Trainer:
         """`lock` (on cfg.run.dir) is taken by rank 0 here; the caller releases it at the end."""
         env = discover_env()
         cfg.validate(env.world_size)  # every layout error before any process group exists
+        check_data(cfg.data, cfg.model.vocab_size)  # and every data error
         init_distributed(env)
         self.cfg = cfg
         self.state = ParallelState(env.world_size, env.rank, cfg.parallel.tensor,
