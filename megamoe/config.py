@@ -100,6 +100,7 @@ class TrainConfig:
     save_interval: int = 500
     keep_checkpoints: int = 2  # 0 = keep all; never counts checkpoints newer than the resume point
     async_save: bool = True  # write checkpoints in a background thread (the copy to host stays in the step)
+    collective_timeout_s: float = 600.0  # a collective (or a save) waiting longer fails the job
     compile: bool = False  # torch.compile each block (CUDA; ignored with a notice on CPU)
 
 
@@ -162,7 +163,7 @@ class Config:
                  f"must be a positive integer, or null for d_model // n_heads; got {m.head_dim}")
         for key, value in [("optim.lr", o.lr), ("model.rms_norm_eps", m.rms_norm_eps),
                            ("model.init_std", m.init_std), ("model.rope_theta", m.rope_theta),
-                           ("optim.eps", o.eps)]:
+                           ("optim.eps", o.eps), ("train.collective_timeout_s", t.collective_timeout_s)]:
             _require(math.isfinite(value) and value > 0, key, f"must be a finite number > 0, got {value}")
         for key, value in [("optim.grad_clip", o.grad_clip), ("optim.weight_decay", o.weight_decay),
                            ("moe.lb_loss_weight", moe.lb_loss_weight),

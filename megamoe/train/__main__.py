@@ -15,7 +15,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from ..checkpoint.io import CheckpointError
 from ..config import ConfigError, load_config
-from ..distributed import LaunchError
+from ..distributed import LaunchError, collective_failure
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
-    lock = None
+    cfg = lock = None
     try:
         cfg = load_config(args.config, args.overrides)
         from .loop import Trainer
@@ -42,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megamoe: error: {e}", file=sys.stderr, flush=True)
         _shutdown(clean=False)
         return 2
+    except RuntimeError as e:  # a collective that timed out or lost a peer: name it, on this rank
+        failure = collective_failure(e, cfg and cfg.train.collective_timeout_s)
+        if failure is None:
+            raise
+        print(f"megamoe: error: {failure}", file=sys.stderr, flush=True)
+        _shutdown(clean=False)
+        return 1
     finally:  # before _exit: the next job finds run.dir free, not a lock to take over
         if lock is not None:
             lock.release()

@@ -8,6 +8,7 @@ reads exactly the samples it would have read had it never stopped.
 import math
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 from functools import partial
 
 import torch
@@ -32,7 +33,7 @@ class Trainer:
         env = discover_env()
         cfg.validate(env.world_size)  # every layout error before any process group exists
         check_data(cfg.data, cfg.model.vocab_size)  # and every data error
-        init_distributed(env)
+        init_distributed(env, timeout=timedelta(seconds=cfg.train.collective_timeout_s))
         self.cfg = cfg
         self.state = ParallelState(env.world_size, env.rank, cfg.parallel.tensor,
                                    cfg.parallel.pipeline, cfg.parallel.expert).build_groups()
@@ -53,7 +54,7 @@ class Trainer:
             check_resumable(read_meta(latest)["config"], cfg, latest)
             self.step = load_checkpoint(latest, self.model, self.engine.optimizer, self.state)["step"]
         self.checkpoints = CheckpointWriter(self.run_dir / "checkpoints", env.rank, env.world_size,
-                                            t.keep_checkpoints, self.step, t.async_save)
+                                            t.keep_checkpoints, self.step, t.async_save, t.collective_timeout_s)
         self.metrics = MetricsLogger(self.run_dir, t.steps, self.is_logger, cfg.run.tensorboard)
         if self.is_logger:
             n = sum(p.numel() for p in self.model.parameters())
