@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from megamoe.config import ConfigError
+from megamoe.config import ConfigError, load_config
 from megamoe.train.rundir import LOCK, RunLock
 from runs import REPO, TINY, free_port, launch, metrics
 
@@ -64,7 +64,10 @@ def test_relaunch_after_a_failed_launch_may_change_the_config(tmp_path):
     run = tmp_path / "run"
     proc = launch(run, 1, ["train.steps=1", "data.paths=[/nonexistent/data]", "data.tokenizer=/nonexistent/tok.model"],
                   check=False)
-    assert proc.returncode != 0 and not (run / LOCK).exists()
+    assert proc.returncode == 2 and "megamoe: error: data.tokenizer" in proc.stderr
+    assert not run.exists()  # refused before the run directory was touched
+    run.mkdir()  # what a launch that failed after writing its config (before any checkpoint) leaves
+    load_config(None, [*TINY, "model.d_model=64"]).save(run / "config.yaml")
     launch(run, 1, ["train.steps=1"])
     assert [r["step"] for r in metrics(run)] == [1]
     assert len(list(run.glob("config.*.yaml"))) == 1 and not (run / LOCK).exists()
