@@ -1,4 +1,4 @@
-"""Run safety: one job per run directory, a relaunch after a failed launch."""
+"""Run safety: one job per run directory, a relaunch after a failed launch, no orphaned workers, no silent hang."""
 
 import os
 import re
@@ -6,15 +6,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from megamoe.config import ConfigError, load_config
 from megamoe.train.rundir import LOCK, RunLock
-from runs import REPO, TINY, free_port, launch, metrics
+from runs import REPO, TINY, Job, alive, launch, metrics
 
 
 def test_second_lock_is_refused_naming_the_holder(tmp_path):
@@ -71,48 +69,6 @@ def test_relaunch_after_a_failed_launch_may_change_the_config(tmp_path):
     launch(run, 1, ["train.steps=1"])
     assert [r["step"] for r in metrics(run)] == [1]
     assert len(list(run.glob("config.*.yaml"))) == 1 and not (run / LOCK).exists()
-
-
-class Job:
-    """A training job in the background (under torchrun when nproc > 1), its output collected."""
-
-    def __init__(self, run_dir, nproc, overrides):
-        launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                                          f"--master_port={free_port()}"]
-        cmd = [sys.executable, *launcher, "-m", "megamoe.train", *TINY, *overrides, f"run.dir={run_dir}"]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
-
-    def wait_for(self, text: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in line for line in list(self.lines)):
-            assert self.proc.poll() is None or time.monotonic() < deadline, "".join(self.lines)[-3000:]
-            assert time.monotonic() < deadline, f"no {text!r} within {timeout} s:\n" + "".join(self.lines)[-3000:]
-            time.sleep(0.1)
-
-    def workers(self) -> dict[int, int]:
-        """{rank: pid} of the launcher's children."""
-        found = {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                if int(fields[1]) == self.proc.pid:
-                    env = (stat.parent / "environ").read_bytes().split(b"\0")
-                    rank = next(int(e[5:]) for e in env if e.startswith(b"RANK="))
-                    found[rank] = int(stat.parent.name)
-            except (OSError, IndexError, StopIteration, ValueError):
-                continue
-        return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_workers_exit_when_their_launcher_is_killed(tmp_path):
