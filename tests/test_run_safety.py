@@ -72,7 +72,7 @@ def test_relaunch_after_a_failed_launch_may_change_the_config(tmp_path):
 
 
 def test_workers_exit_when_their_launcher_is_killed(tmp_path):
-    job = Job(tmp_path / "run", 2, ["train.steps=100000"])
+    job = Job(tmp_path / "run", 2, ["train.steps=2000"])
     job.wait_for("step      1/")
     workers = job.workers()
     assert sorted(workers) == [0, 1]
@@ -84,7 +84,7 @@ def test_workers_exit_when_their_launcher_is_killed(tmp_path):
 
 
 def test_a_collective_that_waits_too_long_ends_the_job_naming_rank_and_operation(tmp_path):
-    job = Job(tmp_path / "run", 2, ["train.steps=100000", "train.collective_timeout_s=4"])
+    job = Job(tmp_path / "run", 2, ["train.steps=2000", "train.collective_timeout_s=4"])
     job.wait_for("step      1/")
     stopped = job.workers()[1]
     os.kill(stopped, signal.SIGSTOP)  # rank 1 hangs: rank 0 waits for it in its next collective
@@ -95,3 +95,13 @@ def test_a_collective_that_waits_too_long_ends_the_job_naming_rank_and_operation
     assert job.proc.wait(timeout=60) != 0
     out = "".join(job.lines)
     assert re.search(r"rank 0: \w+ waited longer than train.collective_timeout_s=4 s", out), out[-3000:]
+
+
+def test_checkpoints_none_of_which_is_complete_stop_every_rank_with_one_error(tmp_path):
+    run = tmp_path / "run"
+    launch(run, 1, ["train.steps=1"])
+    (run / "checkpoints" / "latest").unlink()
+    (run / "checkpoints" / "step_00000001" / "meta.json").unlink()
+    proc = launch(run, 2, ["train.steps=2"], check=False, timeout=120)
+    assert proc.returncode != 0 and "no complete checkpoint" in proc.stderr, proc.stderr[-2000:]
+    assert (run / "checkpoints" / "step_00000001").is_dir()  # nothing deleted

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from ..checkpoint.io import recover_checkpoints
+from ..checkpoint.io import CheckpointError, recover_checkpoints
 from ..config import Config, ConfigError
 
 LOCK = ".lock"
@@ -163,7 +163,10 @@ def prepare_run_dir(cfg: Config, lock: RunLock) -> Path:
     try:
         _refuse_foreign(run_dir, locked=True)
         config_file = run_dir / "config.yaml"
-        latest = recover_checkpoints(run_dir / "checkpoints")
+        try:
+            latest = recover_checkpoints(run_dir / "checkpoints")
+        except CheckpointError as e:  # as a ConfigError, every rank reports it (_rank0_then_all)
+            raise ConfigError(f"run.dir: {e}") from None
         if latest is not None and config_file.is_file():
             check_resumable(yaml.safe_load(config_file.read_text()), cfg, run_dir)
         text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
