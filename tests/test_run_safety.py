@@ -89,7 +89,7 @@ def test_a_collective_that_waits_too_long_ends_the_job_naming_rank_and_operation
     stopped = job.workers()[1]
     os.kill(stopped, signal.SIGSTOP)  # rank 1 hangs: rank 0 waits for it in its next collective
     try:
-        job.wait_for("megamoe: error: rank 0: ", timeout=60)
+        job.wait_for("megamoe: error: rank 0: ", timeout=120)
     finally:
         os.kill(stopped, signal.SIGKILL)
     assert job.proc.wait(timeout=60) != 0
