@@ -29,7 +29,7 @@ def split_documents(num_docs: int, valid_fraction: float) -> tuple[np.ndarray, n
     """
     n_valid = max(1, round(num_docs * valid_fraction))
     if num_docs - n_valid < 1:
-        raise ValueError(f"cannot split {num_docs} document(s) into train and valid; "
+        raise ConfigError(f"data.paths: cannot split {num_docs} document(s) into train and valid; "
                          "give a dataset with more documents")
     order = np.random.default_rng(SPLIT_SEED).permutation(num_docs)
     return np.sort(order[n_valid:]), np.sort(order[:n_valid])
@@ -59,9 +59,9 @@ class GPTDataset:
         documents = np.asarray(documents, dtype=np.int64)
         tokens_per_epoch = int(indexed.sizes[documents].sum(dtype=np.int64))
         if tokens_per_epoch <= seq_length:
-            raise ValueError(f"{indexed.prefix}: the split holds {tokens_per_epoch} tokens, not "
-                             f"enough for one sample of seq_length={seq_length}; use more data or "
-                             "a shorter data.seq_length")
+            raise ConfigError(f"data.paths: {indexed.prefix}: the split holds {tokens_per_epoch} tokens, "
+                              f"not enough for one sample of seq_length={seq_length}; use more data or "
+                              "a shorter data.seq_length")
         # Epoch e's samples are the k with e*T <= k*L < (e+1)*T (T tokens/epoch, L seq_length):
         # k from ceil(e*T/L). The fewest epochs holding num_samples: ceil(epochs*T/L) >= N.
         epochs = (num_samples - 1) * seq_length // tokens_per_epoch + 1
@@ -194,7 +194,11 @@ def check_data(data_cfg: DataConfig, model_vocab_size: int) -> None:
                           "(a multiple of parallel.tensor) or name the tokenizer the data was built with")
     for prefix in data_cfg.paths:
         try:
-            largest = max_token_id(IndexedDataset(prefix), Path(data_cfg.cache_dir).expanduser())
+            indexed = IndexedDataset(prefix)
+            _loss_mask_for(prefix, indexed)
+            largest = max_token_id(indexed, Path(data_cfg.cache_dir).expanduser())
+        except ConfigError:
+            raise
         except (OSError, ValueError) as e:
             raise ConfigError(f"data.paths: {e}") from None
         if largest >= model_vocab_size:
@@ -258,10 +262,10 @@ def _loss_mask_for(prefix: str, tokens: IndexedDataset) -> IndexedDataset | None
         return None
     mask = IndexedDataset(loss_mask_prefix(prefix))
     if not np.array_equal(mask.sizes, tokens.sizes):
-        raise ValueError(f"{loss_mask_prefix(prefix)}.idx does not describe the documents of "
-                         f"{prefix}.idx ({len(mask)} vs {len(tokens)} documents, or other lengths): "
-                         "the two were not written together; run tools/preprocess_data.py again "
-                         "with --overwrite")
+        raise ConfigError(f"data.paths: {loss_mask_prefix(prefix)}.idx does not describe the documents "
+                          f"of {prefix}.idx ({len(mask)} vs {len(tokens)} documents, or other lengths): "
+                          "the two were not written together; run tools/preprocess_data.py again "
+                          "with --overwrite")
     return mask
 
 
