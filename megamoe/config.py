@@ -7,6 +7,7 @@ and says how to fix it.
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +98,9 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 4
     save_interval: int = 500
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # 0 = keep all; never counts checkpoints newer than the resume point
+    async_save: bool = True  # write checkpoints in a background thread (the copy to host stays in the step)
+    collective_timeout_s: float = 600.0  # a collective (or a save) waiting longer fails the job
     compile: bool = False  # torch.compile each block (CUDA; ignored with a notice on CPU)
     max_skipped_steps: int = 10  # stop after this many steps in a row with a non-finite grad norm/loss
 
@@ -152,9 +155,28 @@ class Config:
                            ("train.log_interval", t.log_interval),
                            ("train.eval_interval", t.eval_interval),
                            ("train.save_interval", t.save_interval),
-                           ("train.max_skipped_steps", t.max_skipped_steps)]:
+                           ("train.max_skipped_steps", t.max_skipped_steps),
+                           ("train.eval_batches", t.eval_batches), ("model.max_seq_len", m.max_seq_len),
+                           ("run.sample_tokens", self.run.sample_tokens)]:
             _require(value >= 1, key, f"must be a positive integer, got {value}")
         _require(moe.num_experts >= 0, "moe.num_experts", "must be >= 0 (0 = dense FFN)")
+        _require(moe.num_shared_experts >= 0, "moe.num_shared_experts", "must be >= 0 (0 = none)")
+        _require(m.head_dim is None or m.head_dim >= 1, "model.head_dim",
+                 f"must be a positive integer, or null for d_model // n_heads; got {m.head_dim}")
+        for key, value in [("optim.lr", o.lr), ("model.rms_norm_eps", m.rms_norm_eps),
+                           ("model.init_std", m.init_std), ("model.rope_theta", m.rope_theta),
+                           ("optim.eps", o.eps), ("train.collective_timeout_s", t.collective_timeout_s)]:
+            _require(math.isfinite(value) and value > 0, key, f"must be a finite number > 0, got {value}")
+        for key, value in [("optim.grad_clip", o.grad_clip), ("optim.weight_decay", o.weight_decay),
+                           ("moe.lb_loss_weight", moe.lb_loss_weight),
+                           ("moe.z_loss_weight", moe.z_loss_weight)]:
+            _require(math.isfinite(value) and value >= 0, key,
+                     f"must be a finite number >= 0, got {value}" + (" (0 turns clipping off)"
+                                                                     if key == "optim.grad_clip" else ""))
+        for key, value in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)]:
+            _require(0 <= value < 1, key, f"must be in [0, 1), got {value}")
+        _require(m.clip_qkv is None or (math.isfinite(m.clip_qkv) and m.clip_qkv > 0), "model.clip_qkv",
+                 f"must be a finite number > 0, or null for no clipping; got {m.clip_qkv}")
         if m.head_dim is None:
             _require(m.d_model % m.n_heads == 0, "model.n_heads",
                      f"d_model={m.d_model} is not divisible by n_heads={m.n_heads}; "
@@ -174,8 +196,6 @@ class Config:
                      f"must be in [1, num_experts={moe.num_experts}], got {moe.top_k}")
         _require(moe.capacity_factor is None or moe.capacity_factor > 0, "moe.capacity_factor",
                  "must be positive, or null for dropless routing")
-        _require(moe.lb_loss_weight >= 0 and moe.z_loss_weight >= 0, "moe.lb_loss_weight",
-                 "auxiliary loss weights must be >= 0")
         _choice("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
         _require(o.lr > 0, "optim.lr", "must be positive")
         _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
@@ -189,6 +209,11 @@ class Config:
             _require(all(w > 0 for w in d.weights), "data.weights", "weights must be positive")
         _require(not d.paths or d.tokenizer, "data.tokenizer",
                  "data.paths is set, so name the tokenizer those datasets were built with")
+        _require(d.paths or not d.tokenizer, "data.tokenizer",
+                 "data.paths is empty, so the embedded corpus is used, with its own tokenizer; "
+                 "unset data.tokenizer, or set data.paths to datasets built with it")
+        _require(t.keep_checkpoints >= 0, "train.keep_checkpoints",
+                 f"must be >= 0 (0 keeps every checkpoint), got {t.keep_checkpoints}")
         _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
         _choice("train.device", t.device, ("auto", "cpu", "cuda"))
         _choice("parallel.activation_checkpointing", p.activation_checkpointing,
@@ -272,9 +297,15 @@ def read_config(path: str | Path | None) -> dict:
             raise ConfigError(f"config file {path} does not exist; pass an existing YAML file "
                               f"or a preset name: {', '.join(presets())}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                              "save it as UTF-8") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if data is None:
+            raise ConfigError(f"config file {path} is empty; give it the sections to set (see "
+                              "configs/), or leave out --config for the OLMoE-1B-7B defaults")
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
     return data
@@ -283,6 +314,9 @@ def read_config(path: str | Path | None) -> dict:
 def with_overrides(data: dict, overrides: list[str] = ()) -> Config:
     """A Config from nested dicts (a YAML file's, a checkpoint's) with `section.key=value`
     overrides applied; `data` itself is left unchanged."""
+    for section, values in (data or {}).items():
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"{section}: must be a mapping of keys (section.key: value), got {values!r}")
     data = {k: dict(v or {}) for k, v in data.items()} if data else {}
     for item in overrides:
         key, sep, raw = item.partition("=")

@@ -15,6 +15,8 @@ import re
 import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
@@ -223,6 +225,8 @@ def init_distributed(env: DistEnv, backend: str | None = None,
 
     backend None picks nccl when CUDA is present (and binds this rank to GPU local_rank),
     else gloo. The torch-style variables are exported too, for libraries that read them.
+    A collective of any group that waits longer than `timeout` fails (gloo: an exception,
+    `collective_failure` names it; NCCL: its watchdog ends the process, naming rank and op).
     """
     import deepspeed
     import torch
@@ -239,6 +243,10 @@ def init_distributed(env: DistEnv, backend: str | None = None,
                 "DeepSpeed pick GPU LOCAL_RANK, so per-task binding (srun --gpus-per-task, "
                 "--gpu-bind) must be off.")
         torch.cuda.set_device(env.local_rank)
+    exit_with_launcher(env)
+    # Subgroups (ours and DeepSpeed's) take torch's default timeout, not the default group's.
+    from torch.distributed import distributed_c10d
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size),
                       LOCAL_RANK=str(env.local_rank),
                       LOCAL_WORLD_SIZE=str(env.local_world_size),
@@ -251,6 +259,49 @@ def init_distributed(env: DistEnv, backend: str | None = None,
     sys.stdout.write("".join(line for line in said.getvalue().splitlines(True)
                              if "built successfully" not in line))
     return backend
+
+
+def exit_with_launcher(env: DistEnv, interval_s: float = 1.0) -> None:
+    """End this process when the launcher that started it dies (torchrun, deepspeed, mpirun).
+
+    Workers run in their own session, so a `kill -9` of the launcher leaves them training and
+    writing checkpoints. A daemon thread watches the parent: once this process is reparented,
+    it exits. Plain and srun processes are left alone (a nohup'd run outlives its shell;
+    Slurm ends its steps itself).
+    """
+    if env.launcher not in ("torchrun", "deepspeed", "mpirun"):
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        sys.stderr.write(f"megamoe: error: rank {env.rank}: its launcher ({env.launcher}, pid {parent}) "
+                         "is gone; exiting\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="megamoe-launcher-watch", daemon=True).start()
+
+
+def collective_failure(error: BaseException, timeout_s: float | None) -> str | None:
+    """The one-line message for a collective that failed on this rank (None: not one).
+
+    gloo raises a RuntimeError from inside the torch.distributed call: name that call, and why.
+    """
+    import traceback
+
+    ops = [f.name for f in traceback.extract_tb(error.__traceback__)
+           if f.filename.endswith("distributed_c10d.py")]
+    if not ops or not isinstance(error, RuntimeError):
+        return None
+    rank = os.environ.get("RANK", "?")
+    text = str(error)
+    if "Timed out" in text or "timed out" in text:
+        return (f"rank {rank}: {ops[-1]} waited longer than train.collective_timeout_s={timeout_s:g} s "
+                "for the other ranks: one of them hangs, died or is far slower (see its log); raise "
+                "train.collective_timeout_s if a step or a save legitimately takes longer")
+    return f"rank {rank}: {ops[-1]} failed, a peer rank is gone ({text.splitlines()[0][:200]}); see the other ranks' logs"
 
 
 def main() -> None:

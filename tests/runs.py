@@ -9,6 +9,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -45,6 +47,55 @@ def launch(run_dir: Path, nproc: int, overrides: list[str], timeout: int = 300,
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+class Job:
+    """A training job in the background (under torchrun when nproc > 1), its output collected."""
+
+    def __init__(self, run_dir, nproc, overrides):
+        launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                                          f"--master_port={free_port()}"]
+        cmd = [sys.executable, *launcher, "-m", "megamoe.train", *TINY, *overrides, f"run.dir={run_dir}"]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        self.lines: list[str] = []
+        self.workers_seen: dict[int, int] = {}  # {rank: pid} at the last workers() call
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in list(self.lines)):
+            ended = self.proc.poll() is not None
+            if ended or time.monotonic() > deadline:
+                time.sleep(0.5)  # the last lines may still be on their way
+                assert any(text in line for line in list(self.lines)), \
+                    f"no {text!r} {'before the job ended' if ended else f'within {timeout} s'}:\n" \
+                    + "".join(self.lines)[-3000:]
+                return
+            time.sleep(0.05)
+
+    def workers(self) -> dict[int, int]:
+        """{rank: pid} of the launcher's children."""
+        found = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == self.proc.pid:
+                    env = (stat.parent / "environ").read_bytes().split(b"\0")
+                    rank = next(int(e[5:]) for e in env if e.startswith(b"RANK="))
+                    found[rank] = int(stat.parent.name)
+            except (OSError, IndexError, StopIteration, ValueError):
+                continue
+        self.workers_seen = found
+        return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -25,7 +25,7 @@ from megamoe.config import ConfigError, load_config
 from megamoe.model.olmoe import OLMoE, init_weights
 from megamoe.train.sample import load_model, tokenizer_for
 from pip_cache import pip_target
-from runs import REPO, TINY, launch, metrics
+from runs import TINY, launch, metrics
 
 LAYOUT_A = ["parallel.expert=2", "parallel.zero_stage=1"]
 SIX_STEPS = ["train.steps=6", "train.save_interval=3"]

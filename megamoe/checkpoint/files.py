@@ -27,12 +27,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, corrupt or incompatible; the message names it."""
 
 
+_UMASK = os.umask(0o022)  # read once, at import: setting it is process-wide (async saves write
+os.umask(_UMASK)          # from a thread), so it is never touched again
+
+
 def save_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
     """safetensors' `save_file`, with the permissions of any other new file (it makes them 600)."""
     save_file(tensors, str(path), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def sha256(path: Path) -> str:
@@ -51,9 +53,14 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"{meta_file} is missing: {path} is not a megamoe checkpoint") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_file} is corrupt ({e}); restore it or pick another checkpoint") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_file} is corrupt (not a JSON object); restore it or pick another checkpoint")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} has checkpoint format {meta.get('format', 1)}; this megamoe "
                               f"reads format {FORMAT} (layout-free optimizer state)")
+    if not isinstance(meta.get("files"), dict):
+        raise CheckpointError(f"{meta_file} has no 'files' (the sha256 of every file in {path}): it is "
+                              "damaged; restore it, or resume from another checkpoint")
     return meta
 
 
@@ -86,6 +93,9 @@ def atomic_dir(final: Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for f in tmp.rglob("*"):  # durable before it appears under its name
+        fsync_path(f)
+    fsync_path(tmp)
     if final.exists():
         old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(final, old)
@@ -93,6 +103,16 @@ def atomic_dir(final: Path, overwrite: bool = False):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    fsync_path(final.parent)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def piece_box(shape, cuts) -> tuple[tuple[int, int], ...]:

@@ -207,6 +207,9 @@ def _hf_files(src: Path) -> dict[str, str]:
         raise CheckpointError(f"{src} has neither {INDEX} nor model.safetensors (only safetensors "
                               "checkpoints are read: .bin files would need unpickling)")
     for f in sorted(set(weight_map.values()) if weight_map else ["model.safetensors"]):
+        if not isinstance(f, str) or Path(f).name != f:  # a bare name: nothing outside `src` is read
+            raise CheckpointError(f"{INDEX} of {src} places tensors in {f!r}, which is not a file name "
+                                  "inside that folder; fix its weight_map")
         if not (src / f).is_file():
             raise CheckpointError(f"shard {src / f} named by {INDEX} is missing")
         try:

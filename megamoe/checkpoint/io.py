@@ -11,14 +11,13 @@ Dense tensors are written by data-parallel rank 0 of each (tp, pp) coordinate, e
 by expert-data-parallel rank 0, tensors that tensor parallelism replicates by tp rank 0 only:
 one copy of every distinct piece. Loading reads, for each local parameter, the box of the full
 tensor it covers from whichever pieces overlap it (`files.ShardedReader`), so a checkpoint of any
-TP/PP/EP/DP/ZeRO layout resumes in any other. A checkpoint appears atomically: written under a
-temporary name, renamed when complete, then the `latest` pointer file is replaced.
+TP/PP/EP/DP/ZeRO layout resumes in any other. A checkpoint appears atomically and durably:
+written and fsynced under a temporary name, renamed when complete, then the `latest` pointer file
+is replaced (writer.py, which can do all of it in a background thread).
 """
 
 import json
-import os
 import random
-import shutil
 import uuid
 import zlib
 from pathlib import Path
@@ -29,50 +28,49 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from ..parallel.sharding import shards
-from .files import (FORMAT, CheckpointError, ShardedReader, piece_box, read_meta, save_safetensors, sha256,
-                    verify_file)
+from .files import (FORMAT, CheckpointError, ShardedReader, fsync_path, piece_box, read_meta, save_safetensors,
+                    sha256, verify_file)
+from .writer import LATEST, CheckpointWriter, newest_complete, recover, step_dir_name
 
-__all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "read_meta", "save_checkpoint"]
+__all__ = ["CheckpointError", "CheckpointWriter", "latest_checkpoint", "load_checkpoint", "read_meta",
+           "recover_checkpoints", "save_checkpoint"]
 
-LATEST = "latest"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The checkpoint `latest` names; where it is missing or dangling, the newest complete one."""
     pointer = Path(ckpt_root) / LATEST
-    if not pointer.is_file():
-        return None
-    path = Path(ckpt_root) / pointer.read_text().strip()
-    if not (path / "meta.json").is_file():
-        raise CheckpointError(f"{pointer} points to {path}, which is not a complete checkpoint; "
-                              "point it at an existing step_* directory or remove it to start over")
-    return path
+    if pointer.is_file():
+        path = Path(ckpt_root) / pointer.read_text().strip()
+        if (path / "meta.json").is_file():
+            return path
+    return newest_complete(ckpt_root)
 
 
-def publish(ckpt_root: Path, tmp: Path, final: Path) -> None:
-    """Rename the complete checkpoint `tmp` to `final`, then move the `latest` pointer to it."""
-    if final.exists():  # a re-save of the same step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    pointer_tmp = ckpt_root / f".{LATEST}.tmp"
-    pointer_tmp.write_text(final.name + "\n")
-    os.replace(pointer_tmp, ckpt_root / LATEST)
+def recover_checkpoints(ckpt_root: Path) -> Path | None:
+    """At the start of the job holding the run's lock (rank 0): clean up what killed saves left,
+    repair `latest`; returns the checkpoint the run continues from (None: a new run)."""
+    recover(ckpt_root)
+    return latest_checkpoint(ckpt_root)
+
+
+def meta_record(step: int, config: dict, layout: dict, world_size: int, files: dict,
+                optimizer_step: int) -> dict:
+    return dict(format=FORMAT, step=step, config=config, world_size=world_size, layout=layout,
+                optimizer={"step": optimizer_step} if optimizer_step else None, files=files)
 
 
 def write_meta(directory: Path, step: int, config: dict, layout: dict, world_size: int,
                files: dict, optimizer_step: int) -> None:
-    meta = dict(format=FORMAT, step=step, config=config, world_size=world_size, layout=layout,
-                optimizer={"step": optimizer_step} if optimizer_step else None, files=files)
+    meta = meta_record(step, config, layout, world_size, files, optimizer_step)
     (directory / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
-def write_tensors(path: Path, tensors: dict, cuts: dict) -> dict:
-    """One safetensors file of pieces (cuts per name in the metadata); returns {name: sha256}."""
-    save_safetensors(tensors, path, metadata={"shards": json.dumps(cuts)})
+def write_tensors(path: Path, tensors: dict, cuts: dict, metadata_key: str = "shards") -> dict:
+    """One fsynced safetensors file of pieces (`cuts` in its metadata); returns {name: sha256}."""
+    save_safetensors(tensors, path, metadata={metadata_key: json.dumps(cuts)})
+    fsync_path(path)
     return {path.name: sha256(path)}
 
 
@@ -117,10 +115,13 @@ def _param_state(p: torch.nn.Parameter, optimizer, with_moments: bool) -> list[t
     return found
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer, state,
-                    extra: dict, keep: int | None = None) -> Path:
-    """Collective: every rank writes its files; rank 0 publishes the directory atomically."""
-    ckpt_root = Path(ckpt_root)
+def save_checkpoint(writer: CheckpointWriter, step: int, model: torch.nn.Module, optimizer, state,
+                    extra: dict) -> Path:
+    """Collective: every rank copies its state to host memory here, in the calling thread (with
+    every collective the copy needs, in the same order on each rank); `writer` writes its files
+    and rank 0 publishes the directory, in `writer`'s background thread when it has one."""
+    writer.wait()  # one save in flight at a time; raises if the previous one failed
+    ckpt_root = writer.root
     final = ckpt_root / step_dir_name(step)
     tmp_name = [f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"]
     if dist.is_initialized():
@@ -136,41 +137,30 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
     for name, p in _named_params(model):
         master, *moms = _param_state(p, optimizer, with_moments=opt_step > 0)
         if _owns(p, state):
+            if p.device.type == "cpu":  # the live tensors themselves: copy what training will change
+                master, moms = master.clone(), [t.clone() for t in moms]
             weights[name], cuts[name] = master, shards(p)
             for key, t in zip(MOMENTS, moms):
                 moments[f"{name}.{key}"], cuts[f"{name}.{key}"] = t, shards(p)
-    digests = write_tensors(tmp / f"model-rank{r:05d}.safetensors", weights, cuts)
-    if opt_step:
-        digests |= write_tensors(tmp / f"optim-rank{r:05d}.safetensors", moments, cuts)
-    del weights, moments
     rng, rng_meta = _rng_state()
-    rng_file = tmp / f"rng-rank{r:05d}.safetensors"
-    save_safetensors(rng, rng_file, metadata={"rng": json.dumps(rng_meta)})
-    digests[rng_file.name] = sha256(rng_file)
 
-    all_digests = [None] * state.world_size if dist.is_initialized() else [digests]
-    if dist.is_initialized():
-        dist.all_gather_object(all_digests, digests)
-    if r == 0:
-        write_meta(tmp, step, extra["config"], _layout(state, extra["config"]), state.world_size,
-                   {k: v for d in all_digests for k, v in d.items()}, opt_step)
-        publish(ckpt_root, tmp, final)
-        if keep:
-            _prune(ckpt_root, keep)
-    if dist.is_initialized():
-        dist.barrier()
+    def write_files() -> dict:
+        digests = write_tensors(tmp / f"model-rank{r:05d}.safetensors", weights, cuts)
+        if opt_step:
+            digests |= write_tensors(tmp / f"optim-rank{r:05d}.safetensors", moments, cuts)
+        digests |= write_tensors(tmp / f"rng-rank{r:05d}.safetensors", rng, rng_meta, "rng")
+        return digests
+
+    meta = meta_record(step, extra["config"], _layout(state, extra["config"]), state.world_size, {}, opt_step)
+    writer.submit(step, tmp, write_files, meta)
+    if not writer.background and dist.is_initialized():
+        dist.barrier()  # returns once rank 0 published it
     return final
 
 
 def _layout(state, config: dict) -> dict:
     return {"tp": state.tp, "pp": state.pp, "ep": state.ep, "dp": state.dp,
             "zero_stage": config.get("parallel", {}).get("zero_stage", 0)}
-
-
-def _prune(ckpt_root: Path, keep: int) -> None:
-    steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
-    for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # Loading -------------------------------------------------------------------------------------

@@ -5,13 +5,15 @@ of a step is a pure function of the step, so a resumed run reads exactly the sam
 would have read had it never stopped.
 """
 
+import hashlib
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from megamoe.config import DataConfig
+from megamoe.config import ConfigError, DataConfig
 from megamoe.data import prepare
 from megamoe.data.indexed import IndexedDataset, dataset_exists, loss_mask_prefix
 from megamoe.data.tokenizer import Tokenizer, load_tokenizer
@@ -27,7 +29,7 @@ def split_documents(num_docs: int, valid_fraction: float) -> tuple[np.ndarray, n
     """
     n_valid = max(1, round(num_docs * valid_fraction))
     if num_docs - n_valid < 1:
-        raise ValueError(f"cannot split {num_docs} document(s) into train and valid; "
+        raise ConfigError(f"data.paths: cannot split {num_docs} document(s) into train and valid; "
                          "give a dataset with more documents")
     order = np.random.default_rng(SPLIT_SEED).permutation(num_docs)
     return np.sort(order[n_valid:]), np.sort(order[:n_valid])
@@ -57,9 +59,9 @@ class GPTDataset:
         documents = np.asarray(documents, dtype=np.int64)
         tokens_per_epoch = int(indexed.sizes[documents].sum(dtype=np.int64))
         if tokens_per_epoch <= seq_length:
-            raise ValueError(f"{indexed.prefix}: the split holds {tokens_per_epoch} tokens, not "
-                             f"enough for one sample of seq_length={seq_length}; use more data or "
-                             "a shorter data.seq_length")
+            raise ConfigError(f"data.paths: {indexed.prefix}: the split holds {tokens_per_epoch} tokens, "
+                              f"not enough for one sample of seq_length={seq_length}; use more data or "
+                              "a shorter data.seq_length")
         # Epoch e's samples are the k with e*T <= k*L < (e+1)*T (T tokens/epoch, L seq_length):
         # k from ceil(e*T/L). The fewest epochs holding num_samples: ceil(epochs*T/L) >= N.
         epochs = (num_samples - 1) * seq_length // tokens_per_epoch + 1
@@ -175,6 +177,59 @@ def data_sources(data_cfg: DataConfig, model_vocab_size: int | None = None) -> t
     return [str(prefix)], str(tokenizer_path)
 
 
+def check_data(data_cfg: DataConfig, model_vocab_size: int) -> None:
+    """Every problem of `data.paths` / `data.tokenizer` as one ConfigError, before any setup:
+    a missing or unreadable tokenizer or dataset, a truncated or corrupt .bin/.idx, a tokenizer
+    or a token id that does not fit model.vocab_size (under tensor parallelism such ids would
+    otherwise train silently on zero embeddings). The embedded corpus is built to fit."""
+    if not data_cfg.paths:
+        return
+    try:
+        tokenizer = load_tokenizer(data_cfg.tokenizer)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.tokenizer: {e}") from None
+    if tokenizer.vocab_size > model_vocab_size:
+        raise ConfigError(f"model.vocab_size: data.tokenizer {data_cfg.tokenizer} has {tokenizer.vocab_size} "
+                          f"tokens, more than model.vocab_size={model_vocab_size}; raise model.vocab_size "
+                          "(a multiple of parallel.tensor) or name the tokenizer the data was built with")
+    for prefix in data_cfg.paths:
+        try:
+            indexed = IndexedDataset(prefix)
+            _loss_mask_for(prefix, indexed)
+            largest = max_token_id(indexed, Path(data_cfg.cache_dir).expanduser())
+        except ConfigError:
+            raise
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"data.paths: {e}") from None
+        if largest >= model_vocab_size:
+            raise ConfigError(f"data.paths: {prefix}.bin holds token id {largest}, which model.vocab_size="
+                              f"{model_vocab_size} has no embedding for: the data was built with a larger "
+                              "tokenizer. Rebuild it with data.tokenizer (tools/preprocess_data.py), or "
+                              f"raise model.vocab_size above {largest}")
+
+
+def max_token_id(indexed: IndexedDataset, cache_dir: Path) -> int:
+    """The largest token id in a dataset: read once, then remembered in `cache_dir` for as long
+    as the .bin keeps its size and modification time (a pretraining corpus is large)."""
+    bin_path = Path(f"{indexed.prefix}.bin").resolve()
+    st = bin_path.stat()
+    key = hashlib.sha1(f"{bin_path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    cached = cache_dir / "max-token-id" / key
+    try:
+        return int(cached.read_text())
+    except (OSError, ValueError):
+        pass
+    largest = indexed.max_token()
+    try:  # a cache, not a requirement: written atomically, skipped where it cannot be
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f"{key}.tmp{os.getpid()}")
+        tmp.write_text(str(largest))
+        os.replace(tmp, cached)
+    except OSError:
+        pass
+    return largest
+
+
 def build_datasets(data_cfg: DataConfig, seed: int, num_train_samples: int,
                    num_valid_samples: int, model_vocab_size: int | None = None
                    ) -> tuple[BlendedDataset, BlendedDataset, Tokenizer]:
@@ -207,10 +262,10 @@ def _loss_mask_for(prefix: str, tokens: IndexedDataset) -> IndexedDataset | None
         return None
     mask = IndexedDataset(loss_mask_prefix(prefix))
     if not np.array_equal(mask.sizes, tokens.sizes):
-        raise ValueError(f"{loss_mask_prefix(prefix)}.idx does not describe the documents of "
-                         f"{prefix}.idx ({len(mask)} vs {len(tokens)} documents, or other lengths): "
-                         "the two were not written together; run megamoe-preprocess again "
-                         "with --overwrite")
+        raise ConfigError(f"data.paths: {loss_mask_prefix(prefix)}.idx does not describe the documents "
+                          f"of {prefix}.idx ({len(mask)} vs {len(tokens)} documents, or other lengths): "
+                          "the two were not written together; run megamoe-preprocess again "
+                          "with --overwrite")
     return mask
 
 

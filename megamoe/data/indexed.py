@@ -136,6 +136,11 @@ class IndexedDataset:
         """Document i's tokens (a read-only view into the memory map)."""
         return self.get(i)
 
+    def max_token(self) -> int:
+        """The largest token id in the .bin (-1 when empty): one pass over the file, in chunks."""
+        chunk = 1 << 26
+        return max((int(self._data[i:i + chunk].max()) for i in range(0, len(self._data), chunk)), default=-1)
+
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens [offset, offset + length) of document i; length None = to the end."""
         if not -len(self) <= i < len(self):

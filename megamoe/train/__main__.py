@@ -20,7 +20,7 @@ warnings.filterwarnings("ignore", message=r"barrier\(\): using the device under 
 
 from ..checkpoint.io import CheckpointError
 from ..config import ConfigError, load_config, presets
-from ..distributed import LaunchError
+from ..distributed import LaunchError, collective_failure
 from .loop import DivergenceError
 
 
@@ -32,10 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     start = time.monotonic()
+    cfg = lock = None
     try:
         cfg = load_config(args.config, args.overrides)
         from .loop import Trainer
-        trainer = Trainer(cfg)
+        from .rundir import RunLock
+        lock = RunLock(cfg.run.dir)  # rank 0 takes it once the process group exists
+        trainer = Trainer(cfg, lock)
         code = trainer.fit()
         if code == 0 and trainer.is_logger and cfg.run.sample_prompt:
             from .sample import sample_from_checkpoint
@@ -52,6 +55,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megamoe: error: {e}", file=sys.stderr, flush=True)
         _shutdown(clean=False)
         return 3 if isinstance(e, DivergenceError) else 2
+    except RuntimeError as e:  # a collective that timed out or lost a peer: name it, on this rank
+        failure = collective_failure(e, cfg and cfg.train.collective_timeout_s)
+        if failure is None:
+            raise
+        print(f"megamoe: error: {failure}", file=sys.stderr, flush=True)
+        _shutdown(clean=False)
+        return 1
+    finally:  # before _exit: the next job finds run.dir free, not a lock to take over
+        if lock is not None:
+            lock.release()
 
 
 def _shutdown(clean: bool) -> None:

@@ -8,34 +8,37 @@ reads exactly the samples it would have read had it never stopped.
 import math
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
-from ..checkpoint.io import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from ..checkpoint.io import CheckpointWriter, latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from ..config import Config, ConfigError
-from ..data.dataset import build_datasets, get_batch
+from ..data.dataset import build_datasets, check_data, get_batch
 from ..distributed import discover_env, init_distributed
 from ..model.flops import flops_per_token, peak_flops
 from ..parallel import comm, pipeline
 from ..parallel.state import ParallelState
 from .engine import build_engine, build_model, lr_at, resolve_device, resolve_dtype
 from .metrics import MetricsLogger
-from .rundir import check_resumable, prepare_run_dir
+from .rundir import RunLock, check_resumable, prepare_run_dir
 from .signals import EXIT_REQUEUE, PreemptionHandler
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, lock: RunLock):
+        """`lock` (on cfg.run.dir) is taken by rank 0 here; the caller releases it at the end."""
         env = discover_env()
         cfg.validate(env.world_size)  # every layout error before any process group exists
-        init_distributed(env)
+        check_data(cfg.data, cfg.model.vocab_size)  # and every data error
+        init_distributed(env, timeout=timedelta(seconds=cfg.train.collective_timeout_s))
         self.cfg = cfg
         self.state = ParallelState(env.world_size, env.rank, cfg.parallel.tensor,
                                    cfg.parallel.pipeline, cfg.parallel.expert).build_groups()
         self.is_logger = env.rank == 0
-        self.run_dir = _rank0_then_all(lambda: prepare_run_dir(cfg))
+        self.run_dir = _rank0_then_all(lambda: prepare_run_dir(cfg, lock))
         self.device = resolve_device(cfg)
         torch.manual_seed(cfg.train.seed)
         t = cfg.train
@@ -51,6 +54,8 @@ class Trainer:
         if latest is not None:
             check_resumable(read_meta(latest)["config"], cfg, latest)
             self.step = load_checkpoint(latest, self.model, self.engine.optimizer, self.state)["step"]
+        self.checkpoints = CheckpointWriter(self.run_dir / "checkpoints", env.rank, env.world_size,
+                                            t.keep_checkpoints, self.step, t.async_save, t.collective_timeout_s)
         self.metrics = MetricsLogger(self.run_dir, t.steps, self.is_logger, cfg.run.tensorboard)
         if self.is_logger:
             n = sum(p.numel() for p in self.model.parameters())
@@ -177,8 +182,8 @@ class Trainer:
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
     def save(self) -> None:
-        save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.engine.optimizer,
-                        self.state, {"config": self.cfg.to_dict()}, keep=self.cfg.train.keep_checkpoints)
+        save_checkpoint(self.checkpoints, self.step, self.model, self.engine.optimizer, self.state,
+                        {"config": self.cfg.to_dict()})
 
     def fit(self) -> int:
         """Train to `train.steps`; returns the process exit code (EXIT_REQUEUE when preempted)."""
@@ -211,7 +216,9 @@ class Trainer:
                             by = preempt.received.name if preempt.received else "a peer"
                             print(f"megamoe: preempted by {by}; checkpoint at step {self.step} saved, "
                                   f"exiting {EXIT_REQUEUE} to be requeued", flush=True)
+                        self.checkpoints.wait()
                         return EXIT_REQUEUE
+            self.checkpoints.wait()  # the last checkpoint is published before the run reports success
             return 0
         finally:
             self.metrics.close()  # also on preemption and errors: tensorboard flushes what it has

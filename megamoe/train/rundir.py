@@ -1,23 +1,123 @@
-"""The run directory: created fresh, or continued; never silently overwritten."""
+"""The run directory: one job at a time, created fresh or continued; never silently overwritten."""
 
+import errno
+import fcntl
+import json
+import os
+import socket
 import time
 from pathlib import Path
 
 import yaml
 
+from ..checkpoint.io import CheckpointError, recover_checkpoints
 from ..config import Config, ConfigError
+
+LOCK = ".lock"
 
 # Keys that may change between a checkpoint and its continuation: they do not alter what the
 # saved state means (more steps, other cadences, other logging). Everything else must match.
 RESUMABLE_CHANGES = {"train.steps", "train.log_interval", "train.eval_interval", "train.eval_batches",
                      "train.save_interval", "train.keep_checkpoints", "train.device",
                      "train.micro_batch_size",  # a new layout may need another to divide the batch
+                     "train.async_save", "train.collective_timeout_s",
                      "run.dir", "run.tensorboard", "run.sample_prompt", "run.sample_tokens",
                      "data.cache_dir",
                      # checkpoints are layout-free: a run continues in any parallel layout
                      "parallel.tensor", "parallel.pipeline", "parallel.expert", "parallel.zero_stage",
                      "parallel.sequence_parallel", "parallel.pipeline_layers",
                      "parallel.activation_checkpointing"}
+
+
+class RunLock:
+    """`run.dir/.lock`: an exclusive flock held for the job's life, naming its holder.
+
+    The file records host, pid and start time for the refusal message. The kernel drops a
+    flock when its process dies, however it dies, so a lock left by a killed job is free and
+    is taken over. Where the filesystem offers no flock, a record of this host whose pid is
+    not alive is taken over instead.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        while True:  # until the file we lock is the one at self.path (a releaser may unlink it)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read(fd)
+                os.close(fd)
+                raise ConfigError(self._held_by(holder)) from None
+            except OSError as e:  # no flock here (some network filesystems): trust a live pid
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    os.close(fd)
+                    raise
+                holder = _read(fd)
+                if holder and not _dead_here(holder):
+                    os.close(fd)
+                    raise ConfigError(self._held_by(holder)) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        holder = _read(fd)
+        if holder:
+            print(f"megamoe: taking over {self.path}, left by a job that is gone "
+                  f"({_describe(holder)})", flush=True)
+        record = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "start": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        """Remove the file, then drop the lock (closing the descriptor); idempotent."""
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+    def _held_by(self, holder: dict | None) -> str:
+        return (f"run.dir: {self.path.parent} is in use by another job ({_describe(holder)}); "
+                "one job at a time may write a run directory. Wait for that job to end or stop "
+                "it, or pick another run.dir")
+
+
+def _read(fd: int) -> dict | None:
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "null")
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _describe(holder: dict | None) -> str:
+    if not holder:
+        return "holder unknown: its lock file is being written"
+    return f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('start')}"
+
+
+def _dead_here(holder: dict) -> bool:
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return False
+    return False
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -40,23 +140,52 @@ def check_resumable(saved: dict, cfg: Config, where: Path) -> None:
                 "a checkpoint to another parallel layout).")
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """Check `run.dir` can hold this run and record the resolved config (on one rank).
+def prepare_run_dir(cfg: Config, lock: RunLock) -> Path:
+    """Take `lock` (on `run.dir`) for this job, check it can hold this run, record the resolved config.
 
-    A directory with a config.yaml is a megamoe run: it is continued (the config must be
-    compatible). A non-empty directory without one is refused. A changed config.yaml is kept
-    as config.<time>.yaml before the new one is written.
+    Run on one rank (rank 0) before anything else touches the directory. A directory with a
+    config.yaml is a megamoe run. With a checkpoint it is continued, and the config must be
+    compatible with it; without one nothing in it depends on the config (a launch that
+    failed before its first save), so any config may start there. A non-empty directory
+    without a config.yaml is refused. A changed config.yaml is kept as config.<time>.yaml
+    before the new one is written. The caller releases the lock when the job ends.
     """
     run_dir = Path(cfg.run.dir)
-    config_file = run_dir / "config.yaml"
-    if config_file.is_file():
-        check_resumable(yaml.safe_load(config_file.read_text()), cfg, run_dir)
-    elif run_dir.is_dir() and any(run_dir.iterdir()):
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.dir: {run_dir} is a file, not a directory; pick another run.dir")
+    _refuse_foreign(run_dir, locked=False)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as e:
+        raise ConfigError(f"run.dir: cannot write {run_dir} ({e.strerror}); pick a run.dir this "
+                          "user may write, or fix its permissions") from None
+    try:
+        _refuse_foreign(run_dir, locked=True)
+        config_file = run_dir / "config.yaml"
+        try:
+            latest = recover_checkpoints(run_dir / "checkpoints")
+        except CheckpointError as e:  # as a ConfigError, every rank reports it (_rank0_then_all)
+            raise ConfigError(f"run.dir: {e}") from None
+        if latest is not None and config_file.is_file():
+            check_resumable(yaml.safe_load(config_file.read_text()), cfg, run_dir)
+        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        if config_file.is_file() and config_file.read_text() != text:
+            config_file.rename(run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+        config_file.write_text(text)
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+    except BaseException:
+        lock.release()
+        raise
+    return run_dir
+
+
+def _refuse_foreign(run_dir: Path, locked: bool) -> None:
+    """A non-empty directory without config.yaml is not a megamoe run: refuse it. Before the
+    lock is ours, one holding a lock file is left to the lock to judge (a job starting there)."""
+    if not run_dir.is_dir() or (run_dir / "config.yaml").is_file():
+        return
+    names = {p.name for p in run_dir.iterdir()}
+    if names - {LOCK} and (locked or LOCK not in names):
         raise ConfigError(f"run.dir: {run_dir} exists, is not empty and holds no megamoe run "
                           "(no config.yaml); pick a new run.dir so nothing there is overwritten")
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    if config_file.is_file() and config_file.read_text() != text:
-        config_file.rename(run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
-    config_file.write_text(text)
-    return run_dir
