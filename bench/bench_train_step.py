@@ -19,6 +19,7 @@ import time
 import torch
 
 import megamoe.train.loop as loop
+from megamoe.train.rundir import RunLock
 from megamoe.config import load_config
 
 
@@ -31,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(None, [*args.overrides, f"train.steps={args.steps}"])
     loop.Trainer.save = lambda self: None
-    trainer = loop.Trainer(cfg)
+    trainer = loop.Trainer(cfg, RunLock(cfg.run.dir))
     engine = trainer.engine
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
 

@@ -220,6 +220,9 @@ class Trainer:
                         return EXIT_REQUEUE
             self.checkpoints.wait()  # the last checkpoint is published before the run reports success
             return 0
+        except DivergenceError:  # every rank stops at the same step: finish the (finite) saves in flight
+            self.checkpoints.wait()
+            raise
         finally:
             self.metrics.close()  # also on preemption and errors: tensorboard flushes what it has
 
