@@ -47,6 +47,9 @@ class MoEConfig:
     num_shared_experts: int = 0  # always-on experts of width ffn_hidden, added to the routed output
     lb_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
+    # f_i of the LB loss counted over: micro_batch (OLMoE) | sequence (each, averaged) |
+    # global_batch (the micro-batches of every data-parallel rank together)
+    lb_loss_scope: str = "micro_batch"
     backend: str = "megamoe"  # megamoe (own dispatch, grouped GEMM) | deepspeed (deepspeed.moe)
 
 
@@ -162,11 +165,14 @@ class Config:
                  f"{d.seq_length} exceeds model.max_seq_len={m.max_seq_len}")
         _choice("moe.routing", moe.routing, ("token_choice", "expert_choice"))
         _choice("moe.backend", moe.backend, ("megamoe", "deepspeed"))
+        _choice("moe.lb_loss_scope", moe.lb_loss_scope, ("micro_batch", "global_batch", "sequence"))
         if moe.backend == "deepspeed":
             _require(moe.routing == "token_choice", "moe.routing",
                      "expert choice is not available with moe.backend=deepspeed; use moe.backend=megamoe")
             _require(moe.num_shared_experts == 0, "moe.num_shared_experts",
                      "shared experts are not available with moe.backend=deepspeed; use moe.backend=megamoe")
+            _require(moe.lb_loss_scope == "micro_batch", "moe.lb_loss_scope",
+                     "DeepSpeed-MoE's gate balances each micro-batch only; use moe.backend=megamoe")
         if moe.num_experts:
             _require(1 <= moe.top_k <= moe.num_experts, "moe.top_k",
                      f"must be in [1, num_experts={moe.num_experts}], got {moe.top_k}")

@@ -15,6 +15,7 @@ EVAL = ["train.eval_interval=4"]  # TINY runs 4 steps: one eval at the end, thro
 DEEP = ("model.n_layers=4",)
 CAPACITY = ("moe.capacity_factor=1.0",)
 EXPERT_CHOICE = ("moe.routing=expert_choice",)
+SEQUENCE_LB = ("moe.lb_loss_scope=sequence",)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,8 @@ def layout(name: str, nproc: int, overrides: list[str], variant: tuple[str, ...]
                                         "parallel.zero_stage=1"]),
     layout("ep2-capacity", 2, ["parallel.expert=2"], CAPACITY),
     layout("ep2-expert-choice", 2, ["parallel.expert=2"], EXPERT_CHOICE),
+    layout("ep2-sequence-lb", 2, ["parallel.expert=2"], SEQUENCE_LB),
+    layout("tp2-sp-sequence-lb", 2, ["parallel.tensor=2", "parallel.sequence_parallel=true"], SEQUENCE_LB),
     layout("ckpt-full-pp2", 2, ["parallel.pipeline=2", "parallel.activation_checkpointing=full"]),
     layout("ckpt-full-tp2xep2-sp", 4, ["parallel.tensor=2", "parallel.expert=2", "parallel.sequence_parallel=true",
                                        "parallel.activation_checkpointing=full"]),
@@ -72,6 +75,23 @@ def test_layout_gives_the_one_rank_run(tmp_path, references, nproc, overrides, v
     ref = references(variant)
     run = tmp_path / "run"
     launch(run, nproc, [*variant, *overrides, *EVAL])
+    assert_same_run(run, ref)
+    assert_same_logs(run, ref)
+
+
+@pytest.mark.parametrize("nproc,overrides", [
+    pytest.param(2, ["train.micro_batch_size=4"], id="dp2"),  # the spec of issue 12
+    pytest.param(2, ["train.micro_batch_size=4", "parallel.expert=2"], id="ep2"),
+    pytest.param(2, ["train.micro_batch_size=8", "parallel.tensor=2", "parallel.sequence_parallel=true"],
+                 id="tp2-sp"),
+    pytest.param(2, ["train.micro_batch_size=8", "parallel.pipeline=2"], id="pp2"),
+])
+def test_global_batch_balancing_is_one_micro_batch_of_the_whole_step(tmp_path, references, nproc, overrides):
+    """`moe.lb_loss_scope=global_batch` counts the LB loss's loads over every DP rank's micro-batch
+    (and SP chunk): the run is the 1-rank run whose one micro-batch is the whole step (8 sequences)."""
+    ref = references(("train.micro_batch_size=8",))
+    run = tmp_path / "run"
+    launch(run, nproc, ["moe.lb_loss_scope=global_batch", *overrides, *EVAL])
     assert_same_run(run, ref)
     assert_same_logs(run, ref)
 

@@ -32,7 +32,7 @@ class Block(nn.Module):
         elif moe.num_experts:
             self.ffn = MoELayer(m.d_model, moe.num_experts, moe.top_k, moe.ffn_hidden, moe.routing,
                                 moe.capacity_factor, moe.norm_topk_prob, moe.num_shared_experts,
-                                moe.lb_loss_weight, moe.z_loss_weight)
+                                moe.lb_loss_weight, moe.z_loss_weight, moe.lb_loss_scope)
         else:
             self.ffn = SwiGLU(m.d_model, moe.ffn_hidden)
 

@@ -5,12 +5,19 @@ the one form that dispatch understands for every routing scheme:
   - token choice (OLMoE default): each token picks its top-k experts; dropless, or with a
     capacity factor that drops the assignments past each expert's capacity;
   - expert choice: each expert picks its top-C tokens (balanced by construction).
+
+The Switch load-balancing loss E · Σ_i f_i · P_i counts the load fractions f_i over a scope
+(`moe.lb_loss_scope`): this micro-batch (the OLMoE paper), each sequence (averaged), or the
+micro-batch of every data-parallel rank at once (`lb_group`, set by
+`megamoe.parallel.balance`): a larger sample of the batch, so the loss stops pushing each
+small micro-batch towards uniform (Megatron-core's and OLMo-core's global-batch balancing).
 """
 
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -27,12 +34,24 @@ class Routing:
     #                           (token_idx = arange(T).repeat_interleave(k)): dropless token choice
 
 
-def load_balancing_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """E * sum_i f_i * P_i with f_i = share of top-k picks to expert i (sums to k), P_i = mean prob."""
-    counts = torch.zeros(num_experts, device=probs.device, dtype=torch.float32)
-    counts.scatter_add_(0, topk_idx.reshape(-1), torch.ones(topk_idx.numel(), device=probs.device))
-    f = counts / probs.shape[0]  # [E]
-    return num_experts * torch.sum(f * probs.mean(dim=0))
+def load_balancing_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,
+                        num_sequences: int = 1, group=None) -> torch.Tensor:
+    """E · Σ_i f_i · P_i with f_i = share of top-k picks to expert i (sums to k), P_i = mean prob.
+
+    probs [T, E], topk_idx [T, k]. num_sequences B > 1: f and P per sequence (T = B·S tokens,
+    sequence-major), the loss averaged over sequences. group: f counted over the tokens of every
+    rank in it (each holding T); the gradient flows through this rank's P only."""
+    T, B = probs.shape[0], num_sequences
+    picks = topk_idx.reshape(B, -1)  # [B, S·k]
+    counts = torch.zeros(B, num_experts, device=probs.device, dtype=torch.float32)
+    counts.scatter_add_(1, picks, torch.ones(picks.shape, device=probs.device))  # [B, E]
+    tokens = T // B
+    if group is not None:
+        dist.all_reduce(counts, group=group)  # on the model's device: fine for gloo and NCCL
+        tokens *= dist.get_world_size(group)
+    f = counts / tokens  # [B, E]
+    P = probs.reshape(B, T // B, num_experts).mean(dim=1)  # [B, E]
+    return num_experts * (f * P).sum(-1).mean()
 
 
 def expert_counts(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -50,10 +69,13 @@ class Router(nn.Module):
     """Linear(d, E) gate + softmax in fp32 + the configured selection rule."""
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, routing: str = "token_choice",
-                 capacity_factor: float | None = None, norm_topk_prob: bool = False):
+                 capacity_factor: float | None = None, norm_topk_prob: bool = False,
+                 lb_loss_scope: str = "micro_batch"):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.routing, self.capacity_factor, self.norm_topk_prob = routing, capacity_factor, norm_topk_prob
+        self.lb_loss_scope = lb_loss_scope
+        self.lb_group = None  # global_batch: the data-parallel group (megamoe.parallel.balance)
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # [E, d]
 
     def capacity(self, num_tokens: int) -> int:
@@ -61,7 +83,8 @@ class Router(nn.Module):
         factor = self.capacity_factor if self.capacity_factor is not None else 1.0
         return min(num_tokens, max(1, math.ceil(factor * num_tokens * self.top_k / self.num_experts)))
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, num_sequences: int = 1) -> Routing:
+        """x: [T, d], the tokens of `num_sequences` sequences, sequence-major."""
         logits = F.linear(x, self.weight)  # [T, E]
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
         zl = z_loss(logits)
@@ -71,7 +94,9 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         top_w = top_w.to(logits.dtype)
-        lb = load_balancing_loss(probs, top_i, self.num_experts)
+        lb = load_balancing_loss(probs, top_i, self.num_experts,
+                                 num_sequences if self.lb_loss_scope == "sequence" else 1,
+                                 self.lb_group if self.training else None)  # eval and sampling: local
         T = x.shape[0]
         token_idx = torch.arange(T, device=x.device).repeat_interleave(self.top_k)  # [T*k]
         expert_idx, weight = top_i.reshape(-1), top_w.reshape(-1)
