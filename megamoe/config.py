@@ -50,6 +50,8 @@ class MoEConfig:
     # f_i of the LB loss counted over: micro_batch (OLMoE) | sequence (each, averaged) |
     # global_batch (the micro-batches of every data-parallel rank together)
     lb_loss_scope: str = "micro_batch"
+    # aux-loss-free balancing (DeepSeek-V3): per-expert routing bias moved this much per step; 0 = off
+    bias_update_rate: float = 0.0
     backend: str = "megamoe"  # megamoe (own dispatch, grouped GEMM) | deepspeed (deepspeed.moe)
 
 
@@ -173,6 +175,8 @@ class Config:
                      "shared experts are not available with moe.backend=deepspeed; use moe.backend=megamoe")
             _require(moe.lb_loss_scope == "micro_batch", "moe.lb_loss_scope",
                      "DeepSpeed-MoE's gate balances each micro-batch only; use moe.backend=megamoe")
+            _require(moe.bias_update_rate == 0, "moe.bias_update_rate",
+                     "DeepSpeed-MoE's gate has no expert bias; use moe.backend=megamoe")
         if moe.num_experts:
             _require(1 <= moe.top_k <= moe.num_experts, "moe.top_k",
                      f"must be in [1, num_experts={moe.num_experts}], got {moe.top_k}")
@@ -180,6 +184,9 @@ class Config:
                  "must be positive, or null for dropless routing")
         _require(moe.lb_loss_weight >= 0 and moe.z_loss_weight >= 0, "moe.lb_loss_weight",
                  "auxiliary loss weights must be >= 0")
+        _require(moe.bias_update_rate >= 0, "moe.bias_update_rate", "must be >= 0 (0 = off; DeepSeek-V3 used 1e-3)")
+        _require(moe.bias_update_rate == 0 or moe.routing == "token_choice", "moe.bias_update_rate",
+                 "the expert bias steers token choice; expert choice is balanced by construction: set it to 0")
         _choice("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
         _require(o.lr > 0, "optim.lr", "must be positive")
         _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")

@@ -16,6 +16,7 @@ DEEP = ("model.n_layers=4",)
 CAPACITY = ("moe.capacity_factor=1.0",)
 EXPERT_CHOICE = ("moe.routing=expert_choice",)
 SEQUENCE_LB = ("moe.lb_loss_scope=sequence",)
+AUX_FREE = ("moe.bias_update_rate=0.01",)  # the expert biases are among the final weights compared
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,10 @@ def layout(name: str, nproc: int, overrides: list[str], variant: tuple[str, ...]
     layout("ep2-capacity", 2, ["parallel.expert=2"], CAPACITY),
     layout("ep2-expert-choice", 2, ["parallel.expert=2"], EXPERT_CHOICE),
     layout("ep2-sequence-lb", 2, ["parallel.expert=2"], SEQUENCE_LB),
+    layout("dp2-aux-free", 2, [], AUX_FREE),
+    layout("ep2-aux-free", 2, ["parallel.expert=2"], AUX_FREE),
+    layout("tp2-sp-aux-free", 2, ["parallel.tensor=2", "parallel.sequence_parallel=true"], AUX_FREE),
+    layout("pp2-aux-free", 2, ["parallel.pipeline=2"], AUX_FREE),
     layout("tp2-sp-sequence-lb", 2, ["parallel.tensor=2", "parallel.sequence_parallel=true"], SEQUENCE_LB),
     layout("ckpt-full-pp2", 2, ["parallel.pipeline=2", "parallel.activation_checkpointing=full"]),
     layout("ckpt-full-tp2xep2-sp", 4, ["parallel.tensor=2", "parallel.expert=2", "parallel.sequence_parallel=true",

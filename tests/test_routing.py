@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megamoe.moe.router import load_balancing_loss
+from megamoe.moe.router import Router, load_balancing_loss, update_expert_bias
 
 
 def test_sequence_scope_averages_each_sequences_loss():
@@ -14,3 +14,31 @@ def test_sequence_scope_averages_each_sequences_loss():
     assert load_balancing_loss(probs, top, 2, num_sequences=2).item() == pytest.approx((1.4 + 1.0) / 2)
     # over the micro-batch: f = (.75, .25), P = (.6, .4) -> 2 · (.45 + .1) = 1.1
     assert load_balancing_loss(probs, top, 2).item() == pytest.approx(1.1)
+
+
+def biased_router(bias):
+    router = Router(2, 3, 1, expert_bias=True)
+    with torch.no_grad():
+        router.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+        router.expert_bias.copy_(torch.tensor(bias))
+    return router
+
+
+def test_expert_bias_steers_the_choice_not_the_weight():
+    x = torch.tensor([[2.0, 0.0]])  # probs ≈ (0.787, 0.107, 0.107): expert 0 wins unbiased
+    probs = torch.softmax(x @ biased_router([0.0, 0.0, 0.0]).weight.t(), -1)[0]
+    assert biased_router([0.0, 0.0, 0.0])(x).expert_idx.tolist() == [0]
+    steered = biased_router([-0.7, 0.0, 0.1])(x)  # 0.087 < 0.107 < 0.207: expert 2
+    assert steered.expert_idx.tolist() == [2]
+    assert steered.weight.item() == pytest.approx(probs[2].item())  # its probability, unbiased
+
+
+def test_expert_bias_moves_by_the_sign_of_the_load_gap():
+    routers = {0: Router(2, 3, 1, expert_bias=True), 1: Router(2, 3, 1, expert_bias=True)}
+    load = torch.tensor([[6.0, 1.0, 2.0], [3.0, 3.0, 3.0]])  # layer 0: mean 3
+    update_expert_bias(routers, load, 0.01)
+    update_expert_bias(routers, load, 0.01)
+    assert routers[0].expert_bias.tolist() == pytest.approx([-0.02, 0.02, 0.02])
+    assert routers[1].expert_bias.tolist() == [0.0, 0.0, 0.0]  # balanced: unchanged
+    assert routers[0].expert_bias.dtype == torch.float32
+    assert "expert_bias" in routers[0].state_dict() and "expert_bias" not in Router(2, 3, 1).state_dict()

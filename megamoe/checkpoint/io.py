@@ -84,7 +84,11 @@ def _owns(param: torch.nn.Parameter, state) -> bool:
 
 
 def _named_params(model):
-    for name, p in model.named_parameters():
+    """Parameters, then persistent buffers (routers' expert biases): model state by canonical
+    name; a tensor without gradient has no optimizer moments."""
+    persistent = model.state_dict(keep_vars=True)
+    tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n in persistent)]
+    for name, p in tensors:
         yield name.removeprefix("module."), p
 
 
@@ -106,7 +110,7 @@ def _param_state(p: torch.nn.Parameter, optimizer, with_moments: bool) -> list[t
         found = [safe_get_full_fp32_param(p)]
         found += [safe_get_full_optimizer_state(p, k) for k in MOMENTS] if with_moments else []
     else:  # the torch optimizer itself: the parameter is the master weight
-        found = [p.detach()] + ([optimizer.state[p][k] for k in MOMENTS] if with_moments else [])
+        found = [p.detach()] + ([optimizer.state[p][k] for k in MOMENTS] if with_moments and p.requires_grad else [])
     return [t.detach().to("cpu").contiguous() for t in found]
 
 
@@ -184,7 +188,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, state) -> dic
         for name, p in params.items():
             box = piece_box(p.shape, shards(p))
             master = weights.read(name, box).to(p.device, torch.float32)
-            found = [moments.read(f"{name}.{k}", box).to(p.device, torch.float32) for k in MOMENTS] if opt_step else []
+            found = ([moments.read(f"{name}.{k}", box).to(p.device, torch.float32) for k in MOMENTS]
+                     if opt_step and p.requires_grad else [])
             _set_param_state(p, optimizer, master, found)
     rng_file = path / f"rng-rank{state.rank:05d}.safetensors"
     if (rng_file.name in meta["files"] and meta["world_size"] == state.world_size

@@ -32,7 +32,8 @@ class Block(nn.Module):
         elif moe.num_experts:
             self.ffn = MoELayer(m.d_model, moe.num_experts, moe.top_k, moe.ffn_hidden, moe.routing,
                                 moe.capacity_factor, moe.norm_topk_prob, moe.num_shared_experts,
-                                moe.lb_loss_weight, moe.z_loss_weight, moe.lb_loss_scope)
+                                moe.lb_loss_weight, moe.z_loss_weight, moe.lb_loss_scope,
+                                moe.bias_update_rate > 0)
         else:
             self.ffn = SwiGLU(m.d_model, moe.ffn_hidden)
 
@@ -104,6 +105,10 @@ class OLMoE(nn.Module):
     def moe_layers(self) -> list[nn.Module]:
         """The MoE FFNs (either backend): each keeps its last forward's routing `stats`."""
         return [b.ffn for b in self.layers.values() if hasattr(b.ffn, "stats")]
+
+    def moe_rows(self) -> dict[int, nn.Module]:
+        """This stage's MoE FFNs by their row in the trainer's per-step [MoE layers, E] loads."""
+        return {int(key): b.ffn for key, b in self.layers.items() if hasattr(b.ffn, "stats")}
 
 
 def init_weights(model: nn.Module, std: float, seed: int) -> None:

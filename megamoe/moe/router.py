@@ -11,6 +11,13 @@ The Switch load-balancing loss E · Σ_i f_i · P_i counts the load fractions f_
 micro-batch of every data-parallel rank at once (`lb_group`, set by
 `megamoe.parallel.balance`): a larger sample of the batch, so the loss stops pushing each
 small micro-batch towards uniform (Megatron-core's and OLMo-core's global-batch balancing).
+
+Aux-loss-free balancing (DeepSeek-V3, `moe.bias_update_rate` > 0): a per-expert bias is added
+to the probabilities for the top-k choice only (the combine weights stay the probabilities);
+after each optimizer step `update_expert_bias` moves it by rate · sign(mean load − load_i), from
+the step's loads summed over every rank, so it is the same on every rank. It is a persistent
+fp32 buffer (bf16 engines cast parameters, and 1e-3 steps are below bf16's resolution), saved
+in checkpoints under its canonical name `layers.N.ffn.router.expert_bias`.
 """
 
 import math
@@ -70,13 +77,15 @@ class Router(nn.Module):
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, routing: str = "token_choice",
                  capacity_factor: float | None = None, norm_topk_prob: bool = False,
-                 lb_loss_scope: str = "micro_batch"):
+                 lb_loss_scope: str = "micro_batch", expert_bias: bool = False):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.routing, self.capacity_factor, self.norm_topk_prob = routing, capacity_factor, norm_topk_prob
         self.lb_loss_scope = lb_loss_scope
         self.lb_group = None  # global_batch: the data-parallel group (megamoe.parallel.balance)
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # [E, d]
+        # [E] fp32, aux-loss-free balancing; None (not model state) when off
+        self.register_buffer("expert_bias", torch.zeros(num_experts) if expert_bias else None)
 
     def capacity(self, num_tokens: int) -> int:
         """Assignments one expert may take: capacity_factor × its fair share of T·k."""
@@ -90,7 +99,11 @@ class Router(nn.Module):
         zl = z_loss(logits)
         if self.routing == "expert_choice":
             return self._expert_choice(logits, probs, zl)
-        top_w, top_i = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        if self.expert_bias is None:
+            top_w, top_i = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        else:  # the bias steers the choice, not the weights
+            top_i = torch.topk(probs + self.expert_bias, self.top_k, dim=-1).indices  # [T, k]
+            top_w = probs.gather(-1, top_i)
         if self.norm_topk_prob:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         top_w = top_w.to(logits.dtype)
@@ -123,3 +136,13 @@ class Router(nn.Module):
         load = torch.full((self.num_experts,), top_t.shape[1], device=probs.device)
         zero = probs.new_zeros(())
         return Routing(top_t.reshape(-1), expert_idx, top_w.reshape(-1).to(logits.dtype), zero, zl, load)
+
+
+@torch.no_grad()
+def update_expert_bias(routers: dict[int, Router], load: torch.Tensor, rate: float) -> None:
+    """Aux-loss-free step: bias_i += rate · sign(mean load − load_i) for every router, where
+    `routers` maps each of this rank's routers to its row of `load` [MoE layers, E], the step's
+    assignment counts summed over every rank (identical everywhere, so the biases stay so)."""
+    for row, router in routers.items():
+        step_load = load[row].to(torch.float64)
+        router.expert_bias += rate * torch.sign(step_load.mean() - step_load).to(router.expert_bias)

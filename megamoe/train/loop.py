@@ -18,6 +18,7 @@ from ..config import Config, ConfigError
 from ..data.dataset import build_datasets, get_batch
 from ..distributed import discover_env, init_distributed
 from ..model.flops import flops_per_token, peak_flops
+from ..moe.router import update_expert_bias
 from ..parallel import comm, pipeline
 from ..parallel.state import ParallelState
 from .engine import build_engine, build_model, lr_at, resolve_device, resolve_dtype
@@ -107,12 +108,20 @@ class Trainer:
         if self.cfg.parallel.sequence_parallel:  # each TP rank routed its own sequence chunk
             load = comm.all_reduce(load, self.state.tp_group)
         load = load.cpu()
+        self._after_optimizer_step(load)
         self.step += 1
         norm = self.engine.get_global_grad_norm()
         return {"loss": sums[0].item(), "lm_loss": sums[1].item(), "lb_loss": sums[2].item(),
                 "z_loss": sums[3].item(), "lr": lr_at(self.cfg, self.step - 1),
                 "grad_norm": float(norm) if norm is not None else float("nan"),
                 "expert_load": (load / load.sum(-1, keepdim=True).clamp_min(1)).tolist() if layers else []}
+
+    def _after_optimizer_step(self, load: torch.Tensor) -> None:
+        """Aux-loss-free balancing: move the routers' expert biases by the step's loads [MoE layers, E],
+        summed over every rank (so identical on every rank)."""
+        if self.cfg.moe.bias_update_rate:
+            update_expert_bias({row: ffn.router for row, ffn in self.model.moe_rows().items()}, load,
+                               self.cfg.moe.bias_update_rate)
 
     def _accumulate(self, layers) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over the step's micro-batches (no pipeline) → the sums of
