@@ -52,6 +52,8 @@ class MoEConfig:
     lb_loss_scope: str = "micro_batch"
     # aux-loss-free balancing (DeepSeek-V3): per-expert routing bias moved this much per step; 0 = off
     bias_update_rate: float = 0.0
+    router_dtype: str = "model"  # model (the training dtype) | fp32: router logits in fp32
+    #                              (moe.backend=deepspeed: always fp32, its gate's own choice)
     backend: str = "megamoe"  # megamoe (own dispatch, grouped GEMM) | deepspeed (deepspeed.moe)
 
 
@@ -168,6 +170,7 @@ class Config:
         _choice("moe.routing", moe.routing, ("token_choice", "expert_choice"))
         _choice("moe.backend", moe.backend, ("megamoe", "deepspeed"))
         _choice("moe.lb_loss_scope", moe.lb_loss_scope, ("micro_batch", "global_batch", "sequence"))
+        _choice("moe.router_dtype", moe.router_dtype, ("model", "fp32"))
         if moe.backend == "deepspeed":
             _require(moe.routing == "token_choice", "moe.routing",
                      "expert choice is not available with moe.backend=deepspeed; use moe.backend=megamoe")

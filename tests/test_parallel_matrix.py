@@ -101,6 +101,22 @@ def test_global_batch_balancing_is_one_micro_batch_of_the_whole_step(tmp_path, r
     assert_same_logs(run, ref)
 
 
+@pytest.mark.parametrize("nproc,overrides", [
+    pytest.param(2, ["parallel.expert=2"], id="ep2"),
+    pytest.param(2, ["parallel.tensor=2", "parallel.sequence_parallel=true"], id="tp2-sp"),
+])
+def test_fp32_router_of_a_bf16_model_in_every_layout(tmp_path, references, nproc, overrides):
+    """`moe.router_dtype=fp32` matters in bf16 only, where layouts agree to bf16 rounding (rather
+    than to fp32's): the loss curve within 2e-3 of the 1-rank run's, as tests/test_train.py's bf16 runs."""
+    variant = ("train.precision=bf16", "moe.router_dtype=fp32")
+    ref = references(variant)
+    run = tmp_path / "run"
+    launch(run, nproc, [*variant, *overrides, *EVAL])
+    for got, want in zip(metrics(run), metrics(ref), strict=True):
+        for key in ("loss", "eval_loss"):  # lb_loss: a flipped bf16 routing choice moves it ~1%
+            assert got.get(key) == pytest.approx(want.get(key), rel=2e-3), (got["step"], key)
+
+
 @pytest.mark.parametrize("overrides,key", [
     (["parallel.pipeline=4"], "parallel.pipeline"),  # deeper than the 2 layers
     (["model.n_layers=3", "parallel.pipeline=2"], "parallel.pipeline"),  # uneven, no split given

@@ -42,3 +42,21 @@ def test_expert_bias_moves_by_the_sign_of_the_load_gap():
     assert routers[1].expert_bias.tolist() == [0.0, 0.0, 0.0]  # balanced: unchanged
     assert routers[0].expert_bias.dtype == torch.float32
     assert "expert_bias" in routers[0].state_dict() and "expert_bias" not in Router(2, 3, 1).state_dict()
+
+
+def test_router_dtype_fp32_computes_a_bf16_models_logits_in_fp32():
+    torch.manual_seed(0)
+    x = torch.randn(64, 32).bfloat16()
+    weight = (torch.randn(8, 32) * 0.5).bfloat16()
+    exact = torch.softmax(x.float() @ weight.float().t(), -1)  # [T, E] from fp32 logits of the bf16 numbers
+    for dtype in ("model", "fp32"):
+        router = Router(32, 8, 2, router_dtype=dtype).bfloat16()
+        router.weight.data.copy_(weight)
+        r = router(x)
+        got = r.weight.view(64, 2)
+        want = exact.gather(-1, r.expert_idx.view(64, 2))
+        if dtype == "fp32":
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        else:  # bf16 logits and weights: off by bf16 rounding
+            assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() > 1e-4

@@ -33,7 +33,7 @@ class Block(nn.Module):
             self.ffn = MoELayer(m.d_model, moe.num_experts, moe.top_k, moe.ffn_hidden, moe.routing,
                                 moe.capacity_factor, moe.norm_topk_prob, moe.num_shared_experts,
                                 moe.lb_loss_weight, moe.z_loss_weight, moe.lb_loss_scope,
-                                moe.bias_update_rate > 0)
+                                moe.bias_update_rate > 0, moe.router_dtype)
         else:
             self.ffn = SwiGLU(m.d_model, moe.ffn_hidden)
 

@@ -73,15 +73,17 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 class Router(nn.Module):
-    """Linear(d, E) gate + softmax in fp32 + the configured selection rule."""
+    """Linear(d, E) gate (in the model's dtype, or fp32: `router_dtype`) + softmax in fp32 + the
+    configured selection rule. The combine weights take the logits' dtype."""
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, routing: str = "token_choice",
                  capacity_factor: float | None = None, norm_topk_prob: bool = False,
-                 lb_loss_scope: str = "micro_batch", expert_bias: bool = False):
+                 lb_loss_scope: str = "micro_batch", expert_bias: bool = False, router_dtype: str = "model"):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.routing, self.capacity_factor, self.norm_topk_prob = routing, capacity_factor, norm_topk_prob
         self.lb_loss_scope = lb_loss_scope
+        self.fp32_logits = router_dtype == "fp32"  # else in the model's dtype (bf16 on GPU)
         self.lb_group = None  # global_batch: the data-parallel group (megamoe.parallel.balance)
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # [E, d]
         # [E] fp32, aux-loss-free balancing; None (not model state) when off
@@ -94,7 +96,10 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, num_sequences: int = 1) -> Routing:
         """x: [T, d], the tokens of `num_sequences` sequences, sequence-major."""
-        logits = F.linear(x, self.weight)  # [T, E]
+        if self.fp32_logits:
+            logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        else:
+            logits = F.linear(x, self.weight)  # [T, E]
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
         zl = z_loss(logits)
         if self.routing == "expert_choice":
