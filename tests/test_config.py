@@ -60,6 +60,9 @@ def test_malformed_input_names_the_key(overrides, key, fix):
     (["data.paths=[x]"], 1, "data.tokenizer"),
     (["moe.backend=deepspeed", "moe.routing=expert_choice"], 1, "moe.routing"),
     (["moe.top_k=9"], 1, "moe.top_k"),
+    (["moe.dense_layers=[4]"], 1, "moe.dense_layers"),                  # no layer 4 of 4
+    (["moe.dense_layers=[0, 1, 2, 3]"], 1, "moe.dense_layers"),         # every layer
+    (["moe.num_experts=0", "moe.dense_layers=[0]"], 1, "moe.dense_layers"),
     (["moe.backend=deepspeed", "moe.lb_loss_scope=global_batch"], 1, "moe.lb_loss_scope"),
 ])
 def test_impossible_values_are_refused(overrides, world, key):

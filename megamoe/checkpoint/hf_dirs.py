@@ -74,6 +74,9 @@ def _check_exportable(cfg, drop_expert_bias: bool = False) -> None:
     if moe.num_experts == 0:
         raise CheckpointError("this checkpoint is dense (moe.num_experts=0); OLMoE has no dense form: "
                               "upcycle it first (tools/convert_checkpoint.py upcycle)")
+    if moe.dense_layers:
+        raise CheckpointError(f"this model has dense layers {moe.dense_layers} (moe.dense_layers); transformers' "
+                              "OLMoE has a MoE in every layer and cannot express them")
     if moe.num_shared_experts or moe.routing != "token_choice" or moe.capacity_factor is not None:
         raise CheckpointError("transformers' OLMoE has dropless token-choice routing and no shared "
                               "experts; this run uses moe.routing / capacity_factor / num_shared_experts "

@@ -114,7 +114,8 @@ class Trainer:
         return {"loss": sums[0].item(), "lm_loss": sums[1].item(), "lb_loss": sums[2].item(),
                 "z_loss": sums[3].item(), "lr": lr_at(self.cfg, self.step - 1),
                 "grad_norm": float(norm) if norm is not None else float("nan"),
-                "expert_load": (load / load.sum(-1, keepdim=True).clamp_min(1)).tolist() if layers else []}
+                "expert_load": ((load / load.sum(-1, keepdim=True).clamp_min(1)).tolist()
+                                if self.cfg.moe_layer_ids() else [])}
 
     def _after_optimizer_step(self, load: torch.Tensor) -> None:
         """Aux-loss-free balancing: move the routers' expert biases by the step's loads [MoE layers, E],
