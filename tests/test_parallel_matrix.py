@@ -41,6 +41,9 @@ def assert_same_logs(run, ref) -> None:
     first, ref_first = metrics(run)[0], metrics(ref)[0]
     # per-layer expert shares: every stage's layers (and every SP chunk), in the 1-rank order
     np.testing.assert_allclose(first["expert_load"], ref_first["expert_load"], atol=1e-6)
+    for key in ("load_max_over_mean", "load_cv", "dropped_fraction", "bias_spread"):  # those logged
+        assert (key in first) == (key in ref_first), key
+        np.testing.assert_allclose(first.get(key, []), ref_first.get(key, []), rtol=1e-5, atol=1e-6, err_msg=key)
     assert metrics(run)[-1]["eval_loss"] == pytest.approx(metrics(ref)[-1]["eval_loss"], rel=1e-5)
 
 

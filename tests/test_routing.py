@@ -1,8 +1,10 @@
 """Routing and balancing options of the router, on hand-sized cases."""
 
+import numpy
 import pytest
 import torch
 
+from megamoe.analysis.load import heatmap_image, step_load_metrics
 from megamoe.moe.router import Router, load_balancing_loss, update_expert_bias
 
 
@@ -60,3 +62,22 @@ def test_router_dtype_fp32_computes_a_bf16_models_logits_in_fp32():
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
         else:  # bf16 logits and weights: off by bf16 rounding
             assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() > 1e-4
+
+
+def test_step_load_metrics_on_a_hand_case():
+    load = torch.tensor([[6.0, 1.0, 2.0], [3.0, 3.0, 3.0]])  # 2 MoE layers, 3 experts
+    bias = torch.tensor([[-0.02, 0.01, 0.03], [0.0, 0.0, 0.0]])
+    m = step_load_metrics(load, routed=10, bias=bias)
+    assert m["load_max_over_mean"] == pytest.approx([2.0, 1.0])
+    assert m["load_cv"] == pytest.approx([(14 / 3) ** 0.5 / 3, 0.0])  # population std of (6, 1, 2) = √(14/3)
+    assert m["dropped_fraction"] == pytest.approx([0.1, 0.1])
+    assert m["bias_spread"] == pytest.approx([0.05, 0.0])
+    assert set(step_load_metrics(load)) == {"load_max_over_mean", "load_cv"}
+
+
+def test_heatmap_is_white_at_the_fair_share_red_above_blue_below():
+    img = heatmap_image([[0.5, 0.25, 0.25, 0.0]], cell=2)  # 4 experts: fair share 0.25
+    assert img.shape == (3, 2, 8) and img.dtype == numpy.uint8
+    assert img[:, 0, 0].tolist() == [255, 0, 0]  # 2× the fair share: red
+    assert img[:, 1, 3].tolist() == [255, 255, 255]  # exactly fair: white
+    assert img[:, 0, 7].tolist() == [0, 0, 255]  # no load: blue

@@ -46,6 +46,26 @@ def test_run_dir_holds_config_metrics_events_and_checkpoints(tmp_path):
     assert latest_checkpoint(run / "checkpoints").name == "step_00000002"
 
 
+def test_routing_is_seen_per_step_and_as_a_heatmap_each_eval(tmp_path):
+    """Capacity routing with aux-loss-free biases: every step logs each MoE layer's max/mean load,
+    coefficient of variation, dropped share and bias spread; each eval, a load heatmap image."""
+    run = tmp_path / "run"
+    proc = launch(run, 1, ["run.tensorboard=true", "train.steps=2", "train.eval_interval=2",
+                           "moe.capacity_factor=1.0", "moe.bias_update_rate=0.01"])
+    first, last = metrics(run)
+    share = torch.tensor(first["expert_load"])  # [2 layers, 8 experts]
+    assert first["load_max_over_mean"] == pytest.approx((share.max(-1).values * 8).tolist())
+    assert first["load_cv"] == pytest.approx((share.std(-1, correction=0) * 8).tolist())
+    assert len(first["dropped_fraction"]) == 2 and 0 < max(first["dropped_fraction"]) < 1
+    assert first["bias_spread"] == pytest.approx([0.02, 0.02])  # rate × (+1 − (−1)) after one step
+    assert "max/mean" in proc.stdout and "dropped" in proc.stdout and "bias spread" in proc.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert "experts/load_cv_layer1" in events.Tags()["scalars"]
+    heatmaps = events.Images("experts/load_heatmap")
+    assert [h.step for h in heatmaps] == [2] and (heatmaps[0].height, heatmaps[0].width) == (16, 64)
+
+
 def test_loss_falls(tmp_path):
     run = tmp_path / "run"
     launch(run, 1, ["train.steps=12", "optim.warmup_steps=2", "train.global_batch_size=4"])

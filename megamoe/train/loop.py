@@ -18,6 +18,7 @@ from ..config import Config, ConfigError
 from ..data.dataset import build_datasets, get_batch
 from ..distributed import discover_env, init_distributed
 from ..model.flops import flops_per_token, peak_flops
+from ..analysis.load import step_load_metrics
 from ..moe.router import update_expert_bias
 from ..parallel import comm, pipeline
 from ..parallel.state import ParallelState
@@ -108,21 +109,33 @@ class Trainer:
         if self.cfg.parallel.sequence_parallel:  # each TP rank routed its own sequence chunk
             load = comm.all_reduce(load, self.state.tp_group)
         load = load.cpu()
-        self._after_optimizer_step(load)
+        routing = self._after_optimizer_step(load)
         self.step += 1
         norm = self.engine.get_global_grad_norm()
         return {"loss": sums[0].item(), "lm_loss": sums[1].item(), "lb_loss": sums[2].item(),
                 "z_loss": sums[3].item(), "lr": lr_at(self.cfg, self.step - 1),
                 "grad_norm": float(norm) if norm is not None else float("nan"),
                 "expert_load": ((load / load.sum(-1, keepdim=True).clamp_min(1)).tolist()
-                                if self.cfg.moe_layer_ids() else [])}
+                                if self.cfg.moe_layer_ids() else []), **routing}
 
-    def _after_optimizer_step(self, load: torch.Tensor) -> None:
+    def _after_optimizer_step(self, load: torch.Tensor) -> dict:
         """Aux-loss-free balancing: move the routers' expert biases by the step's loads [MoE layers, E],
-        summed over every rank (so identical on every rank)."""
-        if self.cfg.moe.bias_update_rate:
-            update_expert_bias({row: ffn.router for row, ffn in self.model.moe_rows().items()}, load,
-                               self.cfg.moe.bias_update_rate)
+        summed over every rank (so identical on every rank). Returns the step's load metrics."""
+        moe, routers = self.cfg.moe, {row: ffn.router for row, ffn in self.model.moe_rows().items()
+                                      if hasattr(ffn, "router")}
+        if moe.bias_update_rate:
+            update_expert_bias(routers, load, moe.bias_update_rate)
+        if not self.cfg.moe_layer_ids():
+            return {}
+        drops = moe.capacity_factor is not None and moe.routing == "token_choice" and moe.backend == "megamoe"
+        routed = self.cfg.train.global_batch_size * self.cfg.data.seq_length * moe.top_k if drops else None
+        bias = None
+        if moe.bias_update_rate:  # every stage's routers, for the logging rank
+            bias = torch.zeros(load.shape, dtype=torch.float32)
+            for row, router in routers.items():
+                bias[row] = router.expert_bias.cpu()
+            bias = comm.all_reduce(bias, self.state.pp_group) if self.state.pp > 1 else bias
+        return step_load_metrics(load, routed, bias)
 
     def _accumulate(self, layers) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over the step's micro-batches (no pipeline) → the sums of
