@@ -1,11 +1,16 @@
 """Routing and balancing options of the router, on hand-sized cases."""
 
+import importlib.util
+from pathlib import Path
+
 import numpy
 import pytest
 import torch
 
 from megamoe.analysis.load import heatmap_image, step_load_metrics
 from megamoe.moe.router import Router, load_balancing_loss, update_expert_bias
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_sequence_scope_averages_each_sequences_loss():
@@ -81,3 +86,15 @@ def test_heatmap_is_white_at_the_fair_share_red_above_blue_below():
     assert img[:, 0, 0].tolist() == [255, 0, 0]  # 2× the fair share: red
     assert img[:, 1, 3].tolist() == [255, 255, 255]  # exactly fair: white
     assert img[:, 0, 7].tolist() == [0, 0, 255]  # no load: blue
+
+
+def test_gpu_smoke_script_cpu_path_prints_a_table_and_fails_on_a_failing_case(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("gpu_routing_smoke", REPO / "bench" / "gpu_routing_smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    assert smoke.main(["--tiny", "--steps", "1", "--cases", "expert_choice", "aux_free_bias"]) == 0
+    table = capsys.readouterr().out
+    assert "expert_choice        eager     ok" in table and "all cases passed" in table
+    monkeypatch.setitem(smoke.CASES, "broken", ["moe.routing=expert_choice", "moe.bias_update_rate=0.1"])
+    assert smoke.main(["--tiny", "--steps", "1", "--cases", "broken"]) == 1
+    assert "broken               eager     FAILED" in capsys.readouterr().out
