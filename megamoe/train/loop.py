@@ -13,12 +13,12 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from ..analysis.load import step_load_metrics
 from ..checkpoint.io import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from ..config import Config, ConfigError
 from ..data.dataset import build_datasets, get_batch
 from ..distributed import discover_env, init_distributed
 from ..model.flops import flops_per_token, peak_flops
-from ..analysis.load import step_load_metrics
 from ..moe.router import update_expert_bias
 from ..parallel import comm, pipeline
 from ..parallel.state import ParallelState
