@@ -16,6 +16,7 @@ DEEP = ("model.n_layers=4",)
 CAPACITY = ("moe.capacity_factor=1.0",)
 EXPERT_CHOICE = ("moe.routing=expert_choice",)
 SEQUENCE_LB = ("moe.lb_loss_scope=sequence",)
+# New options run EP2 (data parallel for every non-expert parameter), TP2+SP and PP2.
 DENSE_FIRST = ("moe.dense_layers=[0]", "moe.dense_ffn_hidden=48")  # layer 0 dense, layer 1 MoE
 AUX_FREE = ("moe.bias_update_rate=0.01",)  # the expert biases are among the final weights compared
 
@@ -67,11 +68,9 @@ def layout(name: str, nproc: int, overrides: list[str], variant: tuple[str, ...]
     layout("ep2-capacity", 2, ["parallel.expert=2"], CAPACITY),
     layout("ep2-expert-choice", 2, ["parallel.expert=2"], EXPERT_CHOICE),
     layout("ep2-sequence-lb", 2, ["parallel.expert=2"], SEQUENCE_LB),
-    layout("dp2-aux-free", 2, [], AUX_FREE),
     layout("ep2-aux-free", 2, ["parallel.expert=2"], AUX_FREE),
     layout("tp2-sp-aux-free", 2, ["parallel.tensor=2", "parallel.sequence_parallel=true"], AUX_FREE),
     layout("pp2-aux-free", 2, ["parallel.pipeline=2"], AUX_FREE),
-    layout("dp2-dense-first", 2, [], DENSE_FIRST),
     layout("ep2-dense-first", 2, ["parallel.expert=2"], DENSE_FIRST),
     layout("tp2-sp-dense-first", 2, ["parallel.tensor=2", "parallel.sequence_parallel=true"], DENSE_FIRST),
     layout("pp2-dense-first", 2, ["parallel.pipeline=2"], DENSE_FIRST),  # stage 0 has no MoE layer
