@@ -48,7 +48,25 @@ class MoEConfig:
     num_shared_experts: int = 0  # always-on experts of width ffn_hidden, added to the routed output
     lb_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
+    # f_i of the LB loss counted over: micro_batch (OLMoE) | sequence (each, averaged) |
+    # global_batch (the micro-batches of every data-parallel rank together)
+    lb_loss_scope: str = "micro_batch"
+    # aux-loss-free balancing (DeepSeek-V3): per-expert routing bias moved this much per step; 0 = off
+    bias_update_rate: float = 0.0
+    # layers whose FFN is a dense SwiGLU in a MoE model (DeepSeek's first layers; Megatron's
+    # moe_layer_freq): global layer indices, e.g. [0] or [0, 1]; any pattern, read as written
+    dense_layers: list[int] = field(default_factory=list)
+    dense_ffn_hidden: int | None = None  # their width; None = (top_k + num_shared_experts) × ffn_hidden
+    router_dtype: str = "model"  # model (the training dtype) | fp32: router logits in fp32
+    #                              (moe.backend=deepspeed: always fp32, its gate's own choice)
     backend: str = "megamoe"  # megamoe (own dispatch, grouped GEMM) | deepspeed (deepspeed.moe)
+
+    def dense_width(self) -> int:
+        """FFN width of a dense layer: the dense model's ffn_hidden, or a MoE model's dense_ffn_hidden
+        (default: the routed + shared width a token is active in, so the layer costs the same)."""
+        if not self.num_experts:
+            return self.ffn_hidden
+        return self.dense_ffn_hidden or (self.top_k + self.num_shared_experts) * self.ffn_hidden
 
 
 @dataclass
@@ -138,6 +156,12 @@ class Config:
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tensor * self.parallel.pipeline)
 
+    def moe_layer_ids(self) -> list[int]:
+        """Global indices of the layers whose FFN is a MoE, in order: the rows of the per-step loads."""
+        if not self.moe.num_experts:
+            return []
+        return [i for i in range(self.model.n_layers) if i not in self.moe.dense_layers]
+
     def grad_accumulation_steps(self, world_size: int) -> int:
         dp = self.data_parallel_size(world_size)
         return self.train.global_batch_size // (self.train.micro_batch_size * dp)
@@ -186,16 +210,37 @@ class Config:
                  f"{d.seq_length} exceeds model.max_seq_len={m.max_seq_len}")
         _choice("moe.routing", moe.routing, ("token_choice", "expert_choice"))
         _choice("moe.backend", moe.backend, ("megamoe", "deepspeed"))
+        _choice("moe.lb_loss_scope", moe.lb_loss_scope, ("micro_batch", "global_batch", "sequence"))
+        _choice("moe.router_dtype", moe.router_dtype, ("model", "fp32"))
         if moe.backend == "deepspeed":
             _require(moe.routing == "token_choice", "moe.routing",
                      "expert choice is not available with moe.backend=deepspeed; use moe.backend=megamoe")
             _require(moe.num_shared_experts == 0, "moe.num_shared_experts",
                      "shared experts are not available with moe.backend=deepspeed; use moe.backend=megamoe")
+            _require(moe.lb_loss_scope == "micro_batch", "moe.lb_loss_scope",
+                     "DeepSpeed-MoE's gate balances each micro-batch only; use moe.backend=megamoe")
+            _require(moe.bias_update_rate == 0, "moe.bias_update_rate",
+                     "DeepSpeed-MoE's gate has no expert bias; use moe.backend=megamoe")
         if moe.num_experts:
             _require(1 <= moe.top_k <= moe.num_experts, "moe.top_k",
                      f"must be in [1, num_experts={moe.num_experts}], got {moe.top_k}")
         _require(moe.capacity_factor is None or moe.capacity_factor > 0, "moe.capacity_factor",
                  "must be positive, or null for dropless routing")
+        _require(moe.lb_loss_weight >= 0 and moe.z_loss_weight >= 0, "moe.lb_loss_weight",
+                 "auxiliary loss weights must be >= 0")
+        if moe.dense_layers:
+            _require(moe.num_experts > 0, "moe.dense_layers",
+                     "every layer of a dense model (moe.num_experts=0) is dense already; remove it")
+            _require(len(set(moe.dense_layers)) == len(moe.dense_layers)
+                     and all(0 <= i < m.n_layers for i in moe.dense_layers), "moe.dense_layers",
+                     f"needs distinct layer indices in [0, n_layers={m.n_layers}), got {moe.dense_layers}")
+            _require(len(moe.dense_layers) < m.n_layers, "moe.dense_layers",
+                     "names every layer: keep one MoE layer, or set moe.num_experts=0 for a dense model")
+        _require(moe.dense_ffn_hidden is None or moe.dense_ffn_hidden >= 1, "moe.dense_ffn_hidden",
+                 "must be a positive integer, or null for (top_k + num_shared_experts) × ffn_hidden")
+        _require(moe.bias_update_rate >= 0, "moe.bias_update_rate", "must be >= 0 (0 = off; DeepSeek-V3 used 1e-3)")
+        _require(moe.bias_update_rate == 0 or moe.routing == "token_choice", "moe.bias_update_rate",
+                 "the expert bias steers token choice; expert choice is balanced by construction: set it to 0")
         _choice("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
         _require(o.lr > 0, "optim.lr", "must be positive")
         _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")

@@ -178,6 +178,18 @@ def test_upcycled_dense_model_computes_the_dense_function_and_trains(tmp_path):
         assert rel(moe(tokens(dense_cfg)).logits, dense.eval()(tokens(dense_cfg)).logits) < 1e-5
     launch(moe_run, 1, ["moe.norm_topk_prob=true", "train.steps=1"])
     assert [r["step"] for r in metrics(moe_run)] == [1]
+    # moe.dense_layers keep their FFN; transformers' OLMoE cannot express such a model
+    mixed_run = tmp_path / "mixed"
+    upcycle(tmp_path / "dense", mixed_run, num_experts=8, top_k=2, progress=False,
+            overrides=["moe.norm_topk_prob=true", "moe.dense_layers=[0]"])
+    mixed, _ = load_model(mixed_run)
+    w = load_canonical(mixed_run)[0]
+    assert torch.equal(w["layers.0.ffn.w1"], dict(dense.named_parameters())["layers.0.ffn.w1"])
+    assert "layers.1.ffn.experts.w1" in w and "layers.0.ffn.router.weight" not in w
+    with torch.no_grad():
+        assert rel(mixed(tokens(dense_cfg)).logits, dense(tokens(dense_cfg)).logits) < 1e-5
+    with pytest.raises(CheckpointError, match="dense layers"):
+        export_hf(mixed_run, tmp_path / "hf", progress=False)
 
 
 # Bad input: one clear error each ----------------------------------------------------------

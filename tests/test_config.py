@@ -36,6 +36,7 @@ def test_olmoe_preset_is_the_paper_model(tmp_path):
     (["train.steps=many"], "train.steps", "expected int"),
     (["train.steps"], "train.steps", "section.key=value"),
     (["moe.routing=random"], "moe.routing", "token_choice, expert_choice"),
+    (["moe.lb_loss_scope=batch"], "moe.lb_loss_scope", "micro_batch, global_batch, sequence"),
 ])
 def test_malformed_input_names_the_key(overrides, key, fix):
     with pytest.raises(ConfigError) as e:
@@ -59,6 +60,10 @@ def test_malformed_input_names_the_key(overrides, key, fix):
     (["data.paths=[x]"], 1, "data.tokenizer"),
     (["moe.backend=deepspeed", "moe.routing=expert_choice"], 1, "moe.routing"),
     (["moe.top_k=9"], 1, "moe.top_k"),
+    (["moe.dense_layers=[4]"], 1, "moe.dense_layers"),                  # no layer 4 of 4
+    (["moe.dense_layers=[0, 1, 2, 3]"], 1, "moe.dense_layers"),         # every layer
+    (["moe.num_experts=0", "moe.dense_layers=[0]"], 1, "moe.dense_layers"),
+    (["moe.backend=deepspeed", "moe.lb_loss_scope=global_batch"], 1, "moe.lb_loss_scope"),
 ])
 def test_impossible_values_are_refused(overrides, world, key):
     with pytest.raises(ConfigError) as e:

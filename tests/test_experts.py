@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megamoe.moe import experts
 from megamoe.moe.experts import SwiGLUExperts
+from megamoe.moe.layer import MoELayer
 
 
 def experts_and_rows(device, dtype, num_experts=6, d=64, ffn=32, counts=(5, 0, 17, 1, 0, 9)):
@@ -44,3 +46,44 @@ def test_grouped_mm_equals_the_loop_on_cuda():
     torch.testing.assert_close(grouped, loop, rtol=2e-2, atol=2e-3)
     for a, b in zip(g_grouped, g_loop):
         torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-3)
+
+
+ROUTINGS = {"token_choice": {}, "capacity": {"capacity_factor": 1.0}, "expert_choice": {"routing": "expert_choice"},
+            "shared": {"num_shared_experts": 1}}
+
+
+def grouped_layer(routing: str):
+    """A bf16 MoE layer that takes the grouped-GEMM path (torch._grouped_mm also runs on CPU)."""
+    torch.manual_seed(0)
+    layer = MoELayer(16, 4, 2, 16, **ROUTINGS[routing])
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return layer.to(torch.bfloat16), torch.randn(2, 8, 16, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_grouped_gemm_gets_int32_offsets_on_every_routing(monkeypatch, routing):
+    seen = []
+
+    def recording(x, w, offs):
+        seen.append(offs.dtype)
+        return real(x, w, offs=offs)
+
+    real = torch._grouped_mm
+    monkeypatch.setattr(experts, "grouped_mm_available", lambda x: True)
+    monkeypatch.setattr(torch, "_grouped_mm", recording)
+    layer, x = grouped_layer(routing)
+    y, aux = layer(x)
+    (y.float().square().sum() + aux).backward()
+    assert seen == [torch.int32, torch.int32]
+
+
+def test_compiled_expert_choice_runs_the_grouped_gemm(monkeypatch):
+    """The H100 crash of issue 12 (`Offsets tensor must be integer (int32) tensor, but got
+    torch.int64`), reproduced by inductor on CPU: expert choice's loads are a constant."""
+    monkeypatch.setattr(experts, "grouped_mm_available", lambda x: True)
+    layer, x = grouped_layer("expert_choice")
+    eager = layer(x)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(layer)(x)[0]
+    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)

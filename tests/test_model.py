@@ -85,7 +85,8 @@ def test_lb_and_z_loss_formulas():
     assert z_loss(logits).item() == pytest.approx(torch.log(torch.tensor(3.0)).item() ** 2)
 
 
-@pytest.mark.parametrize("extra", [[], ["moe.num_shared_experts=1", "model.head_dim=16"], ["moe.num_experts=0"]])
+@pytest.mark.parametrize("extra", [[], ["moe.num_shared_experts=1", "model.head_dim=16"], ["moe.num_experts=0"],
+                                   ["moe.dense_layers=[1]", "moe.dense_ffn_hidden=40"]])
 def test_flop_model_counts_the_matmul_weights_a_token_passes_through(extra):
     """Counted from the built model's parameters: every matrix but the embedding (a lookup),
     the routed experts scaled by top_k / num_experts. The trainer's TFLOP/s and MFU rest on it."""

@@ -15,6 +15,10 @@ EVAL = ["train.eval_interval=4"]  # TINY runs 4 steps: one eval at the end, thro
 DEEP = ("model.n_layers=4",)
 CAPACITY = ("moe.capacity_factor=1.0",)
 EXPERT_CHOICE = ("moe.routing=expert_choice",)
+SEQUENCE_LB = ("moe.lb_loss_scope=sequence",)
+# New options run EP2 (data parallel for every non-expert parameter), TP2+SP and PP2.
+DENSE_FIRST = ("moe.dense_layers=[0]", "moe.dense_ffn_hidden=48")  # layer 0 dense, layer 1 MoE
+AUX_FREE = ("moe.bias_update_rate=0.01",)  # the expert biases are among the final weights compared
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +42,9 @@ def assert_same_logs(run, ref) -> None:
     first, ref_first = metrics(run)[0], metrics(ref)[0]
     # per-layer expert shares: every stage's layers (and every SP chunk), in the 1-rank order
     np.testing.assert_allclose(first["expert_load"], ref_first["expert_load"], atol=1e-6)
+    for key in ("load_max_over_mean", "load_cv", "dropped_fraction", "bias_spread"):  # those logged
+        assert (key in first) == (key in ref_first), key
+        np.testing.assert_allclose(first.get(key, []), ref_first.get(key, []), rtol=1e-5, atol=1e-6, err_msg=key)
     assert metrics(run)[-1]["eval_loss"] == pytest.approx(metrics(ref)[-1]["eval_loss"], rel=1e-5)
 
 
@@ -60,6 +67,14 @@ def layout(name: str, nproc: int, overrides: list[str], variant: tuple[str, ...]
                                         "parallel.zero_stage=1"]),
     layout("ep2-capacity", 2, ["parallel.expert=2"], CAPACITY),
     layout("ep2-expert-choice", 2, ["parallel.expert=2"], EXPERT_CHOICE),
+    layout("ep2-sequence-lb", 2, ["parallel.expert=2"], SEQUENCE_LB),
+    layout("ep2-aux-free", 2, ["parallel.expert=2"], AUX_FREE),
+    layout("tp2-sp-aux-free", 2, ["parallel.tensor=2", "parallel.sequence_parallel=true"], AUX_FREE),
+    layout("pp2-aux-free", 2, ["parallel.pipeline=2"], AUX_FREE),
+    layout("ep2-dense-first", 2, ["parallel.expert=2"], DENSE_FIRST),
+    layout("tp2-sp-dense-first", 2, ["parallel.tensor=2", "parallel.sequence_parallel=true"], DENSE_FIRST),
+    layout("pp2-dense-first", 2, ["parallel.pipeline=2"], DENSE_FIRST),  # stage 0 has no MoE layer
+    layout("tp2-sp-sequence-lb", 2, ["parallel.tensor=2", "parallel.sequence_parallel=true"], SEQUENCE_LB),
     layout("ckpt-full-pp2", 2, ["parallel.pipeline=2", "parallel.activation_checkpointing=full"]),
     layout("ckpt-full-tp2xep2-sp", 4, ["parallel.tensor=2", "parallel.expert=2", "parallel.sequence_parallel=true",
                                        "parallel.activation_checkpointing=full"]),
@@ -74,6 +89,39 @@ def test_layout_gives_the_one_rank_run(tmp_path, references, nproc, overrides, v
     launch(run, nproc, [*variant, *overrides, *EVAL])
     assert_same_run(run, ref)
     assert_same_logs(run, ref)
+
+
+@pytest.mark.parametrize("nproc,overrides", [
+    pytest.param(2, ["train.micro_batch_size=4"], id="dp2"),  # the spec of issue 12
+    pytest.param(2, ["train.micro_batch_size=4", "parallel.expert=2"], id="ep2"),
+    pytest.param(2, ["train.micro_batch_size=8", "parallel.tensor=2", "parallel.sequence_parallel=true"],
+                 id="tp2-sp"),
+    pytest.param(2, ["train.micro_batch_size=8", "parallel.pipeline=2"], id="pp2"),
+])
+def test_global_batch_balancing_is_one_micro_batch_of_the_whole_step(tmp_path, references, nproc, overrides):
+    """`moe.lb_loss_scope=global_batch` counts the LB loss's loads over every DP rank's micro-batch
+    (and SP chunk): the run is the 1-rank run whose one micro-batch is the whole step (8 sequences)."""
+    ref = references(("train.micro_batch_size=8",))
+    run = tmp_path / "run"
+    launch(run, nproc, ["moe.lb_loss_scope=global_batch", *overrides, *EVAL])
+    assert_same_run(run, ref)
+    assert_same_logs(run, ref)
+
+
+@pytest.mark.parametrize("nproc,overrides", [
+    pytest.param(2, ["parallel.expert=2"], id="ep2"),
+    pytest.param(2, ["parallel.tensor=2", "parallel.sequence_parallel=true"], id="tp2-sp"),
+])
+def test_fp32_router_of_a_bf16_model_in_every_layout(tmp_path, references, nproc, overrides):
+    """`moe.router_dtype=fp32` matters in bf16 only, where layouts agree to bf16 rounding (rather
+    than to fp32's): the loss curve within 2e-3 of the 1-rank run's, as tests/test_train.py's bf16 runs."""
+    variant = ("train.precision=bf16", "moe.router_dtype=fp32")
+    ref = references(variant)
+    run = tmp_path / "run"
+    launch(run, nproc, [*variant, *overrides, *EVAL])
+    for got, want in zip(metrics(run), metrics(ref), strict=True):
+        for key in ("loss", "eval_loss"):  # lb_loss: a flipped bf16 routing choice moves it ~1%
+            assert got.get(key) == pytest.approx(want.get(key), rel=2e-3), (got["step"], key)
 
 
 @pytest.mark.parametrize("overrides,key", [

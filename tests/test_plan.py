@@ -27,6 +27,7 @@ def count_params(rank: int, world_size: int, cfg: Config, tp: int, pp: int, ep: 
 @pytest.mark.parametrize("tp,pp,ep,moe", [
     (2, 2, 1, {}), (1, 2, 2, {}), (2, 1, 2, {}), (1, 1, 4, {}),
     (2, 2, 1, {"num_experts": 0}),  # a dense model (the upcycling start)
+    (1, 2, 2, {"dense_layers": [0, 1, 3], "dense_ffn_hidden": 24}),  # dense layers: stage 0 has no MoE
 ])
 def test_counts_equal_the_built_layout(tp, pp, ep, moe):
     cfg = tiny(**moe)

@@ -1,5 +1,6 @@
 """The trainer end to end: runs, resumes bit-exactly, refuses bad runs, and DP equals 1 rank."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -9,6 +10,8 @@ import pytest
 import torch
 import yaml
 
+from megamoe.checkpoint.files import CheckpointError
+from megamoe.checkpoint.hf_dirs import export_hf
 from megamoe.checkpoint.io import latest_checkpoint
 from megamoe.config import load_config
 from megamoe.model.flops import flops_per_token
@@ -43,6 +46,26 @@ def test_run_dir_holds_config_metrics_events_and_checkpoints(tmp_path):
     assert latest_checkpoint(run / "checkpoints").name == "step_00000002"
 
 
+def test_routing_is_seen_per_step_and_as_a_heatmap_each_eval(tmp_path):
+    """Capacity routing with aux-loss-free biases: every step logs each MoE layer's max/mean load,
+    coefficient of variation, dropped share and bias spread; each eval, a load heatmap image."""
+    run = tmp_path / "run"
+    proc = launch(run, 1, ["run.tensorboard=true", "train.steps=2", "train.eval_interval=2",
+                           "moe.capacity_factor=1.0", "moe.bias_update_rate=0.01"])
+    first, last = metrics(run)
+    share = torch.tensor(first["expert_load"])  # [2 layers, 8 experts]
+    assert first["load_max_over_mean"] == pytest.approx((share.max(-1).values * 8).tolist())
+    assert first["load_cv"] == pytest.approx((share.std(-1, correction=0) * 8).tolist())
+    assert len(first["dropped_fraction"]) == 2 and 0 < max(first["dropped_fraction"]) < 1
+    assert first["bias_spread"] == pytest.approx([0.02, 0.02])  # rate × (+1 − (−1)) after one step
+    assert "max/mean" in proc.stdout and "dropped" in proc.stdout and "bias spread" in proc.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert "experts/load_cv_layer1" in events.Tags()["scalars"]
+    heatmaps = events.Images("experts/load_heatmap")
+    assert [h.step for h in heatmaps] == [2] and (heatmaps[0].height, heatmaps[0].width) == (16, 64)
+
+
 def test_loss_falls(tmp_path):
     run = tmp_path / "run"
     launch(run, 1, ["train.steps=12", "optim.warmup_steps=2", "train.global_batch_size=4"])
@@ -67,6 +90,32 @@ def test_resume_continues_bit_exactly(tmp_path, reference, nproc, extra):
         assert after[r["step"]]["loss"] == r["loss"] and after[r["step"]]["grad_norm"] == r["grad_norm"]
     a, b = final_weights(resumed), final_weights(straight)
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_expert_bias_is_saved_and_resumes_in_another_layout(tmp_path):
+    """Aux-loss-free balancing: the routers' biases are checkpointed under canonical names, and a
+    1-rank run stopped at step 2 and resumed at EP2 continues the 1-rank curve, biases included."""
+    aux_free = ["moe.bias_update_rate=0.01", "train.save_interval=2"]
+    straight = tmp_path / "straight"
+    launch(straight, 1, aux_free)
+    bias = final_weights(straight)["layers.1.ffn.router.expert_bias"]
+    assert bias.abs().max() > 0 and torch.allclose(bias / 0.01, (bias / 0.01).round(), atol=1e-4)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    (resumed / "checkpoints" / "latest").write_text("step_00000002\n")
+    (resumed / "metrics.jsonl").write_text("")
+    launch(resumed, 2, [*aux_free, "parallel.expert=2"])
+    for r, ref in zip(metrics(resumed), metrics(straight)[2:]):
+        assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    a, b = final_weights(resumed), final_weights(straight)
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(CheckpointError, match="--drop-expert-bias"):
+        export_hf(straight, tmp_path / "hf", progress=False)
+    out = export_hf(straight, tmp_path / "hf", progress=False, drop_expert_bias=True)
+    keys = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.1.mlp.gate.weight" in keys and not any("bias" in k for k in keys)
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2])

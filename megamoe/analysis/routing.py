@@ -4,43 +4,69 @@ The embedded corpus has two domains (Python code and English docstrings); runnin
 through a trained model and counting the top-k assignments per expert shows what OLMoE's
 paper measures: load balance per layer, and domain specialisation per expert (the share of an
 expert's tokens that come from a domain, over that domain's share of all tokens: 1 = none).
+Users' own domains come from tokenized datasets (one per prefix) or a JSONL field.
 """
+
+import json
+from pathlib import Path
 
 import torch
 
 from ..data.corpus import iter_stdlib_documents
+from ..data.indexed import IndexedDataset
 
 
-@torch.no_grad()
-def expert_counts(model, batches: list[torch.Tensor]) -> torch.Tensor:
-    """[layers, experts] top-k assignments of every MoE layer over `batches` ([B, S] tokens)."""
-    model.eval()
-    layers = model.moe_layers()
-    counts = torch.zeros(len(layers), model.cfg.moe.num_experts, dtype=torch.float64)
-    for tokens in batches:
-        model(tokens)
-        for i, layer in enumerate(layers):
-            counts[i] += layer.stats["expert_load"].double().cpu()
-    return counts
+def _batches(stream: list[int], num_tokens: int, seq_len: int, name: str) -> list[torch.Tensor]:
+    """[1, seq_len] batches of the first `num_tokens` tokens (whole sequences) of `stream`."""
+    usable = min(len(stream), num_tokens) // seq_len * seq_len
+    if usable == 0:
+        raise ValueError(f"{name} has fewer tokens than one sequence ({seq_len}); give more data or --tokens")
+    return list(torch.tensor(stream[:usable]).view(-1, 1, seq_len))
 
 
 def domain_batches(tokenizer, domain: str, num_tokens: int, seq_len: int,
                    max_bytes: int | None = None) -> list[torch.Tensor]:
-    """[1, seq_len] token batches of one corpus domain, `num_tokens` in all (at most)."""
+    """[1, seq_len] token batches of one embedded-corpus domain, `num_tokens` in all (at most)."""
     stream: list[int] = []
     for doc in iter_stdlib_documents(max_bytes):
         if doc["domain"] == domain:
             stream += tokenizer.encode(doc["text"]) + [tokenizer.eos_id]
             if len(stream) >= num_tokens:
                 break
-    usable = min(len(stream), num_tokens) // seq_len * seq_len
-    if usable == 0:
-        raise ValueError(f"--tokens must be at least one sequence ({seq_len} tokens) of {domain!r}")
-    return list(torch.tensor(stream[:usable]).view(-1, 1, seq_len))
+    return _batches(stream, num_tokens, seq_len, f"domain {domain!r}")
 
 
-def report(counts: dict[str, torch.Tensor]) -> dict:
-    """Per layer: load imbalance (max/mean share) and per-expert specialisation by domain."""
+def indexed_batches(prefix: str | Path, num_tokens: int, seq_len: int) -> list[torch.Tensor]:
+    """Batches of a tokenized dataset (`PREFIX.bin/.idx`, made with the run's tokenizer)."""
+    data = IndexedDataset(prefix)
+    stream: list[int] = []
+    for i in range(len(data)):
+        stream += data[i].tolist()
+        if len(stream) >= num_tokens:
+            break
+    return _batches(stream, num_tokens, seq_len, str(prefix))
+
+
+def jsonl_domain_batches(path: str | Path, domain_field: str, text_field: str, tokenizer, num_tokens: int,
+                         seq_len: int) -> dict[str, list[torch.Tensor]]:
+    """{domain: batches} of a JSONL file whose records name their domain in `domain_field`."""
+    streams: dict[str, list[int]] = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if domain_field not in record or text_field not in record:
+                raise ValueError(f"{path}:{n}: the record has no {domain_field!r} or {text_field!r} field")
+            stream = streams.setdefault(str(record[domain_field]), [])
+            if len(stream) < num_tokens:
+                stream += tokenizer.encode(record[text_field]) + [tokenizer.eos_id]
+    return {d: _batches(s, num_tokens, seq_len, f"{path} domain {d!r}") for d, s in sorted(streams.items())}
+
+
+def report(counts: dict[str, torch.Tensor], layer_ids: list[int] | None = None) -> dict:
+    """Per layer: load imbalance (max/mean share) and per-expert specialisation by domain.
+    counts[domain]: [MoE layers, E]; layer_ids: their global indices (default 0, 1, ...)."""
     total = sum(counts.values())  # [L, E]
     domain_share = {d: float(c.sum() / total.sum()) for d, c in counts.items()}
     layers = []
@@ -48,7 +74,7 @@ def report(counts: dict[str, torch.Tensor]) -> dict:
         share = total[i] / total[i].sum()
         expert_tokens = total[i].clamp_min(1e-12)
         layers.append({
-            "layer": i,
+            "layer": layer_ids[i] if layer_ids else i,
             "imbalance": float(share.max() * share.numel()),
             "share": share.tolist(),
             "specialisation": {d: ((c[i] / expert_tokens) / domain_share[d]).tolist()

@@ -52,11 +52,12 @@ def config_with(base: dict, overrides):
 
 
 def expected_shapes(cfg) -> dict[str, tuple]:
-    """Full shape of every parameter of the 1-rank model `cfg` describes (nothing allocated)."""
+    """Full shape of every tensor (parameters, persistent buffers) of the 1-rank model `cfg`
+    describes (nothing allocated)."""
     from ..model.olmoe import OLMoE
     with torch.device("meta"):
         model = OLMoE(cfg)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def write_run(run_dir: Path, cfg, tensors: Iterable[tuple[str, torch.Tensor]], step: int = 0,
@@ -92,6 +93,10 @@ def write_run(run_dir: Path, cfg, tensors: Iterable[tuple[str, torch.Tensor]], s
             size += t.numel() * t.element_size()
             if size >= part_bytes:
                 flush()
+        for name in sorted(set(shapes) - seen):  # dense, upcycled and transformers models have none:
+            if name.endswith(".router.expert_bias"):  # the aux-loss-free bias starts at zero
+                part[name] = torch.zeros(shapes[name])
+                seen.add(name)
         flush()
         missing = sorted(set(shapes) - seen)
         if missing:

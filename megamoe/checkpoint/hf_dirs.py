@@ -26,17 +26,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def export_hf(src: Path, out: Path, expert_layout: str = "per-expert", dtype: str | None = None,
-              shard_bytes: int = 5 << 30, overwrite: bool = False, progress: bool = True) -> Path:
-    """Checkpoint `src` (run or step dir, any layout) → transformers OLMoE directory `out`."""
+              shard_bytes: int = 5 << 30, overwrite: bool = False, progress: bool = True,
+              drop_expert_bias: bool = False) -> Path:
+    """Checkpoint `src` (run or step dir, any layout) → transformers OLMoE directory `out`.
+    `drop_expert_bias`: export a run with aux-loss-free expert biases without them."""
     step_dir = resolve(src)
     meta = read_meta(step_dir)
     cfg = from_dict(meta["config"])
-    _check_exportable(cfg)
+    _check_exportable(cfg, drop_expert_bias)
     convert = {"per-expert": to_hf_per_expert, "stacked": to_hf}[expert_layout]
     with ShardedReader(step_dir, meta, "model") as reader, atomic_dir(out, overwrite) as tmp:
         names = [n for n in expected_shapes(cfg) if n in reader.pieces]
         if len(names) != len(reader.names()):
             raise CheckpointError(f"{step_dir}: its tensors do not match its config (meta.json)")
+        names = [n for n in names if not n.endswith(".router.expert_bias")]
         out_dtype = DTYPES[dtype] if dtype else None
         shards = _plan(names, reader, out_dtype, shard_bytes)
         weight_map, total = {}, 0
@@ -61,11 +64,18 @@ def export_hf(src: Path, out: Path, expert_layout: str = "per-expert", dtype: st
     return Path(out)
 
 
-def _check_exportable(cfg) -> None:
+def _check_exportable(cfg, drop_expert_bias: bool = False) -> None:
     moe = cfg.moe
+    if moe.bias_update_rate and not drop_expert_bias:
+        raise CheckpointError(f"this run routes with aux-loss-free expert biases (moe.bias_update_rate="
+                              f"{moe.bias_update_rate}), which transformers' OLMoE has no place for: without "
+                              "them it picks other experts. Pass --drop-expert-bias to export the weights anyway")
     if moe.num_experts == 0:
         raise CheckpointError("this checkpoint is dense (moe.num_experts=0); OLMoE has no dense form: "
                               "upcycle it first (megamoe-convert upcycle)")
+    if moe.dense_layers:
+        raise CheckpointError(f"this model has dense layers {moe.dense_layers} (moe.dense_layers); transformers' "
+                              "OLMoE has a MoE in every layer and cannot express them")
     if moe.num_shared_experts or moe.routing != "token_choice" or moe.capacity_factor is not None:
         raise CheckpointError("transformers' OLMoE has dropless token-choice routing and no shared "
                               "experts; this run uses moe.routing / capacity_factor / num_shared_experts "

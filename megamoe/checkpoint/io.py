@@ -82,7 +82,11 @@ def _owns(param: torch.nn.Parameter, state) -> bool:
 
 
 def _named_params(model):
-    for name, p in model.named_parameters():
+    """Parameters, then persistent buffers (routers' expert biases): model state by canonical
+    name; a tensor without gradient has no optimizer moments."""
+    persistent = model.state_dict(keep_vars=True)
+    tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n in persistent)]
+    for name, p in tensors:
         yield name.removeprefix("module."), p
 
 
@@ -107,7 +111,8 @@ def _param_state(p: torch.nn.Parameter, optimizer, with_moments: bool) -> list[t
         found += [safe_get_full_optimizer_state(p, k) for k in MOMENTS] if with_moments else []
     else:  # our AdamW (fp32 master beside a bf16 weight) or a torch optimizer (the weight itself)
         master = optimizer.master(p) if hasattr(optimizer, "master") else p
-        found = [master.detach()] + ([optimizer.state[p][k] for k in MOMENTS] if with_moments else [])
+        found = [master.detach()] + ([optimizer.state[p][k] for k in MOMENTS] if with_moments and p.requires_grad
+                                     else [])
     found = [t.detach().to("cpu").contiguous() for t in found]
     if not all(torch.isfinite(t).all() for t in found):  # the divergence guard should make this impossible
         raise CheckpointError("a parameter or its Adam state is not finite; no checkpoint is written over "
@@ -181,8 +186,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, state) -> dic
         for name, p in params.items():
             box = piece_box(p.shape, shards(p))
             master = weights.read(name, box).to(p.device, torch.float32)
-            found = [moments.read(f"{name}.{k}", box).to(p.device, torch.float32) for k in MOMENTS] if opt_step else []
-            if hasattr(optimizer, "load_param_state"):  # megamoe.train.optimizer.AdamW
+            found = ([moments.read(f"{name}.{k}", box).to(p.device, torch.float32) for k in MOMENTS]
+                     if opt_step and p.requires_grad else [])
+            if hasattr(optimizer, "load_param_state") and p.requires_grad:  # megamoe.train.optimizer.AdamW
                 optimizer.load_param_state(p, master, found or _zero_moments(master), opt_step)
             else:
                 _set_param_state(p, optimizer, master, found)

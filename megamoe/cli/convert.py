@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
                         "stacked: transformers 5's own layout")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the checkpoint's")
     p.add_argument("--shard-size-gb", type=float, default=5.0)
+    p.add_argument("--drop-expert-bias", action="store_true",
+                   help="export a run trained with moe.bias_update_rate without its routers' expert "
+                        "biases (transformers' OLMoE has none, so it routes differently)")
     p = command("from-hf", "transformers OLMoE directory → new megamoe run")
     p.add_argument("--config", help="YAML with the new run's data/optim/train/parallel settings "
                                     "(e.g. olmoe-1b-7b-sft); model sizes come from config.json")
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "to-hf":
             from ..checkpoint.hf_dirs import export_hf
             out = export_hf(args.src, args.out, args.expert_layout, args.dtype,
-                            int(args.shard_size_gb * 2**30), args.overwrite, progress)
+                            int(args.shard_size_gb * 2**30), args.overwrite, progress, args.drop_expert_bias)
         elif args.command == "from-hf":
             from ..checkpoint.hf_dirs import import_hf
             out = import_hf(args.src, args.out, args.overrides, args.overwrite, progress, config=args.config)

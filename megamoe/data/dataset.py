@@ -204,7 +204,7 @@ def check_data(data_cfg: DataConfig, model_vocab_size: int) -> None:
         if largest >= model_vocab_size:
             raise ConfigError(f"data.paths: {prefix}.bin holds token id {largest}, which model.vocab_size="
                               f"{model_vocab_size} has no embedding for: the data was built with a larger "
-                              "tokenizer. Rebuild it with data.tokenizer (tools/preprocess_data.py), or "
+                              "tokenizer. Rebuild it with data.tokenizer (megamoe-preprocess), or "
                               f"raise model.vocab_size above {largest}")
 
 

@@ -16,15 +16,15 @@ _BF16_PEAKS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("
 
 
 def matmul_params_per_token(cfg) -> int:
-    """Matmul weights one token passes through: attention, router, its experts, the LM head."""
+    """Matmul weights one token passes through: attention, router, its experts (or a dense
+    layer's FFN), the LM head."""
     m, moe = cfg.model, cfg.moe
     width = m.n_heads * m.dim_per_head
-    ffn = 3 * m.d_model * moe.ffn_hidden  # SwiGLU: gate, up, down
-    if moe.num_experts:
-        mlp = m.d_model * moe.num_experts + (moe.top_k + moe.num_shared_experts) * ffn
-    else:
-        mlp = ffn
-    return m.n_layers * (4 * m.d_model * width + mlp) + m.d_model * m.vocab_size
+    n_moe = len(cfg.moe_layer_ids())
+    moe_mlp = m.d_model * moe.num_experts + (moe.top_k + moe.num_shared_experts) * 3 * m.d_model * moe.ffn_hidden
+    dense_mlp = 3 * m.d_model * moe.dense_width()  # SwiGLU: gate, up, down
+    return (m.n_layers * 4 * m.d_model * width + n_moe * moe_mlp + (m.n_layers - n_moe) * dense_mlp
+            + m.d_model * m.vocab_size)
 
 
 def flops_per_token(cfg, seq_len: int) -> float:

@@ -20,21 +20,22 @@ from .rope import rope_cos_sin
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, index: int):
         super().__init__()
         m, moe = cfg.model, cfg.moe
         self.attn_norm = RMSNorm(m.d_model, m.rms_norm_eps)
         self.attn = Attention(m.d_model, m.n_heads, m.dim_per_head, m.rms_norm_eps, m.clip_qkv)
         self.ffn_norm = RMSNorm(m.d_model, m.rms_norm_eps)
-        if moe.num_experts and moe.backend == "deepspeed":
+        if not moe.num_experts or index in moe.dense_layers:
+            self.ffn = SwiGLU(m.d_model, moe.dense_width())
+        elif moe.backend == "deepspeed":
             from ..moe.deepspeed_backend import build_deepspeed_moe
             self.ffn = build_deepspeed_moe(cfg)  # deepspeed.moe.layer.MoE behind MoELayer's contract
-        elif moe.num_experts:
+        else:
             self.ffn = MoELayer(m.d_model, moe.num_experts, moe.top_k, moe.ffn_hidden, moe.routing,
                                 moe.capacity_factor, moe.norm_topk_prob, moe.num_shared_experts,
-                                moe.lb_loss_weight, moe.z_loss_weight)
-        else:
-            self.ffn = SwiGLU(m.d_model, moe.ffn_hidden)
+                                moe.lb_loss_weight, moe.z_loss_weight, moe.lb_loss_scope,
+                                moe.bias_update_rate > 0, moe.router_dtype)
 
     def forward(self, h: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """h: [B, S, d] -> (h, this block's weighted MoE auxiliary loss)."""
@@ -65,7 +66,7 @@ class OLMoE(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         # keyed by global index, so a pipeline stage holding some blocks keeps canonical names
-        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(m.n_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(m.n_layers)})
         self.norm = RMSNorm(m.d_model, m.rms_norm_eps)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         self.loss_fn = cross_entropy  # tensor parallelism swaps in the vocab-parallel one
@@ -104,6 +105,12 @@ class OLMoE(nn.Module):
     def moe_layers(self) -> list[nn.Module]:
         """The MoE FFNs (either backend): each keeps its last forward's routing `stats`."""
         return [b.ffn for b in self.layers.values() if hasattr(b.ffn, "stats")]
+
+    def moe_rows(self) -> dict[int, nn.Module]:
+        """This stage's MoE FFNs by their row in the trainer's per-step [MoE layers, E] loads
+        (their place among all the model's MoE layers: `Config.moe_layer_ids`)."""
+        row = {layer: r for r, layer in enumerate(self.cfg.moe_layer_ids())}
+        return {row[int(key)]: b.ffn for key, b in self.layers.items() if hasattr(b.ffn, "stats")}
 
 
 def init_weights(model: nn.Module, std: float, seed: int) -> None:

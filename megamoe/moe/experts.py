@@ -14,6 +14,14 @@ def grouped_mm_available(x: torch.Tensor) -> bool:
     return x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
 
 
+def group_offsets(counts: torch.Tensor) -> torch.Tensor:
+    """[E] end row of each expert's group, int32 as `torch._grouped_mm` requires.
+
+    The cast comes after the cumsum, not as its `dtype=`: inductor rewrites the cumsum of a
+    constant (expert choice's equal loads, `torch.full`) into int64 whatever `dtype=` asked."""
+    return torch.cumsum(counts, 0).to(torch.int32)
+
+
 class SwiGLUExperts(nn.Module):
     def __init__(self, num_experts: int, d_model: int, ffn_hidden: int):
         super().__init__()
@@ -26,7 +34,7 @@ class SwiGLUExperts(nn.Module):
         if grouped is None:
             grouped = grouped_mm_available(x)
         if grouped:
-            offs = torch.cumsum(counts, 0, dtype=torch.int32)
+            offs = group_offsets(counts)
             h = torch._grouped_mm(x, self.w1, offs=offs)  # [N, 2F]
             gate, up = h.chunk(2, dim=-1)
             return torch._grouped_mm(F.silu(gate) * up, self.w2, offs=offs)  # [N, d]

@@ -18,9 +18,11 @@ class MoELayer(nn.Module):
     def __init__(self, d_model: int, num_experts: int, top_k: int, ffn_hidden: int,
                  routing: str = "token_choice", capacity_factor: float | None = None,
                  norm_topk_prob: bool = False, num_shared_experts: int = 0,
-                 lb_loss_weight: float = 0.01, z_loss_weight: float = 0.001):
+                 lb_loss_weight: float = 0.01, z_loss_weight: float = 0.001, lb_loss_scope: str = "micro_batch",
+                 expert_bias: bool = False, router_dtype: str = "model"):
         super().__init__()
-        self.router = Router(d_model, num_experts, top_k, routing, capacity_factor, norm_topk_prob)
+        self.router = Router(d_model, num_experts, top_k, routing, capacity_factor, norm_topk_prob,
+                             lb_loss_scope, expert_bias, router_dtype)
         self.experts = SwiGLUExperts(num_experts, d_model, ffn_hidden)
         self.shared = SwiGLU(d_model, ffn_hidden * num_shared_experts) if num_shared_experts else None
         self.dispatcher = Dispatcher(num_experts)
@@ -30,7 +32,7 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, d]
-        routing = self.router(x)
+        routing = self.router(x, num_sequences=shape[0])
         y = self.dispatcher.run(x, routing, self.experts)
         if self.shared is not None:
             y = y + self.shared(x)

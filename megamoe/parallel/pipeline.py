@@ -97,7 +97,7 @@ class _Stats:
 
     def __init__(self, cfg: Config, model: nn.Module):
         self.model = model
-        self.n_moe = cfg.model.n_layers if cfg.moe.num_experts else 0
+        self.n_moe = len(cfg.moe_layer_ids())
         self.sums = torch.zeros(4, dtype=torch.float64)  # aux, lm_loss, Σ_layers lb, Σ_layers z
         self.load = torch.zeros(self.n_moe, cfg.moe.num_experts or 1, dtype=torch.float64)
 
@@ -106,10 +106,10 @@ class _Stats:
         self.sums += torch.tensor([out.aux_loss.item(), lm, 0.0, 0.0], dtype=torch.float64)
         if not self.n_moe:
             return
-        for key, block in self.model.layers.items():  # key: the global layer index
-            st = block.ffn.stats
+        for row, ffn in self.model.moe_rows().items():  # row: the layer's place among all MoE layers
+            st = ffn.stats
             self.sums[2:] += torch.tensor([st["lb_loss"].item(), st["z_loss"].item()], dtype=torch.float64)
-            self.load[int(key)] += st["expert_load"].double().cpu()
+            self.load[row] += st["expert_load"].double().cpu()
 
     def reduce(self, group) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, lm_loss, mean lb, mean z) summed over micro-batches, and the [layers, E] load."""

@@ -52,6 +52,9 @@ def build_model(cfg: Config, state: ParallelState) -> OLMoE:
         if cfg.moe.backend == "deepspeed":
             from ..moe import deepspeed_backend
             deepspeed_backend.apply_expert_parallel(model, state)
+    if cfg.moe.lb_loss_scope == "global_batch" and state.dp > 1:
+        from ..parallel.balance import apply_global_load_balancing
+        apply_global_load_balancing(model, state)
     init_weights(model, cfg.model.init_std, cfg.train.seed)
     if cfg.parallel.activation_checkpointing != "none":
         from ..parallel.checkpointing import apply_activation_checkpointing

@@ -14,11 +14,13 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from ..analysis.load import step_load_metrics
 from ..checkpoint.io import CheckpointWriter, latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from ..config import Config, ConfigError
 from ..data.dataset import build_datasets, check_data, get_batch
 from ..distributed import discover_env, init_distributed
 from ..model.flops import flops_per_token, peak_flops
+from ..moe.router import update_expert_bias
 from ..parallel import comm, pipeline
 from ..parallel.state import ParallelState
 from .engine import build_engine, build_model, lr_at, resolve_device, resolve_dtype
@@ -113,14 +115,37 @@ class Trainer:
         if self.cfg.parallel.sequence_parallel:  # each TP rank routed its own sequence chunk
             load = comm.all_reduce(load, self.state.tp_group)
         load = load.cpu()
+        skipped = bool(getattr(self.engine.optimizer, "overflow", False))
+        routing = self._after_optimizer_step(load, update_bias=not skipped)
         self.step += 1
         norm = self.engine.get_global_grad_norm()
-        self._guard(skipped=bool(getattr(self.engine.optimizer, "overflow", False)))
+        self._guard(skipped)
         return {"loss": sums[0].item(), "lm_loss": sums[1].item(), "lb_loss": sums[2].item(),
                 "z_loss": sums[3].item(), "lr": lr_at(self.cfg, self.step - 1),
                 "grad_norm": float(norm) if norm is not None else float("nan"),
                 "skipped_steps": self.skipped_steps,
-                "expert_load": (load / load.sum(-1, keepdim=True).clamp_min(1)).tolist() if layers else []}
+                "expert_load": ((load / load.sum(-1, keepdim=True).clamp_min(1)).tolist()
+                                if self.cfg.moe_layer_ids() else []), **routing}
+
+    def _after_optimizer_step(self, load: torch.Tensor, update_bias: bool) -> dict:
+        """Aux-loss-free balancing: move the routers' expert biases by the step's loads [MoE layers, E],
+        summed over every rank (so identical on every rank), unless the divergence guard skipped the
+        step. Returns the step's load metrics."""
+        moe, routers = self.cfg.moe, {row: ffn.router for row, ffn in self.model.moe_rows().items()
+                                      if hasattr(ffn, "router")}
+        if moe.bias_update_rate and update_bias:
+            update_expert_bias(routers, load, moe.bias_update_rate)
+        if not self.cfg.moe_layer_ids():
+            return {}
+        drops = moe.capacity_factor is not None and moe.routing == "token_choice" and moe.backend == "megamoe"
+        routed = self.cfg.train.global_batch_size * self.cfg.data.seq_length * moe.top_k if drops else None
+        bias = None
+        if moe.bias_update_rate:  # every stage's routers, for the logging rank
+            bias = torch.zeros(load.shape, dtype=torch.float32)
+            for row, router in routers.items():
+                bias[row] = router.expert_bias.cpu()
+            bias = comm.all_reduce(bias, self.state.pp_group) if self.state.pp > 1 else bias
+        return step_load_metrics(load, routed, bias)
 
     def _guard(self, skipped: bool) -> None:
         """Divergence guard: the optimizer left a step whose gradient norm (or loss) was not

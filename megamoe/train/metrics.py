@@ -4,10 +4,15 @@ import json
 import math
 from pathlib import Path
 
+from ..analysis.load import heatmap_image
+
 _HUMAN = [("loss", "loss {:.4f}"), ("lm_loss", "lm {:.4f}"), ("lb_loss", "lb {:.3f}"),
           ("z_loss", "z {:.3f}"), ("eval_loss", "eval {:.4f}"), ("eval_ppl", "ppl {:.1f}"),
           ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3f}"), ("tokens_per_sec", "{:,.0f} tok/s"),
           ("mfu", "mfu {:.1%}")]
+# per-MoE-layer lists: the console shows the worst layer, tensorboard every layer
+_PER_LAYER = [("load_max_over_mean", "max/mean {:.2f}"), ("load_cv", "cv {:.2f}"),
+              ("dropped_fraction", "dropped {:.1%}"), ("bias_spread", "bias spread {:.3f}")]
 
 
 class MetricsLogger:
@@ -29,15 +34,18 @@ class MetricsLogger:
         self.jsonl.write(json.dumps(record) + "\n")
         parts = [f"step {record['step']:>6}/{self.total_steps}"]
         parts += [fmt.format(record[k]) for k, fmt in _HUMAN if k in record]
+        parts += [fmt.format(max(record[k])) for k, fmt in _PER_LAYER if record.get(k)]
         print(" | ".join(parts), flush=True)
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
                     self.writer.add_scalar(f"train/{key}", value, record["step"])
-            for layer, load in enumerate(record.get("expert_load", [])):
-                if load:
-                    self.writer.add_scalar(f"experts/max_over_mean_layer{layer}",
-                                           max(load) * len(load) / max(sum(load), 1e-12), record["step"])
+            for key, _ in _PER_LAYER:  # layer r: the r-th MoE layer
+                for layer, value in enumerate(record.get(key, [])):
+                    self.writer.add_scalar(f"experts/{key}_layer{layer}", value, record["step"])
+            if "eval_loss" in record and record.get("expert_load"):  # every eval interval
+                self.writer.add_image("experts/load_heatmap", heatmap_image(record["expert_load"]),
+                                      record["step"])
 
     def close(self) -> None:
         """Flush and close; safe to call more than once."""
