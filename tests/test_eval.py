@@ -1,15 +1,36 @@
-"""Downstream evaluation (issue 13): task files, lm-eval's tokenisation, batched log-likelihoods."""
+"""Downstream evaluation (issue 13): task files, lm-eval's tokenisation, batched log-likelihoods,
+the built-in task, the evaluation in the training loop and `megamoe-eval`.
+
+One real run (1 rank, 200 steps of a tiny model, `next_line` scored at the end) is shared by the
+tests that need a trained model; the parallel layouts are in tests/test_parallel_matrix.py.
+"""
 
 import json
 
 import pytest
 import torch
 
-from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig
+from megamoe.config import Config, ConfigError, DataConfig, ModelConfig, MoEConfig, TrainConfig
+from megamoe.eval.cli import evaluate, main
 from megamoe.eval.evaluator import Evaluator
 from megamoe.eval.score import encode_pair, make_window, model_forward
 from megamoe.eval.tasks import Item, Task, TaskError, letter_format, load_task
+from megamoe.eval.training import TrainingEvaluator
 from megamoe.model.olmoe import OLMoE, init_weights
+from megamoe.train.sample import load_model, tokenizer_for
+from runs import launch, metrics
+
+ITEMS = 120  # 30 groups of four: chance is 0.25 ± 0.04
+TRAINED = ["model.max_seq_len=64", "data.seq_length=64", "model.d_model=64", "train.micro_batch_size=8",
+           "optim.warmup_steps=20", "train.steps=200", "train.eval_interval=200", "train.eval_tasks=[next_line]",
+           f"train.eval_limit={ITEMS}", "run.tensorboard=true"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    proc = launch(run, 1, TRAINED)
+    return run, proc.stdout
 
 
 class Chars:
@@ -107,3 +128,65 @@ def test_unknown_specs_and_missing_files_are_refused(tmp_path):
         load_task("hellaswag")
     with pytest.raises(TaskError, match="does not exist"):
         load_task(str(tmp_path / "none.jsonl"))
+
+
+def test_next_line_is_deterministic_and_balanced():
+    items = load_task("next_line", limit=40).items
+    assert items == load_task("next_line").items[:40]  # the first N items do not depend on N
+    assert [i.gold for i in items] == [0, 1, 2, 3] * 10  # each group: one item per indentation
+    for item in items:
+        assert len({c.lstrip() for c in item.choices}) == 1 and item.context.endswith("\n")
+
+
+def test_trained_model_beats_chance_and_a_random_one_does_not(trained):
+    run, _ = trained
+    model, _ = load_model(run)
+    acc = metrics(run)[-1]["task/next_line/acc"]  # scored by the loop at the last step
+    assert acc > 0.25 + 3 * 0.04, acc
+    random_model = OLMoE(model.cfg)
+    init_weights(random_model, model.cfg.model.init_std, seed=1)
+    ev = Evaluator([load_task("next_line", ITEMS)], tokenizer_for(model.cfg), model.cfg.model.max_seq_len)
+    with torch.no_grad():
+        logliks = ev.loglikelihoods(model_forward(random_model.eval(), random_model.loss_fn, torch.device("cpu")), 8, None)
+    assert abs(ev.results(logliks)["next_line"]["acc"] - 0.25) < 2 * 0.04
+
+
+def test_the_loop_logs_each_task_to_metrics_console_and_tensorboard(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run, stdout = trained
+    last = metrics(run)[-1]
+    offline = evaluate(run, ["next_line"], limit=ITEMS, batch_size=8)["tasks"]["next_line"]
+    assert last["step"] == 200 and last["task/next_line/acc"] == offline["acc"]
+    assert last["task/next_line/acc_norm"] == offline["acc_norm"]
+    assert f"next_line/acc {offline['acc']:.3f}" in stdout.splitlines()[-1]
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert events.Scalars("train/task/next_line/acc")[-1].value == pytest.approx(offline["acc"])
+
+
+def test_eval_tasks_are_checked_by_the_config_and_read_by_the_trainer(tmp_path):
+    with pytest.raises(ConfigError, match="train.eval_tasks: 'hellaswag' is neither"):
+        Config(train=TrainConfig(eval_tasks=["hellaswag"])).validate()
+    with pytest.raises(ConfigError, match="train.eval_limit"):
+        Config(train=TrainConfig(eval_limit=0)).validate()
+    cfg = Config(train=TrainConfig(eval_tasks=[f"{tmp_path}/none.jsonl"])).validate()
+    with pytest.raises(ConfigError, match="train.eval_tasks: task file .* does not exist"):
+        TrainingEvaluator(cfg, state=None, tokenizer=None)  # the Trainer makes it before the model
+
+
+def test_cli_writes_a_json_result_and_refuses_to_overwrite(trained, tmp_path, capsys):
+    run, _ = trained
+    out = tmp_path / "result.json"
+    assert main([str(run), "--tasks", "next_line", "next_line:mc", "--limit", "8", "--samples",
+                 "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    assert result["step"] == 200 and set(result["tasks"]) == {"next_line", "next_line_mc"}
+    assert "acc_norm" not in result["tasks"]["next_line_mc"] and result["tasks"]["next_line"]["items"] == 8
+    assert [len(s["logliks"]) for s in result["tasks"]["next_line"]["samples"]] == [4] * 8
+    with pytest.raises(SystemExit):
+        main([str(run), "--tasks", "next_line", "--output", str(out)])
+    assert "exists" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "Q"}\n')  # the task is read before the (missing) checkpoint
+    assert main([str(tmp_path / "no-run"), "--tasks", str(bad)]) == 2
+    assert capsys.readouterr().err.startswith(f"megamoe: error: {bad}:1: 'choices' must be")

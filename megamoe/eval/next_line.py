@@ -1,11 +1,16 @@
-"""The built-in task `next_line`: which of four lines comes next in a standard-library file?
+"""The built-in task `next_line`: at which indentation does the next line of a stdlib file start?
 
 Every machine has the Python standard library (the embedded corpus, megamoe/data/corpus.py), so
 every machine can run this task offline. An item is `CONTEXT_LINES` consecutive non-blank lines
 of a module's code (docstrings removed, as in the corpus) and four choices: the true next line
-and three other lines of the same file (none of them in the context). Files and lines are drawn by a seeded generator, so the
-items are the same on every machine with the same Python version. The true line is drawn like
-the others, so a model that ignores the context (or a random one) scores 1/4.
+indented by 0, 4, 8 and 12 spaces. Only the code before it tells which is right (a block opens
+after a colon, closes after a return...). Items come in groups of four from one file, one per
+true indentation, so a scorer that ignores the context and always prefers one indentation (a
+random model) scores exactly 1/4. (Whole lines as choices were tried first: their likelihoods
+differ by tens of nats, and the small models of the tests and the quick start then chose the
+same line whatever the context.) Files and lines come from a seeded generator: the items, and
+the first N of them, are the same on every machine with the same Python version. Its metric
+is `acc`: per character, more indentation reads as more likely text.
 """
 
 import random
@@ -16,7 +21,7 @@ from .tasks import Item
 N_ITEMS = 400
 CONTEXT_LINES = 4
 MAX_LINE_CHARS = 60  # long lines would crowd the context out of short evaluation windows
-ITEMS_PER_FILE = 2
+LEVELS = (0, 4, 8, 12)
 SEED = 0
 
 
@@ -36,20 +41,15 @@ def next_line_items(n: int = N_ITEMS, seed: int = SEED) -> list[Item]:
     items = []
     for path in files:
         lines = _code_lines(path)
-        short = sorted({line for line in lines if len(line) <= MAX_LINE_CHARS})
-        for _ in range(ITEMS_PER_FILE):
-            if len(items) == n or len(lines) <= CONTEXT_LINES or len(short) < 8:
-                break
-            i = rng.randrange(CONTEXT_LINES, len(lines))
-            if len(lines[i]) > MAX_LINE_CHARS:
-                continue
-            others = [s for s in short if s != lines[i] and s not in lines[i - CONTEXT_LINES:i]]
-            if len(others) < 3:
-                continue
-            choices = [lines[i], *rng.sample(others, 3)]
-            rng.shuffle(choices)
-            context = "\n".join(lines[i - CONTEXT_LINES:i]) + "\n"
-            items.append(Item(context, tuple(choices), choices.index(lines[i])))
-        if len(items) == n:
-            break
+        at = {k: [i for i in range(CONTEXT_LINES, len(lines)) if len(lines[i]) <= MAX_LINE_CHARS
+                  and len(lines[i]) - len(lines[i].lstrip()) == k] for k in LEVELS}
+        if not all(at.values()):
+            continue
+        for gold, k in enumerate(LEVELS):
+            i = rng.choice(at[k])
+            body = lines[i].lstrip()
+            items.append(Item("\n".join(lines[i - CONTEXT_LINES:i]) + "\n",
+                              tuple(" " * level + body for level in LEVELS), gold))
+        if len(items) >= n:
+            return items[:n]
     return items

@@ -109,10 +109,9 @@ def load_task(spec: str, limit: int | None = None) -> Task:
     source, fmt = split_spec(spec)
     builtins = builtin_tasks()
     if source in builtins:
-        name, items = source, builtins[source]()
+        name, items = source, builtins[source](**({"n": limit} if limit else {}))
     else:
-        name, items = Path(source).stem, read_jsonl(Path(source))
-    items = items[:limit] if limit else items
+        name, items = Path(source).stem, read_jsonl(Path(source))[:limit]
     if fmt == "mc":
         name, items = f"{name}_mc", [letter_format(i) for i in items]
     return Task(name, fmt, tuple(items))

@@ -29,6 +29,7 @@ class MetricsLogger:
         self.jsonl.write(json.dumps(record) + "\n")
         parts = [f"step {record['step']:>6}/{self.total_steps}"]
         parts += [fmt.format(record[k]) for k, fmt in _HUMAN if k in record]
+        parts += [f"{k[len('task/'):]} {v:.3f}" for k, v in record.items() if k.startswith("task/")]
         print(" | ".join(parts), flush=True)
         if self.writer is not None:
             for key, value in record.items():
