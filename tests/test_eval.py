@@ -5,11 +5,17 @@ One real run (1 rank, 200 steps of a tiny model, `next_line` scored at the end) 
 tests that need a trained model; the parallel layouts are in tests/test_parallel_matrix.py.
 """
 
+import glob
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from megamoe.checkpoint.hf_dirs import export_hf
 from megamoe.config import Config, ConfigError, DataConfig, ModelConfig, MoEConfig, TrainConfig
 from megamoe.eval.cli import evaluate, main
 from megamoe.eval.evaluator import Evaluator
@@ -18,7 +24,7 @@ from megamoe.eval.tasks import Item, Task, TaskError, letter_format, load_task
 from megamoe.eval.training import TrainingEvaluator
 from megamoe.model.olmoe import OLMoE, init_weights
 from megamoe.train.sample import load_model, tokenizer_for
-from runs import launch, metrics
+from runs import REPO, launch, metrics
 
 ITEMS = 120  # 30 groups of four: chance is 0.25 ± 0.04
 TRAINED = ["model.max_seq_len=64", "data.seq_length=64", "model.d_model=64", "train.micro_batch_size=8",
@@ -190,3 +196,84 @@ def test_cli_writes_a_json_result_and_refuses_to_overwrite(trained, tmp_path, ca
     bad.write_text('{"context": "Q"}\n')  # the task is read before the (missing) checkpoint
     assert main([str(tmp_path / "no-run"), "--tasks", str(bad)]) == 2
     assert capsys.readouterr().err.startswith(f"megamoe: error: {bad}:1: 'choices' must be")
+
+
+# lm-evaluation-harness 0.4.13 with its `hf` extra, beside the suite's torch and transformers: the
+# packages it needs that requirements.txt does not hold, pinned, installed without dependencies
+# into .cache/ once (so pip can never touch torch).
+LM_EVAL = ["lm_eval==0.4.13", "accelerate==1.15.0", "datasets==5.2.0", "dill==0.4.1", "evaluate==0.4.6",
+           "peft==0.21.2", "rouge_score==0.1.2", "sacrebleu==2.6.0", "scikit-learn==1.9.1",
+           "more-itertools==11.2.1", "pytablewriter==1.2.1", "sqlitedict==2.1.0", "word2number==1.1",
+           "DataProperty==1.1.1", "joblib==1.6.0", "mbstrdecoder==1.1.5", "multiprocess==0.70.19",
+           "narwhals==2.29.0", "pathvalidate==3.3.1", "pyarrow==26.0.1", "tabledata==1.3.5", "tabulate==0.10.0",
+           "tcolorpy==0.1.7", "threadpoolctl==3.8.0", "lxml==6.1.3", "nltk==3.10.4", "pandas==3.1.1",
+           "portalocker==4.4.2", "xxhash==4.1.0", "aiohttp==3.14.5", "chardet==6.0.0.post1", "cloudpickle==3.1.3",
+           "pytz==2026.6", "typepy==1.3.5", "defusedxml==0.7.1", "aiohappyeyeballs==2.7.1", "aiosignal==1.4.0",
+           "frozenlist==1.8.0", "multidict==7.2.1", "propcache==0.5.4", "yarl==1.25.1"]
+
+_TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{gold}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+@pytest.fixture(scope="module")
+def lm_eval_path():
+    """PYTHONPATH entry holding lm-evaluation-harness; pip-installed into .cache/ on first use."""
+    target = REPO / ".cache" / "lm_eval-0.4.13"
+    if not (target / "lm_eval").is_dir():
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(partial),
+                        *LM_EVAL], check=True, timeout=900)
+        partial.rename(target)
+    return target
+
+
+def write_items(path, items):
+    path.write_text("".join(json.dumps({"context": i.context, "choices": list(i.choices), "gold": i.gold}) + "\n"
+                            for i in items))
+    return path
+
+
+def test_lm_evaluation_harness_agrees_item_by_item(trained, tmp_path, lm_eval_path):
+    """The same JSONL through lm-eval's `hf` model over a to-hf export: the same log-likelihood of
+    every choice (so the same acc and acc_norm), in the cloze and the letter format."""
+    run, _ = trained
+    hf = export_hf(run, tmp_path / "hf", progress=False)
+    items = load_task("next_line", limit=24).items  # contexts longer than the window: truncated alike
+    cloze = write_items(tmp_path / "cloze.jsonl", items)
+    letters = write_items(tmp_path / "letters.jsonl", [letter_format(i) for i in items])
+    (tmp_path / "tasks").mkdir()
+    for name, path in (("megamoe_cloze", cloze), ("megamoe_letters", letters)):
+        (tmp_path / "tasks" / f"{name}.yaml").write_text(_TASK_YAML.format(name=name, path=path))
+    env = {**os.environ, "PYTHONPATH": str(lm_eval_path), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf-home"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                           f"pretrained={hf},max_length=64,dtype=float32", "--device", "cpu", "--batch_size", "8",
+                           "--tasks", "megamoe_cloze,megamoe_letters", "--include_path", str(tmp_path / "tasks"),
+                           "--log_samples", "--output_path", str(tmp_path / "out")],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ours = evaluate(run, [str(cloze), str(letters)], batch_size=8, samples=True)["tasks"]
+    (results,) = glob.glob(str(tmp_path / "out" / "*" / "results_*.json"))
+    theirs = json.loads(open(results).read())["results"]
+    for name, mine in (("megamoe_cloze", ours["cloze"]), ("megamoe_letters", ours["letters"])):
+        (samples,) = glob.glob(str(tmp_path / "out" / "*" / f"samples_{name}_*.jsonl"))
+        docs = sorted((json.loads(line) for line in open(samples)), key=lambda d: d["doc_id"])
+        assert len(docs) == len(items)
+        for doc, sample in zip(docs, mine["samples"]):
+            lls = [float(ll) for ll, _ in doc["filtered_resps"]]
+            assert lls == pytest.approx(sample["logliks"], abs=1e-4), doc["doc_id"]
+        assert theirs[name]["acc,none"] == mine["acc"] and theirs[name]["acc_norm,none"] == mine["acc_norm"]
