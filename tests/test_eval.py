@@ -14,16 +14,18 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from megamoe.checkpoint.hf_dirs import export_hf
 from megamoe.config import Config, ConfigError, DataConfig, ModelConfig, MoEConfig, TrainConfig
 from megamoe.eval.cli import evaluate, main
 from megamoe.eval.evaluator import Evaluator
-from megamoe.eval.score import encode_pair, make_window, model_forward
+from megamoe.eval.score import encode_pair, is_greedy, make_window, model_forward
 from megamoe.eval.tasks import Item, Task, TaskError, letter_format, load_task
 from megamoe.eval.training import TrainingEvaluator
 from megamoe.model.olmoe import OLMoE, init_weights
 from megamoe.train.sample import load_model, tokenizer_for
+from distributed import run_ranks
 from runs import REPO, launch, metrics
 
 ITEMS = 120  # 30 groups of four: chance is 0.25 ± 0.04
@@ -44,7 +46,10 @@ class Chars:
     pad_id = 0
 
     def encode(self, text):
-        return [1 + ord(c) % 95 for c in text]
+        return [1 + (ord(c) - 32) % 95 for c in text]
+
+    def decode(self, ids):  # printable ASCII
+        return "".join(chr(i - 1 + 32) for i in ids)
 
 
 def tiny_model(max_seq_len=64) -> OLMoE:
@@ -76,26 +81,60 @@ def test_batched_loglikelihoods_are_each_pair_scored_alone():
              Item("x", ("y", "zz"), 1)]
     task = Task("t", "cloze", tuple(items))
     ev = Evaluator([task], Chars(), width=64)
-    got = ev.loglikelihoods(model_forward(model, model.loss_fn, torch.device("cpu")), rows=4, width=None)
+    got = ev.scores(model_forward(model, model.loss_fn, torch.device("cpu")), rows=4, width=None)
     want = []
     for item in items:
         for choice in item.choices:
             ctx, cont = encode_pair(Chars(), item.context, choice)
             logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].double(), -1)
-            want.append(sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
+            scored = logp[len(ctx) - 1:len(ctx) - 1 + len(cont)]  # the positions predicting cont
+            want.append([scored[range(len(cont)), cont].sum().item(),
+                         float((scored.argmax(-1) == torch.tensor(cont)).all())])
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-5)
     # data-parallel shares: each rank scores some windows, their sum is the whole
-    shares = [ev.loglikelihoods(model_forward(model, model.loss_fn, torch.device("cpu")), 2, 64, r, 3)
-              for r in range(3)]
-    assert all((s != 0).sum() < len(want) for s in shares)
+    shares = [ev.scores(model_forward(model, model.loss_fn, torch.device("cpu")), 2, 64, r, 3) for r in range(3)]
+    assert all((s[:, 0] != 0).sum() < len(want) for s in shares)
     torch.testing.assert_close(sum(shares), got, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_completion_is_an_exact_match_of_the_greedy_continuation(tmp_path):
+    model, context = tiny_model(), "def f(x):"
+    ids = Chars().encode(context)
+    for _ in range(4):  # greedy decoding, one token at a time
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1, 1:].argmax()) + 1)  # id 0 is padding
+    answer = Chars().decode(ids[len(context):])
+    path = tmp_path / "gen.jsonl"
+    path.write_text("".join(json.dumps({"context": context, "answer": a}) + "\n"
+                            for a in (answer, answer[:-1] + chr(33 + (ord(answer[-1]) - 32) % 94))))
+    task = load_task(str(path))
+    ev = Evaluator([task], Chars(), width=64)
+    result = ev.results(ev.scores(model_forward(model, model.loss_fn, torch.device("cpu")), 2, None))["gen"]
+    assert task.format == "completion" and [s["exact_match"] for s in result["samples"]] == [True, False]
+    assert result["exact_match"] == 0.5
+    with pytest.raises(TaskError, match="no letter format"):
+        load_task(f"{path}:mc")
+
+
+def _greedy_over_tp(rank, world_size, logits, labels):
+    return is_greedy(logits.chunk(world_size, -1)[rank], labels, tp_group=dist.group.WORLD)
+
+
+def test_greedy_check_over_a_vocabulary_cut_by_tensor_parallelism():
+    logits = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    labels = torch.cat([logits[:32].argmax(-1), torch.randint(0, 96, (31,)), torch.tensor([-100])])
+    want = is_greedy(logits, labels)
+    assert want[:32].all() and want[-1] and not want[32:-1].all()
+    for got in run_ranks(_greedy_over_tp, 2, logits, labels):
+        assert torch.equal(got, want)
 
 
 def test_accuracy_and_per_character_accuracy():
     items = (Item("q", (" a", " bbbb"), 1), Item("q", (" a", " bbbb"), 0))
     ev = Evaluator([Task("t", "cloze", items)], Chars(), width=16)
     # item 1: raw prefers " a" (-2 > -4), per char prefers " bbbb" (-4/5 > -2/2); item 2 the same
-    res = ev.results(torch.tensor([-2.0, -4.0, -2.0, -4.0], dtype=torch.float64))["t"]
+    scores = torch.tensor([[-2.0, 0], [-4.0, 0], [-2.0, 0], [-4.0, 0]], dtype=torch.float64)
+    res = ev.results(scores)["t"]
     assert (res["acc"], res["acc_norm"], res["items"]) == (0.5, 0.5, 2)
     assert [s["pred"] for s in res["samples"]] == [0, 0]
 
@@ -153,8 +192,8 @@ def test_trained_model_beats_chance_and_a_random_one_does_not(trained):
     init_weights(random_model, model.cfg.model.init_std, seed=1)
     ev = Evaluator([load_task("next_line", ITEMS)], tokenizer_for(model.cfg), model.cfg.model.max_seq_len)
     with torch.no_grad():
-        logliks = ev.loglikelihoods(model_forward(random_model.eval(), random_model.loss_fn, torch.device("cpu")), 8, None)
-    assert abs(ev.results(logliks)["next_line"]["acc"] - 0.25) < 2 * 0.04
+        scores = ev.scores(model_forward(random_model.eval(), random_model.loss_fn, torch.device("cpu")), 8, None)
+    assert abs(ev.results(scores)["next_line"]["acc"] - 0.25) < 2 * 0.04
 
 
 def test_the_loop_logs_each_task_to_metrics_console_and_tensorboard(trained):

@@ -25,7 +25,7 @@ def parse_args(argv):
                    help="built-in task (next_line) or FILE.jsonl, each optionally :mc for the letter format")
     p.add_argument("--limit", type=int, help="score only the first N items of each task")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
-    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: a GPU when there is one")
     p.add_argument("--samples", action="store_true",
                    help="add every item's log-likelihoods, gold and predicted choice to the result")
     p.add_argument("--output", type=Path, help="also write the result to this file (never replaced)")
@@ -41,7 +41,7 @@ def parse_args(argv):
 
 def evaluate(checkpoint: Path, specs: list[str], limit: int | None = None, batch_size: int = 16,
              device: str = "auto", samples: bool = False, progress: bool = False) -> dict:
-    """{"checkpoint", "step", "tasks": {name: {"acc", "acc_norm" (cloze), "items"[, "samples"]}}}.
+    """{"checkpoint", "step", "tasks": {name: {metrics, "items"[, "samples"]}}} (Evaluator.results).
     Tasks are read first, so a bad task file fails before the model loads."""
     from ..train.sample import load_model, tokenizer_for
 
@@ -56,11 +56,10 @@ def evaluate(checkpoint: Path, specs: list[str], limit: int | None = None, batch
         from tqdm import tqdm
         bar = tqdm(total=len(evaluator.windows), unit="seq", desc="megamoe-eval", file=sys.stderr)
     with torch.no_grad():
-        logliks = evaluator.loglikelihoods(model_forward(model, model.loss_fn, device), batch_size, None,
-                                           progress=bar)
+        scores = evaluator.scores(model_forward(model, model.loss_fn, device), batch_size, None, progress=bar)
     if bar is not None:
         bar.close()
-    results = evaluator.results(logliks)
+    results = evaluator.results(scores)
     if not samples:
         for result in results.values():
             del result["samples"]

@@ -14,19 +14,26 @@ class Evaluator:
         self.windows = [make_window(*encode_pair(tokenizer, item.context, choice), width)
                         for task in tasks for item in task.items for choice in item.choices]
 
-    def loglikelihoods(self, forward: Forward, rows: int, width: int | None, dp_rank: int = 0,
-                       dp: int = 1, progress=None) -> torch.Tensor:
-        """This rank's share of the log-likelihoods of all windows [n] (zeros elsewhere)."""
+    def scores(self, forward: Forward, rows: int, width: int | None, dp_rank: int = 0,
+               dp: int = 1, progress=None) -> torch.Tensor:
+        """This rank's share of the (log-likelihood, greedy) of all windows [n, 2] (zeros elsewhere)."""
         return score(forward, self.windows, rows, width, self.pad_id, dp_rank, dp, progress)
 
-    def results(self, logliks: torch.Tensor) -> dict[str, dict]:
-        """Complete log-likelihoods [n] -> {task: {"acc", "acc_norm" (cloze), "items", "samples"}}
-        where each sample is {"logliks": [per choice], "gold", "pred"}."""
+    def results(self, scores: torch.Tensor) -> dict[str, dict]:
+        """Complete scores [n, 2] -> {task: {metrics, "items", "samples"}}. Multiple choice:
+        "acc", "acc_norm" (cloze), samples {"logliks": [per choice], "gold", "pred"}. Completion:
+        "exact_match" (the greedy continuation is the answer), samples {"loglik", "exact_match"}."""
         out, at = {}, 0
         for task in self.tasks:
+            if task.format == "completion":
+                part = scores[at:at + len(task.items)]
+                at += len(task.items)
+                out[task.name] = {"exact_match": part[:, 1].mean().item(), "items": len(task.items),
+                                  "samples": [{"loglik": ll, "exact_match": bool(g)} for ll, g in part.tolist()]}
+                continue
             samples, hits, hits_norm = [], 0, 0
             for item in task.items:
-                ll = logliks[at:at + len(item.choices)].tolist()
+                ll = scores[at:at + len(item.choices), 0].tolist()
                 at += len(item.choices)
                 pred = _argmax(ll)
                 pred_norm = _argmax([x / len(c) for x, c in zip(ll, item.choices)])

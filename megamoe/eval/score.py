@@ -11,9 +11,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-# forward(tokens [rows, width], labels [rows, width]) -> Σ log p(label) per row [rows], where
-# labels != -100; None on ranks that hold no logits (pipeline stages before the last).
+# forward(tokens [rows, width], labels [rows, width]) -> [rows, 2]: per row, Σ log p(label) over
+# the labels != -100, and 1.0 where each of them is the argmax (the greedy continuation), else
+# 0.0; None on ranks that hold no logits (pipeline stages before the last).
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]
 
 
@@ -69,28 +71,46 @@ def batches(windows: list[Window], rows: int, width: int | None, pad_id: int, dp
         yield (idx, *_pad(mine, rows, w, pad_id))
 
 
-def row_logliks(loss_fn, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ log p over each row's labels != -100: logits [rows, width, V(/tp)] -> [rows] (fp64).
-    `loss_fn` is the model's (the vocab-parallel cross-entropy under tensor parallelism)."""
-    return -torch.stack([loss_fn(logits[i], labels[i], reduction="sum") for i in range(len(labels))]).double()
+def is_greedy(logits: torch.Tensor, labels: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """Per position [N]: no logit beats the label's (True where the label is -100). logits [N, V],
+    or vocab-local [N, V/tp] under tensor parallelism over `tp_group`."""
+    vocab = logits.shape[-1]
+    local = labels - (dist.get_rank(tp_group) * vocab if tp_group is not None else 0)
+    mine = (local >= 0) & (local < vocab)
+    best = logits.float().max(-1).values  # [N]
+    target = logits.float().gather(-1, local.masked_fill(~mine, 0).unsqueeze(-1)).squeeze(-1)
+    target = target.masked_fill(~mine, float("-inf"))
+    if tp_group is not None:  # the maxima over the whole vocabulary
+        both = torch.stack([best, target])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=tp_group)
+        best, target = both
+    return (target >= best) | (labels == -100)
+
+
+def row_scores(loss_fn, logits: torch.Tensor, labels: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """logits [rows, width, V(/tp)] -> [rows, 2] (fp64): Σ log p over each row's labels != -100,
+    and whether they are all greedy. `loss_fn` is the model's (vocab-parallel under TP)."""
+    logliks = -torch.stack([loss_fn(logits[i], labels[i], reduction="sum") for i in range(len(labels))])
+    greedy = is_greedy(logits.flatten(0, 1), labels.flatten(), tp_group).view(labels.shape).all(-1)
+    return torch.stack([logliks.double(), greedy.double()], -1)
 
 
 def score(forward: Forward, windows: list[Window], rows: int, width: int | None, pad_id: int,
           dp_rank: int = 0, dp: int = 1, progress=None) -> torch.Tensor:
-    """Log-likelihood of every window [n] (fp64, CPU); zeros where another rank or stage scored
-    it, so a sum over data-parallel ranks and pipeline stages completes it."""
-    out = torch.zeros(len(windows), dtype=torch.float64)
+    """(log-likelihood, greedy) of every window [n, 2] (fp64, CPU); zeros where another rank or
+    stage scored it, so a sum over data-parallel ranks and pipeline stages completes it."""
+    out = torch.zeros(len(windows), 2, dtype=torch.float64)
     for idx, tokens, labels in batches(windows, rows, width, pad_id, dp_rank, dp):
-        ll = forward(tokens, labels)
-        if ll is not None and idx:
-            out[idx] = ll[:len(idx)].cpu()
+        scores = forward(tokens, labels)
+        if scores is not None and idx:
+            out[idx] = scores[:len(idx)].cpu()
         if progress is not None:
             progress.update(len(idx))
     return out
 
 
-def model_forward(model, loss_fn, device: torch.device) -> Forward:
+def model_forward(model, loss_fn, device: torch.device, tp_group=None) -> Forward:
     """The Forward of a model (or DeepSpeed engine) that holds the LM head: one call per batch."""
     def forward(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return row_logliks(loss_fn, model(tokens.to(device)).logits, labels.to(device))
+        return row_scores(loss_fn, model(tokens.to(device)).logits, labels.to(device), tp_group)
     return forward
