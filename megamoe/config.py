@@ -115,6 +115,8 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 100
     eval_batches: int = 4
+    eval_tasks: list[str] = field(default_factory=list)  # downstream tasks scored at each eval (docs/evaluation.md)
+    eval_limit: int | None = None  # score only the first N items of each task
     save_interval: int = 500
     keep_checkpoints: int = 2  # 0 = keep all; never counts checkpoints newer than the resume point
     async_save: bool = True  # write checkpoints in a background thread (the copy to host stays in the step)
@@ -260,6 +262,14 @@ class Config:
         _require(t.keep_checkpoints >= 0, "train.keep_checkpoints",
                  f"must be >= 0 (0 keeps every checkpoint), got {t.keep_checkpoints}")
         _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
+        from .eval.tasks import TaskError, check_spec
+        for spec in t.eval_tasks:
+            try:
+                check_spec(spec)
+            except TaskError as e:
+                raise ConfigError(f"train.eval_tasks: {e}") from None
+        _require(t.eval_limit is None or t.eval_limit >= 1, "train.eval_limit",
+                 f"must be a positive number of items, or null for all; got {t.eval_limit}")
         _choice("train.device", t.device, ("auto", "cpu", "cuda"))
         _choice("parallel.activation_checkpointing", p.activation_checkpointing,
                 ("none", "full", "selective"))

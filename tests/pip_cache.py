@@ -2,6 +2,7 @@
 interpreter, ...), pip-installed once into .cache/ with --target and used from a subprocess with
 that folder on PYTHONPATH, so the environment under test is never changed."""
 
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def pip_target(packages: list[str]) -> Path:
     """A folder holding exactly `packages` (pinned, installed without their dependencies)."""
-    target = REPO / ".cache" / "-".join(packages).replace("==", "-")
+    digest = hashlib.sha1(" ".join(packages).encode()).hexdigest()[:8]
+    target = REPO / ".cache" / f"{packages[0].replace('==', '-')}-{digest}"
     if not target.is_dir():
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)

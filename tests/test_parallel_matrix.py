@@ -11,7 +11,8 @@ import pytest
 
 from runs import assert_same_run, launch, metrics
 
-EVAL = ["train.eval_interval=4"]  # TINY runs 4 steps: one eval at the end, through the pipeline
+# TINY runs 4 steps: one eval at the end, through the pipeline, with a downstream task
+EVAL = ["train.eval_interval=4", "train.eval_tasks=[next_line]", "train.eval_limit=16"]
 DEEP = ("model.n_layers=4",)
 CAPACITY = ("moe.capacity_factor=1.0",)
 EXPERT_CHOICE = ("moe.routing=expert_choice",)
@@ -46,6 +47,8 @@ def assert_same_logs(run, ref) -> None:
         assert (key in first) == (key in ref_first), key
         np.testing.assert_allclose(first.get(key, []), ref_first.get(key, []), rtol=1e-5, atol=1e-6, err_msg=key)
     assert metrics(run)[-1]["eval_loss"] == pytest.approx(metrics(ref)[-1]["eval_loss"], rel=1e-5)
+    for key in ("task/next_line/acc", "task/next_line/acc_norm"):  # scored in shares, summed
+        assert metrics(run)[-1][key] == metrics(ref)[-1][key], key
 
 
 def layout(name: str, nproc: int, overrides: list[str], variant: tuple[str, ...] = ()):

@@ -162,14 +162,21 @@ def train_step(engine, state: ParallelState, cfg: Config, batches: Batches) -> t
 
 
 @torch.no_grad()
+def forward_only(engine, state: ParallelState, cfg: Config, tokens: torch.Tensor, labels: torch.Tensor | None):
+    """One micro-batch [mbs, seq] forward through every stage: the last stage's Output, else None."""
+    pipe = _Pipe(engine, state, cfg)
+    h_in, _ = pipe.exchange(recv_prev=True)
+    out = pipe.forward(tokens, labels, h_in)
+    pipe.exchange(send_next=out.hidden)
+    return out if state.is_last_stage else None
+
+
+@torch.no_grad()
 def eval_lm_loss(engine, state: ParallelState, cfg: Config, batches: Batches) -> float:
     """Σ over `gas` micro-batches of the LM loss, forward only through the pipeline (all stages)."""
-    pipe = _Pipe(engine, state, cfg)
     total = torch.zeros(1, dtype=torch.float64)
-    for micro in range(pipe.gas):
-        h_in, _ = pipe.exchange(recv_prev=True)
-        out = pipe.forward(*batches(micro), h_in)
-        if state.is_last_stage:
+    for micro in range(engine.gradient_accumulation_steps()):
+        out = forward_only(engine, state, cfg, *batches(micro))
+        if out is not None:
             total += out.lm_loss.item()
-        pipe.exchange(send_next=out.hidden)
     return comm.all_reduce(total, state.pp_group).item()

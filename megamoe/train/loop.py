@@ -19,6 +19,7 @@ from ..checkpoint.io import CheckpointWriter, latest_checkpoint, load_checkpoint
 from ..config import Config, ConfigError
 from ..data.dataset import build_datasets, check_data, get_batch
 from ..distributed import discover_env, init_distributed
+from ..eval.training import TrainingEvaluator
 from ..model.flops import flops_per_token, peak_flops
 from ..moe.router import update_expert_bias
 from ..parallel import comm, pipeline
@@ -48,6 +49,7 @@ class Trainer:
         self.train_data, self.valid_data, self.tokenizer = build_datasets(
             cfg.data, t.seed, t.steps * t.global_batch_size, t.eval_batches * t.global_batch_size,
             cfg.model.vocab_size)
+        self.tasks = TrainingEvaluator(cfg, self.state, self.tokenizer)  # train.eval_tasks, read now
         self.model = build_model(cfg, self.state)
         self.engine = build_engine(cfg, self.state, self.model, self.device)
         self.step = 0
@@ -202,9 +204,10 @@ class Trainer:
                 for micro in range(self.gas):
                     tokens, labels = self._micro_batch(self.valid_data, i, micro)
                     total += self.engine(tokens, labels).lm_loss.double()
+        tasks = self.tasks(self.engine, self.device)
         self.model.train()
         loss = _all_reduce_mean(total / (self.cfg.train.eval_batches * self.gas), self.state.dp_group).item()
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), **tasks}
 
     def save(self) -> None:
         save_checkpoint(self.checkpoints, self.step, self.model, self.engine.optimizer, self.state,

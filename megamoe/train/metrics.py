@@ -35,6 +35,7 @@ class MetricsLogger:
         parts = [f"step {record['step']:>6}/{self.total_steps}"]
         parts += [fmt.format(record[k]) for k, fmt in _HUMAN if k in record]
         parts += [fmt.format(max(record[k])) for k, fmt in _PER_LAYER if record.get(k)]
+        parts += [f"{k[len('task/'):]} {v:.3f}" for k, v in record.items() if k.startswith("task/")]
         print(" | ".join(parts), flush=True)
         if self.writer is not None:
             for key, value in record.items():

@@ -18,6 +18,7 @@ LOCK = ".lock"
 # Keys that may change between a checkpoint and its continuation: they do not alter what the
 # saved state means (more steps, other cadences, other logging). Everything else must match.
 RESUMABLE_CHANGES = {"train.steps", "train.log_interval", "train.eval_interval", "train.eval_batches",
+                     "train.eval_tasks", "train.eval_limit",
                      "train.save_interval", "train.keep_checkpoints", "train.device",
                      "train.micro_batch_size",  # a new layout may need another to divide the batch
                      "train.async_save", "train.collective_timeout_s",
