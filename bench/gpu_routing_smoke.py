@@ -15,16 +15,13 @@ import math
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from megamoe.config import load_config  # noqa: E402
-from megamoe.moe.router import update_expert_bias  # noqa: E402
-from megamoe.parallel.state import ParallelState  # noqa: E402
-from megamoe.train.engine import build_model  # noqa: E402
+from megamoe.config import load_config
+from megamoe.moe.router import update_expert_bias
+from megamoe.parallel.state import ParallelState
+from megamoe.train.engine import build_model
 
 CASES = {
     "token_choice": [],
