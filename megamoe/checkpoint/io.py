@@ -101,7 +101,7 @@ def optimizer_step(optimizer) -> int:
 
 
 def _param_state(p: torch.nn.Parameter, optimizer, with_moments: bool) -> list[torch.Tensor]:
-    """[master weight, exp_avg, exp_avg_sq] of this rank's local `p`, on CPU.
+    """[master weight, exp_avg, exp_avg_sq] of this rank's local `p`, where they live (not copied).
 
     Collective for DeepSpeed's ZeRO / bf16 optimizers (over p's data-parallel group).
     """
@@ -111,13 +111,41 @@ def _param_state(p: torch.nn.Parameter, optimizer, with_moments: bool) -> list[t
         found += [safe_get_full_optimizer_state(p, k) for k in MOMENTS] if with_moments else []
     else:  # our AdamW (fp32 master beside a bf16 weight) or a torch optimizer (the weight itself)
         master = optimizer.master(p) if hasattr(optimizer, "master") else p
-        found = [master.detach()] + ([optimizer.state[p][k] for k in MOMENTS] if with_moments and p.requires_grad
-                                     else [])
-    found = [t.detach().to("cpu").contiguous() for t in found]
-    if not all(torch.isfinite(t).all() for t in found):  # the divergence guard should make this impossible
-        raise CheckpointError("a parameter or its Adam state is not finite; no checkpoint is written over "
-                              "the last finite one (resume from it with a lower optim.lr)")
-    return found
+        found = [master] + ([optimizer.state[p][k] for k in MOMENTS] if with_moments and p.requires_grad else [])
+    return [t.detach() for t in found]
+
+
+class _HostCopies:
+    """Copies of device tensors in host memory that training cannot change under the writer.
+
+    CUDA tensors go to pinned buffers kept from one save to the next (allocated by the first
+    save; the next save starts only once the previous one is written), copied asynchronously
+    and waited for once: the training thread's whole stall. On the CPU, a plain clone. Every
+    tensor is also checked to be finite, on its device, with one read at the end."""
+
+    _pinned: dict[str, torch.Tensor] = {}
+
+    def __init__(self):
+        self.flags: list[torch.Tensor] = []
+        self.cuda = False
+
+    def __call__(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        self.flags.append(torch.isfinite(t).all())
+        if not t.is_cuda:
+            return t.clone().contiguous()
+        self.cuda = True
+        buf = self._pinned.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self._pinned[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return buf.copy_(t, non_blocking=True)
+
+    def finish(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        if self.flags and not bool(torch.stack([f.cpu() for f in self.flags]).all()):
+            # the divergence guard should make this impossible
+            raise CheckpointError("a parameter or its Adam state is not finite; no checkpoint is written over "
+                                  "the last finite one (resume from it with a lower optim.lr)")
 
 
 def save_checkpoint(writer: CheckpointWriter, step: int, model: torch.nn.Module, optimizer, state,
@@ -139,14 +167,14 @@ def save_checkpoint(writer: CheckpointWriter, step: int, model: torch.nn.Module,
     if opt_step and hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
         _link_fragments(optimizer)
     weights, moments, cuts = {}, {}, {}
+    host = _HostCopies()  # what training will change, copied before this returns
     for name, p in _named_params(model):
         master, *moms = _param_state(p, optimizer, with_moments=opt_step > 0)
         if _owns(p, state):
-            if p.device.type == "cpu":  # the live tensors themselves: copy what training will change
-                master, moms = master.clone(), [t.clone() for t in moms]
-            weights[name], cuts[name] = master, shards(p)
+            weights[name], cuts[name] = host(name, master), shards(p)
             for key, t in zip(MOMENTS, moms):
-                moments[f"{name}.{key}"], cuts[f"{name}.{key}"] = t, shards(p)
+                moments[f"{name}.{key}"], cuts[f"{name}.{key}"] = host(f"{name}.{key}", t), shards(p)
+    host.finish()
     rng, rng_meta = _rng_state()
 
     def write_files() -> dict:

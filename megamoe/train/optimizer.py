@@ -79,10 +79,11 @@ class AdamW(torch.optim.Optimizer):
     # Per-parameter state, for checkpoints -------------------------------------------------
     def master(self, p: torch.Tensor) -> torch.Tensor:
         """The fp32 weight the optimizer updates (`p` itself without master weights)."""
-        return self.state[p].get("master", p)
+        st = self.state.get(p)  # .get: never adds an entry for a tensor the optimizer does not own
+        return st["master"] if st and "master" in st else p
 
     def steps_taken(self) -> int:
-        return int(max((float(st["step"]) for st in self.state.values()), default=0))
+        return int(max((float(st["step"]) for st in self.state.values() if "step" in st), default=0))
 
     @torch.no_grad()
     def load_param_state(self, p: torch.Tensor, master: torch.Tensor, moments: list[torch.Tensor],
