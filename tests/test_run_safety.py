@@ -97,11 +97,12 @@ def test_a_collective_that_waits_too_long_ends_the_job_naming_rank_and_operation
     assert re.search(r"rank 0: \w+ waited longer than train.collective_timeout_s=4 s", out), out[-3000:]
 
 
-def test_checkpoints_none_of_which_is_complete_stop_every_rank_with_one_error(tmp_path):
+def test_checkpoints_none_of_which_is_complete_are_one_error_not_a_new_run(tmp_path):
     run = tmp_path / "run"
     launch(run, 1, ["train.steps=1"])
     (run / "checkpoints" / "latest").unlink()
     (run / "checkpoints" / "step_00000001" / "meta.json").unlink()
-    proc = launch(run, 2, ["train.steps=2"], check=False, timeout=120)
-    assert proc.returncode != 0 and "no complete checkpoint" in proc.stderr, proc.stderr[-2000:]
+    proc = launch(run, 1, ["train.steps=2"], check=False, timeout=120)
+    assert proc.returncode == 2 and "megamoe: error: run.dir:" in proc.stderr, proc.stderr[-2000:]
+    assert "no complete checkpoint" in proc.stderr and "Traceback" not in proc.stderr
     assert (run / "checkpoints" / "step_00000001").is_dir()  # nothing deleted
