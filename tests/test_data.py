@@ -108,7 +108,7 @@ def test_indexed_errors_name_the_file(tmp_path):
         IndexedDataset(tmp_path / "ds")
 
     idx.unlink()
-    with pytest.raises(IndexedDatasetError, match=r"ds\.idx does not exist.*preprocess_data"):
+    with pytest.raises(IndexedDatasetError, match=r"ds\.idx does not exist.*megamoe-preprocess"):
         IndexedDataset(tmp_path / "ds")
 
 
@@ -242,7 +242,7 @@ def test_hf_tokenizer_json(tmp_path):
 
 
 def test_load_tokenizer_errors_name_file_and_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"missing\.model does not exist.*train_tokenizer"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.model does not exist.*megamoe-tokenizer"):
         load_tokenizer(tmp_path / "missing.model")
     (tmp_path / "junk.bin").write_bytes(b"\x00\x01 not a model")
     with pytest.raises(ValueError, match=r"junk\.bin is neither"):
