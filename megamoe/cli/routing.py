@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail("this checkpoint is a dense model (moe.num_experts=0)")
     if cfg.moe.routing != "token_choice":
         return fail("the analyses need token-choice routing; this run uses moe.routing=expert_choice")
+    if cfg.moe.backend != "megamoe":
+        return fail("the analyses read megamoe's router; this run uses moe.backend=deepspeed")
     tok = tokenizer_for(cfg)
     seq = cfg.data.seq_length
     try:
