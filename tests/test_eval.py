@@ -238,7 +238,7 @@ def test_cli_writes_a_json_result_and_refuses_to_overwrite(trained, tmp_path, ca
 
 
 # lm-evaluation-harness 0.4.13 with its `hf` extra, beside the suite's torch and transformers: the
-# packages it needs that requirements.txt does not hold, pinned, installed without dependencies
+# packages it needs that pyproject.toml does not hold, pinned, installed without dependencies
 # into .cache/ once (tests/pip_cache.py, so pip can never touch torch).
 LM_EVAL = ["lm_eval==0.4.13", "accelerate==1.15.0", "datasets==5.2.0", "dill==0.4.1", "evaluate==0.4.6",
            "peft==0.21.2", "rouge_score==0.1.2", "sacrebleu==2.6.0", "scikit-learn==1.9.1",
