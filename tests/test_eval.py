@@ -203,7 +203,8 @@ def test_the_loop_logs_each_task_to_metrics_console_and_tensorboard(trained):
     offline = evaluate(run, ["next_line"], limit=ITEMS, batch_size=8)["tasks"]["next_line"]
     assert last["step"] == 200 and last["task/next_line/acc"] == offline["acc"]
     assert last["task/next_line/acc_norm"] == offline["acc_norm"]
-    assert f"next_line/acc {offline['acc']:.3f}" in stdout.splitlines()[-1]
+    last_step_line = [line for line in stdout.splitlines() if line.startswith("step ")][-1]
+    assert f"next_line/acc {offline['acc']:.3f}" in last_step_line
     events = EventAccumulator(str(run / "tensorboard")).Reload()
     assert events.Scalars("train/task/next_line/acc")[-1].value == pytest.approx(offline["acc"])
 
@@ -238,17 +239,21 @@ def test_cli_writes_a_json_result_and_refuses_to_overwrite(trained, tmp_path, ca
 
 
 # lm-evaluation-harness 0.4.13 with its `hf` extra, beside the suite's torch and transformers: the
-# packages it needs that pyproject.toml does not hold, pinned, installed without dependencies
-# into .cache/ once (tests/pip_cache.py, so pip can never touch torch).
-LM_EVAL = ["lm_eval==0.4.13", "accelerate==1.15.0", "datasets==5.2.0", "dill==0.4.1", "evaluate==0.4.6",
-           "peft==0.21.2", "rouge_score==0.1.2", "sacrebleu==2.6.0", "scikit-learn==1.9.1",
-           "more-itertools==11.2.1", "pytablewriter==1.2.1", "sqlitedict==2.1.0", "word2number==1.1",
-           "DataProperty==1.1.1", "joblib==1.6.0", "mbstrdecoder==1.1.5", "multiprocess==0.70.19",
-           "narwhals==2.29.0", "pathvalidate==3.3.1", "pyarrow==26.0.1", "tabledata==1.3.5", "tabulate==0.10.0",
-           "tcolorpy==0.1.7", "threadpoolctl==3.8.0", "lxml==6.1.3", "nltk==3.10.4", "pandas==3.1.1",
-           "portalocker==4.4.2", "xxhash==4.1.0", "aiohttp==3.14.5", "chardet==6.0.0.post1", "cloudpickle==3.1.3",
-           "pytz==2026.6", "typepy==1.3.5", "defusedxml==0.7.1", "aiohappyeyeballs==2.7.1", "aiosignal==1.4.0",
-           "frozenlist==1.8.0", "multidict==7.2.1", "propcache==0.5.4", "yarl==1.25.1"]
+# packages it needs that a fresh install of megamoe[test] does not hold (what `pip install --dry-run
+# --report` resolved for `lm_eval[hf]==0.4.13` with torch pinned, in a fresh venv, 2026-11-24),
+# pinned, installed without dependencies into .cache/ once (tests/pip_cache.py: pip never touches torch).
+LM_EVAL = ["lm_eval==0.4.13", "accelerate==1.15.0", "aiohappyeyeballs==2.7.1", "aiohttp==3.14.5",
+           "aiosignal==1.4.0", "attrs==26.1.0", "certifi==2026.10.19.post1", "chardet==6.0.0.post1",
+           "charset-normalizer==3.5.2", "cloudpickle==3.1.3", "colorama==0.4.6", "DataProperty==1.1.1",
+           "datasets==5.2.0", "defusedxml==0.7.1", "dill==0.4.1", "evaluate==0.4.6", "frozenlist==1.8.0",
+           "joblib==1.6.0", "lxml==6.1.3", "mbstrdecoder==1.1.5", "more-itertools==11.2.1",
+           "multidict==7.2.1", "multiprocess==0.70.19", "narwhals==2.29.0", "nltk==3.10.4", "pandas==3.1.1",
+           "pathvalidate==3.3.1", "peft==0.21.2", "portalocker==4.4.2", "propcache==0.5.4",
+           "pyarrow==26.0.1", "pytablewriter==1.2.1", "python-dateutil==2.9.0.post0", "pytz==2026.6",
+           "requests==2.34.2", "rouge_score==0.1.2", "sacrebleu==2.6.0", "scikit-learn==1.9.1",
+           "scipy==1.17.1", "six==1.17.0", "sqlitedict==2.1.0", "tabledata==1.3.5", "tabulate==0.10.0",
+           "tcolorpy==0.1.7", "threadpoolctl==3.8.0", "typepy==1.3.5", "urllib3==2.8.0", "word2number==1.1",
+           "xxhash==4.1.0", "yarl==1.25.1"]
 
 _TASK_YAML = """task: {name}
 dataset_path: json
