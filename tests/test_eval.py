@@ -1,7 +1,7 @@
 """Downstream evaluation (issue 13): task files, lm-eval's tokenisation, batched log-likelihoods,
 the built-in task, the evaluation in the training loop and `megamoe-eval`.
 
-One real run (1 rank, 200 steps of a tiny model, `next_line` scored at the end) is shared by the
+One real run (1 rank, 400 steps of a tiny model, `next_line` scored at the end) is shared by the
 tests that need a trained model; the parallel layouts are in tests/test_parallel_matrix.py.
 """
 
@@ -30,7 +30,7 @@ from runs import launch, metrics
 
 ITEMS = 120  # 30 groups of four: chance is 0.25 ± 0.04
 TRAINED = ["model.max_seq_len=64", "data.seq_length=64", "model.d_model=64", "train.micro_batch_size=8",
-           "optim.warmup_steps=20", "train.steps=200", "train.eval_interval=200", "train.eval_tasks=[next_line]",
+           "optim.warmup_steps=20", "train.steps=400", "train.eval_interval=400", "train.eval_tasks=[next_line]",
            f"train.eval_limit={ITEMS}", "run.tensorboard=true"]
 
 
@@ -201,7 +201,7 @@ def test_the_loop_logs_each_task_to_metrics_console_and_tensorboard(trained):
     run, stdout = trained
     last = metrics(run)[-1]
     offline = evaluate(run, ["next_line"], limit=ITEMS, batch_size=8)["tasks"]["next_line"]
-    assert last["step"] == 200 and last["task/next_line/acc"] == offline["acc"]
+    assert last["step"] == 400 and last["task/next_line/acc"] == offline["acc"]
     assert last["task/next_line/acc_norm"] == offline["acc_norm"]
     last_step_line = [line for line in stdout.splitlines() if line.startswith("step ")][-1]
     assert f"next_line/acc {offline['acc']:.3f}" in last_step_line
@@ -226,7 +226,7 @@ def test_cli_writes_a_json_result_and_refuses_to_overwrite(trained, tmp_path, ca
                  "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == result
-    assert result["step"] == 200 and set(result["tasks"]) == {"next_line", "next_line_mc"}
+    assert result["step"] == 400 and set(result["tasks"]) == {"next_line", "next_line_mc"}
     assert "acc_norm" not in result["tasks"]["next_line_mc"] and result["tasks"]["next_line"]["items"] == 8
     assert [len(s["logliks"]) for s in result["tasks"]["next_line"]["samples"]] == [4] * 8
     with pytest.raises(SystemExit):
