@@ -66,6 +66,13 @@ def timed(fn, warmup=3, reps=10) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def copy_bandwidth(numel: int) -> float:
+    """HBM bandwidth as a large device-to-device copy achieves it (bytes read + written, per s)."""
+    src = torch.randn(numel, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * numel * 4 / (timed(lambda: dst.copy_(src)) / 1e3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=2)
@@ -74,12 +81,7 @@ def main() -> None:
 
     shapes = LAYER * args.layers
     n = sum(math.prod(s) for s in shapes)
-    # HBM bandwidth as a large device-to-device copy achieves it (bytes read + written).
-    src = torch.randn(n // 2, device="cuda")
-    dst = torch.empty_like(src)
-    copy_ms = timed(lambda: dst.copy_(src))
-    bw = 2 * src.numel() * 4 / (copy_ms / 1e3)
-    del src, dst
+    bw = copy_bandwidth(n // 2)
     rows = []
 
     params = [torch.nn.Parameter(torch.randn(s, device="cuda") * 0.02) for s in shapes]
@@ -90,9 +92,10 @@ def main() -> None:
         p.grad = torch.randn_like(p) * 1e-3
     ms = timed(opt.step)
     rows.append(("megamoe AdamW: bf16 weights + fp32 masters (norm, clip, fused pass)", ms, 28))
-    norm_ms = timed(lambda: torch._foreach_norm([p.grad for p in params], 2, dtype=torch.float32))
+    grads = [p.grad for p in params]
+    norm_ms = timed(lambda: torch._foreach_norm(grads, 2, dtype=torch.float32))
     rows.append(("  of which the gradient norm (multi-tensor)", norm_ms, 2))
-    del opt, params
+    del opt, params, grads
 
     params = [torch.nn.Parameter(torch.randn(s, device="cuda") * 0.02) for s in shapes]
     for p in params:
