@@ -40,13 +40,14 @@ def sort_index_add(layer: MoELayer):
 
 def deepspeed_layer(layer: MoELayer, d: int, E: int, k: int, F_: int, capacity_factor: float | None):
     """`moe.backend: deepspeed` (megamoe.moe.deepspeed_backend) holding `layer`'s weights."""
+    from megamoe.deepspeed_adapter import gate_weight, local_experts
     from megamoe.moe.deepspeed_backend import DeepSpeedMoE
     p = layer.experts.w1
     with torch.device(p.device), default_dtype(p.dtype):
         ds = DeepSpeedMoE(d, E, k, F_, capacity_factor, layer.lb_loss_weight)
     with torch.no_grad():
-        ds.moe.deepspeed_moe.gate.wg.weight.copy_(layer.router.weight)
-        for e, expert in enumerate(ds.moe.deepspeed_moe.experts.deepspeed_experts):
+        gate_weight(ds.moe).copy_(layer.router.weight)
+        for e, expert in enumerate(local_experts(ds.moe)):
             expert.w1.copy_(layer.experts.w1[e])
             expert.w2.copy_(layer.experts.w2[e])
     return ds

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
+from ..deepspeed_adapter import link_fragments, partitioned
 from ..parallel.sharding import shards
 from .files import (FORMAT, CheckpointError, ShardedReader, fsync_path, piece_box, read_meta, save_safetensors,
                     sha256, verify_file)
@@ -105,7 +106,7 @@ def _param_state(p: torch.nn.Parameter, optimizer, with_moments: bool) -> list[t
 
     Collective for DeepSpeed's ZeRO / bf16 optimizers (over p's data-parallel group).
     """
-    if hasattr(p, "_hp_mapping"):  # DeepSpeed keeps fp32 master + moments in flat partitions
+    if partitioned(p):  # DeepSpeed keeps fp32 master + moments in flat partitions
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
         found = [safe_get_full_fp32_param(p)]
         found += [safe_get_full_optimizer_state(p, k) for k in MOMENTS] if with_moments else []
@@ -164,8 +165,8 @@ def save_checkpoint(writer: CheckpointWriter, step: int, model: torch.nn.Module,
     r = state.rank
 
     opt_step = optimizer_step(optimizer)
-    if opt_step and hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
-        _link_fragments(optimizer)
+    if opt_step:
+        link_fragments(optimizer)
     weights, moments, cuts = {}, {}, {}
     host = _HostCopies()  # what training will change, copied before this returns
     for name, p in _named_params(model):
@@ -253,7 +254,7 @@ def _step_value(group: dict, like: torch.Tensor, step: int) -> torch.Tensor:
 
 def _prepare_optimizer_state(optimizer, params, step: int) -> None:
     """Create (or reset the step of) the Adam state that the loaded moments are written into."""
-    deepspeed = any(hasattr(p, "_hp_mapping") for p in params)
+    deepspeed = any(partitioned(p) for p in params)
     inner = optimizer.optimizer if deepspeed else optimizer
     for group in inner.param_groups:
         if "step" in group:  # apex FusedAdam counts steps per group
@@ -265,17 +266,7 @@ def _prepare_optimizer_state(optimizer, params, step: int) -> None:
             for k in MOMENTS:
                 st.setdefault(k, torch.zeros_like(hp, memory_format=torch.preserve_format))
     if deepspeed:
-        _link_fragments(optimizer)
-
-
-def _link_fragments(optimizer) -> None:
-    """Point every parameter's DeepSpeed fragment at its group's flat Adam moments.
-
-    DeepSpeed links them once, after stepping only the *first* parameter group, so the other
-    groups' fragments stay empty; relinking when all states exist fixes that.
-    """
-    optimizer._hp_optimizer_states_linked = False
-    optimizer._lazy_init_hp_params_optimizer_state()
+        link_fragments(optimizer)
 
 
 def _zero_moments(master: torch.Tensor) -> list[torch.Tensor]:
@@ -285,7 +276,7 @@ def _zero_moments(master: torch.Tensor) -> list[torch.Tensor]:
 def _set_param_state(p: torch.nn.Parameter, optimizer, master: torch.Tensor, moments: list) -> None:
     with torch.no_grad():
         p.copy_(master)
-    if hasattr(p, "_hp_mapping"):
+    if partitioned(p):
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
         safe_set_full_fp32_param(p, master)
         for k, t in zip(MOMENTS, moments):

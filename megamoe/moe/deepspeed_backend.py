@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..deepspeed_adapter import gate_weight, renumber_experts
 from .experts import SwiGLU
 from .router import z_loss
 
@@ -46,14 +47,12 @@ class DeepSpeedMoE(nn.Module):
     def shard_experts(self, ep_rank: int, ep_size: int) -> None:
         """Keep this EP rank's num_experts/ep_size experts, keyed by global expert index."""
         self.moe = self._build(ep_size)
-        experts = self.moe.deepspeed_moe.experts.deepspeed_experts  # nn.ModuleList, iterated in order
-        first = ep_rank * self.moe.num_local_experts
-        experts._modules = {str(first + i): m for i, m in enumerate(experts._modules.values())}
+        renumber_experts(self.moe, ep_rank * self.moe.num_local_experts)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y, l_aux, exp_counts = self.moe(x)  # x, y: [B, S, d]; exp_counts: [E] top-k picks before dropping
         with torch.no_grad():  # the gate's logits are internal to TopKGate: recompute them for the z-loss
-            logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.moe.deepspeed_moe.gate.wg.weight.float())
+            logits = F.linear(x.reshape(-1, x.shape[-1]).float(), gate_weight(self.moe).float())
             self.stats = {"lb_loss": l_aux.detach().float(), "z_loss": z_loss(logits),
                           "expert_load": exp_counts.detach()}
         return y, self.lb_loss_weight * l_aux
@@ -69,7 +68,8 @@ def build_deepspeed_moe(cfg) -> DeepSpeedMoE:
 
 def apply_expert_parallel(model: nn.Module, state) -> nn.Module:
     """Cut every DeepSpeed-MoE layer to this EP rank's experts (before `init_weights`).
-    DeepSpeed finds the groups registered under `state.expert_group_name` (ep_size_N)."""
+    DeepSpeed-MoE looks its groups up by name (ep_size_N), under which `deepspeed_adapter.initialize`
+    registers ours."""
     for layer in [m for m in model.modules() if isinstance(m, DeepSpeedMoE)]:
         layer.shard_experts(state.ep_rank, state.ep)
     return model

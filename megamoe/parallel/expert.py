@@ -8,6 +8,7 @@ reduces their gradients over expert-data-parallel ranks only; dense parameters o
 
 from torch import nn
 
+from ..deepspeed_adapter import expert_group_name
 from ..moe.dispatch import Dispatcher
 from ..moe.layer import MoELayer
 from .mappings import sum_grad_over
@@ -30,5 +31,5 @@ def apply_expert_parallel(model: nn.Module, state: ParallelState) -> nn.Module:
             moe.dispatcher = Dispatcher(num_experts, state.ep_group)
         for param in moe.experts.parameters():
             param.allreduce = False
-            param.group_name = state.expert_group_name
+            param.group_name = expert_group_name(state.ep)
     return model

@@ -4,7 +4,7 @@ Rank layout (tensor fastest, then data, then pipeline, as Megatron):
     rank = pp_rank · (dp · tp) + dp_rank · tp + tp_rank
 Experts are sharded over EP groups taken inside data parallelism: dp_rank = edp_rank · ep + ep_rank,
 so an EP group is `ep` consecutive DP ranks and expert-data-parallel (EDP) links the ranks
-holding the same experts. The object also serves as DeepSpeed's `mpu`.
+holding the same experts. DeepSpeed sees these groups through `megamoe.deepspeed_adapter`.
 """
 
 from dataclasses import dataclass
@@ -72,54 +72,6 @@ class ParallelState:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
-    @property
-    def expert_group_name(self) -> str:
-        return f"ep_size_{self.ep}"
-
-    def register_with_deepspeed(self) -> None:
-        """Hand DeepSpeed our expert groups so ZeRO reduces expert grads over EDP only."""
-        from deepspeed.utils import groups
-        groups._EXPERT_PARALLEL_GROUP[self.expert_group_name] = self.ep_group or dist.group.WORLD
-        groups._EXPERT_DATA_PARALLEL_GROUP[self.expert_group_name] = self.edp_group or dist.group.WORLD
-        groups.mpu = self
-
     def describe(self) -> str:
         return (f"world {self.world_size} = pp {self.pp} × dp {self.dp} × tp {self.tp}; "
                 f"ep {self.ep} (expert-dp {self.edp})")
-
-    # DeepSpeed's mpu interface ----------------------------------------------------------
-    def get_data_parallel_group(self):
-        return self.dp_group or dist.group.WORLD
-
-    def get_data_parallel_rank(self):
-        return self.dp_rank
-
-    def get_data_parallel_world_size(self):
-        return self.dp
-
-    def get_model_parallel_group(self):
-        return self.mp_group
-
-    def get_model_parallel_rank(self):
-        return self.pp_rank * self.tp + self.tp_rank
-
-    def get_model_parallel_world_size(self):
-        return self.tp * self.pp
-
-    def get_tensor_model_parallel_group(self):
-        return self.tp_group
-
-    def get_tensor_model_parallel_rank(self):
-        return self.tp_rank
-
-    def get_tensor_model_parallel_world_size(self):
-        return self.tp
-
-    def get_pipeline_model_parallel_group(self):
-        return self.pp_group
-
-    def get_pipeline_model_parallel_rank(self):
-        return self.pp_rank
-
-    def get_pipeline_model_parallel_world_size(self):
-        return self.pp

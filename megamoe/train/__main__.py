@@ -20,6 +20,7 @@ warnings.filterwarnings("ignore", message=r"barrier\(\): using the device under 
 
 from ..checkpoint.io import CheckpointError
 from ..config import ConfigError, load_config, presets
+from ..deepspeed_adapter import DeepSpeedVersionError
 from ..distributed import LaunchError, collective_failure
 from .loop import DivergenceError
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"`megamoe-generate {trainer.run_dir} --prompt TEXT`)", flush=True)
         _shutdown(clean=True)
         return code
-    except (ConfigError, LaunchError, CheckpointError, DivergenceError) as e:
+    except (ConfigError, LaunchError, CheckpointError, DeepSpeedVersionError, DivergenceError) as e:
         print(f"megamoe: error: {e}", file=sys.stderr, flush=True)
         _shutdown(clean=False)
         return 3 if isinstance(e, DivergenceError) else 2

@@ -12,6 +12,7 @@ import os
 import torch
 from torch import nn
 
+from .. import deepspeed_adapter
 from ..config import Config
 from ..model.olmoe import OLMoE, init_weights
 from ..parallel.state import ParallelState
@@ -148,47 +149,16 @@ def deepspeed_config(cfg: Config, state: ParallelState, dtype: torch.dtype) -> d
     return config
 
 
-def _mark_moe_for_deepspeed(model: nn.Module, state: ParallelState) -> None:
-    """DeepSpeed handles expert params (EDP reduction, ZeRO partitioning) only when it finds a
-    `deepspeed.moe.layer.MoE` module; our MoE layers are our own, so attach a parameter-free
-    marker of that type carrying the expert-group name."""
-    from deepspeed.moe.layer import MoE
-
-    class _ExpertGroupMarker(MoE):
-        def __init__(self, num_experts: int, ep_size: int):
-            nn.Module.__init__(self)
-            self.num_experts, self.ep_size = num_experts, ep_size
-            self.num_local_experts = num_experts // ep_size
-            self.expert_group_name = f"ep_size_{ep_size}"
-
-        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-            pass  # our groups are registered by ParallelState.register_with_deepspeed
-
-        def forward(self, *args):
-            raise RuntimeError("marker module only")
-
-    model.deepspeed_moe_marker = _ExpertGroupMarker(model.cfg.moe.num_experts, state.ep)
-
-
 def build_engine(cfg: Config, state: ParallelState, model: nn.Module, device: torch.device):
-    """deepspeed.initialize over our model, optimizer and process groups."""
-    import deepspeed
-
+    """The DeepSpeed engine over our model, optimizer and process groups."""
     dtype = resolve_dtype(cfg, device)
     model.to(device)
-    if state.ep > 1:
-        state.register_with_deepspeed()
-        if cfg.moe.backend != "deepspeed":  # DeepSpeed finds its own MoE modules
-            _mark_moe_for_deepspeed(model, state)
     optimizer = build_optimizer(cfg, model, state, device)  # fp32 masters from the fp32 init
     if dtype != torch.float32 and cfg.parallel.zero_stage == 0:  # DeepSpeed casts under ZeRO 1/2
         for p in model.parameters():
             p.data = p.data.to(dtype)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           mpu=state if state.world_size > 1 else None,
-                                           config=deepspeed_config(cfg, state, dtype))
-    if cfg.parallel.zero_stage == 0 and state.dp == 1:
-        # No replica to average gradients with; DeepSpeed would still flatten every gradient into
-        # buckets, convert them to fp32 and copy them back (22 ms a step on one H100, 8 layers).
-        engine.enable_backward_allreduce = False
-    return engine
+    if state.ep > 1 and cfg.moe.backend != "deepspeed":  # DeepSpeed finds its own MoE modules
+        deepspeed_adapter.mark_moe(model, cfg.moe.num_experts, state.ep)
+    # ZeRO 0 on one DP rank: no replica to average gradients with
+    return deepspeed_adapter.initialize(model, optimizer, state, deepspeed_config(cfg, state, dtype),
+                                        allreduce_gradients=cfg.parallel.zero_stage > 0 or state.dp > 1)

@@ -19,6 +19,7 @@ the difference between 236 ms and the memory-traffic bound of the update (docs/p
 import torch
 import torch.distributed as dist
 
+from ..deepspeed_adapter import report_grad_norm
 from ..parallel import comm
 from ..parallel.sharding import shards
 from . import fused_adamw
@@ -59,7 +60,7 @@ class AdamW(torch.optim.Optimizer):
         over the fp32 initialisation, then cast the parameters to bf16)."""
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0))
         self.parallel_state, self.max_norm, self.master_weights = parallel_state, max_norm, master_weights
-        self._global_grad_norm: float | None = None  # the engine reports it (get_global_grad_norm)
+        report_grad_norm(self, None)  # the engine's get_global_grad_norm()
         self.overflow = False  # the last step was skipped (the engine counts skipped_steps)
         self.also_finite: torch.Tensor | None = None  # e.g. the step's loss: must be finite too
         for group in self.param_groups:
@@ -105,7 +106,8 @@ class AdamW(torch.optim.Optimizer):
         # Every rank must take the same decision: a loss is local to its data-parallel rank.
         bad = comm.all_reduce((~torch.isfinite(check)).double().reshape(1), op=dist.ReduceOp.MAX)
         norm_value, ok = float(norm), not bool(bad)  # the step's host reads
-        self._global_grad_norm, self.overflow, self.also_finite = norm_value, not ok, None
+        self.overflow, self.also_finite = not ok, None
+        report_grad_norm(self, norm_value)
         if not ok:
             return
         scale = min(1.0, self.max_norm / (norm_value + 1e-6)) if self.max_norm > 0 else 1.0
