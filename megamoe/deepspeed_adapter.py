@@ -27,9 +27,10 @@ a swap of engine, checks the touch-points below; where one is gone, the run stop
   `MoE.deepspeed_moe.gate.wg` (`local_experts`, `renumber_experts`, `gate_weight`): the module
   tree inside DeepSpeed-MoE's layer, for `moe.backend: deepspeed`.
 
-Public DeepSpeed API (`deepspeed.initialize`, `init_distributed`, `split_params_into_different_
-moe_groups_for_optimizer`, `safe_get/set_full_*`, the engine's `backward`/`step`/`optimizer`/
-`get_global_grad_norm`, the `overflow` flag it reads from an optimizer) is used where it is needed.
+Public DeepSpeed API is used where it is needed: `deepspeed.initialize`, `init_distributed`,
+`split_params_into_different_moe_groups_for_optimizer`, `safe_get/set_full_*`, the engine's
+`backward`, `step`, `optimizer` and `get_global_grad_norm`, and the `overflow` flag it reads from
+an optimizer.
 The `mpu` getters (`Mpu`) are DeepSpeed's Megatron-style interface. They live here so that
 `ParallelState` holds process groups only.
 """

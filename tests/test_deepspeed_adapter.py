@@ -6,7 +6,6 @@ import tomllib
 
 import pytest
 
-import megamoe.train.engine  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
 from megamoe import deepspeed_adapter
 from megamoe.parallel.state import ParallelState
 from runs import REPO
