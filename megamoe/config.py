@@ -92,6 +92,7 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | wsd | constant
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # wsd: share of steps spent in the final decay
+    offload: str = "none"  # none | cpu: fp32 masters and Adam moments in host memory, updated there
 
 
 @dataclass
@@ -274,6 +275,10 @@ class Config:
         _choice("parallel.activation_checkpointing", p.activation_checkpointing,
                 ("none", "full", "selective"))
         _choice("parallel.zero_stage", p.zero_stage, (0, 1, 2))
+        _choice("optim.offload", o.offload, ("none", "cpu"))
+        _require(o.offload == "none" or p.zero_stage == 0, "optim.offload",
+                 f"the host-memory optimizer is megamoe's own, used with parallel.zero_stage=0; "
+                 f"set parallel.zero_stage=0 (got {p.zero_stage}) or optim.offload=none")
         # Layout vs model (checked before any process group exists).
         _require(m.n_heads % p.tensor == 0, "parallel.tensor",
                  f"n_heads={m.n_heads} is not divisible by tensor={p.tensor}")

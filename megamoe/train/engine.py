@@ -111,7 +111,7 @@ def build_optimizer(cfg: Config, model: nn.Module, state: ParallelState,
     if cfg.parallel.zero_stage == 0:
         from .optimizer import AdamW
         return AdamW(groups, state, max_norm=o.grad_clip, master_weights=resolve_dtype(cfg, device) != torch.float32,
-                     **kwargs)
+                     offload=o.offload == "cpu", **kwargs)
     if device.type == "cuda":
         try:
             from apex.optimizers import FusedAdam
