@@ -60,6 +60,10 @@ class MoEConfig:
     router_dtype: str = "model"  # model (the training dtype) | fp32: router logits in fp32
     #                              (moe.backend=deepspeed: always fp32, its gate's own choice)
     backend: str = "megamoe"  # megamoe (own dispatch, grouped GEMM) | deepspeed (deepspeed.moe)
+    # model (the training dtype) | fp8: the expert GEMMs' forward and input-gradient products in
+    # float8 e4m3 with rowwise power-of-two scales (torch._scaled_grouped_mm on Hopper+); weight
+    # gradients stay in the training dtype
+    expert_precision: str = "model"
 
     def dense_width(self) -> int:
         """FFN width of a dense layer: the dense model's ffn_hidden, or a MoE model's dense_ffn_hidden
@@ -215,6 +219,13 @@ class Config:
         _choice("moe.backend", moe.backend, ("megamoe", "deepspeed"))
         _choice("moe.lb_loss_scope", moe.lb_loss_scope, ("micro_batch", "global_batch", "sequence"))
         _choice("moe.router_dtype", moe.router_dtype, ("model", "fp32"))
+        _choice("moe.expert_precision", moe.expert_precision, ("model", "fp8"))
+        if moe.expert_precision == "fp8":
+            _require(moe.backend == "megamoe", "moe.expert_precision",
+                     "fp8 expert GEMMs are megamoe's own; set moe.backend=megamoe")
+            _require(m.d_model % 16 == 0 and moe.ffn_hidden % 16 == 0, "moe.expert_precision",
+                     f"fp8 GEMMs need d_model and moe.ffn_hidden divisible by 16 "
+                     f"(got {m.d_model}, {moe.ffn_hidden}); change them or use moe.expert_precision=model")
         if moe.backend == "deepspeed":
             _require(moe.routing == "token_choice", "moe.routing",
                      "expert choice is not available with moe.backend=deepspeed; use moe.backend=megamoe")

@@ -35,7 +35,7 @@ class Block(nn.Module):
             self.ffn = MoELayer(m.d_model, moe.num_experts, moe.top_k, moe.ffn_hidden, moe.routing,
                                 moe.capacity_factor, moe.norm_topk_prob, moe.num_shared_experts,
                                 moe.lb_loss_weight, moe.z_loss_weight, moe.lb_loss_scope,
-                                moe.bias_update_rate > 0, moe.router_dtype)
+                                moe.bias_update_rate > 0, moe.router_dtype, moe.expert_precision)
 
     def forward(self, h: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """h: [B, S, d] -> (h, this block's weighted MoE auxiliary loss)."""
