@@ -23,6 +23,7 @@ from common import (build_hf_like, build_megamoe, env_info, matmul_ceiling_tflop
 from megamoe.model.flops import flops_per_token
 from megamoe.model.compile import apply_compile
 from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig
+from megamoe.moe.experts import SwiGLUExperts
 
 
 def tiny_config() -> Config:
@@ -125,7 +126,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--systems", default="megamoe,megamoe-compile,megamoe-compile-cudagraphs,hf-grouped_mm",
-                    help="comma list of megamoe, megamoe-compile, megamoe-compile-cudagraphs, hf-grouped_mm, "
+                    help="comma list of megamoe, megamoe-compile, megamoe-compile-fp8 (moe.expert_precision=fp8), "
+                         "megamoe-compile-cudagraphs, hf-grouped_mm, "
                          "hf-eager")
     ap.add_argument("--profile", action="store_true", help="kernel-time tables of the megamoe variants")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU in fp32: checks the script runs")
@@ -157,9 +159,13 @@ def main():
         logits["megamoe"] = logits_of(ours, check, hf=False)
         if args.profile:
             profile(ours, cfg, args, device, os.path.join(out_dir(), "profile_megamoe.txt"))
-    for name, mode in (("megamoe-compile", None), ("megamoe-compile-cudagraphs", "reduce-overhead")):
+    for name, mode in (("megamoe-compile", None), ("megamoe-compile-fp8", None),
+                       ("megamoe-compile-cudagraphs", "reduce-overhead")):
         if name not in systems or device.type != "cuda":
             continue
+        for m in ours.modules():  # moe.expert_precision: fp8 for this variant only
+            if isinstance(m, SwiGLUExperts):
+                m.fp8 = name.endswith("fp8")
         apply_compile(ours, mode)
         make_step = (lambda m, d: megamoe_step(m, d, cuda_graphs=True)) if mode else megamoe_step
         t0 = time.perf_counter()
