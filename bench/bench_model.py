@@ -17,6 +17,7 @@ import sys
 import time
 
 import torch
+import yaml
 
 from common import (build_hf_like, build_megamoe, env_info, matmul_ceiling_tflops,
                     out_dir, summary, sync, time_ms)
@@ -131,6 +132,8 @@ def main():
                          "hf-eager")
     ap.add_argument("--profile", action="store_true", help="kernel-time tables of the megamoe variants")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU in fp32: checks the script runs")
+    ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                    help="change the OLMoE-1B-7B model, e.g. model.d_model=512 moe.num_experts=0")
     args = ap.parse_args()
 
     if args.cpu_smoke:
@@ -138,6 +141,12 @@ def main():
         args.seq, args.mb, args.warmup, args.iters = 32, [1, 2], 1, 2
     else:
         device, dtype, cfg = torch.device("cuda"), torch.bfloat16, Config.olmoe_1b_7b()
+        for item in args.set:
+            key, value = item.split("=", 1)
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, yaml.safe_load(value))
+        cfg.data.seq_length = cfg.model.max_seq_len = max(args.seq, cfg.model.max_seq_len)
+        cfg.validate()
         torch._dynamo.config.cache_size_limit = 64
         torch._dynamo.config.automatic_dynamic_shapes = False  # static graphs per micro-batch size
     systems = args.systems.split(",")
