@@ -112,6 +112,15 @@ def test_offloaded_optimizer_steps_like_the_in_place_one(monkeypatch, dtype):
     assert opts[1].steps_taken() == 4
 
 
+def test_offloaded_state_is_checkpointed_where_it_lives():
+    """A save snapshots host tensors by cloning them, unless they are the host-offloaded optimizer's
+    (then the save waits for the write): OLMoE-1B-7B's 83 GB of host state is not doubled."""
+    from megamoe.checkpoint.io import _HostCopies
+    t = torch.randn(4, 3)
+    assert _HostCopies(in_place=True)("k", t).data_ptr() == t.data_ptr()
+    assert _HostCopies()("k", t).data_ptr() != t.data_ptr()
+
+
 @pytest.mark.parametrize("poison", ["grad_nan", "grad_inf", "loss_nan"])
 def test_non_finite_step_changes_nothing(poison):
     params = _params(torch.bfloat16)
