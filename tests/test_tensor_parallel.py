@@ -17,7 +17,7 @@ from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig
 from megamoe.model.olmoe import OLMoE, init_weights
 from megamoe.parallel import mappings
 from megamoe.parallel.expert import apply_expert_parallel
-from megamoe.parallel.sharding import local_slice, mark_shard, shards
+from megamoe.sharding import local_slice, mark_shard, shards
 from megamoe.parallel.state import ParallelState
 from megamoe.parallel.tensor import apply_tensor_parallel
 

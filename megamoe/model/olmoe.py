@@ -5,6 +5,7 @@ pre-norm blocks of attention (QK-norm, RoPE) and a MoE FFN, a final RMSNorm and 
 untied LM head. Parallel layouts are applied afterwards by `megamoe.parallel` functions.
 """
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 from ..config import Config
 from ..moe.experts import SwiGLU
 from ..moe.layer import MoELayer
+from ..sharding import full_shape, local_slice
 from .attention import Attention
 from .norm import RMSNorm
 from .rope import rope_cos_sin
@@ -115,10 +117,8 @@ class OLMoE(nn.Module):
 
 def init_weights(model: nn.Module, std: float, seed: int) -> None:
     """Layout-independent init: every parameter is drawn whole from a generator seeded by its
-    name, then cut to this rank's shard (see `megamoe.parallel.sharding`), so any layout starts
+    name, then cut to this rank's shard (see `megamoe.sharding`), so any layout starts
     from the same weights as one rank."""
-    from ..parallel.sharding import full_shape, local_slice
-    import zlib
     for name, p in model.named_parameters():
         g = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
         if name.endswith("norm.weight"):

@@ -11,7 +11,7 @@ from torch import nn
 from ..moe.dispatch import Dispatcher
 from ..moe.layer import MoELayer
 from .mappings import sum_grad_over
-from .sharding import shard_parameter
+from ..sharding import shard_parameter
 from .state import ParallelState
 
 
