@@ -57,7 +57,7 @@ def build_model(cfg: Config, state: ParallelState) -> OLMoE:
         apply_global_load_balancing(model, state)
     init_weights(model, cfg.model.init_std, cfg.train.seed)
     if cfg.parallel.activation_checkpointing != "none":
-        from ..parallel.checkpointing import apply_activation_checkpointing
+        from ..parallel.activation_checkpointing import apply_activation_checkpointing
         apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
     if cfg.train.compile:
         if resolve_device(cfg).type == "cuda":
