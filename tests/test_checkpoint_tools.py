@@ -23,7 +23,7 @@ from megamoe.checkpoint.reshard import reshard
 from megamoe.checkpoint.upcycle import upcycle
 from megamoe.config import ConfigError, load_config
 from megamoe.model.olmoe import OLMoE, init_weights
-from megamoe.train.sample import load_model, tokenizer_for
+from megamoe.inference.load import load_model, tokenizer_for
 from pip_cache import pip_target
 from runs import TINY, launch, metrics
 

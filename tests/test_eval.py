@@ -23,7 +23,7 @@ from megamoe.eval.score import encode_pair, is_greedy, make_window, model_forwar
 from megamoe.eval.tasks import Item, Task, TaskError, letter_format, load_task
 from megamoe.eval.training import TrainingEvaluator
 from megamoe.model.olmoe import OLMoE, init_weights
-from megamoe.train.sample import load_model, tokenizer_for
+from megamoe.inference.load import load_model, tokenizer_for
 from distributed import run_ranks
 from pip_cache import pip_target
 from runs import launch, metrics

@@ -168,7 +168,7 @@ def test_generate_tool_samples_greedily_from_the_checkpoint(reference):
     import subprocess
     import sys
 
-    from megamoe.train.sample import load_model, tokenizer_for
+    from megamoe.inference.load import load_model, tokenizer_for
     model, _ = load_model(reference)
     tok = tokenizer_for(model.cfg)
     ids = tok.encode("def ")

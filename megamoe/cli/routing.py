@@ -20,7 +20,7 @@ from pathlib import Path
 from ..analysis import paper
 from ..analysis.routing import domain_batches, format_report, indexed_batches, jsonl_domain_batches, report
 from ..checkpoint.io import CheckpointError, latest_checkpoint
-from ..train.sample import load_model, tokenizer_for
+from ..inference.load import load_model, tokenizer_for
 
 
 def fail(message: str) -> int:

@@ -43,7 +43,7 @@ def evaluate(checkpoint: Path, specs: list[str], limit: int | None = None, batch
              device: str = "auto", samples: bool = False, progress: bool = False) -> dict:
     """{"checkpoint", "step", "tasks": {name: {metrics, "items"[, "samples"]}}} (Evaluator.results).
     Tasks are read first, so a bad task file fails before the model loads."""
-    from ..train.sample import load_model, tokenizer_for
+    from ..inference.load import load_model, tokenizer_for
 
     tasks = [load_task(spec, limit) for spec in specs]
     step_dir = resolve(checkpoint)

@@ -1,6 +1,10 @@
 """Sampling text from a model (no KV cache: meant for the small models of quick checks)."""
 
+from pathlib import Path
+
 import torch
+
+from .load import load_model, tokenizer_for
 
 
 @torch.no_grad()
@@ -24,3 +28,9 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48, temperatur
             break
         tokens = torch.cat([tokens, torch.tensor([[nxt]], device=device)], dim=1)
     return tokenizer.decode(tokens[0, len(ids):].tolist())
+
+
+def sample_from_checkpoint(path: Path, prompt: str, max_new_tokens: int, **kwargs) -> str:
+    """The continuation of `prompt` by the latest (or a given) checkpoint of a run, on one process."""
+    model, _ = load_model(path)
+    return generate(model, tokenizer_for(model.cfg), prompt, max_new_tokens, **kwargs)

@@ -1,15 +1,12 @@
-"""Load the latest (or a given) checkpoint of a run into one process and sample from it."""
+"""The latest (or a given) checkpoint of a run as a plain 1-rank model, and its tokenizer."""
 
 from pathlib import Path
-
-import torch
 
 from ..checkpoint.canonical import load_canonical
 from ..checkpoint.io import CheckpointError, latest_checkpoint
 from ..config import from_dict
 from ..data.dataset import data_sources
 from ..data.tokenizer import load_tokenizer
-from ..generate import generate
 from ..model.olmoe import OLMoE
 
 
@@ -30,10 +27,5 @@ def load_model(path: Path, device: str = "cpu") -> tuple[OLMoE, dict]:
 
 
 def tokenizer_for(cfg):
+    """The tokenizer of the run `cfg` describes (its datasets' or the embedded corpus's)."""
     return load_tokenizer(data_sources(cfg.data, cfg.model.vocab_size)[1])
-
-
-@torch.no_grad()
-def sample_from_checkpoint(path: Path, prompt: str, max_new_tokens: int, **kwargs) -> str:
-    model, _ = load_model(path)
-    return generate(model, tokenizer_for(model.cfg), prompt, max_new_tokens, **kwargs)
