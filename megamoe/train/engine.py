@@ -49,9 +49,6 @@ def build_model(cfg: Config, state: ParallelState) -> OLMoE:
     if state.ep > 1:
         from ..parallel.expert import apply_expert_parallel
         apply_expert_parallel(model, state)
-        if cfg.moe.backend == "deepspeed":
-            from ..moe import deepspeed_backend
-            deepspeed_backend.apply_expert_parallel(model, state)
     if cfg.moe.lb_loss_scope == "global_batch" and state.dp > 1:
         from ..parallel.balance import apply_global_load_balancing
         apply_global_load_balancing(model, state)
