@@ -19,7 +19,8 @@ from pathlib import Path
 
 from ..analysis import paper
 from ..analysis.routing import domain_batches, format_report, indexed_batches, jsonl_domain_batches, report
-from ..checkpoint.io import CheckpointError, latest_checkpoint
+from ..checkpoint.canonical import resolve
+from ..checkpoint.io import CheckpointError
 from ..inference.load import load_model, tokenizer_for
 
 
@@ -112,9 +113,8 @@ def write_plots(args, model, domains, choices, rep, tok, layers) -> None:
                          "expert", "", out / "vocabulary_specialisation.png", vmax=1)
 
     if args.checkpoints == "all":
-        root = args.checkpoint / "checkpoints"
-        final = latest_checkpoint(root)
-        steps = sorted(d for d in root.glob("step_*") if d.is_dir())
+        final = resolve(args.checkpoint)
+        steps = sorted(d for d in final.parent.glob("step_*") if d.is_dir())
         batches = [b for bs in domains.values() for b in bs]
         final_choices = paper.record_choices(model, batches, not args.no_progress, desc=final.name)[1]
         curve = []

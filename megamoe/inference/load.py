@@ -3,7 +3,6 @@
 from pathlib import Path
 
 from ..checkpoint.canonical import load_canonical
-from ..checkpoint.io import CheckpointError, latest_checkpoint
 from ..config import from_dict
 from ..data.dataset import data_sources
 from ..data.tokenizer import load_tokenizer
@@ -12,12 +11,6 @@ from ..model.olmoe import OLMoE
 
 def load_model(path: Path, device: str = "cpu") -> tuple[OLMoE, dict]:
     """A 1-rank model holding the full weights of checkpoint `path` (run dir or step dir)."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        found = latest_checkpoint(path / "checkpoints")
-        if found is None:
-            raise CheckpointError(f"{path} has no checkpoint yet (no checkpoints/latest)")
-        path = found
     tensors, meta = load_canonical(path)
     cfg = from_dict(meta["config"])
     cfg.parallel.tensor = cfg.parallel.pipeline = cfg.parallel.expert = 1
