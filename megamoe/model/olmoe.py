@@ -120,10 +120,14 @@ def init_weights(model: nn.Module, std: float, seed: int) -> None:
     name, then cut to this rank's shard (see `megamoe.sharding`), so any layout starts
     from the same weights as one rank."""
     for name, p in model.named_parameters():
-        g = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-        if name.endswith("norm.weight"):
-            full = torch.ones(full_shape(p))
-        else:
-            full = torch.randn(full_shape(p), generator=g) * std
         with torch.no_grad():
-            p.copy_(local_slice(p, full).to(p.dtype))
+            p.copy_(local_slice(p, initial_value(name, full_shape(p), std, seed)).to(p.dtype))
+
+
+def initial_value(name: str, shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
+    """The full initial tensor of parameter `name`: ones for a norm's weight, else N(0, std²)
+    drawn on the CPU from a generator seeded by (`seed`, `name`)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    g = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return torch.randn(shape, generator=g) * std
