@@ -169,8 +169,8 @@ def test_generate_tool_samples_greedily_from_the_checkpoint(reference):
     import sys
 
     from megamoe.inference.load import load_model, tokenizer_for
-    model, _ = load_model(reference)
-    tok = tokenizer_for(model.cfg)
+    model, cfg = load_model(reference)
+    tok = tokenizer_for(cfg)
     ids = tok.encode("def ")
     for _ in range(5):
         with torch.no_grad():

@@ -49,10 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoints == "all" and not (args.checkpoint / "checkpoints").is_dir():
         return fail(f"--checkpoints all needs a run directory; {args.checkpoint} has no checkpoints/")
     try:
-        model, _ = load_model(args.checkpoint)
+        model, cfg = load_model(args.checkpoint)
     except CheckpointError as e:
         return fail(str(e))
-    cfg = model.cfg
     if not cfg.moe.num_experts:
         return fail("this checkpoint is a dense model (moe.num_experts=0)")
     if cfg.moe.routing != "token_choice":
@@ -86,7 +85,7 @@ def write_plots(args, model, domains, choices, rep, tok, layers) -> None:
     import torch
 
     from ..analysis import plots
-    out, E = args.plots, model.cfg.moe.num_experts
+    out, E = args.plots, model.moe_cfg.num_experts
     out.mkdir(parents=True, exist_ok=True)
 
     def save(name: str, data) -> None:

@@ -60,9 +60,8 @@ class DeepSpeedMoE(nn.Module):
         return y, self.lb_loss_weight * l_aux
 
 
-def build_deepspeed_moe(cfg) -> DeepSpeedMoE:
-    """The Block FFN for `moe.backend: deepspeed` (see the module docstring for what differs;
-    `Config.validate` refuses the options it lacks)."""
-    moe = cfg.moe
-    return DeepSpeedMoE(cfg.model.d_model, moe.num_experts, moe.top_k, moe.ffn_hidden,
-                        moe.capacity_factor, moe.lb_loss_weight)
+def build_deepspeed_moe(d_model: int, moe) -> DeepSpeedMoE:
+    """The Block FFN for `moe.backend: deepspeed` (`moe`: a MoEConfig; see the module docstring
+    for what differs; `Config.validate` refuses the options it lacks)."""
+    return DeepSpeedMoE(d_model, moe.num_experts, moe.top_k, moe.ffn_hidden, moe.capacity_factor,
+                        moe.lb_loss_weight)

@@ -39,7 +39,7 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 def build_model(cfg: Config, state: ParallelState) -> OLMoE:
     """The plain model, cut to this rank's layout and initialised like the 1-rank model."""
-    model = OLMoE(cfg)
+    model = cfg.model.build(cfg.moe)
     if state.pp > 1:
         from ..parallel.pipeline import apply_pipeline
         apply_pipeline(model, state, cfg.parallel.pipeline_layers)
@@ -164,7 +164,7 @@ def _mark_moe_for_deepspeed(model: nn.Module, state: ParallelState) -> None:
         def forward(self, *args):
             raise RuntimeError("marker module only")
 
-    model.deepspeed_moe_marker = _ExpertGroupMarker(model.cfg.moe.num_experts, state.ep)
+    model.deepspeed_moe_marker = _ExpertGroupMarker(model.moe_cfg.num_experts, state.ep)
 
 
 def build_engine(cfg: Config, state: ParallelState, model: nn.Module, device: torch.device):
