@@ -169,9 +169,9 @@ def test_generate_tool_samples_greedily_from_the_checkpoint(reference):
     import subprocess
     import sys
 
-    from megamoe.train.sample import load_model, tokenizer_for
-    model, _ = load_model(reference)
-    tok = tokenizer_for(model.cfg)
+    from megamoe.inference.load import load_model, tokenizer_for
+    model, cfg = load_model(reference)
+    tok = tokenizer_for(cfg)
     ids = tok.encode("def ")
     for _ in range(5):
         with torch.no_grad():

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from ..parallel.sharding import shards
+from ..sharding import full_shape, shards
 from .files import (FORMAT, CheckpointError, ShardedReader, fsync_path, piece_box, read_meta, save_safetensors,
                     sha256, verify_file)
 from .writer import LATEST, CheckpointWriter, newest_complete, recover, step_dir_name
@@ -238,7 +238,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, state) -> dic
 
 def _check_matches(path: Path, weights: ShardedReader, params: dict, state) -> None:
     """One clear error when the checkpoint's tensors do not fit this model."""
-    from ..parallel.sharding import full_shape
     missing = sorted(set(params) - set(weights.names()))
     extra = sorted(set(weights.names()) - set(params)) if state.pp == 1 else []
     if missing or extra:

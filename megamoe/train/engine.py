@@ -39,7 +39,7 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 def build_model(cfg: Config, state: ParallelState) -> OLMoE:
     """The plain model, cut to this rank's layout and initialised like the 1-rank model."""
-    model = OLMoE(cfg)
+    model = cfg.model.build(cfg.moe)
     if state.pp > 1:
         from ..parallel.pipeline import apply_pipeline
         apply_pipeline(model, state, cfg.parallel.pipeline_layers)
@@ -49,15 +49,12 @@ def build_model(cfg: Config, state: ParallelState) -> OLMoE:
     if state.ep > 1:
         from ..parallel.expert import apply_expert_parallel
         apply_expert_parallel(model, state)
-        if cfg.moe.backend == "deepspeed":
-            from ..moe import deepspeed_backend
-            deepspeed_backend.apply_expert_parallel(model, state)
     if cfg.moe.lb_loss_scope == "global_batch" and state.dp > 1:
         from ..parallel.balance import apply_global_load_balancing
         apply_global_load_balancing(model, state)
     init_weights(model, cfg.model.init_std, cfg.train.seed)
     if cfg.parallel.activation_checkpointing != "none":
-        from ..parallel.checkpointing import apply_activation_checkpointing
+        from ..parallel.activation_checkpointing import apply_activation_checkpointing
         apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
     if cfg.train.compile:
         if resolve_device(cfg).type == "cuda":
@@ -167,7 +164,7 @@ def _mark_moe_for_deepspeed(model: nn.Module, state: ParallelState) -> None:
         def forward(self, *args):
             raise RuntimeError("marker module only")
 
-    model.deepspeed_moe_marker = _ExpertGroupMarker(model.cfg.moe.num_experts, state.ep)
+    model.deepspeed_moe_marker = _ExpertGroupMarker(model.moe_cfg.num_experts, state.ep)
 
 
 def build_engine(cfg: Config, state: ParallelState, model: nn.Module, device: torch.device):

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..parallel import comm
-from ..parallel.sharding import shards
+from ..sharding import shards
 from . import fused_adamw
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
