@@ -17,12 +17,14 @@ import sys
 import time
 
 import torch
+import yaml
 
 from common import (build_hf_like, build_megamoe, env_info, matmul_ceiling_tflops,
                     out_dir, summary, sync, time_ms)
 from megamoe.model.flops import flops_per_token
 from megamoe.model.compile import apply_compile
 from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig
+from megamoe.moe.experts import SwiGLUExperts
 
 
 def tiny_config() -> Config:
@@ -125,10 +127,13 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--systems", default="megamoe,megamoe-compile,megamoe-compile-cudagraphs,hf-grouped_mm",
-                    help="comma list of megamoe, megamoe-compile, megamoe-compile-cudagraphs, hf-grouped_mm, "
+                    help="comma list of megamoe, megamoe-compile, megamoe-compile-fp8 (moe.expert_precision=fp8), "
+                         "megamoe-compile-cudagraphs, hf-grouped_mm, "
                          "hf-eager")
     ap.add_argument("--profile", action="store_true", help="kernel-time tables of the megamoe variants")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU in fp32: checks the script runs")
+    ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                    help="change the OLMoE-1B-7B model, e.g. model.d_model=512 moe.num_experts=0")
     args = ap.parse_args()
 
     if args.cpu_smoke:
@@ -136,6 +141,12 @@ def main():
         args.seq, args.mb, args.warmup, args.iters = 32, [1, 2], 1, 2
     else:
         device, dtype, cfg = torch.device("cuda"), torch.bfloat16, Config.olmoe_1b_7b()
+        for item in args.set:
+            key, value = item.split("=", 1)
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, yaml.safe_load(value))
+        cfg.data.seq_length = cfg.model.max_seq_len = max(args.seq, cfg.model.max_seq_len)
+        cfg.validate()
         torch._dynamo.config.cache_size_limit = 64
         torch._dynamo.config.automatic_dynamic_shapes = False  # static graphs per micro-batch size
     systems = args.systems.split(",")
@@ -157,9 +168,13 @@ def main():
         logits["megamoe"] = logits_of(ours, check, hf=False)
         if args.profile:
             profile(ours, cfg, args, device, os.path.join(out_dir(), "profile_megamoe.txt"))
-    for name, mode in (("megamoe-compile", None), ("megamoe-compile-cudagraphs", "reduce-overhead")):
+    for name, mode in (("megamoe-compile", None), ("megamoe-compile-fp8", None),
+                       ("megamoe-compile-cudagraphs", "reduce-overhead")):
         if name not in systems or device.type != "cuda":
             continue
+        for m in ours.modules():  # moe.expert_precision: fp8 for this variant only
+            if isinstance(m, SwiGLUExperts):
+                m.fp8 = name.endswith("fp8")
         apply_compile(ours, mode)
         make_step = (lambda m, d: megamoe_step(m, d, cuda_graphs=True)) if mode else megamoe_step
         t0 = time.perf_counter()

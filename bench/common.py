@@ -96,9 +96,8 @@ def random_init_(model: nn.Module, std: float, seed: int) -> None:
 
 
 def build_megamoe(cfg: Config, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    from megamoe.model.olmoe import OLMoE
     with torch.device(device), default_dtype(dtype):
-        model = OLMoE(cfg)
+        model = cfg.model.build(cfg.moe)
     random_init_(model, cfg.model.init_std, seed)
     return model
 

@@ -18,7 +18,8 @@ train() {  # $1 = n_layers, $2 = compile, $3 = run name (prefixed with $TAG; a f
     rm -rf runs/$3
     python3 -c "import sys, megamoe.train.loop as L; L.Trainer.save = lambda self: None
 from megamoe.train.__main__ import main; import torch; rc = main(sys.argv[1:])
-print('peak GiB', torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0); sys.exit(rc)" \
+import resource; print('peak GiB', torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0,
+      'host peak GiB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20); sys.exit(rc)" \
         model.n_layers=$1 train.compile=$2 moe.backend=megamoe parallel.zero_stage=0 \
         data.paths=[.devdata/corpus] data.tokenizer=.devdata/tokenizer.model data.seq_length=4096 \
         train.precision=bf16 train.device=cuda train.micro_batch_size=2 train.global_batch_size=2 \

@@ -1,7 +1,8 @@
 """Typed run configuration: dataclasses loaded from YAML with dotted CLI overrides.
 
-The config *describes* a run; the model, data and engine modules *build* from it.
-Every validation error is raised from this file, as a `ConfigError` that names the key
+The config *describes* a run; the model, data and engine modules *build* from it. The
+model's own sections, `ModelConfig` and `MoEConfig`, live with the model (`megamoe.model.config`:
+`build()` and the parameter counts). Every validation error is raised from this file, as a `ConfigError` that names the key
 and says how to fix it.
 """
 
@@ -14,59 +15,11 @@ from pathlib import Path
 
 import yaml
 
+from .model.config import ModelConfig, MoEConfig
+
 
 class ConfigError(ValueError):
     """A config value is unknown, malformed or impossible; the message names key and fix."""
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 50304
-    d_model: int = 2048
-    n_layers: int = 16
-    n_heads: int = 16
-    head_dim: int | None = None  # default d_model // n_heads
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    max_seq_len: int = 4096
-    clip_qkv: float | None = None
-    init_std: float = 0.02
-
-    @property
-    def dim_per_head(self) -> int:
-        return self.head_dim or self.d_model // self.n_heads
-
-
-@dataclass
-class MoEConfig:
-    num_experts: int = 64  # 0 = dense SwiGLU FFN (the starting point for upcycling)
-    top_k: int = 8
-    ffn_hidden: int = 1024  # intermediate width of one expert (or of the dense FFN)
-    norm_topk_prob: bool = False
-    routing: str = "token_choice"  # token_choice | expert_choice
-    capacity_factor: float | None = None  # None = dropless; else drop tokens past capacity
-    num_shared_experts: int = 0  # always-on experts of width ffn_hidden, added to the routed output
-    lb_loss_weight: float = 0.01
-    z_loss_weight: float = 0.001
-    # f_i of the LB loss counted over: micro_batch (OLMoE) | sequence (each, averaged) |
-    # global_batch (the micro-batches of every data-parallel rank together)
-    lb_loss_scope: str = "micro_batch"
-    # aux-loss-free balancing (DeepSeek-V3): per-expert routing bias moved this much per step; 0 = off
-    bias_update_rate: float = 0.0
-    # layers whose FFN is a dense SwiGLU in a MoE model (DeepSeek's first layers; Megatron's
-    # moe_layer_freq): global layer indices, e.g. [0] or [0, 1]; any pattern, read as written
-    dense_layers: list[int] = field(default_factory=list)
-    dense_ffn_hidden: int | None = None  # their width; None = (top_k + num_shared_experts) × ffn_hidden
-    router_dtype: str = "model"  # model (the training dtype) | fp32: router logits in fp32
-    #                              (moe.backend=deepspeed: always fp32, its gate's own choice)
-    backend: str = "megamoe"  # megamoe (own dispatch, grouped GEMM) | deepspeed (deepspeed.moe)
-
-    def dense_width(self) -> int:
-        """FFN width of a dense layer: the dense model's ffn_hidden, or a MoE model's dense_ffn_hidden
-        (default: the routed + shared width a token is active in, so the layer costs the same)."""
-        if not self.num_experts:
-            return self.ffn_hidden
-        return self.dense_ffn_hidden or (self.top_k + self.num_shared_experts) * self.ffn_hidden
 
 
 @dataclass
@@ -92,6 +45,7 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | wsd | constant
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # wsd: share of steps spent in the final decay
+    offload: str = "none"  # none | cpu: fp32 masters and Adam moments in host memory, updated there
 
 
 @dataclass
@@ -159,10 +113,8 @@ class Config:
         return world_size // (self.parallel.tensor * self.parallel.pipeline)
 
     def moe_layer_ids(self) -> list[int]:
-        """Global indices of the layers whose FFN is a MoE, in order: the rows of the per-step loads."""
-        if not self.moe.num_experts:
-            return []
-        return [i for i in range(self.model.n_layers) if i not in self.moe.dense_layers]
+        """Global indices of the layers whose FFN is a MoE (`MoEConfig.layer_ids`)."""
+        return self.moe.layer_ids(self.model.n_layers)
 
     def grad_accumulation_steps(self, world_size: int) -> int:
         dp = self.data_parallel_size(world_size)
@@ -214,6 +166,13 @@ class Config:
         _choice("moe.backend", moe.backend, ("megamoe", "deepspeed"))
         _choice("moe.lb_loss_scope", moe.lb_loss_scope, ("micro_batch", "global_batch", "sequence"))
         _choice("moe.router_dtype", moe.router_dtype, ("model", "fp32"))
+        _choice("moe.expert_precision", moe.expert_precision, ("model", "fp8"))
+        if moe.expert_precision == "fp8":
+            _require(moe.backend == "megamoe", "moe.expert_precision",
+                     "fp8 expert GEMMs are megamoe's own; set moe.backend=megamoe")
+            _require(m.d_model % 16 == 0 and moe.ffn_hidden % 16 == 0, "moe.expert_precision",
+                     f"fp8 GEMMs need d_model and moe.ffn_hidden divisible by 16 "
+                     f"(got {m.d_model}, {moe.ffn_hidden}); change them or use moe.expert_precision=model")
         if moe.backend == "deepspeed":
             _require(moe.routing == "token_choice", "moe.routing",
                      "expert choice is not available with moe.backend=deepspeed; use moe.backend=megamoe")
@@ -274,6 +233,10 @@ class Config:
         _choice("parallel.activation_checkpointing", p.activation_checkpointing,
                 ("none", "full", "selective"))
         _choice("parallel.zero_stage", p.zero_stage, (0, 1, 2))
+        _choice("optim.offload", o.offload, ("none", "cpu"))
+        _require(o.offload == "none" or p.zero_stage == 0, "optim.offload",
+                 f"the host-memory optimizer is megamoe's own, used with parallel.zero_stage=0; "
+                 f"set parallel.zero_stage=0 (got {p.zero_stage}) or optim.offload=none")
         # Layout vs model (checked before any process group exists).
         _require(m.n_heads % p.tensor == 0, "parallel.tensor",
                  f"n_heads={m.n_heads} is not divisible by tensor={p.tensor}")

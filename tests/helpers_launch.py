@@ -5,7 +5,6 @@ per rank; `rank_reports` parses them. Slurm helpers need the one-node cluster of
 slurm/local_cluster.sh; `require_slurm` skips without it locally and fails under CI=true.
 """
 
-import json
 import os
 import re
 import shutil
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from megamoe.checkpoint.canonical import resolve
+from megamoe.checkpoint.files import read_meta
 from runs import REPO, TINY, free_port, metrics
 
 EXIT_REQUEUE = 75
@@ -67,14 +68,12 @@ def last_step(run_dir: Path) -> int:
 
 
 def latest_step(run_dir: Path) -> int:
-    name = (run_dir / "checkpoints" / "latest").read_text().strip()
-    return int(name.removeprefix("step_"))
+    return int(resolve(run_dir).name.removeprefix("step_"))
 
 
 def checkpoint_world_size(run_dir: Path) -> int:
     """The number of ranks that wrote the latest checkpoint (its meta.json)."""
-    step_dir = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
-    return json.loads((step_dir / "meta.json").read_text())["world_size"]
+    return read_meta(resolve(run_dir))["world_size"]
 
 
 # Slurm --------------------------------------------------------------------------------------

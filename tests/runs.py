@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from megamoe.checkpoint.canonical import load_canonical
-from megamoe.checkpoint.io import latest_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS_CACHE = REPO / ".cache" / "test-corpus"  # built once, shared by every test run
@@ -112,7 +111,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_canonical(latest_checkpoint(Path(run_dir) / "checkpoints"))[0]
+    return load_canonical(run_dir)[0]
 
 
 def assert_same_run(run, ref, rtol_first: float = 1e-5, rtol_curve: float = 1e-3,

@@ -16,14 +16,14 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from megamoe.checkpoint.canonical import load_canonical, write_run
+from megamoe.checkpoint.canonical import load_canonical, resolve, write_run
 from megamoe.checkpoint.files import CheckpointError, ShardedReader, read_meta
 from megamoe.checkpoint.hf_dirs import export_hf, import_hf
 from megamoe.checkpoint.reshard import reshard
 from megamoe.checkpoint.upcycle import upcycle
 from megamoe.config import ConfigError, load_config
-from megamoe.model.olmoe import OLMoE, init_weights
-from megamoe.train.sample import load_model, tokenizer_for
+from megamoe.inference.load import load_model, tokenizer_for
+from megamoe.model.olmoe import init_weights
 from pip_cache import pip_target
 from runs import TINY, launch, metrics
 
@@ -80,13 +80,13 @@ def test_to_hf_loads_in_transformers_with_the_same_logits(run_a, tmp_path, layou
     expert_key = {"per-expert": "model.layers.0.mlp.experts.7.gate_proj.weight",  # transformers 4.x names
                   "stacked": "model.layers.0.mlp.experts.gate_up_proj"}[layout]
     assert expert_key in keys
-    ours, _ = load_model(run_a)
+    ours, cfg = load_model(run_a)
     hf = transformers.OlmoeForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
-        assert rel(ours(tokens(ours.cfg)).logits, hf(tokens(ours.cfg)).logits) < 1e-5
+        assert rel(ours(tokens(cfg)).logits, hf(tokens(cfg)).logits) < 1e-5
     text = "def main():\n    return 42"
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
-    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tokenizer_for(ours.cfg).encode(text)
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tokenizer_for(cfg).encode(text)
 
 
 # Published OLMoE checkpoints were written by transformers 4.x (one module per expert). The
@@ -119,9 +119,9 @@ def transformers4():
 
 def test_transformers_4_loads_our_export_and_its_own_saves_import(run_a, tmp_path, transformers4):
     """Per-expert export → transformers 4.x: same logits and tokens; a 4.x save → megamoe: same logits."""
-    ours, _ = load_model(run_a)
+    ours, cfg = load_model(run_a)
     out = export_hf(run_a, tmp_path / "hf", expert_layout="per-expert", progress=False)
-    ids = tokens(ours.cfg)
+    ids = tokens(cfg)
     torch.save(ids, tmp_path / "result.pt.in")
     text = "def main():\n    return 42  # café"
     script = tmp_path / "t4.py"
@@ -133,7 +133,7 @@ def test_transformers_4_loads_our_export_and_its_own_saves_import(run_a, tmp_pat
     result = torch.load(tmp_path / "result.pt", weights_only=True)
     with torch.no_grad():
         assert rel(ours(ids).logits, result["ours"]) < 1e-5
-    assert result["encoded"].tolist() == tokenizer_for(ours.cfg).encode(text)
+    assert result["encoded"].tolist() == tokenizer_for(cfg).encode(text)
     with safe_open(tmp_path / "fresh" / "model.safetensors", "pt") as f:
         assert "model.layers.0.mlp.experts.7.gate_proj.weight" in f.keys()  # the published layout
     back = tmp_path / "back"
@@ -144,16 +144,17 @@ def test_transformers_4_loads_our_export_and_its_own_saves_import(run_a, tmp_pat
 
 
 def test_from_hf_round_trips_and_trains_in_another_layout(run_a, tmp_path):
-    ours, _ = load_model(run_a)
+    ours, cfg = load_model(run_a)
     for layout in ["per-expert", "stacked"]:
         hf_dir = export_hf(run_a, tmp_path / f"hf-{layout}", expert_layout=layout,
                            shard_bytes=100_000, progress=False)  # several shards
         back = tmp_path / f"back-{layout}"
         import_hf(hf_dir, back, TINY, progress=False)
-        model, meta = load_model(back)
+        model, _ = load_model(back)
+        meta = read_meta(resolve(back))
         assert meta["step"] == 0 and meta["optimizer"] is None
         with torch.no_grad():
-            assert rel(model(tokens(ours.cfg)).logits, ours(tokens(ours.cfg)).logits) < 1e-6
+            assert rel(model(tokens(cfg)).logits, ours(tokens(cfg)).logits) < 1e-6
     # unset, data.seq_length is the model's 32 positions, not the default 4096 it cannot run
     import_hf(hf_dir, tmp_path / "default-length", progress=False)
     assert load_config(str(tmp_path / "default-length" / "config.yaml")).data.seq_length == 32
@@ -164,7 +165,7 @@ def test_from_hf_round_trips_and_trains_in_another_layout(run_a, tmp_path):
 def test_upcycled_dense_model_computes_the_dense_function_and_trains(tmp_path):
     """Every expert a copy of the FFN and normalized top-k weights: the MoE is the dense model."""
     dense_cfg = load_config(None, [*TINY, "moe.num_experts=0"])
-    dense = OLMoE(dense_cfg)
+    dense = dense_cfg.model.build(dense_cfg.moe)
     init_weights(dense, 0.2, seed=3)
     write_run(tmp_path / "dense", dense_cfg, ((n, p.detach()) for n, p in dense.named_parameters()))
     moe_run = tmp_path / "moe"
@@ -276,7 +277,7 @@ def test_from_hf_cli_takes_a_config_file_for_everything_but_the_model(run_a, tmp
     cfg = load_config(str(out / "config.yaml"))
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.train.steps) == (2e-5, 0.0, 9)
     assert cfg.model.d_model == 32 and cfg.moe.num_experts == 8  # from config.json, not the YAML
-    ours, _ = load_model(run_a)
+    ours, ours_cfg = load_model(run_a)
     model, _ = load_model(out)
     with torch.no_grad():
-        assert rel(model(tokens(ours.cfg)).logits, ours(tokens(ours.cfg)).logits) < 1e-6
+        assert rel(model(tokens(ours_cfg)).logits, ours(tokens(ours_cfg)).logits) < 1e-6

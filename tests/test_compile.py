@@ -2,15 +2,14 @@
 
 from torch import nn
 
-from megamoe.config import Config, ModelConfig, MoEConfig
 from megamoe.model.compile import apply_compile
-from megamoe.model.olmoe import OLMoE
+from megamoe.model.config import ModelConfig, MoEConfig
 from runs import launch, metrics
 
 
 def test_apply_compile_wraps_every_block_and_keeps_names():
-    model = OLMoE(Config(model=ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2),
-                         moe=MoEConfig(num_experts=4, top_k=2, ffn_hidden=8)))
+    model = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2).build(
+        MoEConfig(num_experts=4, top_k=2, ffn_hidden=8))
     names = [n for n, _ in model.named_parameters()]
     apply_compile(model)
     assert [n for n, _ in model.named_parameters()] == names

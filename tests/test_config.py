@@ -37,6 +37,11 @@ def test_olmoe_preset_is_the_paper_model(tmp_path):
     (["train.steps"], "train.steps", "section.key=value"),
     (["moe.routing=random"], "moe.routing", "token_choice, expert_choice"),
     (["moe.lb_loss_scope=batch"], "moe.lb_loss_scope", "micro_batch, global_batch, sequence"),
+    (["optim.offload=nvme"], "optim.offload", "none, cpu"),
+    (["moe.expert_precision=fp4"], "moe.expert_precision", "model, fp8"),
+    (["moe.expert_precision=fp8", "moe.ffn_hidden=40"], "moe.expert_precision", "divisible by 16"),
+    (["moe.expert_precision=fp8", "moe.backend=deepspeed"], "moe.expert_precision", "moe.backend=megamoe"),
+    (["optim.offload=cpu", "parallel.zero_stage=1"], "optim.offload", "set parallel.zero_stage=0"),
 ])
 def test_malformed_input_names_the_key(overrides, key, fix):
     with pytest.raises(ConfigError) as e:

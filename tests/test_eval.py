@@ -22,8 +22,8 @@ from megamoe.eval.evaluator import Evaluator
 from megamoe.eval.score import encode_pair, is_greedy, make_window, model_forward
 from megamoe.eval.tasks import Item, Task, TaskError, letter_format, load_task
 from megamoe.eval.training import TrainingEvaluator
+from megamoe.inference.load import load_model, tokenizer_for
 from megamoe.model.olmoe import OLMoE, init_weights
-from megamoe.train.sample import load_model, tokenizer_for
 from distributed import run_ranks
 from pip_cache import pip_target
 from runs import launch, metrics
@@ -55,7 +55,7 @@ class Chars:
 def tiny_model(max_seq_len=64) -> OLMoE:
     cfg = Config(model=ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, max_seq_len=max_seq_len),
                  moe=MoEConfig(num_experts=4, top_k=2, ffn_hidden=16), data=DataConfig(seq_length=32)).validate()
-    model = OLMoE(cfg)
+    model = cfg.model.build(cfg.moe)
     init_weights(model, std=0.2, seed=0)
     return model.eval()
 
@@ -185,12 +185,12 @@ def test_next_line_is_deterministic_and_balanced():
 
 def test_trained_model_beats_chance_and_a_random_one_does_not(trained):
     run, _ = trained
-    model, _ = load_model(run)
+    _, cfg = load_model(run)
     acc = metrics(run)[-1]["task/next_line/acc"]  # scored by the loop at the last step
     assert acc > 0.25 + 3 * 0.04, acc
-    random_model = OLMoE(model.cfg)
-    init_weights(random_model, model.cfg.model.init_std, seed=1)
-    ev = Evaluator([load_task("next_line", ITEMS)], tokenizer_for(model.cfg), model.cfg.model.max_seq_len)
+    random_model = cfg.model.build(cfg.moe)
+    init_weights(random_model, cfg.model.init_std, seed=1)
+    ev = Evaluator([load_task("next_line", ITEMS)], tokenizer_for(cfg), cfg.model.max_seq_len)
     with torch.no_grad():
         scores = ev.scores(model_forward(random_model.eval(), random_model.loss_fn, torch.device("cpu")), 8, None)
     assert abs(ev.results(scores)["next_line"]["acc"] - 0.25) < 2 * 0.04

@@ -11,7 +11,7 @@ from megamoe.config import load_config
 from megamoe.data.corpus import iter_stdlib_documents
 from megamoe.data.dataset import build_datasets, get_batch
 from megamoe.data.prepare import ensure_default_corpus, preprocess
-from megamoe.train.sample import load_model
+from megamoe.inference.load import load_model
 from runs import CORPUS_CACHE, TINY, assert_same_run, launch, metrics
 
 

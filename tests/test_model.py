@@ -6,7 +6,7 @@ import transformers
 
 from megamoe.checkpoint.hf import hf_config_dict, to_hf
 from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig
-from megamoe.model.olmoe import OLMoE, init_weights
+from megamoe.model.olmoe import init_weights
 from megamoe.moe.router import load_balancing_loss, z_loss
 
 
@@ -18,7 +18,7 @@ def tiny(**moe) -> Config:
 
 def pair(cfg: Config, seed: int = 0):
     """Our model with random weights and transformers' model holding the same weights."""
-    ours = OLMoE(cfg)
+    ours = cfg.model.build(cfg.moe)
     init_weights(ours, std=0.2, seed=seed)  # large std: routing decisions are not all ties
     hf = transformers.OlmoeForCausalLM(transformers.OlmoeConfig(**hf_config_dict(cfg)))
     state = {}
@@ -95,7 +95,7 @@ def test_flop_model_counts_the_matmul_weights_a_token_passes_through(extra):
     cfg = load_config(None, ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
                              "moe.num_experts=8", "moe.top_k=2", "moe.ffn_hidden=24", *extra])
     with torch.device("meta"):
-        model = OLMoE(cfg)
+        model = cfg.model.build(cfg.moe)
     touched = 0.0
     for name, p in model.named_parameters():
         if p.dim() < 2 or name == "embed.weight":

@@ -1,9 +1,11 @@
 """megamoe-plan: its parameter counts are what each rank of a layout really holds."""
 
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from distributed import run_ranks
 from megamoe.config import Config, ConfigError, DataConfig, ModelConfig, MoEConfig, load_config
@@ -36,10 +38,37 @@ def test_counts_equal_the_built_layout(tp, pp, ep, moe):
         assert n == expected[stage]
 
 
+KINDS = {  # parameter name -> its kind in ModelConfig.param_counts
+    r"embed\.weight": "embedding", r"lm_head\.weight": "lm_head",
+    r"(layers\.\d+\.(attn|ffn)_)?norm\.weight": "norms", r"layers\.\d+\.attn\.[qk]_norm\.weight": "qk_norm",
+    r"layers\.\d+\.attn\.[qkvo]_proj\.weight": "attention", r"layers\.\d+\.ffn\.router\.weight": "router",
+    r"layers\.\d+\.ffn\.experts\.w[12]": "experts", r"layers\.\d+\.ffn\.shared\.w[12]": "shared_experts",
+    r"layers\.\d+\.ffn\.w[12]": "dense_ffn",
+}
+
+
+@pytest.mark.parametrize("moe", [{}, {"num_experts": 0}, {"dense_layers": [0, 2], "dense_ffn_hidden": 24},
+                                 {"num_shared_experts": 0, "top_k": 3}])
+def test_param_counts_are_the_built_models_total_and_active(moe):
+    """ModelConfig.param_counts, which the planner and the FLOP model count with: each kind is
+    the built model's parameters of that kind; active, the routed experts count top_k of E."""
+    cfg = tiny(**moe)
+    with torch.device("meta"):
+        model = cfg.model.build(cfg.moe)
+    built = dict.fromkeys(cfg.model.param_counts(cfg.moe), 0)
+    for name, p in model.named_parameters():
+        (kind,) = [kind for pattern, kind in KINDS.items() if re.fullmatch(pattern, name)]
+        built[kind] += p.numel()
+    assert cfg.model.param_counts(cfg.moe) == built
+    assert sum(built.values()) == sum(p.numel() for p in model.parameters())
+    share = cfg.moe.top_k / cfg.moe.num_experts if cfg.moe.num_experts else 0
+    active = sum(cfg.model.param_counts(cfg.moe, active=True).values())
+    assert active == sum(built.values()) - built["experts"] * (1 - share)
+
+
 def test_one_rank_holds_the_whole_model_and_layouts_are_valid():
     cfg = tiny()
-    from megamoe.model.olmoe import OLMoE
-    assert params_per_stage(cfg, 1, 1, 1) == [sum(p.numel() for p in OLMoE(cfg).parameters())]
+    assert params_per_stage(cfg, 1, 1, 1) == [sum(p.numel() for p in cfg.model.build(cfg.moe).parameters())]
     plans = plan_layouts(cfg, 8)
     assert {(p.tp, p.pp, p.ep) for p in plans} >= {(1, 1, 8), (2, 2, 2), (1, 4, 2)}
     assert all(p.tp * p.pp * p.dp == 8 and p.dp % p.ep == 0 for p in plans)

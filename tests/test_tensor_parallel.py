@@ -17,7 +17,7 @@ from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig
 from megamoe.model.olmoe import OLMoE, init_weights
 from megamoe.parallel import mappings
 from megamoe.parallel.expert import apply_expert_parallel
-from megamoe.parallel.sharding import local_slice, mark_shard, shards
+from megamoe.sharding import local_slice, mark_shard, shards
 from megamoe.parallel.state import ParallelState
 from megamoe.parallel.tensor import apply_tensor_parallel
 
@@ -45,7 +45,7 @@ def micro_batches(cfg: Config, n: int, seed: int = 0) -> list[tuple[torch.Tensor
 
 def build(cfg: Config, state: ParallelState, layout: dict) -> OLMoE:
     """The model of `layout` (keys tp, ep, sp, tp_first) on this rank, with the canonical weights."""
-    model = OLMoE(cfg)
+    model = cfg.model.build(cfg.moe)
     transforms = [lambda: apply_expert_parallel(model, state),
                   lambda: apply_tensor_parallel(model, state, layout.get("sp", False))]
     for transform in reversed(transforms) if layout.get("tp_first") else transforms:
@@ -76,7 +76,7 @@ def run_layout(rank: int, world_size: int, cfg: Config, layout: dict, data: list
 
 def reference(cfg: Config, data: list) -> tuple:
     """The 1-rank model on every micro-batch, averaged: (loss, {name: full grad})."""
-    model = OLMoE(cfg)
+    model = cfg.model.build(cfg.moe)
     init_weights(model, std=0.2, seed=0)
     loss = sum(model(tokens, labels).loss for tokens, labels in data) / len(data)
     loss.backward()

@@ -73,7 +73,8 @@ def test_loss_falls(tmp_path):
     assert losses[-1] < losses[0] - 0.5, losses
 
 
-@pytest.mark.parametrize("nproc,extra", [(1, []), (2, ["parallel.zero_stage=1"])])
+@pytest.mark.parametrize("nproc,extra", [(1, []), (2, ["parallel.zero_stage=1"]),
+                                         (1, ["optim.offload=cpu", "train.precision=bf16"])])
 def test_resume_continues_bit_exactly(tmp_path, reference, nproc, extra):
     """Stop after step 2, resume from its checkpoint: steps 3-4 and the weights are identical."""
     straight = tmp_path / "straight"
@@ -168,9 +169,9 @@ def test_generate_tool_samples_greedily_from_the_checkpoint(reference):
     import subprocess
     import sys
 
-    from megamoe.train.sample import load_model, tokenizer_for
-    model, _ = load_model(reference)
-    tok = tokenizer_for(model.cfg)
+    from megamoe.inference.load import load_model, tokenizer_for
+    model, cfg = load_model(reference)
+    tok = tokenizer_for(cfg)
     ids = tok.encode("def ")
     for _ in range(5):
         with torch.no_grad():
@@ -180,6 +181,14 @@ def test_generate_tool_samples_greedily_from_the_checkpoint(reference):
                           "--max-new-tokens", "5", "--temperature", "0"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.rstrip("\n") == expected
+
+
+def test_offloaded_optimizer_follows_the_in_place_one(tmp_path, reference):
+    """optim.offload=cpu (Adam state in host memory, updated there) on 2 data-parallel ranks
+    follows the 1-rank run with the optimizer in place."""
+    run = tmp_path / "offload"
+    launch(run, 2, ["optim.offload=cpu", "train.save_interval=2"])
+    assert_same_run(run, reference)
 
 
 def test_bf16_matches_fp32_across_layouts_and_resumes_exactly(tmp_path, reference):

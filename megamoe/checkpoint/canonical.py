@@ -54,9 +54,8 @@ def config_with(base: dict, overrides):
 def expected_shapes(cfg) -> dict[str, tuple]:
     """Full shape of every tensor (parameters, persistent buffers) of the 1-rank model `cfg`
     describes (nothing allocated)."""
-    from ..model.olmoe import OLMoE
     with torch.device("meta"):
-        model = OLMoE(cfg)
+        model = cfg.model.build(cfg.moe)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 

@@ -37,11 +37,15 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
     os.chmod(path, 0o666 & ~_UMASK)
 
 
-def sha256(path: Path) -> str:
+def sha256(path: Path, copy_to: Path | None = None) -> str:
+    """The file's sha256, read in 16 MiB chunks; with `copy_to`, each chunk is also written
+    there, so a verified copy reads the file once."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, open(copy_to, "wb") if copy_to else contextlib.nullcontext() as out:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
+            if out is not None:
+                out.write(chunk)
     return h.hexdigest()
 
 
@@ -64,14 +68,15 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def verify_file(path: Path, meta: dict) -> None:
-    """The file exists and has the sha256 meta.json recorded for it."""
+def verify_file(path: Path, meta: dict, copy_to: Path | None = None) -> None:
+    """The file exists and has the sha256 meta.json recorded for it; with `copy_to`, it is
+    copied there while it is read."""
     expected = meta["files"].get(path.name)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete")
     if expected is None:
         raise CheckpointError(f"checkpoint file {path} is not listed in {path.parent / META}")
-    if sha256(path) != expected:
+    if sha256(path, copy_to) != expected:
         raise CheckpointError(f"checkpoint file {path} is corrupt or truncated (sha256 mismatch); "
                               "restore it from a copy or resume from an earlier checkpoint")
 

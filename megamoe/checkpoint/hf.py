@@ -9,7 +9,8 @@ import re
 
 import torch
 
-from ..config import Config, ModelConfig, MoEConfig
+from ..config import Config
+from ..model.config import ModelConfig, MoEConfig
 
 _LAYER_MAP = {
     "attn_norm.weight": "input_layernorm.weight",

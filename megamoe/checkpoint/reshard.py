@@ -7,14 +7,13 @@ layout divides the model and the world size, verifies every file's checksum whil
 and writes a run directory whose config.yaml has the new layout.
 """
 
-import hashlib
 import shutil
 from pathlib import Path
 
 import yaml
 
 from .canonical import config_with, resolve
-from .files import CheckpointError, atomic_dir, read_meta
+from .files import CheckpointError, atomic_dir, read_meta, verify_file
 from .io import LATEST
 
 
@@ -34,20 +33,7 @@ def reshard(src: Path, out: Path, overrides: list[str], world_size: int, overwri
         dest = tmp / "checkpoints" / step_dir.name
         dest.mkdir(parents=True)
         for name in tqdm(sorted(meta["files"]), desc="copying", unit="file", disable=not progress):
-            _copy_verified(step_dir / name, dest / name, meta["files"][name])
+            verify_file(step_dir / name, meta, copy_to=dest / name)
         shutil.copy(step_dir / "meta.json", dest / "meta.json")
         (tmp / "checkpoints" / LATEST).write_text(step_dir.name + "\n")
     return Path(out) / "checkpoints" / step_dir.name
-
-
-def _copy_verified(src: Path, dst: Path, expected: str) -> None:
-    if not src.is_file():
-        raise CheckpointError(f"checkpoint file {src} is missing; the checkpoint is incomplete")
-    h = hashlib.sha256()
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        for chunk in iter(lambda: fin.read(1 << 24), b""):
-            h.update(chunk)
-            fout.write(chunk)
-    if h.hexdigest() != expected:
-        raise CheckpointError(f"checkpoint file {src} is corrupt or truncated (sha256 mismatch); "
-                              "restore it from a copy or use an earlier checkpoint")

@@ -1,18 +1,16 @@
 """Sparse upcycling: a dense checkpoint → MoE, every expert a copy of the dense FFN.
 
 The dense SwiGLU of each block (`layers.i.ffn.w1` [d, 2F], `w2` [F, d]) becomes the stacked
-experts (`ffn.experts.w1` [E, d, 2F], `w2` [E, F, d]); each block gets a fresh router
-(N(0, init_std), seeded by its name). Everything else is copied, as are the FFNs of the layers
-that `moe.dense_layers` keeps dense. The result is a new run at
-step 0 (fresh optimizer and LR schedule), as in the OLMoE upcycling ablation.
+experts (`ffn.experts.w1` [E, d, 2F], `w2` [E, F, d]); each block gets a fresh router, the one
+the MoE model itself starts from (`megamoe.model.olmoe.initial_value`). Everything else is
+copied, as are the FFNs of the layers that `moe.dense_layers` keeps dense. The result is a new
+run at step 0 (fresh optimizer and LR schedule), as in the OLMoE upcycling ablation.
 """
 
 import re
-import zlib
 from pathlib import Path
 
-import torch
-
+from ..model.olmoe import initial_value
 from .canonical import config_with, iter_canonical, resolve, write_run
 from .files import CheckpointError, read_meta
 
@@ -39,7 +37,6 @@ def upcycle(src: Path, out: Path, num_experts: int, top_k: int, overrides: list[
             yield f"layers.{i}.ffn.experts.{w}", t.unsqueeze(0).expand(num_experts, *t.shape)
             if w == "w1":
                 router = f"layers.{i}.ffn.router.weight"
-                g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(router.encode()))
-                yield router, torch.randn(num_experts, d, generator=g) * std
+                yield router, initial_value(router, (num_experts, d), std, seed)
 
     return write_run(out, cfg, tensors(), overwrite=overwrite)

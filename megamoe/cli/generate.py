@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..checkpoint.io import CheckpointError
-from ..train.sample import sample_from_checkpoint
+from ..inference.generate import sample_from_checkpoint
 
 
 def main(argv=None) -> int:

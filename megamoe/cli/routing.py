@@ -19,8 +19,9 @@ from pathlib import Path
 
 from ..analysis import paper
 from ..analysis.routing import domain_batches, format_report, indexed_batches, jsonl_domain_batches, report
-from ..checkpoint.io import CheckpointError, latest_checkpoint
-from ..train.sample import load_model, tokenizer_for
+from ..checkpoint.canonical import resolve
+from ..checkpoint.io import CheckpointError
+from ..inference.load import load_model, tokenizer_for
 
 
 def fail(message: str) -> int:
@@ -48,10 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoints == "all" and not (args.checkpoint / "checkpoints").is_dir():
         return fail(f"--checkpoints all needs a run directory; {args.checkpoint} has no checkpoints/")
     try:
-        model, _ = load_model(args.checkpoint)
+        model, cfg = load_model(args.checkpoint)
     except CheckpointError as e:
         return fail(str(e))
-    cfg = model.cfg
     if not cfg.moe.num_experts:
         return fail("this checkpoint is a dense model (moe.num_experts=0)")
     if cfg.moe.routing != "token_choice":
@@ -85,7 +85,7 @@ def write_plots(args, model, domains, choices, rep, tok, layers) -> None:
     import torch
 
     from ..analysis import plots
-    out, E = args.plots, model.cfg.moe.num_experts
+    out, E = args.plots, model.moe_cfg.num_experts
     out.mkdir(parents=True, exist_ok=True)
 
     def save(name: str, data) -> None:
@@ -112,9 +112,8 @@ def write_plots(args, model, domains, choices, rep, tok, layers) -> None:
                          "expert", "", out / "vocabulary_specialisation.png", vmax=1)
 
     if args.checkpoints == "all":
-        root = args.checkpoint / "checkpoints"
-        final = latest_checkpoint(root)
-        steps = sorted(d for d in root.glob("step_*") if d.is_dir())
+        final = resolve(args.checkpoint)
+        steps = sorted(d for d in final.parent.glob("step_*") if d.is_dir())
         batches = [b for bs in domains.values() for b in bs]
         final_choices = paper.record_choices(model, batches, not args.no_progress, desc=final.name)[1]
         curve = []

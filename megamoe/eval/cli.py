@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.canonical import resolve
+from ..checkpoint.files import read_meta
 from ..checkpoint.io import CheckpointError
 from .evaluator import Evaluator
 from .score import model_forward
@@ -43,14 +44,14 @@ def evaluate(checkpoint: Path, specs: list[str], limit: int | None = None, batch
              device: str = "auto", samples: bool = False, progress: bool = False) -> dict:
     """{"checkpoint", "step", "tasks": {name: {metrics, "items"[, "samples"]}}} (Evaluator.results).
     Tasks are read first, so a bad task file fails before the model loads."""
-    from ..train.sample import load_model, tokenizer_for
+    from ..inference.load import load_model, tokenizer_for
 
     tasks = [load_task(spec, limit) for spec in specs]
     step_dir = resolve(checkpoint)
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device)
-    model, meta = load_model(step_dir, device)
-    evaluator = Evaluator(tasks, tokenizer_for(model.cfg), model.cfg.model.max_seq_len)
+    model, cfg = load_model(step_dir, device)
+    evaluator = Evaluator(tasks, tokenizer_for(cfg), cfg.model.max_seq_len)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -63,7 +64,7 @@ def evaluate(checkpoint: Path, specs: list[str], limit: int | None = None, batch
     if not samples:
         for result in results.values():
             del result["samples"]
-    return {"checkpoint": str(step_dir), "step": meta.get("step"), "tasks": results}
+    return {"checkpoint": str(step_dir), "step": read_meta(step_dir)["step"], "tasks": results}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,9 @@
 The count is the usual one (PaLM appendix B; Megatron's `num_floating_point_operations`):
 6 × the matmul parameters one token passes through (forward 2, backward 4), plus causal
 attention's scores and values. Only the routed experts a token visits count (top_k of
-num_experts, plus shared experts), so an MoE is charged for its active parameters. Norms,
-softmax, RoPE and the dispatch's gathers are left out, as everyone leaves them out.
+num_experts, plus shared experts), so an MoE is charged for its active parameters (counted by
+`ModelConfig.param_counts`, as the layout planner counts). Norms, softmax, RoPE and the
+dispatch's gathers are left out, as everyone leaves them out; so is the embedding, a lookup.
 """
 
 import torch
@@ -13,18 +14,14 @@ import torch
 # as substrings of torch.cuda.get_device_name(), most specific first.
 _BF16_PEAKS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
                ("GH200", 989e12), ("A100", 312e12), ("B200", 2250e12)]
+_MATMULS = ("attention", "router", "experts", "shared_experts", "dense_ffn", "lm_head")
 
 
 def matmul_params_per_token(cfg) -> int:
     """Matmul weights one token passes through: attention, router, its experts (or a dense
     layer's FFN), the LM head."""
-    m, moe = cfg.model, cfg.moe
-    width = m.n_heads * m.dim_per_head
-    n_moe = len(cfg.moe_layer_ids())
-    moe_mlp = m.d_model * moe.num_experts + (moe.top_k + moe.num_shared_experts) * 3 * m.d_model * moe.ffn_hidden
-    dense_mlp = 3 * m.d_model * moe.dense_width()  # SwiGLU: gate, up, down
-    return (m.n_layers * 4 * m.d_model * width + n_moe * moe_mlp + (m.n_layers - n_moe) * dense_mlp
-            + m.d_model * m.vocab_size)
+    counts = cfg.model.param_counts(cfg.moe, active=True)
+    return sum(counts[kind] for kind in _MATMULS)
 
 
 def flops_per_token(cfg, seq_len: int) -> float:

@@ -5,24 +5,25 @@ pre-norm blocks of attention (QK-norm, RoPE) and a MoE FFN, a final RMSNorm and 
 untied LM head. Parallel layouts are applied afterwards by `megamoe.parallel` functions.
 """
 
+import zlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
 from ..moe.experts import SwiGLU
 from ..moe.layer import MoELayer
+from ..sharding import full_shape, local_slice
 from .attention import Attention
+from .config import ModelConfig, MoEConfig
 from .norm import RMSNorm
 from .rope import rope_cos_sin
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, index: int):
+    def __init__(self, m: ModelConfig, moe: MoEConfig, index: int):
         super().__init__()
-        m, moe = cfg.model, cfg.moe
         self.attn_norm = RMSNorm(m.d_model, m.rms_norm_eps)
         self.attn = Attention(m.d_model, m.n_heads, m.dim_per_head, m.rms_norm_eps, m.clip_qkv)
         self.ffn_norm = RMSNorm(m.d_model, m.rms_norm_eps)
@@ -30,12 +31,12 @@ class Block(nn.Module):
             self.ffn = SwiGLU(m.d_model, moe.dense_width())
         elif moe.backend == "deepspeed":
             from ..moe.deepspeed_backend import build_deepspeed_moe
-            self.ffn = build_deepspeed_moe(cfg)  # deepspeed.moe.layer.MoE behind MoELayer's contract
+            self.ffn = build_deepspeed_moe(m.d_model, moe)  # deepspeed.moe.layer.MoE behind MoELayer's contract
         else:
             self.ffn = MoELayer(m.d_model, moe.num_experts, moe.top_k, moe.ffn_hidden, moe.routing,
                                 moe.capacity_factor, moe.norm_topk_prob, moe.num_shared_experts,
                                 moe.lb_loss_weight, moe.z_loss_weight, moe.lb_loss_scope,
-                                moe.bias_update_rate > 0, moe.router_dtype)
+                                moe.bias_update_rate > 0, moe.router_dtype, moe.expert_precision)
 
     def forward(self, h: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """h: [B, S, d] -> (h, this block's weighted MoE auxiliary loss)."""
@@ -60,15 +61,15 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "
 
 
 class OLMoE(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig):
+        """Usually made by `cfg.build(moe)`; the model's own configs, not the run's."""
         super().__init__()
-        m = cfg.model
-        self.cfg = cfg
-        self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        self.cfg, self.moe_cfg = cfg, moe
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         # keyed by global index, so a pipeline stage holding some blocks keeps canonical names
-        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(m.n_layers)})
-        self.norm = RMSNorm(m.d_model, m.rms_norm_eps)
-        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, moe, i) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.loss_fn = cross_entropy  # tensor parallelism swaps in the vocab-parallel one
         # None: lm_loss is the mean over this micro-batch's targets. A number D: the sum over
         # them / D. The trainer sets D for loss-masked data, so that every target of a step
@@ -81,7 +82,7 @@ class OLMoE(nn.Module):
 
         A pipeline stage without `embed` starts from the previous stage's `hidden` [B, S, d];
         one without `lm_head` returns its blocks' output as `Output.hidden`."""
-        m = self.cfg.model
+        m = self.cfg
         h = self.embed(tokens) if hidden is None else hidden  # [B, S, d]
         cos, sin = rope_cos_sin(tokens.shape[1], m.dim_per_head, m.rope_theta, tokens.device,
                                 h.dtype, position_offset)
@@ -108,22 +109,24 @@ class OLMoE(nn.Module):
 
     def moe_rows(self) -> dict[int, nn.Module]:
         """This stage's MoE FFNs by their row in the trainer's per-step [MoE layers, E] loads
-        (their place among all the model's MoE layers: `Config.moe_layer_ids`)."""
-        row = {layer: r for r, layer in enumerate(self.cfg.moe_layer_ids())}
+        (their place among all the model's MoE layers: `MoEConfig.layer_ids`)."""
+        row = {layer: r for r, layer in enumerate(self.moe_cfg.layer_ids(self.cfg.n_layers))}
         return {row[int(key)]: b.ffn for key, b in self.layers.items() if hasattr(b.ffn, "stats")}
 
 
 def init_weights(model: nn.Module, std: float, seed: int) -> None:
     """Layout-independent init: every parameter is drawn whole from a generator seeded by its
-    name, then cut to this rank's shard (see `megamoe.parallel.sharding`), so any layout starts
+    name, then cut to this rank's shard (see `megamoe.sharding`), so any layout starts
     from the same weights as one rank."""
-    from ..parallel.sharding import full_shape, local_slice
-    import zlib
     for name, p in model.named_parameters():
-        g = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-        if name.endswith("norm.weight"):
-            full = torch.ones(full_shape(p))
-        else:
-            full = torch.randn(full_shape(p), generator=g) * std
         with torch.no_grad():
-            p.copy_(local_slice(p, full).to(p.dtype))
+            p.copy_(local_slice(p, initial_value(name, full_shape(p), std, seed)).to(p.dtype))
+
+
+def initial_value(name: str, shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
+    """The full initial tensor of parameter `name`: ones for a norm's weight, else N(0, std²)
+    drawn on the CPU from a generator seeded by (`seed`, `name`)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    g = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return torch.randn(shape, generator=g) * std

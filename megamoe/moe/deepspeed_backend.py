@@ -11,9 +11,10 @@ all-to-all, its `Experts` (one SwiGLU module per local expert). `DeepSpeedMoE` a
     not first choices first; no expert-choice routing and no shared experts;
   - parameter names (so checkpoints) differ; conversion to transformers needs the default backend.
 
-Expert parallelism is applied afterwards, like the default backend's: `apply_expert_parallel`
-rebuilds each layer for ep ranks and keys its local experts by their global index, so every
-layout keeps the 1-rank model's parameter names (layout-independent init and checkpoints).
+Expert parallelism is applied afterwards, like the default backend's: the one
+`megamoe.parallel.expert.apply_expert_parallel` calls `shard_experts`, which rebuilds the layer for
+ep ranks and keys its local experts by their global index, so every layout keeps the 1-rank
+model's parameter names (layout-independent init and checkpoints).
 """
 
 import torch
@@ -58,18 +59,8 @@ class DeepSpeedMoE(nn.Module):
         return y, self.lb_loss_weight * l_aux
 
 
-def build_deepspeed_moe(cfg) -> DeepSpeedMoE:
-    """The Block FFN for `moe.backend: deepspeed` (see the module docstring for what differs;
-    `Config.validate` refuses the options it lacks)."""
-    moe = cfg.moe
-    return DeepSpeedMoE(cfg.model.d_model, moe.num_experts, moe.top_k, moe.ffn_hidden,
-                        moe.capacity_factor, moe.lb_loss_weight)
-
-
-def apply_expert_parallel(model: nn.Module, state) -> nn.Module:
-    """Cut every DeepSpeed-MoE layer to this EP rank's experts (before `init_weights`).
-    DeepSpeed-MoE looks its groups up by name (ep_size_N), under which `deepspeed_adapter.initialize`
-    registers ours."""
-    for layer in [m for m in model.modules() if isinstance(m, DeepSpeedMoE)]:
-        layer.shard_experts(state.ep_rank, state.ep)
-    return model
+def build_deepspeed_moe(d_model: int, moe) -> DeepSpeedMoE:
+    """The Block FFN for `moe.backend: deepspeed` (`moe`: a MoEConfig; see the module docstring
+    for what differs; `Config.validate` refuses the options it lacks)."""
+    return DeepSpeedMoE(d_model, moe.num_experts, moe.top_k, moe.ffn_hidden, moe.capacity_factor,
+                        moe.lb_loss_weight)

@@ -2,12 +2,15 @@
 
 w1: [E, d, 2F] (gate and up projections side by side), w2: [E, F, d]. On CUDA one
 `torch._grouped_mm` call per projection runs all experts; on CPU (where `_grouped_mm`
-is unavailable) a per-expert loop computes the same thing from the same weights.
+is unavailable) a per-expert loop computes the same thing from the same weights. With
+`fp8=True` both projections run through `fp8.grouped_mm` (e4m3, rowwise scales).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import fp8 as fp8_mm
 
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
@@ -23,9 +26,9 @@ def group_offsets(counts: torch.Tensor) -> torch.Tensor:
 
 
 class SwiGLUExperts(nn.Module):
-    def __init__(self, num_experts: int, d_model: int, ffn_hidden: int):
+    def __init__(self, num_experts: int, d_model: int, ffn_hidden: int, fp8: bool = False):
         super().__init__()
-        self.num_experts, self.ffn_hidden = num_experts, ffn_hidden
+        self.num_experts, self.ffn_hidden, self.fp8 = num_experts, ffn_hidden, fp8
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, 2 * ffn_hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden, d_model))
 
@@ -33,6 +36,10 @@ class SwiGLUExperts(nn.Module):
         """x: [N, d] rows sorted by expert; counts: [E] rows per expert. Returns [N, d]."""
         if grouped is None:
             grouped = grouped_mm_available(x)
+        if self.fp8:
+            offs = group_offsets(counts) if grouped and fp8_mm.kernel_available(x) else None
+            gate, up = fp8_mm.grouped_mm(x, self.w1, counts, offs).chunk(2, dim=-1)  # [N, F] each
+            return fp8_mm.grouped_mm(F.silu(gate) * up, self.w2, counts, offs)  # [N, d]
         if grouped:
             offs = group_offsets(counts)
             h = torch._grouped_mm(x, self.w1, offs=offs)  # [N, 2F]

@@ -19,11 +19,11 @@ class MoELayer(nn.Module):
                  routing: str = "token_choice", capacity_factor: float | None = None,
                  norm_topk_prob: bool = False, num_shared_experts: int = 0,
                  lb_loss_weight: float = 0.01, z_loss_weight: float = 0.001, lb_loss_scope: str = "micro_batch",
-                 expert_bias: bool = False, router_dtype: str = "model"):
+                 expert_bias: bool = False, router_dtype: str = "model", expert_precision: str = "model"):
         super().__init__()
         self.router = Router(d_model, num_experts, top_k, routing, capacity_factor, norm_topk_prob,
                              lb_loss_scope, expert_bias, router_dtype)
-        self.experts = SwiGLUExperts(num_experts, d_model, ffn_hidden)
+        self.experts = SwiGLUExperts(num_experts, d_model, ffn_hidden, fp8=expert_precision == "fp8")
         self.shared = SwiGLU(d_model, ffn_hidden * num_shared_experts) if num_shared_experts else None
         self.dispatcher = Dispatcher(num_experts)
         self.lb_loss_weight, self.z_loss_weight = lb_loss_weight, z_loss_weight

@@ -24,31 +24,24 @@ class Plan:
     state_gib: float      # weights + gradients + optimizer state on that rank
 
 
+def stage_param_counts(cfg: Config, tp: int, pp: int, ep: int) -> list[dict[str, int]]:
+    """Parameters by kind (`ModelConfig.param_counts`) held by one rank of each pipeline stage."""
+    stages = stage_layers(cfg.model.n_layers, pp, cfg.parallel.pipeline_layers)
+    return [cfg.model.param_counts(cfg.moe, layers, embedding=s == 0, head=s == pp - 1, tp=tp, ep=ep)
+            for s, layers in enumerate(stages)]
+
+
 def params_per_stage(cfg: Config, tp: int, pp: int, ep: int) -> list[int]:
     """Parameters held by one rank of each pipeline stage."""
-    m, moe = cfg.model, cfg.moe
-    d, width, f, e = m.d_model, m.n_heads * m.dim_per_head, moe.ffn_hidden, moe.num_experts
-    attention = (4 * d * width + 2 * width) // tp  # q, k, v, o and the QK-norm weights: cut by heads
-    norms = 2 * d
-    moe_ffn = e * d + e * 3 * d * f // ep + moe.num_shared_experts * 3 * d * f  # router, experts, shared
-    dense_ffn = 3 * d * moe.dense_width()
-    moe_layers = set(cfg.moe_layer_ids())
-    stages = stage_layers(m.n_layers, pp, cfg.parallel.pipeline_layers)
-    counts = [sum(attention + norms + (moe_ffn if i in moe_layers else dense_ffn) for i in layers)
-              for layers in stages]
-    counts[0] += m.vocab_size * d // tp                # embedding (vocab-parallel)
-    counts[-1] += m.vocab_size * d // tp + d           # LM head (vocab-parallel) and final norm
-    return counts
+    return [sum(counts.values()) for counts in stage_param_counts(cfg, tp, pp, ep)]
 
 
 def _state_bytes(cfg: Config, tp: int, pp: int, ep: int, dp: int, stage: int, bf16: bool) -> float:
     """Weights + grads + Adam state of one rank; ZeRO-1/2 shard the optimizer state (and ZeRO-2
     the gradients) over data parallelism (dense) or expert-data parallelism (experts)."""
-    total = params_per_stage(cfg, tp, pp, ep)[stage]
-    m, moe = cfg.model, cfg.moe
-    moe_layers = len(set(stage_layers(m.n_layers, pp, cfg.parallel.pipeline_layers)[stage]) & set(cfg.moe_layer_ids()))
-    experts = moe_layers * moe.num_experts * 3 * m.d_model * moe.ffn_hidden // ep
-    dense = total - experts
+    counts = stage_param_counts(cfg, tp, pp, ep)[stage]
+    experts = counts["experts"]
+    dense = sum(counts.values()) - experts
     zero = cfg.parallel.zero_stage
     weight, grad, optim = (2, 2, 12) if bf16 else (4, 4, 8)  # bf16: fp32 master + 2 moments
     out = 0.0

@@ -22,7 +22,7 @@ cheap) so capacity, expert choice and the auxiliary losses are those of the 1-ra
 rank then dispatches only the assignments of its own chunk's tokens.
 
 TP-cut parameters carry `tensor_model_parallel = True` and `partition_dim` (what DeepSpeed's
-gradient-norm code looks for) and the `megamoe.parallel.sharding` marks (init, checkpoints).
+gradient-norm code looks for) and the `megamoe.sharding` marks (init, checkpoints).
 """
 
 import dataclasses
@@ -39,7 +39,7 @@ from ..moe.layer import MoELayer
 from ..moe.router import Routing, expert_counts
 from .mappings import (copy_to_tp, gather_from_sp, reduce_for_sharded, reduce_from_tp,
                        reduce_scatter_to_sp, sum_grad_over)
-from .sharding import full_shape, shard_parameter
+from ..sharding import full_shape, shard_parameter
 from .state import ParallelState
 
 

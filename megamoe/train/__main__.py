@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, lock)
         code = trainer.fit()
         if code == 0 and trainer.is_logger and cfg.run.sample_prompt:
-            from .sample import sample_from_checkpoint
+            from ..inference.generate import sample_from_checkpoint
             text = sample_from_checkpoint(trainer.run_dir, cfg.run.sample_prompt, cfg.run.sample_tokens)
             print(f"megamoe: sample from the final checkpoint:\n{cfg.run.sample_prompt}{text}", flush=True)
         if code == 0 and trainer.is_logger:

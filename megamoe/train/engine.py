@@ -40,7 +40,7 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 def build_model(cfg: Config, state: ParallelState) -> OLMoE:
     """The plain model, cut to this rank's layout and initialised like the 1-rank model."""
-    model = OLMoE(cfg)
+    model = cfg.model.build(cfg.moe)
     if state.pp > 1:
         from ..parallel.pipeline import apply_pipeline
         apply_pipeline(model, state, cfg.parallel.pipeline_layers)
@@ -50,15 +50,12 @@ def build_model(cfg: Config, state: ParallelState) -> OLMoE:
     if state.ep > 1:
         from ..parallel.expert import apply_expert_parallel
         apply_expert_parallel(model, state)
-        if cfg.moe.backend == "deepspeed":
-            from ..moe import deepspeed_backend
-            deepspeed_backend.apply_expert_parallel(model, state)
     if cfg.moe.lb_loss_scope == "global_batch" and state.dp > 1:
         from ..parallel.balance import apply_global_load_balancing
         apply_global_load_balancing(model, state)
     init_weights(model, cfg.model.init_std, cfg.train.seed)
     if cfg.parallel.activation_checkpointing != "none":
-        from ..parallel.checkpointing import apply_activation_checkpointing
+        from ..parallel.activation_checkpointing import apply_activation_checkpointing
         apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
     if cfg.train.compile:
         if resolve_device(cfg).type == "cuda":
@@ -112,7 +109,7 @@ def build_optimizer(cfg: Config, model: nn.Module, state: ParallelState,
     if cfg.parallel.zero_stage == 0:
         from .optimizer import AdamW
         return AdamW(groups, state, max_norm=o.grad_clip, master_weights=resolve_dtype(cfg, device) != torch.float32,
-                     **kwargs)
+                     offload=o.offload == "cpu", **kwargs)
     if device.type == "cuda":
         try:
             from apex.optimizers import FusedAdam

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..deepspeed_adapter import report_grad_norm
 from ..parallel import comm
-from ..parallel.sharding import shards
+from ..sharding import shards
 from . import fused_adamw
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -55,11 +55,17 @@ class AdamW(torch.optim.Optimizer):
     """Decoupled-weight-decay Adam (torch's AdamW arithmetic) over parameters of any dtype."""
 
     def __init__(self, groups: list[dict], parallel_state, *, lr: float, betas: tuple[float, float],
-                 eps: float, max_norm: float, master_weights: bool = False):
+                 eps: float, max_norm: float, master_weights: bool = False, offload: bool = False):
         """master_weights: keep an fp32 copy of every parameter, taken now (build the optimizer
-        over the fp32 initialisation, then cast the parameters to bf16)."""
+        over the fp32 initialisation, then cast the parameters to bf16). offload: keep the fp32
+        masters and the moments in host memory and update there (`offload.HostAdamW`)."""
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0))
-        self.parallel_state, self.max_norm, self.master_weights = parallel_state, max_norm, master_weights
+        self.parallel_state, self.max_norm = parallel_state, max_norm
+        self.master_weights = master_weights or offload
+        self.host = None
+        if offload:
+            from .offload import HostAdamW
+            self.host = HostAdamW(next(p.device for g in self.param_groups for p in g["params"]))
         report_grad_norm(self, None)  # the engine's get_global_grad_norm()
         self.overflow = False  # the last step was skipped (the engine counts skipped_steps)
         self.also_finite: torch.Tensor | None = None  # e.g. the step's loss: must be finite too
@@ -71,10 +77,11 @@ class AdamW(torch.optim.Optimizer):
         st = self.state[p]
         if not st:
             st["step"] = torch.zeros((), dtype=torch.float32)
+            home = p.device if self.host is None else torch.device("cpu")
             if self.master_weights:
-                st["master"] = p.detach().float().clone()
+                st["master"] = p.detach().to(home, torch.float32, copy=True).contiguous()
             for k in MOMENTS:
-                st[k] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                st[k] = torch.zeros(p.shape, dtype=torch.float32, device=home)
         return st
 
     # Per-parameter state, for checkpoints -------------------------------------------------
@@ -111,6 +118,9 @@ class AdamW(torch.optim.Optimizer):
         if not ok:
             return
         scale = min(1.0, self.max_norm / (norm_value + 1e-6)) if self.max_norm > 0 else 1.0
+        if self.host is not None:
+            self._step_on_host(scale)
+            return
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -122,3 +132,16 @@ class AdamW(torch.optim.Optimizer):
                                        lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                                        weight_decay=group["weight_decay"], step=int(st["step"]),
                                        grad_scale=scale)
+
+    def _step_on_host(self, scale: float) -> None:
+        items = []
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                         weight_decay=group["weight_decay"])
+            for p in group["params"]:
+                if p.grad is not None:
+                    st = self._init_state(p)
+                    st["step"] += 1
+                    items.append((p, st["master"], st["exp_avg"], st["exp_avg_sq"], dict(hyper, step=st["step"])))
+        self.host.step(items, scale)

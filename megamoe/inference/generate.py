@@ -1,6 +1,10 @@
 """Sampling text from a model (no KV cache: meant for the small models of quick checks)."""
 
+from pathlib import Path
+
 import torch
+
+from .load import load_model, tokenizer_for
 
 
 @torch.no_grad()
@@ -12,7 +16,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48, temperatur
     ids = tokenizer.encode(prompt)
     tokens = torch.tensor([ids], device=device)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    limit = model.cfg.model.max_seq_len
+    limit = model.cfg.max_seq_len
     for _ in range(max_new_tokens):
         logits = model(tokens[:, -limit:]).logits[0, -1].float().cpu()  # [V]
         if temperature <= 0:
@@ -24,3 +28,9 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48, temperatur
             break
         tokens = torch.cat([tokens, torch.tensor([[nxt]], device=device)], dim=1)
     return tokenizer.decode(tokens[0, len(ids):].tolist())
+
+
+def sample_from_checkpoint(path: Path, prompt: str, max_new_tokens: int, **kwargs) -> str:
+    """The continuation of `prompt` by the latest (or a given) checkpoint of a run, on one process."""
+    model, cfg = load_model(path)
+    return generate(model, tokenizer_for(cfg), prompt, max_new_tokens, **kwargs)
