@@ -49,7 +49,8 @@ class StepStats:
         load = comm.all_reduce(load, state.dp_group)
         if sequence_parallel:  # each TP rank routed its own sequence chunk
             load = comm.all_reduce(load, state.tp_group)
-        host = torch.cat([sums, load.flatten()]).cpu()  # the step's one device-to-host copy
-        aux, lm, lb, z = host[:4].tolist()
+        values = torch.cat([sums, load.flatten()]).tolist()  # the step's one read to the host
+        aux, lm, lb, z = values[:4]
         n = max(self.n_moe, 1)
-        return {"loss": lm + aux, "lm_loss": lm, "lb_loss": lb / n, "z_loss": z / n}, host[4:].view(load.shape)
+        return ({"loss": lm + aux, "lm_loss": lm, "lb_loss": lb / n, "z_loss": z / n},
+                torch.tensor(values[4:], dtype=torch.float64).view(load.shape))
