@@ -54,7 +54,7 @@ def test_router_losses_match_transformers():
         out = hf(tokens, output_router_logits=True)
         ours(tokens)
     from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
-    for layer, logits in zip(ours.moe_layers(), out.router_logits):
+    for layer, logits in zip(ours.moe_rows().values(), out.router_logits):
         ref_lb = load_balancing_loss_func((logits,), cfg.moe.num_experts, cfg.moe.top_k)
         ref_z = torch.logsumexp(logits.float(), -1).pow(2).mean()
         torch.testing.assert_close(layer.stats["lb_loss"], ref_lb, rtol=1e-5, atol=1e-6)
@@ -75,7 +75,7 @@ def test_cross_entropy_over_targets_and_weighted_aux_loss():
     lm_loss = cross_entropy(out.logits, labels) / (labels != -100).sum()
     torch.testing.assert_close(lm_loss, ref.loss, rtol=1e-5, atol=1e-6)
     expected_aux = sum(cfg.moe.lb_loss_weight * l.stats["lb_loss"] + cfg.moe.z_loss_weight * l.stats["z_loss"]
-                       for l in ours.moe_layers())
+                       for l in ours.moe_rows().values())
     torch.testing.assert_close(out.aux_loss, expected_aux)
 
 

@@ -77,13 +77,10 @@ class OLMoE(nn.Module):
             aux = aux + block_aux
         return Output(logits=self.lm_head(self.norm(h)), aux_loss=aux)
 
-    def moe_layers(self) -> list[nn.Module]:
-        """The MoE FFNs (either backend): each keeps its last forward's routing `stats`."""
-        return [b.ffn for b in self.layers.values() if hasattr(b.ffn, "stats")]
-
     def moe_rows(self) -> dict[int, nn.Module]:
-        """This stage's MoE FFNs by their row in the trainer's per-step [MoE layers, E] loads
-        (their place among all the model's MoE layers: `Config.moe_layer_ids`)."""
+        """This stage's MoE FFNs (either backend; each keeps its last forward's routing `stats`),
+        in layer order, by their row in the trainer's per-step [MoE layers, E] loads (their
+        place among all the model's MoE layers: `Config.moe_layer_ids`)."""
         row = {layer: r for r, layer in enumerate(self.cfg.moe_layer_ids())}
         return {row[int(key)]: b.ffn for key, b in self.layers.items() if hasattr(b.ffn, "stats")}
 
