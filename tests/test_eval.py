@@ -24,6 +24,7 @@ from megamoe.eval.tasks import Item, Task, TaskError, letter_format, load_task
 from megamoe.eval.training import TrainingEvaluator
 from megamoe.inference.load import load_model, tokenizer_for
 from megamoe.model.olmoe import OLMoE, init_weights
+from megamoe.train.loss import cross_entropy
 from distributed import run_ranks
 from pip_cache import pip_target
 from runs import launch, metrics
@@ -81,7 +82,7 @@ def test_batched_loglikelihoods_are_each_pair_scored_alone():
              Item("x", ("y", "zz"), 1)]
     task = Task("t", "cloze", tuple(items))
     ev = Evaluator([task], Chars(), width=64)
-    got = ev.scores(model_forward(model, model.loss_fn, torch.device("cpu")), rows=4, width=None)
+    got = ev.scores(model_forward(model, cross_entropy, torch.device("cpu")), rows=4, width=None)
     want = []
     for item in items:
         for choice in item.choices:
@@ -92,7 +93,7 @@ def test_batched_loglikelihoods_are_each_pair_scored_alone():
                          float((scored.argmax(-1) == torch.tensor(cont)).all())])
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-5)
     # data-parallel shares: each rank scores some windows, their sum is the whole
-    shares = [ev.scores(model_forward(model, model.loss_fn, torch.device("cpu")), 2, 64, r, 3) for r in range(3)]
+    shares = [ev.scores(model_forward(model, cross_entropy, torch.device("cpu")), 2, 64, r, 3) for r in range(3)]
     assert all((s[:, 0] != 0).sum() < len(want) for s in shares)
     torch.testing.assert_close(sum(shares), got, rtol=1e-5, atol=1e-5)
 
@@ -109,7 +110,7 @@ def test_completion_is_an_exact_match_of_the_greedy_continuation(tmp_path):
                             for a in (answer, answer[:-1] + chr(33 + (ord(answer[-1]) - 32) % 94))))
     task = load_task(str(path))
     ev = Evaluator([task], Chars(), width=64)
-    result = ev.results(ev.scores(model_forward(model, model.loss_fn, torch.device("cpu")), 2, None))["gen"]
+    result = ev.results(ev.scores(model_forward(model, cross_entropy, torch.device("cpu")), 2, None))["gen"]
     assert task.format == "completion" and [s["exact_match"] for s in result["samples"]] == [True, False]
     assert result["exact_match"] == 0.5
     with pytest.raises(TaskError, match="no letter format"):
@@ -192,7 +193,7 @@ def test_trained_model_beats_chance_and_a_random_one_does_not(trained):
     init_weights(random_model, cfg.model.init_std, seed=1)
     ev = Evaluator([load_task("next_line", ITEMS)], tokenizer_for(cfg), cfg.model.max_seq_len)
     with torch.no_grad():
-        scores = ev.scores(model_forward(random_model.eval(), random_model.loss_fn, torch.device("cpu")), 8, None)
+        scores = ev.scores(model_forward(random_model.eval(), cross_entropy, torch.device("cpu")), 8, None)
     assert abs(ev.results(scores)["next_line"]["acc"] - 0.25) < 2 * 0.04
 
 

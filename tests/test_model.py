@@ -8,6 +8,7 @@ from megamoe.checkpoint.hf import hf_config_dict, to_hf
 from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig
 from megamoe.model.olmoe import init_weights
 from megamoe.moe.router import load_balancing_loss, z_loss
+from megamoe.train.loss import cross_entropy
 
 
 def tiny(**moe) -> Config:
@@ -53,27 +54,29 @@ def test_router_losses_match_transformers():
         out = hf(tokens, output_router_logits=True)
         ours(tokens)
     from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
-    for layer, logits in zip(ours.moe_layers(), out.router_logits):
+    for layer, logits in zip(ours.moe_rows().values(), out.router_logits):
         ref_lb = load_balancing_loss_func((logits,), cfg.moe.num_experts, cfg.moe.top_k)
         ref_z = torch.logsumexp(logits.float(), -1).pow(2).mean()
         torch.testing.assert_close(layer.stats["lb_loss"], ref_lb, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(layer.stats["z_loss"], ref_z, rtol=1e-5, atol=1e-6)
 
 
-def test_loss_is_cross_entropy_plus_weighted_aux():
+def test_cross_entropy_over_targets_and_weighted_aux_loss():
+    """The loss the trainer builds from the model's output: the summed cross-entropy over the
+    targets / their count is transformers' LM loss; the aux loss is Σ weighted lb + z."""
     cfg = tiny()
     ours, hf = pair(cfg)
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         labels = tokens[:, 1:].clone()
         labels[:, -1] = -100  # HF shifts labels itself, so it never scores the last position
-        out = ours(tokens[:, :-1], labels=labels)
+        out = ours(tokens[:, :-1])
         ref = hf(tokens[:, :-1], labels=tokens[:, :-1])
-    torch.testing.assert_close(out.lm_loss, ref.loss, rtol=1e-5, atol=1e-6)
+    lm_loss = cross_entropy(out.logits, labels) / (labels != -100).sum()
+    torch.testing.assert_close(lm_loss, ref.loss, rtol=1e-5, atol=1e-6)
     expected_aux = sum(cfg.moe.lb_loss_weight * l.stats["lb_loss"] + cfg.moe.z_loss_weight * l.stats["z_loss"]
-                       for l in ours.moe_layers())
+                       for l in ours.moe_rows().values())
     torch.testing.assert_close(out.aux_loss, expected_aux)
-    torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss)
 
 
 def test_lb_and_z_loss_formulas():

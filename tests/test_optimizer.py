@@ -151,7 +151,6 @@ def test_non_finite_step_changes_nothing(poison):
 
 NAN_AT = """
 import sys, torch
-import megamoe.model.olmoe as olmoe
 import megamoe.train.loop as loop
 from megamoe.train.__main__ import main
 first, last, rank = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -161,14 +160,15 @@ def counted(self):
     step[0] = self.step + 1  # the step being taken (as logged)
     return train_step(self)
 loop.Trainer.train_step = counted
-forward = olmoe.OLMoE.forward
+lm_loss = loop.Trainer._lm_loss
 def poisoned(self, *args, **kwargs):
-    out = forward(self, *args, **kwargs)
+    loss = lm_loss(self, *args, **kwargs)
     import torch.distributed as dist
-    if first <= step[0] <= last and out.loss is not None and (not dist.is_initialized() or dist.get_rank() == rank):
-        out.loss = out.loss * float("nan")
-    return out
-olmoe.OLMoE.forward = poisoned
+    if (self.model.training and first <= step[0] <= last
+            and (not dist.is_initialized() or dist.get_rank() == rank)):
+        loss = loss * float("nan")  # a non-finite training loss
+    return loss
+loop.Trainer._lm_loss = poisoned
 sys.exit(main(sys.argv[4:]))
 """
 

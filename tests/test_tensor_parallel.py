@@ -20,6 +20,7 @@ from megamoe.parallel.expert import apply_expert_parallel
 from megamoe.sharding import local_slice, mark_shard, shards
 from megamoe.parallel.state import ParallelState
 from megamoe.parallel.tensor import apply_tensor_parallel
+from megamoe.train.loss import cross_entropy, cross_entropy_for
 
 SEQ, BATCH, RTOL = 16, 2, 1e-5
 
@@ -54,15 +55,20 @@ def build(cfg: Config, state: ParallelState, layout: dict) -> OLMoE:
     return model
 
 
+def micro_batch_loss(out, labels: torch.Tensor, cross_entropy) -> torch.Tensor:
+    """The trainer's loss of one micro-batch: mean cross-entropy over its targets + aux loss."""
+    return cross_entropy(out.logits, labels) / (labels != -100).sum() + out.aux_loss
+
+
 def run_layout(rank: int, world_size: int, cfg: Config, layout: dict, data: list) -> tuple:
     """One rank: forward/backward on its DP rank's micro-batch, then the engine's DP mean.
     Returns (loss, {name: (grad, shard marks)})."""
     state = ParallelState(world_size, rank, tp=layout.get("tp", 1), ep=layout.get("ep", 1)).build_groups()
     model = build(cfg, state, layout)
     tokens, labels = data[state.dp_rank]
-    out = model(tokens, labels)
-    out.loss.backward()
-    loss = out.loss.detach()
+    loss = micro_batch_loss(model(tokens), labels, cross_entropy_for(state))  # vocab-parallel under TP
+    loss.backward()
+    loss = loss.detach()
     if state.dp > 1:
         dist.all_reduce(loss, group=state.dp_group)
         for p in model.parameters():
@@ -78,7 +84,7 @@ def reference(cfg: Config, data: list) -> tuple:
     """The 1-rank model on every micro-batch, averaged: (loss, {name: full grad})."""
     model = cfg.model.build(cfg.moe)
     init_weights(model, std=0.2, seed=0)
-    loss = sum(model(tokens, labels).loss for tokens, labels in data) / len(data)
+    loss = sum(micro_batch_loss(model(tokens), labels, cross_entropy) for tokens, labels in data) / len(data)
     loss.backward()
     return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
@@ -165,29 +171,34 @@ def test_mappings_are_conjugate_pairs():
             torch.testing.assert_close(grad, backward(gs, r), msg=f"{name} backward, rank {r}")
 
 
-def test_vocab_parallel_cross_entropy_equals_cross_entropy_of_gathered_logits():
+def test_the_tp2_cross_entropy_is_the_cross_entropy_of_gathered_logits():
+    """Under TP2 the trainer's cross-entropy (`cross_entropy_for`) is the vocab-parallel one: from
+    vocab-local logits [B, S, V/2] it gives the summed cross-entropy over the targets of the whole
+    logits, and this rank's columns of its gradient."""
     results = run_ranks(run_cross_entropy, 2)
     logits, labels = _logits_and_labels()
     full = logits.clone().requires_grad_()
-    want = F.cross_entropy(full, labels, ignore_index=-100)
+    want = F.cross_entropy(full.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
     want.backward()
     for r, (loss, grad) in enumerate(results):
         torch.testing.assert_close(loss, want.detach())
         torch.testing.assert_close(grad, full.grad.chunk(2, -1)[r])
+    torch.testing.assert_close(cross_entropy(logits, labels), want.detach())  # the 1-rank one
+    assert cross_entropy_for(ParallelState(1, 0)) is cross_entropy
 
 
 def _logits_and_labels():
     g = torch.Generator().manual_seed(3)
-    labels = torch.randint(0, 10, (12,), generator=g)
-    labels[::5] = -100
-    return torch.randn(12, 10, generator=g) * 3, labels
+    labels = torch.randint(0, 10, (3, 4), generator=g)
+    labels.view(-1)[::5] = -100
+    return torch.randn(3, 4, 10, generator=g) * 3, labels
 
 
 def run_cross_entropy(rank: int, world_size: int) -> tuple:
-    from megamoe.parallel.tensor import vocab_parallel_cross_entropy
+    state = ParallelState(world_size, rank, tp=world_size).build_groups()
     logits, labels = _logits_and_labels()
     local = logits.chunk(world_size, -1)[rank].clone().requires_grad_()
-    loss = vocab_parallel_cross_entropy(local, labels, dist.group.WORLD)
+    loss = cross_entropy_for(state)(local, labels)
     loss.backward()
     return loss.detach(), local.grad
 

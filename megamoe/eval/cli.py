@@ -13,6 +13,7 @@ import torch
 from ..checkpoint.canonical import resolve
 from ..checkpoint.files import read_meta
 from ..checkpoint.io import CheckpointError
+from ..train.loss import cross_entropy
 from .evaluator import Evaluator
 from .score import model_forward
 from .tasks import TaskError, load_task
@@ -57,7 +58,7 @@ def evaluate(checkpoint: Path, specs: list[str], limit: int | None = None, batch
         from tqdm import tqdm
         bar = tqdm(total=len(evaluator.windows), unit="seq", desc="megamoe-eval", file=sys.stderr)
     with torch.no_grad():
-        scores = evaluator.scores(model_forward(model, model.loss_fn, device), batch_size, None, progress=bar)
+        scores = evaluator.scores(model_forward(model, cross_entropy, device), batch_size, None, progress=bar)
     if bar is not None:
         bar.close()
     results = evaluator.results(scores)

@@ -87,10 +87,11 @@ def is_greedy(logits: torch.Tensor, labels: torch.Tensor, tp_group=None) -> torc
     return (target >= best) | (labels == -100)
 
 
-def row_scores(loss_fn, logits: torch.Tensor, labels: torch.Tensor, tp_group=None) -> torch.Tensor:
+def row_scores(cross_entropy, logits: torch.Tensor, labels: torch.Tensor, tp_group=None) -> torch.Tensor:
     """logits [rows, width, V(/tp)] -> [rows, 2] (fp64): Σ log p over each row's labels != -100,
-    and whether they are all greedy. `loss_fn` is the model's (vocab-parallel under TP)."""
-    logliks = -torch.stack([loss_fn(logits[i], labels[i], reduction="sum") for i in range(len(labels))])
+    and whether they are all greedy. `cross_entropy` sums a row's (`megamoe.train.loss`; the
+    vocab-parallel one under TP)."""
+    logliks = -torch.stack([cross_entropy(logits[i], labels[i]) for i in range(len(labels))])
     greedy = is_greedy(logits.flatten(0, 1), labels.flatten(), tp_group).view(labels.shape).all(-1)
     return torch.stack([logliks.double(), greedy.double()], -1)
 
@@ -109,8 +110,8 @@ def score(forward: Forward, windows: list[Window], rows: int, width: int | None,
     return out
 
 
-def model_forward(model, loss_fn, device: torch.device, tp_group=None) -> Forward:
+def model_forward(model, cross_entropy, device: torch.device, tp_group=None) -> Forward:
     """The Forward of a model (or DeepSpeed engine) that holds the LM head: one call per batch."""
     def forward(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return row_scores(loss_fn, model(tokens.to(device)).logits, labels.to(device), tp_group)
+        return row_scores(cross_entropy, model(tokens.to(device)).logits, labels.to(device), tp_group)
     return forward

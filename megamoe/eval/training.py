@@ -13,8 +13,9 @@ from functools import partial
 import torch
 
 from ..config import Config, ConfigError
-from ..parallel import comm, pipeline
+from ..parallel import comm, pipeline_schedule
 from ..parallel.state import ParallelState
+from ..train.loss import cross_entropy_for
 from .evaluator import Evaluator
 from .score import model_forward, row_scores
 from .tasks import TaskError, load_task
@@ -41,7 +42,7 @@ class TrainingEvaluator:
         if s.pp > 1:
             forward = partial(_pipeline_forward, engine, s, cfg, device, tp_group)
         else:
-            forward = model_forward(engine, engine.module.loss_fn, device, tp_group)
+            forward = model_forward(engine, cross_entropy_for(s), device, tp_group)
         scores = self.evaluator.scores(forward, cfg.train.micro_batch_size, cfg.data.seq_length, s.dp_rank, s.dp)
         scores = comm.all_reduce(scores, s.dp_group)
         if s.pp > 1:
@@ -52,5 +53,5 @@ class TrainingEvaluator:
 
 def _pipeline_forward(engine, state, cfg, device, tp_group, tokens, labels):
     tokens, labels = tokens.to(device), labels.to(device)
-    out = pipeline.forward_only(engine, state, cfg, tokens, labels)
-    return None if out is None else row_scores(engine.module.loss_fn, out.logits, labels, tp_group)
+    out = pipeline_schedule.forward_only(engine, state, cfg, tokens)
+    return None if out is None else row_scores(cross_entropy_for(state), out.logits, labels, tp_group)

@@ -9,7 +9,6 @@ import zlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..moe.experts import SwiGLU
@@ -48,16 +47,9 @@ class Block(nn.Module):
 
 @dataclass
 class Output:
-    logits: torch.Tensor | None    # [B, S, V] (vocab-local under TP); None before the last stage
-    aux_loss: torch.Tensor         # Σ over (this stage's) layers of weighted LB + z losses
-    loss: torch.Tensor | None = None     # lm_loss + aux_loss, when labels are given
-    lm_loss: torch.Tensor | None = None  # mean cross-entropy
-    hidden: torch.Tensor | None = None   # [B, S, d]: a non-last pipeline stage's output
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Token cross-entropy in fp32, mean or sum; logits [N, V], labels [N] (-100 is ignored)."""
-    return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction=reduction)
+    logits: torch.Tensor    # [B, S, V] (vocab-local under TP); a pipeline stage before the last
+                            # returns its blocks' output [B, S, d] (S/tp under SP) here instead
+    aux_loss: torch.Tensor  # Σ over (this stage's) layers of the weighted LB + z losses
 
 
 class OLMoE(nn.Module):
@@ -70,18 +62,12 @@ class OLMoE(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg, moe, i) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.loss_fn = cross_entropy  # tensor parallelism swaps in the vocab-parallel one
-        # None: lm_loss is the mean over this micro-batch's targets. A number D: the sum over
-        # them / D. The trainer sets D for loss-masked data, so that every target of a step
-        # weighs the same however the batch is split into micro-batches and ranks.
-        self.loss_denominator: float | None = None
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
-                position_offset: int = 0, hidden: torch.Tensor | None = None) -> Output:
-        """tokens, labels: [B, S] (labels already shifted; -100 is ignored).
+    def forward(self, tokens: torch.Tensor, position_offset: int = 0,
+                hidden: torch.Tensor | None = None) -> Output:
+        """tokens [B, S] -> logits and the auxiliary loss; the loss is the trainer's.
 
-        A pipeline stage without `embed` starts from the previous stage's `hidden` [B, S, d];
-        one without `lm_head` returns its blocks' output as `Output.hidden`."""
+        A pipeline stage without `embed` starts from the previous stage's `hidden` [B, S, d]."""
         m = self.cfg
         h = self.embed(tokens) if hidden is None else hidden  # [B, S, d]
         cos, sin = rope_cos_sin(tokens.shape[1], m.dim_per_head, m.rope_theta, tokens.device,
@@ -90,26 +76,12 @@ class OLMoE(nn.Module):
         for block in self.layers.values():
             h, block_aux = block(h, cos, sin)
             aux = aux + block_aux
-        if self.lm_head is None:
-            return Output(logits=None, aux_loss=aux, hidden=h)
-        logits = self.lm_head(self.norm(h))
-        out = Output(logits=logits, aux_loss=aux)
-        if labels is not None:
-            if self.loss_denominator is None:
-                out.lm_loss = self.loss_fn(logits.flatten(0, 1), labels.flatten())
-            else:
-                out.lm_loss = self.loss_fn(logits.flatten(0, 1), labels.flatten(),
-                                           reduction="sum") / self.loss_denominator
-            out.loss = out.lm_loss + aux
-        return out
-
-    def moe_layers(self) -> list[nn.Module]:
-        """The MoE FFNs (either backend): each keeps its last forward's routing `stats`."""
-        return [b.ffn for b in self.layers.values() if hasattr(b.ffn, "stats")]
+        return Output(logits=self.lm_head(self.norm(h)), aux_loss=aux)
 
     def moe_rows(self) -> dict[int, nn.Module]:
-        """This stage's MoE FFNs by their row in the trainer's per-step [MoE layers, E] loads
-        (their place among all the model's MoE layers: `MoEConfig.layer_ids`)."""
+        """This stage's MoE FFNs (either backend; each keeps its last forward's routing `stats`),
+        in layer order, by their row in the trainer's per-step [MoE layers, E] loads (their
+        place among all the model's MoE layers: `MoEConfig.layer_ids`)."""
         row = {layer: r for r, layer in enumerate(self.moe_cfg.layer_ids(self.cfg.n_layers))}
         return {row[int(key)]: b.ffn for key, b in self.layers.items() if hasattr(b.ffn, "stats")}
 

@@ -1,7 +1,7 @@
 """All-reduce for the trainer's bookkeeping tensors: logged losses, expert loads, norms, flags.
 
-These live on the CPU (they are read there), but NCCL reduces only CUDA tensors and gloo
-only CPU ones. `all_reduce` moves a tensor to where the group's backend needs it and
+These live on the CPU or, for the step's statistics (`megamoe.train.stats`), on the model's
+device; NCCL reduces only CUDA tensors and gloo only CPU ones. `all_reduce` moves a tensor to where the group's backend needs it and
 returns the result where the tensor was. Activations and gradients never come here: they
 are already on the model's device (mappings.py, dispatch.py).
 """

@@ -26,7 +26,6 @@ gradient-norm code looks for) and the `megamoe.sharding` marks (init, checkpoint
 """
 
 import dataclasses
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -166,14 +165,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return (g * grad.unsqueeze(-1)).to(ctx.dtype), None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group,
-                                 reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy over labels != -100, mean or sum; logits [N, V/tp] vocab-local, labels [N]
-    global ids. Equal to F.cross_entropy on the gathered logits, without ever holding [N, V]."""
-    losses = _VocabParallelCrossEntropy.apply(logits, labels, group)  # [N]
-    valid = labels != -100
-    total = (losses * valid).sum()
-    return total if reduction == "sum" else total / valid.sum()
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group) -> torch.Tensor:
+    """Σ over labels != -100 of the token cross-entropy (fp32); logits [..., V/tp] vocab-local,
+    labels [...] global ids. Equal to `megamoe.train.loss.cross_entropy` of the gathered logits,
+    without ever holding [N, V]."""
+    labels = labels.flatten()
+    losses = _VocabParallelCrossEntropy.apply(logits.flatten(0, -2), labels, group)  # [N]
+    return (losses * (labels != -100)).sum()
 
 
 class _WholeSequenceRouting:
@@ -233,7 +231,6 @@ def apply_tensor_parallel(model: nn.Module, state: ParallelState, sequence_paral
         model.embed = VocabParallelEmbedding(model.embed, state, region)
     if isinstance(getattr(model, "lm_head", None), nn.Linear):
         model.lm_head = ColumnParallelLinear(model.lm_head, state, region)
-        model.loss_fn = partial(vocab_parallel_cross_entropy, group=state.tp_group)
     if sequence_parallel:
         for moe in [m for m in model.modules() if isinstance(m, MoELayer)]:
             _WholeSequenceRouting(moe, state)

@@ -7,7 +7,6 @@ reads exactly the samples it would have read had it never stopped.
 
 import math
 import time
-from contextlib import contextmanager
 from datetime import timedelta
 from functools import partial
 
@@ -22,12 +21,14 @@ from ..distributed import discover_env, init_distributed
 from ..eval.training import TrainingEvaluator
 from ..model.flops import flops_per_token, peak_flops
 from ..moe.router import update_expert_bias
-from ..parallel import comm, pipeline
+from ..parallel import comm, pipeline_schedule
 from ..parallel.state import ParallelState
 from .engine import build_engine, build_model, lr_at, resolve_device, resolve_dtype
+from .loss import cross_entropy_for
 from .metrics import MetricsLogger
 from .rundir import RunLock, check_resumable, prepare_run_dir
 from .signals import EXIT_REQUEUE, PreemptionHandler
+from .stats import StepStats
 
 
 class Trainer:
@@ -52,6 +53,7 @@ class Trainer:
         self.tasks = TrainingEvaluator(cfg, self.state, self.tokenizer)  # train.eval_tasks, read now
         self.model = build_model(cfg, self.state)
         self.engine = build_engine(cfg, self.state, self.model, self.device)
+        self.cross_entropy = cross_entropy_for(self.state)  # vocab-parallel under TP
         self.step = 0
         self.skipped_steps = self.skipped_in_a_row = 0  # divergence guard (`_guard`)
         latest = latest_checkpoint(self.run_dir / "checkpoints")
@@ -78,52 +80,41 @@ class Trainer:
             labels = labels.masked_fill(~mask[:, 1:], -100)
         return tokens.to(self.device), labels.to(self.device)
 
-    def _count_targets(self, data, step: int, batches: int) -> float:
-        """Targets (labels != -100) in `batches` micro-batches of `step` over the DP group: the
-        whole step's, read from the data alone (no forward pass)."""
+    def _targets(self, data, step: int) -> float:
+        """What each micro-batch's summed cross-entropy is divided by: the step's targets (labels
+        != -100) over DP / (micro-batches × DP), so every target of the step weighs the same
+        whatever the split into micro-batches and ranks (DeepSpeed then averages over both).
+        Without loss masks every label is a target, and this is a micro-batch's mbs × seq."""
         t, s = self.cfg.train, self.state
-        count = sum(int(get_batch(data, step, t.global_batch_size, t.micro_batch_size, s.dp_rank, s.dp, m,
-                                  loss_mask=True)[:, 1:].sum()) for m in range(batches))  # the labels' mask
-        return float(comm.all_reduce(torch.tensor([count], dtype=torch.float64), self.state.dp_group))
-
-    @contextmanager
-    def _per_target_loss(self, data, step: int, batches: int, scale: int):
-        """Loss-masked data: each micro-batch's lm_loss is its sum over targets × `scale` / the
-        step's target count, so every target weighs the same whatever the split into micro-
-        batches and ranks (DeepSpeed then averages over both: scale = micro-batches × DP).
-        Without loss masks, the mean per micro-batch is the same thing and nothing changes."""
         if not data.has_loss_mask:
-            yield
-            return
-        self.model.loss_denominator = max(self._count_targets(data, step, batches), 1.0) / scale
-        try:
-            yield
-        finally:
-            self.model.loss_denominator = None
+            return float(t.micro_batch_size * self.cfg.data.seq_length)
+        count = sum(int(get_batch(data, step, t.global_batch_size, t.micro_batch_size, s.dp_rank, s.dp, m,
+                                  loss_mask=True)[:, 1:].sum()) for m in range(self.gas))  # the labels' mask
+        count = float(comm.all_reduce(torch.tensor([count], dtype=torch.float64), s.dp_group))
+        return max(count, 1.0) / (self.gas * s.dp)
+
+    def _lm_loss(self, logits: torch.Tensor, labels: torch.Tensor, targets: float) -> torch.Tensor:
+        """A micro-batch's LM loss: its summed cross-entropy / the step's `targets` share."""
+        return self.cross_entropy(logits, labels) / targets
 
     def train_step(self) -> dict:
         """One optimizer step; returns the step's metrics (averaged over micro-batches and DP)."""
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr_at(self.cfg, self.step)
-        layers = self.model.moe_layers()
-        with self._per_target_loss(self.train_data, self.step, self.gas, self.gas * self.state.dp):
-            if self.state.pp > 1:  # 1F1B over the micro-batches; sums and loads of every stage
-                sums, load = pipeline.train_step(self.engine, self.state, self.cfg,
-                                                 partial(self._micro_batch, self.train_data, self.step))
-            else:
-                sums, load = self._accumulate(layers)
-        sums = _all_reduce_mean(sums / self.gas, self.state.dp_group).cpu()
-        load = comm.all_reduce(load, self.state.dp_group)
-        if self.cfg.parallel.sequence_parallel:  # each TP rank routed its own sequence chunk
-            load = comm.all_reduce(load, self.state.tp_group)
-        load = load.cpu()
+        stats = StepStats(self.cfg, self.model, self.device)
+        lm_loss = partial(self._lm_loss, targets=self._targets(self.train_data, self.step))
+        if self.state.pp > 1:  # 1F1B over the micro-batches
+            pipeline_schedule.train_step(self.engine, self.state, self.cfg,
+                                         partial(self._micro_batch, self.train_data, self.step), lm_loss, stats)
+        else:
+            self._accumulate(lm_loss, stats)
+        losses, load = stats.read(self.state, self.gas, self.cfg.parallel.sequence_parallel)
         skipped = bool(getattr(self.engine.optimizer, "overflow", False))
         routing = self._after_optimizer_step(load, update_bias=not skipped)
         self.step += 1
         norm = self.engine.get_global_grad_norm()
         self._guard(skipped)
-        return {"loss": sums[0].item(), "lm_loss": sums[1].item(), "lb_loss": sums[2].item(),
-                "z_loss": sums[3].item(), "lr": lr_at(self.cfg, self.step - 1),
+        return {**losses, "lr": lr_at(self.cfg, self.step - 1),
                 "grad_norm": float(norm) if norm is not None else float("nan"),
                 "skipped_steps": self.skipped_steps,
                 "expert_load": ((load / load.sum(-1, keepdim=True).clamp_min(1)).tolist()
@@ -168,42 +159,32 @@ class Trainer:
                 "checkpoint holds finite weights: resume from it with a lower optim.lr, more "
                 "optim.warmup_steps or a tighter optim.grad_clip")
 
-    def _accumulate(self, layers) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward over the step's micro-batches (no pipeline) → the sums of
-        (loss, lm_loss, mean lb, mean z) and the expert loads [layers, E]. Summed where the
-        model runs and read once per step: one host sync, not one per micro-batch and layer."""
-        sums, load = None, None
+    def _accumulate(self, lm_loss, stats: StepStats) -> None:
+        """Forward and backward over the step's micro-batches (no pipeline), each forward's
+        statistics added to `stats`."""
         for micro in range(self.gas):
             tokens, labels = self._micro_batch(self.train_data, self.step, micro)
-            out = self.engine(tokens, labels)
-            self.engine.backward(out.loss)
-            micro_sums = torch.stack([out.loss.detach().float(), out.lm_loss.detach().float(),
-                                      _layer_mean(layers, "lb_loss", out.loss),
-                                      _layer_mean(layers, "z_loss", out.loss)]).double()
-            sums = micro_sums if sums is None else sums + micro_sums
+            out = self.engine(tokens)
+            lm = lm_loss(out.logits, labels)
+            stats.add(out.aux_loss, lm)
+            self.engine.backward(lm + out.aux_loss)
             if micro == self.gas - 1 and hasattr(self.engine.optimizer, "also_finite"):
-                self.engine.optimizer.also_finite = sums[0]  # a non-finite loss skips the step too
+                self.engine.optimizer.also_finite = stats.loss()  # a non-finite loss skips the step too
             self.engine.step()  # steps the optimizer after the last micro-batch only
-            if layers:
-                micro_load = torch.stack([l.stats["expert_load"].double() for l in layers])
-                load = micro_load if load is None else load + micro_load
-        if load is None:
-            load = torch.zeros(0, 1, dtype=torch.float64)
-        return sums, load
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         self.model.eval()
         total = torch.zeros(1, dtype=torch.float64, device=self.device)  # read once, at the end
         for i in range(self.cfg.train.eval_batches):  # each batch: the mean over its targets
-            with self._per_target_loss(self.valid_data, i, self.gas, self.gas * self.state.dp):
-                if self.state.pp > 1:
-                    total += pipeline.eval_lm_loss(self.engine, self.state, self.cfg,
-                                                   partial(self._micro_batch, self.valid_data, i))
-                    continue
-                for micro in range(self.gas):
-                    tokens, labels = self._micro_batch(self.valid_data, i, micro)
-                    total += self.engine(tokens, labels).lm_loss.double()
+            lm_loss = partial(self._lm_loss, targets=self._targets(self.valid_data, i))
+            if self.state.pp > 1:
+                total += pipeline_schedule.eval_lm_loss(self.engine, self.state, self.cfg,
+                                                        partial(self._micro_batch, self.valid_data, i), lm_loss)
+                continue
+            for micro in range(self.gas):
+                tokens, labels = self._micro_batch(self.valid_data, i, micro)
+                total += lm_loss(self.engine(tokens).logits, labels).double()
         tasks = self.tasks(self.engine, self.device)
         self.model.train()
         loss = _all_reduce_mean(total / (self.cfg.train.eval_batches * self.gas), self.state.dp_group).item()
@@ -257,13 +238,6 @@ class Trainer:
 
 class DivergenceError(RuntimeError):
     """Too many consecutive steps had a non-finite gradient norm or loss."""
-
-
-def _layer_mean(layers, key: str, like: torch.Tensor) -> torch.Tensor:
-    """Mean over MoE layers of one logged statistic, on the model's device (0 without layers)."""
-    if not layers:
-        return torch.zeros((), dtype=torch.float32, device=like.device)
-    return torch.stack([l.stats[key] for l in layers]).float().mean()
 
 
 def _all_reduce_mean(t: torch.Tensor, group) -> torch.Tensor:

@@ -1,0 +1,56 @@
+"""The statistics a training step logs, summed where they are computed and read once per step.
+
+One `StepStats` serves the plain and the pipeline paths. After each micro-batch's forward it
+adds, on the model's device and without a host sync, the micro-batch's auxiliary loss, its LM
+loss (where this stage has logits) and what this stage's MoE layers kept of their routing (lb
+and z losses, expert loads). `read` sums over pipeline stages, averages over data parallelism
+and copies the result to the host once.
+"""
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..parallel import comm
+from ..parallel.state import ParallelState
+
+
+class StepStats:
+    def __init__(self, cfg: Config, model: nn.Module, device: torch.device):
+        rows = model.moe_rows()  # {row among all the model's MoE layers: this stage's FFN}
+        self.ffns = list(rows.values())
+        self.rows = torch.tensor(list(rows), dtype=torch.long, device=device)
+        self.n_moe = len(cfg.moe_layer_ids())
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # aux, lm, Σ_layers lb, Σ_layers z
+        self.load = torch.zeros(self.n_moe, cfg.moe.num_experts or 1, dtype=torch.float64, device=device)
+
+    def add(self, aux_loss: torch.Tensor, lm_loss: torch.Tensor | None) -> None:
+        """One micro-batch after its forward on this stage: its aux loss, its LM loss (None on a
+        stage before the last) and the routing statistics its MoE layers kept."""
+        lm = self.sums.new_zeros(()) if lm_loss is None else lm_loss.detach().double()
+        lb_z = self.sums.new_zeros(2)
+        if self.ffns:
+            stats = [ffn.stats for ffn in self.ffns]
+            lb_z = torch.stack([torch.stack([s["lb_loss"], s["z_loss"]]) for s in stats]).double().sum(0)
+            self.load.index_add_(0, self.rows, torch.stack([s["expert_load"] for s in stats]).double())
+        self.sums += torch.cat([torch.stack([aux_loss.detach().double(), lm]), lb_z])
+
+    def loss(self) -> torch.Tensor:
+        """This rank's Σ over micro-batches of (LM loss + aux loss), on the device."""
+        return self.sums[0] + self.sums[1]
+
+    def read(self, state: ParallelState, gas: int, sequence_parallel: bool) -> tuple[dict, torch.Tensor]:
+        """The step's logged losses (means over micro-batches and DP ranks, lb and z means over
+        MoE layers) and its expert loads [MoE layers, E] summed over every rank, on the host."""
+        sums, load = self.sums, self.load
+        if state.pp > 1:  # every stage's aux losses and MoE layers
+            sums, load = comm.all_reduce(sums, state.pp_group), comm.all_reduce(load, state.pp_group)
+        sums = comm.all_reduce(sums / gas, state.dp_group) / state.dp
+        load = comm.all_reduce(load, state.dp_group)
+        if sequence_parallel:  # each TP rank routed its own sequence chunk
+            load = comm.all_reduce(load, state.tp_group)
+        values = torch.cat([sums, load.flatten()]).tolist()  # the step's one read to the host
+        aux, lm, lb, z = values[:4]
+        n = max(self.n_moe, 1)
+        return ({"loss": lm + aux, "lm_loss": lm, "lb_loss": lb / n, "z_loss": z / n},
+                torch.tensor(values[4:], dtype=torch.float64).view(load.shape))
