@@ -64,10 +64,12 @@ class OLMoE(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
     def forward(self, tokens: torch.Tensor, position_offset: int = 0,
-                hidden: torch.Tensor | None = None) -> Output:
+                hidden: torch.Tensor | None = None, project: bool = True) -> Output:
         """tokens [B, S] -> logits and the auxiliary loss; the loss is the trainer's.
 
-        A pipeline stage without `embed` starts from the previous stage's `hidden` [B, S, d]."""
+        A pipeline stage without `embed` starts from the previous stage's `hidden` [B, S, d].
+        project=False: `Output.logits` holds the final-normed hidden states [B, S, d], which
+        the trainer's loss projects with `lm_head.weight` itself (`train/loss.py`)."""
         m = self.cfg
         h = self.embed(tokens) if hidden is None else hidden  # [B, S, d]
         cos, sin = rope_cos_sin(tokens.shape[1], m.dim_per_head, m.rope_theta, tokens.device,
@@ -76,7 +78,8 @@ class OLMoE(nn.Module):
         for block in self.layers.values():
             h, block_aux = block(h, cos, sin)
             aux = aux + block_aux
-        return Output(logits=self.lm_head(self.norm(h)), aux_loss=aux)
+        h = self.norm(h)
+        return Output(logits=self.lm_head(h) if project else h, aux_loss=aux)
 
     def moe_rows(self) -> dict[int, nn.Module]:
         """This stage's MoE FFNs (either backend; each keeps its last forward's routing `stats`),

@@ -24,7 +24,7 @@ from ..moe.router import update_expert_bias
 from ..parallel import comm, pipeline_schedule
 from ..parallel.state import ParallelState
 from .engine import build_engine, build_model, lr_at, resolve_device, resolve_dtype
-from .loss import cross_entropy_for
+from .loss import cross_entropy_for, linear_cross_entropy
 from .metrics import MetricsLogger
 from .rundir import RunLock, check_resumable, prepare_run_dir
 from .signals import EXIT_REQUEUE, PreemptionHandler
@@ -53,7 +53,11 @@ class Trainer:
         self.tasks = TrainingEvaluator(cfg, self.state, self.tokenizer)  # train.eval_tasks, read now
         self.model = build_model(cfg, self.state)
         self.engine = build_engine(cfg, self.state, self.model, self.device)
-        self.cross_entropy = cross_entropy_for(self.state)  # vocab-parallel under TP
+        # the loss of the model's output: vocab-parallel under TP; without TP and PP the model
+        # returns its final hidden states and the loss projects them chunk by chunk
+        self.project = self.state.tp > 1 or self.state.pp > 1
+        self.cross_entropy = (cross_entropy_for(self.state) if self.project else
+                              partial(linear_cross_entropy, weight=self.model.lm_head.weight))
         self.step = 0
         self.skipped_steps = self.skipped_in_a_row = 0  # divergence guard (`_guard`)
         latest = latest_checkpoint(self.run_dir / "checkpoints")
@@ -164,7 +168,7 @@ class Trainer:
         statistics added to `stats`."""
         for micro in range(self.gas):
             tokens, labels = self._micro_batch(self.train_data, self.step, micro)
-            out = self.engine(tokens)
+            out = self.engine(tokens, project=self.project)
             lm = lm_loss(out.logits, labels)
             stats.add(out.aux_loss, lm)
             self.engine.backward(lm + out.aux_loss)
@@ -184,7 +188,7 @@ class Trainer:
                 continue
             for micro in range(self.gas):
                 tokens, labels = self._micro_batch(self.valid_data, i, micro)
-                total += lm_loss(self.engine(tokens).logits, labels).double()
+                total += lm_loss(self.engine(tokens, project=self.project).logits, labels).double()
         tasks = self.tasks(self.engine, self.device)
         self.model.train()
         loss = _all_reduce_mean(total / (self.cfg.train.eval_batches * self.gas), self.state.dp_group).item()

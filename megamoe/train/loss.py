@@ -5,6 +5,12 @@ trainer passes (torchtitan's `global_valid_tokens`): the step's target count ove
 parallelism / (micro-batches × DP), so that every target of a step weighs the same whatever
 the split into micro-batches and ranks. Under tensor parallelism the logits are vocab-local
 and the sum is the vocab-parallel one, which never gathers the vocabulary.
+
+Without tensor or pipeline parallelism the trainer asks the model for its final hidden states
+and `linear_cross_entropy` projects them itself, chunk by chunk, computing the gradient in the
+forward pass: the logits exist one chunk at a time and never in fp32 (at OLMoE's vocabulary
+the fp32 logits and their gradient are 1.6 GB per 4096 tokens, and their softmax, casts and
+copies cost more than the LM head's GEMMs).
 """
 
 from collections.abc import Callable
@@ -25,6 +31,73 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits [..., V], labels [...]."""
     return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100,
                            reduction="sum")
+
+
+def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [n, V] (the head's dtype), labels [n] → (Σ of the targets' cross-entropies in fp32,
+    d loss / d logits [n, V] in the logits' dtype). Rows labelled -100 add nothing."""
+    x = logits.float()
+    valid = labels != -100
+    target = labels.clamp(min=0).unsqueeze(1)  # [n, 1]
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)  # [n, 1]
+    loss = ((lse - x.gather(1, target)).squeeze(1) * valid).sum()
+    grad = (x - lse).exp().scatter_add(1, target, -torch.ones_like(lse)) * valid.unsqueeze(1)
+    return loss, grad.to(logits.dtype)
+
+
+_compiled_chunk = None
+
+
+def _chunk_fn(device: torch.device):
+    """On CUDA the chunk's softmax, target pick and gradient are one compiled kernel pass."""
+    global _compiled_chunk
+    if device.type != "cuda":
+        return _chunk_loss_and_grad
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_chunk_loss_and_grad, dynamic=False)
+    return _compiled_chunk
+
+
+def _chunks(n: int, vocab: int) -> range:
+    """Row starts: chunks whose logits take at most ~1 GiB in bf16."""
+    return range(0, n, max(1, 2**29 // vocab))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, labels):
+        chunk = _chunk_fn(h.device)
+        starts = _chunks(h.shape[0], weight.shape[0])
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_w = None
+        for s in starts:
+            hc = h[s:s + starts.step]
+            part, d = chunk(hc @ weight.t(), labels[s:s + starts.step])  # d: [n, V]
+            loss += part
+            grad_h[s:s + starts.step] = d @ weight
+            gw = d.t() @ hc  # [V, d]
+            grad_w = gw if len(starts) == 1 else (gw.float() if grad_w is None else grad_w.add_(gw))
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        # scaled in fp32, as autograd scales the fp32 logits' gradient before casting it
+        return (grad_h.float() * grad_loss).to(grad_h.dtype), (grad_w.float() * grad_loss).to(ctx.weight_dtype), None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Σ over the targets (labels != -100) of the cross-entropy of `hidden @ weight.T`, in fp32:
+    what `cross_entropy(lm_head(hidden), labels)` computes, without the full logits.
+    hidden [..., d] (after the final norm), labels [...], weight [V, d] (the LM head's)."""
+    h, y = hidden.flatten(0, -2), labels.flatten()
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(h, weight, y)
+    starts = _chunks(h.shape[0], weight.shape[0])
+    return sum(_chunk_fn(h.device)(h[s:s + starts.step] @ weight.t(), y[s:s + starts.step])[0] for s in starts)
 
 
 def cross_entropy_for(state: ParallelState) -> CrossEntropy:
