@@ -5,7 +5,8 @@ transformers' OlmoeForCausalLM (grouped_mm experts, SDPA) holding the same weigh
     python bench/bench_model.py --cpu-smoke                         # tiny shapes on CPU, seconds
 
 Each step is zero_grad + forward with labels (LM loss + router aux losses) + backward, on
-random tokens. Reported: median step time over --iters steps after --warmup steps (CUDA
+random tokens; megamoe's LM loss is the trainer's (`--loss fused`: the chunked linear +
+cross-entropy of `megamoe/train/loss.py`) unless `--loss logits`. Reported: median step time over --iters steps after --warmup steps (CUDA
 events), tokens/s, MFU against a measured bf16 matmul ceiling, and peak allocated memory.
 """
 
@@ -25,7 +26,9 @@ from megamoe.model.flops import flops_per_token
 from megamoe.model.compile import apply_compile
 from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig
 from megamoe.moe.experts import SwiGLUExperts
-from megamoe.train.loss import cross_entropy
+from megamoe.train.loss import cross_entropy, linear_cross_entropy
+
+FUSED_LOSS = True  # --loss
 
 
 def tiny_config() -> Config:
@@ -46,8 +49,13 @@ def megamoe_step(model, data, cuda_graphs: bool = False):
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         model.zero_grad(set_to_none=True)
-        out = model(t[:, :-1])
-        (cross_entropy(out.logits, t[:, 1:]) / t[:, 1:].numel() + out.aux_loss).backward()
+        if FUSED_LOSS:  # what the trainer runs without TP and PP
+            out = model(t[:, :-1], project=False)
+            lm = linear_cross_entropy(out.logits, t[:, 1:], model.lm_head.weight)
+        else:
+            out = model(t[:, :-1])
+            lm = cross_entropy(out.logits, t[:, 1:])
+        (lm / t[:, 1:].numel() + out.aux_loss).backward()
     return step
 
 
@@ -134,9 +142,14 @@ def main():
                          "hf-eager")
     ap.add_argument("--profile", action="store_true", help="kernel-time tables of the megamoe variants")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU in fp32: checks the script runs")
+    ap.add_argument("--loss", choices=("fused", "logits"), default="fused",
+                    help="megamoe's LM loss: the trainer's chunked linear + cross-entropy (fused) or the "
+                         "full logits then cross-entropy")
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                     help="change the OLMoE-1B-7B model, e.g. model.d_model=512 moe.num_experts=0")
     args = ap.parse_args()
+    global FUSED_LOSS
+    FUSED_LOSS = args.loss == "fused"
 
     if args.cpu_smoke:
         device, dtype, cfg = torch.device("cpu"), torch.float32, tiny_config()
