@@ -62,13 +62,7 @@ class HostAdamW:
                 self._sent[slot].synchronize()  # the copy that last read this buffer is done
             out = self._buffers("weight", p.dtype)[slot][:n]
             out.copy_(w)  # bf16 weights: rounded to nearest-even, as the GPU kernel does
-            target = p.data.view(-1)[s:e]
-            if self.cuda:
-                with torch.cuda.stream(self.up):
-                    target.copy_(out, non_blocking=True)
-                    self._sent[slot].record(self.up)
-            else:
-                target.copy_(out)
+            self._copy(p.data.view(-1)[s:e], out, "up", slot)
         if self.cuda:  # the next forward reads the new weights
             torch.cuda.current_stream(self.device).wait_stream(self.up)
 
@@ -83,10 +77,14 @@ class HostAdamW:
     def _fetch(self, items, chunk, slot: int) -> None:
         k, s, e = chunk
         src = items[k][0].grad.view(-1)[s:e]
-        dst = self._buffers("grad", src.dtype)[slot][:e - s]
-        if self.cuda:
-            with torch.cuda.stream(self.down):
-                dst.copy_(src, non_blocking=True)
-                self._fetched[slot].record(self.down)
-        else:
+        self._copy(self._buffers("grad", src.dtype)[slot][:e - s], src, "down", slot)
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, direction: str, slot: int) -> None:
+        """dst ← src: on a GPU asynchronously on the direction's stream, recording the slot's event."""
+        if not self.cuda:
             dst.copy_(src)
+            return
+        stream, event = (self.up, self._sent[slot]) if direction == "up" else (self.down, self._fetched[slot])
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+            event.record(stream)
