@@ -166,7 +166,7 @@ def poisoned(self, *args, **kwargs):
     import torch.distributed as dist
     if (self.model.training and first <= step[0] <= last
             and (not dist.is_initialized() or dist.get_rank() == rank)):
-        loss = loss * float("nan")  # a non-finite training loss
+        loss = loss + loss.detach() * float("nan")  # a non-finite loss; its gradients stay finite
     return loss
 loop.Trainer._lm_loss = poisoned
 sys.exit(main(sys.argv[4:]))
@@ -203,6 +203,19 @@ def test_a_nan_step_on_one_rank_is_skipped_by_every_rank_and_the_run_goes_on(tmp
     two, three, four = (_checkpoint(run, s) for s in (2, 3, 4))
     assert all(torch.equal(three[k], two[k]) for k in two)
     assert not all(torch.equal(four[k], three[k]) for k in three)
+
+
+def test_a_nan_loss_on_the_last_pipeline_stage_skips_the_step_on_every_stage(tmp_path):
+    """PP2: the loss exists on the last stage only, and its gradients are finite here; the step
+    is still skipped by both stages (weights and moments of step 3 equal step 2's)."""
+    run = tmp_path / "run"
+    proc = _launch_poisoned(tmp_path, run, 2, 3, 3, ["parallel.pipeline=2", "train.steps=4",
+                                                     "train.save_interval=1", "train.keep_checkpoints=10"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 3 skipped" in proc.stdout
+    assert [r["skipped_steps"] for r in metrics(run)] == [0, 0, 1, 1]
+    two, three = (_checkpoint(run, s) for s in (2, 3))
+    assert all(torch.equal(three[k], two[k]) for k in two)
 
 
 def test_a_diverged_run_stops_with_an_error_and_finite_checkpoints(tmp_path):

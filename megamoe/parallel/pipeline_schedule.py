@@ -87,6 +87,11 @@ def train_step(engine, state: ParallelState, cfg: Config, batches: Batches, lm_l
         in_flight.append((h_in, out, lm))
         return None if last else out.logits
 
+    def step():  # the optimizer steps at the last one; a non-finite loss skips it, as without PP
+        if hasattr(engine.optimizer, "also_finite"):
+            engine.optimizer.also_finite = stats.loss()
+        engine.step()
+
     def backward(grad_out):
         h_in, out, lm = in_flight.popleft()
         if last:
@@ -103,11 +108,11 @@ def train_step(engine, state: ParallelState, cfg: Config, batches: Batches, lm_l
     for micro in range(warmup, gas):
         _, grad_out = pipe.exchange(send_next=forward(micro, h_in), recv_next=True)
         h_in, _ = pipe.exchange(send_prev=backward(grad_out), recv_prev=micro + 1 < gas)
-        engine.step()
+        step()
     for _ in range(warmup):
         _, grad_out = pipe.exchange(recv_next=True)
         pipe.exchange(send_prev=backward(grad_out))
-        engine.step()
+        step()
 
 
 @torch.no_grad()
