@@ -124,9 +124,17 @@ def assert_same_run(run, ref, rtol_first: float = 1e-5, rtol_curve: float = 1e-3
         assert abs(x["loss"] - y["loss"]) <= rtol_curve * abs(y["loss"]), (x["step"], x["loss"], y["loss"])
     wa, wb = final_weights(run), final_weights(ref)
     assert wa.keys() == wb.keys()
-    for name in wb:  # every element within tolerance, but for rounding that Adam amplified (above)
-        diff, tol = (wa[name] - wb[name]).abs(), 1e-5 + rtol_weights * wb[name].abs()
-        over = diff > tol
-        assert over.float().mean() <= 1e-3 and bool((diff <= 10 * tol).all()), (
-            f"{name}: {int(over.sum())} of {over.numel()} elements beyond rtol {rtol_weights}, "
-            f"largest difference {float(diff.max()):.3g}")
+    for name in wb:
+        assert_close_but_rounding(wa[name], wb[name], rtol_weights, 1e-5, name)
+
+
+def assert_close_but_rounding(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float, name: str) -> None:
+    """Every element within atol + rtol·|want|, but for rounding that Adam amplified: two layouts
+    (or loss paths) sum in different orders, and Adam divides by the second moment's root, so a
+    rarely-updated element can move more; at most 0.1% of a tensor's elements (4 in a small one),
+    each within 10× the tolerance."""
+    diff, tol = (got - want).abs(), atol + rtol * want.abs()
+    over = diff > tol
+    assert int(over.sum()) <= max(1e-3 * over.numel(), 4) and bool((diff <= 10 * tol).all()), (
+        f"{name}: {int(over.sum())} of {over.numel()} elements beyond rtol {rtol}, "
+        f"largest difference {float(diff.max()):.3g}")
