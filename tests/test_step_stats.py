@@ -46,10 +46,11 @@ def host_reads():
 
 class Engine:
     """What the schedule uses of DeepSpeed's engine: forward, backward (÷ accumulation steps
-    unless told not to), step (nothing to do here)."""
+    unless told not to), step (nothing to do here), an optimizer (none here)."""
 
     def __init__(self, model):
         self.module = model
+        self.optimizer = None
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
