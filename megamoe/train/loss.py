@@ -33,14 +33,16 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            reduction="sum")
 
 
-def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [n, V] (the head's dtype), labels [n] → (Σ of the targets' cross-entropies in fp32,
-    d loss / d logits [n, V] in the logits' dtype). Rows labelled -100 add nothing."""
+def _chunk_loss(logits: torch.Tensor, labels: torch.Tensor, with_grad: bool):
+    """logits [n, V] (the head's dtype), labels [n] → Σ of the targets' cross-entropies in fp32,
+    and with_grad: d loss / d logits [n, V] in the logits' dtype. Rows labelled -100 add nothing."""
     x = logits.float()
     valid = labels != -100
     target = labels.clamp(min=0).unsqueeze(1)  # [n, 1]
     lse = torch.logsumexp(x, dim=-1, keepdim=True)  # [n, 1]
     loss = ((lse - x.gather(1, target)).squeeze(1) * valid).sum()
+    if not with_grad:
+        return loss, None
     grad = (x - lse).exp().scatter_add(1, target, -torch.ones_like(lse)) * valid.unsqueeze(1)
     return loss, grad.to(logits.dtype)
 
@@ -52,9 +54,9 @@ def _chunk_fn(device: torch.device):
     """On CUDA the chunk's softmax, target pick and gradient are one compiled kernel pass."""
     global _compiled_chunk
     if device.type != "cuda":
-        return _chunk_loss_and_grad
+        return _chunk_loss
     if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(_chunk_loss_and_grad, dynamic=False)
+        _compiled_chunk = torch.compile(_chunk_loss, dynamic=False)
     return _compiled_chunk
 
 
@@ -64,20 +66,24 @@ def _chunks(n: int, vocab: int) -> range:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
+    """The loss, with both gradients computed chunk by chunk in the forward (kept for backward)."""
+
     @staticmethod
     def forward(ctx, h, weight, labels):
-        chunk = _chunk_fn(h.device)
-        starts = _chunks(h.shape[0], weight.shape[0])
+        chunk, starts = _chunk_fn(h.device), _chunks(h.shape[0], weight.shape[0])
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h)
-        grad_w = None
+        # one chunk: the weight's gradient is one GEMM, as unchunked; several: summed in fp32
+        grad_w = None if len(starts) == 1 else torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
         for s in starts:
             hc = h[s:s + starts.step]
-            part, d = chunk(hc @ weight.t(), labels[s:s + starts.step])  # d: [n, V]
+            part, d = chunk(hc @ weight.t(), labels[s:s + starts.step], True)  # d: [n, V]
             loss += part
             grad_h[s:s + starts.step] = d @ weight
-            gw = d.t() @ hc  # [V, d]
-            grad_w = gw if len(starts) == 1 else (gw.float() if grad_w is None else grad_w.add_(gw))
+            if grad_w is None:
+                grad_w = d.t() @ hc  # [V, d]
+            else:
+                grad_w += d.t() @ hc
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss
@@ -96,8 +102,8 @@ def linear_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, weight: tor
     h, y = hidden.flatten(0, -2), labels.flatten()
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, y)
-    starts = _chunks(h.shape[0], weight.shape[0])
-    return sum(_chunk_fn(h.device)(h[s:s + starts.step] @ weight.t(), y[s:s + starts.step])[0] for s in starts)
+    chunk, starts = _chunk_fn(h.device), _chunks(h.shape[0], weight.shape[0])  # evaluation: no gradient
+    return sum(chunk(h[s:s + starts.step] @ weight.t(), y[s:s + starts.step], False)[0] for s in starts)
 
 
 def cross_entropy_for(state: ParallelState) -> CrossEntropy:
