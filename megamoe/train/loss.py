@@ -74,7 +74,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h)
         # one chunk: the weight's gradient is one GEMM, as unchunked; several: summed in fp32
-        grad_w = None if len(starts) == 1 else torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        sum_dtype = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = None if len(starts) == 1 else torch.zeros_like(weight, dtype=sum_dtype)
         for s in starts:
             hc = h[s:s + starts.step]
             part, d = chunk(hc @ weight.t(), labels[s:s + starts.step], True)  # d: [n, V]
