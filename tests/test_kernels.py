@@ -4,14 +4,37 @@ import dataclasses
 
 import torch
 
-from megamoe.moe.dispatch import Dispatcher
+import pytest
+
+from megamoe.moe.dispatch import Dispatcher, sort_keys
 from megamoe.moe.experts import SwiGLUExperts
-from megamoe.moe.router import Router, expert_counts
+from megamoe.moe.router import Router, expert_counts, load_balancing_loss
 
 
 def test_expert_counts_is_bincount():
     idx = torch.randint(0, 7, (300,), generator=torch.Generator().manual_seed(0))
     assert torch.equal(expert_counts(idx, 9), torch.bincount(idx, minlength=9))
+
+
+def test_load_balancing_counts_per_sequence():
+    """f_i counted per sequence: the loss equals its definition with bincount, sequence by sequence."""
+    g = torch.Generator().manual_seed(1)
+    B, S, E, k = 3, 20, 6, 2
+    probs = torch.rand(B * S, E, generator=g).softmax(-1)
+    top = probs.topk(k, dim=-1).indices
+    want = torch.stack([E * (torch.bincount(top[b * S:(b + 1) * S].flatten(), minlength=E) / S
+                             * probs[b * S:(b + 1) * S].mean(0)).sum() for b in range(B)]).mean()
+    torch.testing.assert_close(load_balancing_loss(probs, top, E, num_sequences=B), want)
+
+
+@pytest.mark.parametrize("num_experts", [8, 256, 257, 40000])
+def test_narrow_sort_keys_keep_the_stable_order(num_experts):
+    """Sorting the expert ids as uint8/int16/int32 gives the int64 ids' stable order, ties included."""
+    idx = torch.randint(0, num_experts, (5000,), generator=torch.Generator().manual_seed(num_experts))
+    idx[:50] = num_experts - 1  # the largest id, many times: the narrow type must hold it
+    keys = sort_keys(idx, num_experts)
+    assert keys.element_size() < idx.element_size()
+    assert torch.equal(torch.argsort(keys, stable=True), torch.argsort(idx, stable=True))
 
 
 def test_dense_top_k_dispatch_matches_index_add_path():

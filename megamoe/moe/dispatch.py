@@ -61,6 +61,14 @@ def _sum_rows(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | Non
     return acc.to(src.dtype)
 
 
+def sort_keys(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Expert ids in the narrowest integer type that holds them: a radix sort makes one pass per
+    key byte, so uint8 keys sort in 1 pass where int64 take 8 (same stable order)."""
+    if num_experts <= 256:
+        return expert_idx.to(torch.uint8)
+    return expert_idx.to(torch.int16 if num_experts <= 2**15 else torch.int32)
+
+
 class _GatherTokens(torch.autograd.Function):
     """rows = x[token_of_row] when each token has exactly k rows; `inverse[t·k + j]` is the row
     holding token t's j-th copy. Backward sums each token's k row gradients."""
@@ -112,7 +120,8 @@ class Dispatcher:
     def run(self, x: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
         """x: [T, d] → Σ_assignments weight · expert(x[token]) per token, [T, d]."""
         k = routing.top_k
-        order = torch.argsort(routing.expert_idx, stable=True)  # [N] assignment of each sorted row
+        # [N] the assignment of each sorted row
+        order = torch.argsort(sort_keys(routing.expert_idx, self.num_experts), stable=True)
         token_of_row = routing.token_idx[order]  # [N]
         counts = routing.expert_load  # [E] rows per expert
         if k:
@@ -140,7 +149,8 @@ class Dispatcher:
         received = all_to_all(rows, out_splits, in_splits, self.ep_group)  # [M, d] by source
         # Rows arrive grouped by source rank, then expert; the experts want them by expert.
         local_expert = torch.arange(self.num_local, device=rows.device).repeat(self.ep_size)
-        by_expert = torch.argsort(torch.repeat_interleave(local_expert, recv.reshape(-1)), stable=True)
+        by_expert = torch.argsort(sort_keys(torch.repeat_interleave(local_expert, recv.reshape(-1)), self.num_local),
+                                  stable=True)
         out = torch.empty_like(received)
         out[by_expert] = experts(received[by_expert], recv.sum(0))
         return all_to_all(out, in_splits, out_splits, self.ep_group)

@@ -1,0 +1,130 @@
+"""The six expert GEMMs of one MoE layer's forward+backward, one by one, against a dense GEMM of
+the same FLOPs: which weight layout and which kernel run them fastest.
+
+    python3 bench/bench_grouped_gemm.py                 # OLMoE-1B-7B and the small model of target 4
+    python3 bench/bench_grouped_gemm.py --triton        # also inductor's Triton grouped-GEMM template
+
+Rows are routed by a random top-k (near-balanced groups, as at initialisation). Layouts:
+`in-out` stores w1 as [E, d, 2F] and w2 as [E, F, d] (megamoe's parameters); `out-in` stores
+[E, 2F, d] and [E, d, F] (transformers' and torchtitan's) and passes the transpose. Each GEMM is
+timed with triton.testing.do_bench (median), TFLOP/s over its 2·M·N·K.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+GEOMETRIES = {  # tokens per step, d, F, E, k
+    "olmoe": (8192, 2048, 1024, 64, 8),
+    "small": (32768, 512, 256, 64, 8),
+}
+
+
+def bench(fn):
+    import triton
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def routed_counts(tokens, experts, k, device):
+    choice = torch.rand(tokens, experts, device=device).topk(k, dim=1).indices.flatten()
+    return torch.zeros(experts, dtype=torch.int64, device=device).scatter_add_(0, choice, torch.ones_like(choice))
+
+
+def cases(tokens, d, f, e, k, device):
+    """(name, flops, {layout: fn}) for the six GEMMs, and the dense GEMMs of the same FLOPs."""
+    n = tokens * k
+    bf = dict(device=device, dtype=torch.bfloat16)
+    offs = torch.cumsum(routed_counts(tokens, e, k, device), 0).to(torch.int32)
+    x, h, dy, dh = (torch.randn(n, d, **bf), torch.randn(n, f, **bf), torch.randn(n, d, **bf),
+                    torch.randn(n, 2 * f, **bf))
+    w1, w2 = torch.randn(e, d, 2 * f, **bf) / d**0.5, torch.randn(e, f, d, **bf) / f**0.5
+    w1t, w2t = w1.transpose(-2, -1).contiguous(), w2.transpose(-2, -1).contiguous()
+    gm = torch._grouped_mm
+    out = [
+        ("fwd w1  [N,d]x[d,2F]", 2 * n * d * 2 * f,
+         {"in-out": lambda: gm(x, w1, offs=offs), "out-in": lambda: gm(x, w1t.transpose(-2, -1), offs=offs)}),
+        ("fwd w2  [N,F]x[F,d]", 2 * n * f * d,
+         {"in-out": lambda: gm(h, w2, offs=offs), "out-in": lambda: gm(h, w2t.transpose(-2, -1), offs=offs)}),
+        ("dgrad w2 [N,d]x[d,F]", 2 * n * f * d,
+         {"in-out": lambda: gm(dy, w2.transpose(-2, -1), offs=offs), "out-in": lambda: gm(dy, w2t, offs=offs)}),
+        ("dgrad w1 [N,2F]x[2F,d]", 2 * n * d * 2 * f,
+         {"in-out": lambda: gm(dh, w1.transpose(-2, -1), offs=offs), "out-in": lambda: gm(dh, w1t, offs=offs)}),
+        ("wgrad w1 [d,N]x[N,2F]", 2 * n * d * 2 * f,
+         {"in-out": lambda: gm(x.t(), dh, offs=offs), "out-in": lambda: gm(dh.t(), x, offs=offs)}),
+        ("wgrad w2 [F,N]x[N,d]", 2 * n * f * d,
+         {"in-out": lambda: gm(h.t(), dy, offs=offs), "out-in": lambda: gm(dy.t(), h, offs=offs)}),
+    ]
+    dense = [  # the dense twin's FFN GEMMs: the same FLOPs as one expert GEMM above, in one matrix
+        ("dense fwd  [T,d]x[d,2kF]", 2 * tokens * d * 2 * k * f,
+         lambda a=torch.randn(tokens, d, **bf), b=torch.randn(d, 2 * k * f, **bf): a @ b),
+        ("dense fwd2 [T,kF]x[kF,d]", 2 * tokens * k * f * d,
+         lambda a=torch.randn(tokens, k * f, **bf), b=torch.randn(k * f, d, **bf): a @ b),
+        ("dense wgrad [d,T]x[T,2kF]", 2 * tokens * d * 2 * k * f,
+         lambda a=torch.randn(tokens, d, **bf), b=torch.randn(tokens, 2 * k * f, **bf): a.t() @ b),
+    ]
+    return out, dense, (x, h, dy, dh, w1, w2, offs)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--geometries", default="olmoe,small")
+    ap.add_argument("--triton", action="store_true", help="also time inductor's Triton template (autotuned)")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    out_dir = os.environ.get("OUT", "bench_out")
+    os.makedirs(out_dir, exist_ok=True)
+    log = open(os.path.join(out_dir, "bench_grouped_gemm.jsonl"), "a")
+    if args.triton:
+        import torch._inductor.config as ic
+        from torch._inductor.kernel import mm_grouped
+        ic.max_autotune_gemm_backends = "TRITON"
+        # a focused search: the template's full space (144 configs) takes minutes per shape
+        mm_grouped._NV_CONFIGS[:] = [c for c in mm_grouped._NV_CONFIGS
+                                     if c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] in (128, 256)
+                                     and c.kwargs["BLOCK_K"] in (64, 128)]
+    for geo in args.geometries.split(","):
+        tokens, d, f, e, k = GEOMETRIES[geo]
+        print(f"\n{geo}: tokens {tokens}, d {d}, F {f}, E {e}, top-{k}", flush=True)
+        gemms, dense, (x, h, dy, dh, w1, w2, offs) = cases(tokens, d, f, e, k, device)
+        totals = {}
+        for name, flops, fns in gemms:
+            row = {"geometry": geo, "gemm": name}
+            for layout, fn in fns.items():
+                ms = bench(fn)
+                row[layout] = ms
+                totals[layout] = totals.get(layout, 0) + ms
+            if args.triton:
+                compiled = torch.compile(lambda a, b, o: torch._grouped_mm(a, b, offs=o),
+                                         mode="max-autotune-no-cudagraphs", dynamic=False)
+                operands = {"fwd w1": (x, w1), "fwd w2": (h, w2), "dgrad w2": (dy, w2.transpose(-2, -1)),
+                            "dgrad w1": (dh, w1.transpose(-2, -1)), "wgrad w1": (x.t(), dh),
+                            "wgrad w2": (h.t(), dy)}[name[:8].strip()]
+                try:
+                    ref = torch._grouped_mm(*operands, offs=offs).float()
+                    got = compiled(*operands, offs).float()
+                    row["triton_rel_err"] = ((got - ref).norm() / ref.norm()).item()
+                    ms = bench(lambda: compiled(*operands, offs))
+                    row["triton"] = ms
+                    totals["triton"] = totals.get("triton", 0) + ms
+                except Exception as err:  # report and go on
+                    row["triton_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                torch._dynamo.reset()
+            row.update({f"{key}_tflops": flops / (row[key] * 1e-3) / 1e12 for key in ("in-out", "out-in", "triton")
+                        if key in row})
+            log.write(json.dumps(row) + "\n")
+            print(f"  {name:<24} " + "  ".join(f"{key} {row[key]:.3f} ms {row[key + '_tflops']:5.0f} TF/s"
+                                              for key in ("in-out", "out-in", "triton") if key in row)
+                  + (f"  triton err {row['triton_rel_err']:.1e}" if "triton_rel_err" in row else "")
+                  + (f"  {row['triton_error']}" if "triton_error" in row else ""), flush=True)
+        for name, flops, fn in dense:
+            ms = bench(fn)
+            log.write(json.dumps({"geometry": geo, "gemm": name, "ms": ms}) + "\n")
+            print(f"  {name:<24} cuBLAS {ms:.3f} ms {flops / (ms * 1e-3) / 1e12:5.0f} TF/s", flush=True)
+        print("  six expert GEMMs: " + ", ".join(f"{key} {v:.2f} ms" for key, v in totals.items()), flush=True)
+        log.write(json.dumps({"geometry": geo, "totals_ms": totals}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
