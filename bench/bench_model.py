@@ -138,7 +138,7 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--systems", default="megamoe,megamoe-compile,megamoe-compile-cudagraphs,hf-grouped_mm",
                     help="comma list of megamoe, megamoe-compile, megamoe-compile-fp8 (moe.expert_precision=fp8), "
-                         "megamoe-compile-cudagraphs, hf-grouped_mm, "
+                         "megamoe-compile-cudagraphs, megamoe-compile-model (one graph), hf-grouped_mm, "
                          "hf-eager")
     ap.add_argument("--profile", action="store_true", help="kernel-time tables of the megamoe variants")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU in fp32: checks the script runs")
@@ -184,13 +184,19 @@ def main():
         if args.profile:
             profile(ours, cfg, args, device, os.path.join(out_dir(), "profile_megamoe.txt"))
     for name, mode in (("megamoe-compile", None), ("megamoe-compile-fp8", None),
-                       ("megamoe-compile-cudagraphs", "reduce-overhead")):
+                       ("megamoe-compile-cudagraphs", "reduce-overhead"), ("megamoe-compile-model", None)):
         if name not in systems or device.type != "cuda":
             continue
         for m in ours.modules():  # moe.expert_precision: fp8 for this variant only
             if isinstance(m, SwiGLUExperts):
                 m.fp8 = name.endswith("fp8")
-        apply_compile(ours, mode)
+        if name == "megamoe-compile-model":  # the whole model as one graph instead of each block
+            torch._dynamo.reset()
+            for m in ours.modules():
+                m._compiled_call_impl = None
+            ours.compile()
+        else:
+            apply_compile(ours, mode)
         make_step = (lambda m, d: megamoe_step(m, d, cuda_graphs=True)) if mode else megamoe_step
         t0 = time.perf_counter()
         try:
