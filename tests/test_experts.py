@@ -35,17 +35,35 @@ def test_cpu_loop_is_the_per_row_definition():
     torch.testing.assert_close(ex(x, counts, grouped=False), per_row(ex, x, counts))
 
 
+def test_row_weights_scale_each_rows_output():
+    """row_weight scales the activation before the second projection: expert(x_i) · w_i, with
+    the gradients of x, both projections and the weights themselves (float64)."""
+    ex, x, counts = experts_and_rows("cpu", torch.float64)
+    w = torch.rand(x.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    dy = torch.randn(x.shape[0], x.shape[1], dtype=torch.float64)
+    weighted = ex(x, counts, grouped=False, row_weight=w)
+    plain = ex(x, counts, grouped=False) * w[:, None]
+    torch.testing.assert_close(weighted, plain)
+    for a, b in zip(torch.autograd.grad(weighted, (x, ex.w1, ex.w2, w), dy),
+                    torch.autograd.grad(plain, (x, ex.w1, ex.w2, w), dy)):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._grouped_mm runs on CUDA only; "
                     "CI has no GPU and covers the CPU loop above (run on the GPU machine: docs/performance.md)")
 def test_grouped_mm_equals_the_loop_on_cuda():
     ex, x, counts = experts_and_rows("cuda", torch.bfloat16)
-    grouped = ex(x, counts, grouped=True)
-    g_grouped = torch.autograd.grad(grouped.float().square().sum(), (x, ex.w1, ex.w2))
-    loop = ex(x, counts, grouped=False)
-    g_loop = torch.autograd.grad(loop.float().square().sum(), (x, ex.w1, ex.w2))
-    torch.testing.assert_close(grouped, loop, rtol=2e-2, atol=2e-3)
-    for a, b in zip(g_grouped, g_loop):
-        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-3)
+    w = torch.rand(x.shape[0], device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    w = w.to(torch.bfloat16).requires_grad_()
+    for row_weight in (None, w):  # as dispatch calls it: with the routing weights, and without
+        grouped = ex(x, counts, grouped=True, row_weight=row_weight)
+        params = (x, ex.w1, ex.w2) + ((w,) if row_weight is not None else ())
+        g_grouped = torch.autograd.grad(grouped.float().square().sum(), params)
+        loop = ex(x, counts, grouped=False, row_weight=row_weight)
+        g_loop = torch.autograd.grad(loop.float().square().sum(), params)
+        torch.testing.assert_close(grouped, loop, rtol=2e-2, atol=2e-3)
+        for a, b in zip(g_grouped, g_loop):
+            torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-3)
 
 
 def fake_fp8(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -25,6 +25,13 @@ def group_offsets(counts: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts, 0).to(torch.int32)
 
 
+def _act(h: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
+    """SwiGLU of [n, 2F] (gate | up) → [n, F], each row times its weight when given."""
+    gate, up = h.chunk(2, dim=-1)
+    a = F.silu(gate) * up
+    return a if row_weight is None else a * row_weight[:, None].to(a.dtype)
+
+
 class SwiGLUExperts(nn.Module):
     def __init__(self, num_experts: int, d_model: int, ffn_hidden: int, fp8: bool = False):
         super().__init__()
@@ -32,23 +39,25 @@ class SwiGLUExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, 2 * ffn_hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden, d_model))
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, grouped: bool | None = None) -> torch.Tensor:
-        """x: [N, d] rows sorted by expert; counts: [E] rows per expert. Returns [N, d]."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, grouped: bool | None = None,
+                row_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [N, d] rows sorted by expert; counts: [E] rows per expert; row_weight: [N] scales
+        each row's activation before the second projection (expert(x) · weight, as one pass
+        with SwiGLU). Returns [N, d]."""
         if grouped is None:
             grouped = grouped_mm_available(x)
         if self.fp8:
             offs = group_offsets(counts) if grouped and fp8_mm.kernel_available(x) else None
-            gate, up = fp8_mm.grouped_mm(x, self.w1, counts, offs).chunk(2, dim=-1)  # [N, F] each
-            return fp8_mm.grouped_mm(F.silu(gate) * up, self.w2, counts, offs)  # [N, d]
+            h = fp8_mm.grouped_mm(x, self.w1, counts, offs)  # [N, 2F]
+            return fp8_mm.grouped_mm(_act(h, row_weight), self.w2, counts, offs)  # [N, d]
         if grouped:
             offs = group_offsets(counts)
             h = torch._grouped_mm(x, self.w1, offs=offs)  # [N, 2F]
-            gate, up = h.chunk(2, dim=-1)
-            return torch._grouped_mm(F.silu(gate) * up, self.w2, offs=offs)  # [N, d]
-        outs = []
-        for e, rows in enumerate(torch.split(x, counts.tolist())):
-            gate, up = (rows @ self.w1[e]).chunk(2, dim=-1)
-            outs.append((F.silu(gate) * up) @ self.w2[e])
+            return torch._grouped_mm(_act(h, row_weight), self.w2, offs=offs)  # [N, d]
+        sizes = counts.tolist()
+        weights = torch.split(row_weight, sizes) if row_weight is not None else [None] * len(sizes)
+        outs = [_act(rows @ self.w1[e], w) @ self.w2[e]
+                for e, (rows, w) in enumerate(zip(torch.split(x, sizes), weights))]
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
 
 
