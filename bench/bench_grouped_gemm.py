@@ -13,6 +13,7 @@ timed with triton.testing.do_bench (median), TFLOP/s over its 2·M·N·K.
 import argparse
 import json
 import os
+import sys
 
 import torch
 
@@ -72,6 +73,8 @@ def main():
     ap.add_argument("--geometries", default="olmoe,small")
     ap.add_argument("--triton", action="store_true", help="also time inductor's Triton template (autotuned)")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_grouped_gemm.py: needs a CUDA GPU (torch._grouped_mm times nothing on CPU)")
     device = torch.device("cuda")
     out_dir = os.environ.get("OUT", "bench_out")
     os.makedirs(out_dir, exist_ok=True)
