@@ -6,8 +6,8 @@ Dropless expert parallelism, DeepSpeed-MoE / Megatron style but with variable sp
   3. all-to-all rows to the rank owning each expert               [N_recv, d]
   4. regroup received rows by local expert (they arrive by source rank)
   5. experts run; everything is undone in reverse; rows are scaled by their routing
-     weight and summed back into their tokens. (Dropless top-k sends each row's weight
-     along and scales the row inside the experts, between SwiGLU and the second GEMM.)
+     weight and summed back into their tokens. (Dropless top-k with every expert local
+     scales the rows inside the experts instead, between SwiGLU and the second GEMM.)
 
 No host sync on one rank: group sizes are the router's counts, kept on the device. For dropless
 token choice (every token has exactly k rows) gathering and combining are permutations whose
@@ -146,21 +146,17 @@ class Dispatcher:
             rows = _GatherTokens.apply(x, token_of_row, inverse, k)  # [N, d] sorted by global expert id
         else:
             rows = x[token_of_row]
-        if k and not getattr(experts, "fp8", False):
-            # The routing weight scales each row's SwiGLU activation, before the second GEMM (and
-            # travels with its row under expert parallelism); the combine is a plain sum: the
-            # experts' outputs [N, d] need not be kept for the weights' gradient (268 MB a layer
-            # at OLMoE's 8,192 tokens) nor read again for it. Not with FP8 experts, whose e4m3
-            # activation must not round the routing weight in.
-            row_weight = routing.weight[order]  # [N]
-            if self.ep_size == 1:
-                out = experts(rows, counts, row_weight=row_weight)
-            else:
-                out = self._run_expert_parallel(rows, counts, experts, row_weight)
+        if k and self.ep_size == 1 and not getattr(experts, "fp8", False):
+            # The routing weight scales each row's SwiGLU activation, before the second GEMM, and
+            # the combine is a plain sum: the experts' outputs [N, d] need not be kept for the
+            # weights' gradient (268 MB a layer at OLMoE's 8,192 tokens) nor read again for it.
+            # Not with FP8 experts: e4m3 would round the weighted activation differently from
+            # the unweighted one that expert parallelism sends, and layouts must agree.
+            out = experts(rows, counts, row_weight=routing.weight[order])
             return _SumTokens.apply(out, token_of_row, inverse, k).to(x.dtype)
         if self.ep_size == 1:
             out = experts(rows, counts)
-        else:
+        else:  # the weights stay on this rank and scale the rows when they come back
             out = self._run_expert_parallel(rows, counts, experts)
         if k:
             weight = routing.weight.view(-1, k)  # [T, k]
@@ -168,9 +164,7 @@ class Dispatcher:
         out = out * routing.weight[order].unsqueeze(-1).to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_row, out.to(x.dtype))
 
-    def _run_expert_parallel(self, rows, counts, experts, row_weight=None):
-        """rows [N, d] sorted by global expert → the owning ranks' expert outputs, back in the same
-        order; row_weight [N], if given, goes along and scales each row inside the experts."""
+    def _run_expert_parallel(self, rows, counts, experts):
         send = counts.view(self.ep_size, self.num_local)  # [dest rank, local expert]
         recv = torch.empty_like(send)  # [source rank, local expert]
         dist.all_to_all_single(recv, send, group=self.ep_group)
@@ -181,10 +175,6 @@ class Dispatcher:
         local_expert = torch.arange(self.num_local, device=rows.device).repeat(self.ep_size)
         by_expert = torch.argsort(sort_keys(torch.repeat_interleave(local_expert, recv.reshape(-1)), self.num_local),
                                   stable=True)
-        kwargs = {}
-        if row_weight is not None:
-            kwargs["row_weight"] = all_to_all(row_weight.unsqueeze(-1), out_splits, in_splits,
-                                              self.ep_group).squeeze(-1)[by_expert]
         out = torch.empty_like(received)
-        out[by_expert] = experts(received[by_expert], recv.sum(0), **kwargs)
+        out[by_expert] = experts(received[by_expert], recv.sum(0))
         return all_to_all(out, in_splits, out_splits, self.ep_group)
