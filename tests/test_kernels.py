@@ -2,9 +2,8 @@
 
 import dataclasses
 
-import torch
-
 import pytest
+import torch
 
 from megamoe.moe.dispatch import Dispatcher, sort_keys
 from megamoe.moe.experts import SwiGLUExperts

@@ -49,7 +49,7 @@ def load_balancing_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts
     sequence-major), the loss averaged over sequences. group: f counted over the tokens of every
     rank in it (each holding T); the gradient flows through this rank's P only."""
     T, B = probs.shape[0], num_sequences
-    counts = one_hot_counts(topk_idx.reshape(B, -1), num_experts).float()  # [B, E]
+    counts = expert_counts(topk_idx.reshape(B, -1), num_experts).float()  # [B, E]
     tokens = T // B
     if group is not None:
         dist.all_reduce(counts, group=group)  # on the model's device: fine for gloo and NCCL
@@ -59,8 +59,8 @@ def load_balancing_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts
     return num_experts * (f * P).sum(-1).mean()
 
 
-def one_hot_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[..., E] int64: how often each expert occurs along idx's last dimension.
+def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[..., E] int64: how often each expert occurs along idx's last dimension ([E] for [N] ids).
 
     A compare-and-sum, not a scatter_add of ones: no host sync (torch.bincount on CUDA reads the
     maximum back), no atomics (T·k atomic adds into E counters serialise: 117 µs a layer at
@@ -68,11 +68,6 @@ def one_hot_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     torch.compile it is one reduction kernel that never writes the [N, E] comparison."""
     experts = torch.arange(num_experts, device=idx.device, dtype=idx.dtype)
     return (idx.unsqueeze(-1) == experts).sum(-2)
-
-
-def expert_counts(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[E] int64 assignments per expert (expert_idx [N])."""
-    return one_hot_counts(expert_idx, num_experts)
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
