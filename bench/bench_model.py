@@ -20,6 +20,7 @@ import time
 import torch
 import yaml
 
+import gaps
 from common import (build_hf_like, build_megamoe, env_info, matmul_ceiling_tflops,
                     out_dir, summary, sync, time_ms)
 from megamoe.model.flops import flops_per_token
@@ -113,10 +114,13 @@ def profile(model, cfg, args, device, path, make_step=megamoe_step):
     for _ in range(2):
         step()
     sync(device)
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
         for _ in range(2):
             step()
         sync(device)
+    if device.type == "cuda":  # where the GPU waited for the host (bench/gaps.py)
+        prof.export_chrome_trace("/tmp/trace.json")
+        gaps.report("/tmp/trace.json", path.replace("profile_", "gaps_"))
     from torch.autograd import DeviceType
     events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
     events.sort(key=lambda e: -e.self_device_time_total)

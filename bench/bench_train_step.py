@@ -5,7 +5,9 @@ engine's forward, backward and step timed (CUDA-synchronised) inside its `train_
 
 Checkpoint writing is switched off (the last step would write tens of GB). Prints one JSON line:
 median ms per phase over the steps after the first 3, the step's median, and the peak memory;
-with --profile also the top CUDA kernels of one step (torch.profiler) into $OUT/kernels_*.txt.
+with --profile also the top CUDA kernels of one step (torch.profiler) into $OUT/kernels_*.txt
+and where the GPU idled waiting for the host into $OUT/gaps_*.txt (bench/gaps.py; the profiler's
+own host overhead widens those gaps, so read them for where, not how much).
 The synchronisation adds a little to each step: tokens/s are read from a run without it
 (`tokens_per_sec` in metrics.jsonl, bench/train_device.sh).
 """
@@ -18,6 +20,7 @@ import time
 
 import torch
 
+import gaps
 import megamoe.train.loop as loop
 from megamoe.train.rundir import RunLock
 from megamoe.config import load_config
@@ -53,13 +56,17 @@ def main() -> None:
     trainer.model.train()
     for i in range(args.steps):
         if args.profile and i == args.steps - 1:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=acts, with_stack=True) as prof:
                 t0 = time.perf_counter()
                 trainer.train_step()
                 torch.cuda.synchronize()
             out = os.environ.get("OUT", ".")
             with open(os.path.join(out, f"kernels_{args.name}.txt"), "w") as f:
                 f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+            trace = f"/tmp/trace_{args.name}.json"
+            prof.export_chrome_trace(trace)
+            gaps.report(trace, os.path.join(out, f"gaps_{args.name}.txt"))
         else:
             t0 = time.perf_counter()
             trainer.train_step()

@@ -1,0 +1,107 @@
+"""Where the GPU waits for the host: idle gaps in a profiled step and what the host was doing.
+
+    report(trace_json_path, out_path)   # a torch.profiler chrome trace, recorded with
+                                        # activities CPU + CUDA and with_stack=True
+
+A gap is the time between the end of one kernel (or copy, or memset) and the start of the next
+on the device. For each gap over `min_us` the report names the kernel that ended it and the
+Python frames (this repository's and DeepSpeed's, innermost last) that launched it: the host
+reached that launch late. Gaps are summed by that launch site, and every host synchronisation
+(stream/device/event synchronise, device-to-host copies) is listed with the frames that called
+it, since each one drains the queue and leaves the GPU idle until the host catches up.
+"""
+
+import bisect
+import json
+from collections import defaultdict
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+OURS = ("megamoe/", "deepspeed/", "bench/", "torch/optim/", "torch/nn/utils/clip_grad")
+
+
+class Stacks:
+    """Python frames of each host thread, nested: the frames (ours) enclosing a host time."""
+
+    def __init__(self, events: list[dict]):
+        self.threads = {}
+        for e in sorted((e for e in events if e.get("cat") == "python_function" and e.get("ph") == "X"),
+                        key=lambda e: (e["ts"], -e.get("dur", 0))):
+            starts, evs, parent, open_ = self.threads.setdefault(e.get("tid"), ([], [], [], []))
+            end = e["ts"] + e.get("dur", 0)
+            while open_ and evs[open_[-1]]["ts"] + evs[open_[-1]].get("dur", 0) < end:
+                open_.pop()
+            parent.append(open_[-1] if open_ else -1)
+            open_.append(len(evs))
+            starts.append(e["ts"])
+            evs.append(e)
+
+    def frames(self, tid, t: float) -> list[str]:
+        """This repository's (and DeepSpeed's, torch.optim's) frames enclosing t, outermost first."""
+        if tid not in self.threads:
+            return []
+        starts, evs, parent, _ = self.threads[tid]
+        i = bisect.bisect_right(starts, t) - 1
+        while i >= 0 and evs[i]["ts"] + evs[i].get("dur", 0) < t:
+            i = parent[i]
+        names = []
+        while i >= 0:
+            name = evs[i]["name"]
+            for k in OURS:
+                if k in name:
+                    names.append(name[name.index(k):])
+                    break
+            i = parent[i]
+        return names[::-1]
+
+
+def site(frames: list[str], depth: int = 3) -> str:
+    return " > ".join(frames[-depth:]) if frames else "(no frame of ours)"
+
+
+def analyse(trace: dict, min_us: float = 20.0) -> dict:
+    events = trace["traceEvents"]
+    device = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                    key=lambda e: e["ts"])
+    runtime = {e["args"]["correlation"]: e for e in events
+               if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    stacks = Stacks(events)
+    gaps, by_site = [], defaultdict(float)
+    busy = sum(e.get("dur", 0) for e in device)
+    span = (device[-1]["ts"] + device[-1].get("dur", 0) - device[0]["ts"]) if device else 0.0
+    for prev, cur in zip(device, device[1:]):
+        gap = cur["ts"] - (prev["ts"] + prev.get("dur", 0))
+        if gap < min_us:
+            continue
+        launch = runtime.get(cur.get("args", {}).get("correlation"))
+        frames = stacks.frames(launch.get("tid"), launch["ts"]) if launch else []
+        gaps.append({"gap_us": gap, "next": cur["name"][:80], "launch": launch["name"] if launch else "?",
+                     "site": site(frames, 4)})
+        by_site[site(frames, 2)] += gap
+    syncs = []
+    for e in events:
+        if e.get("cat") != "cuda_runtime":
+            continue
+        name = e.get("name", "")
+        d2h = name.startswith("cudaMemcpy") and e.get("args", {}).get("kind") in (2, "DtoH")
+        if name in SYNC_CALLS or d2h or (name.startswith("cudaMemcpy") and "Async" not in name):
+            syncs.append({"call": name, "dur_us": e.get("dur", 0), "site": site(stacks.frames(e.get("tid"), e["ts"]), 4)})
+    return {"device_span_us": span, "device_busy_us": busy, "idle_us": span - busy,
+            "gaps_over_min_us": sum(g["gap_us"] for g in gaps), "n_gaps": len(gaps),
+            "gaps": sorted(gaps, key=lambda g: -g["gap_us"]),
+            "by_site": sorted(by_site.items(), key=lambda kv: -kv[1]), "syncs": syncs}
+
+
+def report(trace_path: str, out_path: str, min_us: float = 20.0, top: int = 30) -> dict:
+    with open(trace_path) as f:
+        a = analyse(json.load(f), min_us)
+    lines = [f"device span {a['device_span_us'] / 1e3:.2f} ms, kernels busy {a['device_busy_us'] / 1e3:.2f} ms, "
+             f"idle {a['idle_us'] / 1e3:.2f} ms; {a['n_gaps']} gaps over {min_us:.0f} us sum to "
+             f"{a['gaps_over_min_us'] / 1e3:.2f} ms", "", "idle by launch site (the host reached these late):"]
+    lines += [f"{us / 1e3:9.3f} ms  {s}" for s, us in a["by_site"][:top]]
+    lines += ["", f"largest gaps (of {a['n_gaps']}):"]
+    lines += [f"{g['gap_us'] / 1e3:9.3f} ms  before {g['next']}  [{g['launch']}]  {g['site']}" for g in a["gaps"][:top]]
+    lines += ["", f"host synchronisations ({len(a['syncs'])}):"]
+    lines += [f"{s['dur_us'] / 1e3:9.3f} ms  {s['call']}  {s['site']}" for s in a["syncs"][:top]]
+    with open(out_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return a
