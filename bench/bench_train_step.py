@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--name", default="run")
+    ap.add_argument("--host", action="store_true",
+                    help="no phase timing; report how long the host takes to enqueue a step (until "
+                         "the step's one read) against the step: equal means the step is host-bound")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     cfg = load_config(None, [*args.overrides, f"train.steps={args.steps}"])
@@ -49,10 +52,20 @@ def main() -> None:
             return out
         return wrapper
 
-    engine.forward = timed("forward", engine.forward)
-    engine.backward = timed("backward", engine.backward)
-    engine.step = timed("optimizer", engine.step)
-    steps = []
+    enqueued = []
+    if args.host:
+        read = loop.StepStats.read
+
+        def read_marked(self, *a, **k):
+            enqueued.append(time.perf_counter())
+            return read(self, *a, **k)
+        loop.StepStats.read = read_marked
+        phases = {}
+    else:
+        engine.forward = timed("forward", engine.forward)
+        engine.backward = timed("backward", engine.backward)
+        engine.step = timed("optimizer", engine.step)
+    steps, starts = [], []
     trainer.model.train()
     for i in range(args.steps):
         if args.profile and i == args.steps - 1:
@@ -71,12 +84,16 @@ def main() -> None:
             t0 = time.perf_counter()
             trainer.train_step()
             torch.cuda.synchronize()
+        starts.append(t0)
         steps.append(1e3 * (time.perf_counter() - t0))
     skip = 3
     med = {k: statistics.median(v[skip:]) for k, v in phases.items()}
     step_ms = statistics.median(steps[skip:])
     tokens = cfg.train.global_batch_size * cfg.data.seq_length
-    print(json.dumps({"name": args.name, **{f"{k}_ms": round(v, 1) for k, v in med.items()},
+    host = {}
+    if args.host:
+        host["enqueue_ms"] = round(statistics.median(1e3 * (e - s) for e, s in zip(enqueued[skip:], starts[skip:])), 1)
+    print(json.dumps({"name": args.name, **{f"{k}_ms": round(v, 1) for k, v in med.items()}, **host,
                       "rest_ms": round(step_ms - sum(med.values()), 1), "step_ms": round(step_ms, 1),
                       "tokens_per_sec_synced": round(tokens / step_ms * 1e3),
                       "params": sum(p.numel() for p in trainer.model.parameters()),

@@ -241,13 +241,15 @@ for dtype in (torch.float32, torch.bfloat16):
         p = w.to(dtype).clone()
         master = w.clone() if dtype != torch.float32 else None
         m, v = torch.zeros(n), torch.zeros(n)
-        for step in range(1, 4):
+        for step in range(1, 5):  # step 4 is skipped (enabled 0): it must change nothing
             g = torch.randn(n, generator=torch.Generator().manual_seed(step)).to(dtype)
+            scale, enabled = torch.tensor(0.7), torch.tensor(float(step < 4))
             if kernel:
-                F._launch(p, g, master, m, v, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1 - 0.9**step, math.sqrt(1 - 0.95**step), 0.7)
+                F._launch(p, g, master, m, v, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1 - 0.9**step, math.sqrt(1 - 0.95**step),
+                          scale, enabled)
             else:
                 F.adamw_step(p, g, master, m, v, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
-                             step=step, grad_scale=0.7)
+                             step=step, grad_scale=0.7 if step % 2 else scale, enabled=enabled)
         runs.append([(master if master is not None else p).clone(), m, v, p.float()])
     (a, b) = runs
     worst[str(dtype)] = [float(((x - y).norm() / y.norm())) for x, y in zip(a[:3], b[:3])]
@@ -261,7 +263,8 @@ print(worst)
 
 def test_the_triton_kernel_computes_the_torch_form(tmp_path):
     """The CUDA kernel itself, run by Triton's interpreter on the CPU: masters and moments equal the
-    torch form to fp32 rounding, and the weight is the kernel's master in the weight's dtype."""
+    torch form to fp32 rounding (a skipped step, enabled = 0, changing nothing in either), and the
+    weight is the kernel's master in the weight's dtype."""
     triton = pip_target(["triton==3.6.0"])  # no dependencies; its interpreter runs on numpy
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{REPO}:{triton}")
     out = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env, timeout=300)
@@ -269,3 +272,61 @@ def test_the_triton_kernel_computes_the_torch_form(tmp_path):
     worst = eval(out.stdout.strip().splitlines()[-1])
     for dtype, (master, m, v, weight_is_master_rounded) in worst.items():
         assert max(master, m, v) < 1e-6 and weight_is_master_rounded, (dtype, worst)
+
+
+def test_deferred_reads_take_the_same_steps_and_settle_a_skipped_one():
+    """defer_reads (what the trainer runs): the update is launched with the clipping factor and
+    the finite flag as device scalars, before anything is read; settle() afterwards gives the
+    norm and the skip, and the weights, masters, moments and step counters equal the optimizer
+    that read first, a non-finite step (3) included."""
+    now, later = _params(), _params()
+    opts = [AdamW([{"params": ps, "weight_decay": 0.1}], ONE_RANK, max_norm=0.5, master_weights=True, **HYPER)
+            for ps in (now, later)]
+    opts[1].defer_reads = True
+    for p, q in zip(now, later):
+        p.data, q.data = p.data.bfloat16(), q.data.bfloat16()
+    for step in range(1, 6):
+        for p, q, g in zip(now, later, _grads(step)):
+            p.grad, q.grad = g.bfloat16(), g.bfloat16()
+        if step == 3:
+            now[1].grad[2] = later[1].grad[2] = float("inf")
+        opts[0].step()
+        opts[1].step()
+        reads = opts[1].pending_reads()
+        assert len(reads) == 2 and opts[0].pending_reads() == []
+        norm, skipped = opts[1].settle(torch.cat(reads).tolist())
+        assert skipped == opts[0].overflow == (step == 3) == opts[1].overflow
+        assert norm == opts[0]._global_grad_norm or (math.isinf(norm) and step == 3)
+        assert opts[1].steps_taken() == opts[0].steps_taken() == step - (step >= 3)
+        for p, q in zip(now, later):
+            assert torch.equal(p, q) and torch.equal(opts[0].master(p), opts[1].master(q))
+            assert all(torch.equal(opts[0].state[p][k], opts[1].state[q][k]) for k in ("exp_avg", "exp_avg_sq"))
+
+
+SYNCS = """
+import sys
+from deepspeed.accelerator import get_accelerator
+from megamoe.train.optimizer import AdamW
+from megamoe.train.__main__ import main
+acc, syncs, settled = get_accelerator(), [], []
+sync, settle = acc.synchronize, AdamW.settle
+acc.synchronize = lambda *a, **k: (syncs.append(1), sync(*a, **k))[1]
+AdamW.settle = lambda self, values=None: (settled.append(values is not None), settle(self, values))[1]
+code = main(sys.argv[1:])
+print("SYNCS", len(syncs), "SETTLED", settled)
+sys.exit(code)
+"""
+
+
+def test_a_training_step_waits_for_the_device_once(tmp_path):
+    """No device-wide synchronisation in the step (DeepSpeed's throughput timer would add two per
+    micro-batch), and the optimizer's norm and skip flag are read with the step's statistics (one
+    transfer), not by the optimizer before its update."""
+    script = tmp_path / "syncs.py"
+    script.write_text(SYNCS)
+    cmd = [sys.executable, str(script), *TINY, "train.steps=5", f"run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("SYNCS"))
+    assert line == "SYNCS 0 SETTLED [True, True, True, True, True]", line

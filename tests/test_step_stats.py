@@ -90,7 +90,7 @@ def run_pipeline_step(rank: int, world_size: int, cfg, data) -> tuple:
     with host_reads() as in_step:
         pipeline_schedule.train_step(Engine(model), state, cfg, data.__getitem__, lm_loss, stats)
     with host_reads() as in_read:
-        logged, load = stats.read(state, GAS, sequence_parallel=False)
+        logged, load, _ = stats.read(state, GAS, sequence_parallel=False)
     return dict(in_step), dict(in_read), logged, load
 
 
@@ -105,7 +105,7 @@ def plain_step(cfg, data) -> tuple:
             stats.add(out.aux_loss, lm)
             ((lm + out.aux_loss) / GAS).backward()
     with host_reads() as in_read:
-        logged, load = stats.read(ParallelState(1, 0), GAS, sequence_parallel=False)
+        logged, load, _ = stats.read(ParallelState(1, 0), GAS, sequence_parallel=False)
     return dict(in_step), dict(in_read), logged, load
 
 

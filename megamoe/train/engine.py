@@ -140,6 +140,9 @@ def deepspeed_config(cfg: Config, state: ParallelState, dtype: torch.dtype) -> d
         "bf16": {"enabled": bf16 and zero > 0, "check_grad_overflow": True},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on and synchronised by default: a device-wide sync at each
+        # micro-batch's forward and each step() call. The trainer measures tokens/s itself.
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
     if bf16 and zero == 0:
         config["communication_data_type"] = "fp32"  # bf16 gradients are averaged over DP in fp32

@@ -26,6 +26,7 @@ from ..parallel.state import ParallelState
 from .engine import build_engine, build_model, lr_at, resolve_device, resolve_dtype
 from .loss import cross_entropy_for, linear_cross_entropy
 from .metrics import MetricsLogger
+from .optimizer import AdamW
 from .rundir import RunLock, check_resumable, prepare_run_dir
 from .signals import EXIT_REQUEUE, PreemptionHandler
 from .stats import StepStats
@@ -53,6 +54,8 @@ class Trainer:
         self.tasks = TrainingEvaluator(cfg, self.state, self.tokenizer)  # train.eval_tasks, read now
         self.model = build_model(cfg, self.state)
         self.engine = build_engine(cfg, self.state, self.model, self.device)
+        if isinstance(self.engine.optimizer, AdamW):  # its norm and skip flag join the step's one read
+            self.engine.optimizer.defer_reads = True
         # the loss of the model's output: vocab-parallel under TP; without TP and PP the model
         # returns its final hidden states and the loss projects them chunk by chunk
         self.project = self.state.tp > 1 or self.state.pp > 1
@@ -82,6 +85,9 @@ class Trainer:
             mask = get_batch(data, step, t.global_batch_size, t.micro_batch_size, s.dp_rank, s.dp,
                              micro, loss_mask=True)
             labels = labels.masked_fill(~mask[:, 1:], -100)
+        if self.device.type == "cuda":  # from pinned memory: a pageable copy waits for the GPU's queue
+            return (tokens.contiguous().pin_memory().to(self.device, non_blocking=True),
+                    labels.contiguous().pin_memory().to(self.device, non_blocking=True))
         return tokens.to(self.device), labels.to(self.device)
 
     def _targets(self, data, step: int) -> float:
@@ -112,11 +118,16 @@ class Trainer:
                                          partial(self._micro_batch, self.train_data, self.step), lm_loss, stats)
         else:
             self._accumulate(lm_loss, stats)
-        losses, load = stats.read(self.state, self.gas, self.cfg.parallel.sequence_parallel)
-        skipped = bool(getattr(self.engine.optimizer, "overflow", False))
+        opt = self.engine.optimizer
+        deferred = getattr(opt, "defer_reads", False)  # our AdamW: its norm and skip flag come along
+        losses, load, extra = stats.read(self.state, self.gas, self.cfg.parallel.sequence_parallel,
+                                         opt.pending_reads() if deferred else ())
+        if deferred:
+            norm, skipped = opt.settle(extra)
+        else:
+            skipped, norm = bool(getattr(opt, "overflow", False)), self.engine.get_global_grad_norm()
         routing = self._after_optimizer_step(load, update_bias=not skipped)
         self.step += 1
-        norm = self.engine.get_global_grad_norm()
         self._guard(skipped)
         return {**losses, "lr": lr_at(self.cfg, self.step - 1),
                 "grad_norm": float(norm) if norm is not None else float("nan"),

@@ -5,12 +5,17 @@ Per parameter it keeps an fp32 master weight (when the parameters are trained in
 two fp32 Adam moments, so checkpoints read and write them per parameter by name. One step:
 
 1. the global gradient norm: one multi-tensor norm per kind of parameter (replicated, tensor-
-   parallel shard, expert shard), summed over the groups that hold distinct pieces, read once;
-2. a step whose norm (or the loss the trainer hands over) is not finite changes nothing:
-   `overflow` is set, and the DeepSpeed engine counts it in `skipped_steps`;
-3. else each parameter is updated by one fused pass (`fused_adamw.adamw_step` on CUDA: reads the
+   parallel shard, expert shard), summed over the groups that hold distinct pieces;
+2. each parameter is updated by one fused pass (`fused_adamw.adamw_step` on CUDA: reads the
    bf16 gradient, master and moments once, writes master, moments and the bf16 weight once;
-   the same arithmetic in torch ops elsewhere), the clipping factor folded into the gradient.
+   the same arithmetic in torch ops elsewhere), the clipping factor folded into the gradient;
+3. a step whose norm (or the loss the trainer hands over) is not finite changes nothing: the
+   clipping factor and the finite flag are device scalars the update kernels read, so a skipped
+   step's kernels read and write nothing, and no host read stands between the backward and the
+   update. `settle()` reads the norm and the flag afterwards, sets `overflow` and takes a skipped
+   step back out of the step counters; with `defer_reads` the trainer calls it at the step's one
+   read to the host (with the step's statistics), else `step()` calls it before returning.
+   Offloaded to host memory, the update needs the factor on the host: that step reads first.
 
 Against DeepSpeed's bf16 ZeRO optimizer on one H100 (8 OLMoE layers, 3.56 B parameters) this is
 the difference between 236 ms and the memory-traffic bound of the update (docs/performance.md).
@@ -67,8 +72,10 @@ class AdamW(torch.optim.Optimizer):
             from .offload import HostAdamW
             self.host = HostAdamW(next(p.device for g in self.param_groups for p in g["params"]))
         report_grad_norm(self, None)  # the engine's get_global_grad_norm()
-        self.overflow = False  # the last step was skipped (the engine counts skipped_steps)
+        self.overflow = False  # the last step was skipped (settled; see the module's docstring)
         self.also_finite: torch.Tensor | None = None  # e.g. the step's loss: must be finite too
+        self.defer_reads = False  # the caller settles each step itself (`pending_reads`, `settle`)
+        self._pending = None  # (norm, non-finite flag, states stepped) of a step not yet settled
         for group in self.param_groups:
             for p in group["params"]:
                 self._init_state(p)
@@ -107,31 +114,73 @@ class AdamW(torch.optim.Optimizer):
     # The step ------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
+        if self._pending is not None:  # the caller did not settle the last step: settle it now
+            self.settle()
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         norm = grad_norm(params, self.parallel_state)
         check = norm if self.also_finite is None else norm + 0 * self.also_finite.to(norm)
         # Every rank must take the same decision: a loss is local to its data-parallel rank.
         bad = comm.all_reduce((~torch.isfinite(check)).double().reshape(1), op=dist.ReduceOp.MAX)
-        norm_value, ok = float(norm), not bool(bad)  # the step's host reads
-        self.overflow, self.also_finite = not ok, None
-        report_grad_norm(self, norm_value)
-        if not ok:
+        self.also_finite = None
+        report_grad_norm(self, None)  # known once settled
+        if self.host is not None:  # the host update needs the clipping factor on the host
+            self._pending = (norm, bad, [])
+            norm_value, skipped = self.settle()
+            if not skipped:
+                self._step_on_host(self._clip_factor(norm_value))
             return
-        scale = min(1.0, self.max_norm / (norm_value + 1e-6)) if self.max_norm > 0 else 1.0
-        if self.host is not None:
-            self._step_on_host(scale)
-            return
+        scale = self._clip_factor(norm)  # fp32 device scalar, as the host's float would round it
+        enabled = (bad == 0).float().reshape(())
+        stepped = []
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 st = self._init_state(p)
-                st["step"] += 1
+                st["step"] += 1  # taken back by settle() if the device skipped the step
+                stepped.append(st)
                 fused_adamw.adamw_step(p, p.grad, st.get("master"), st["exp_avg"], st["exp_avg_sq"],
                                        lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                                        weight_decay=group["weight_decay"], step=int(st["step"]),
-                                       grad_scale=scale)
+                                       grad_scale=scale, enabled=enabled)
+        self._pending = (norm, bad, stepped)
+        if not self.defer_reads:
+            self.settle()
+
+    def _clip_factor(self, norm):
+        """min(1, max_norm / (norm + 1e-6)), in fp64 like the float it replaces: a float for a
+        float norm, else an fp32 device scalar (no host read)."""
+        if isinstance(norm, float):
+            return min(1.0, self.max_norm / (norm + 1e-6)) if self.max_norm > 0 else 1.0
+        if self.max_norm <= 0:
+            return torch.ones((), dtype=torch.float32, device=norm.device)
+        return torch.clamp(norm.new_full((), self.max_norm) / (norm + 1e-6), max=1.0).float()
+
+    def pending_reads(self) -> list[torch.Tensor]:
+        """The device values `settle` needs (the gradient norm, the non-finite flag), [1] fp64
+        each, for a caller that reads them with its own in one transfer; [] when settled."""
+        if self._pending is None:
+            return []
+        norm, bad, _ = self._pending
+        return [norm.reshape(1).double(), bad.reshape(1).double()]
+
+    def settle(self, values: list[float] | None = None) -> tuple[float, bool]:
+        """The last step's gradient norm and whether it was skipped, from `values` (the
+        `pending_reads`, read by the caller) or read here. A skipped step leaves the step
+        counters as they were; `overflow` and the engine's grad norm are set."""
+        if self._pending is None:
+            return self._global_grad_norm, self.overflow
+        if values is None:
+            values = torch.cat(self.pending_reads()).tolist()
+        stepped = self._pending[2]
+        self._pending = None
+        norm_value, self.overflow = float(values[0]), bool(values[1])
+        report_grad_norm(self, norm_value)
+        if self.overflow:
+            for st in stepped:
+                st["step"] -= 1
+        return norm_value, self.overflow
 
     def _step_on_host(self, scale: float) -> None:
         items = []

@@ -7,6 +7,8 @@ and z losses, expert loads). `read` sums over pipeline stages, averages over dat
 and copies the result to the host once.
 """
 
+import functools
+
 import torch
 from torch import nn
 
@@ -15,11 +17,18 @@ from ..parallel import comm
 from ..parallel.state import ParallelState
 
 
+@functools.lru_cache(maxsize=8)
+def _rows(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The rows as a device tensor, made once: a tensor built from a list copies it from pageable
+    host memory, which waits for everything queued on the GPU (a host sync every step)."""
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
 class StepStats:
     def __init__(self, cfg: Config, model: nn.Module, device: torch.device):
         rows = model.moe_rows()  # {row among all the model's MoE layers: this stage's FFN}
         self.ffns = list(rows.values())
-        self.rows = torch.tensor(list(rows), dtype=torch.long, device=device)
+        self.rows = _rows(tuple(rows), device)
         self.n_moe = len(cfg.moe_layer_ids())
         self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # aux, lm, Σ_layers lb, Σ_layers z
         self.load = torch.zeros(self.n_moe, cfg.moe.num_experts or 1, dtype=torch.float64, device=device)
@@ -39,9 +48,11 @@ class StepStats:
         """This rank's Σ over micro-batches of (LM loss + aux loss), on the device."""
         return self.sums[0] + self.sums[1]
 
-    def read(self, state: ParallelState, gas: int, sequence_parallel: bool) -> tuple[dict, torch.Tensor]:
+    def read(self, state: ParallelState, gas: int, sequence_parallel: bool,
+             extra: list[torch.Tensor] = ()) -> tuple[dict, torch.Tensor, list[float]]:
         """The step's logged losses (means over micro-batches and DP ranks, lb and z means over
-        MoE layers) and its expert loads [MoE layers, E] summed over every rank, on the host."""
+        MoE layers), its expert loads [MoE layers, E] summed over every rank, and the values of
+        `extra` (1-element device tensors, e.g. the optimizer's `pending_reads`), on the host."""
         sums, load = self.sums, self.load
         if state.pp > 1:  # every stage's aux losses and MoE layers
             sums, load = comm.all_reduce(sums, state.pp_group), comm.all_reduce(load, state.pp_group)
@@ -49,8 +60,9 @@ class StepStats:
         load = comm.all_reduce(load, state.dp_group)
         if sequence_parallel:  # each TP rank routed its own sequence chunk
             load = comm.all_reduce(load, state.tp_group)
-        values = torch.cat([sums, load.flatten()]).tolist()  # the step's one read to the host
+        extra = [t.to(sums) for t in extra]
+        values = torch.cat([sums, load.flatten(), *extra]).tolist()  # the step's one read to the host
         aux, lm, lb, z = values[:4]
-        n = max(self.n_moe, 1)
+        n, end = max(self.n_moe, 1), 4 + load.numel()
         return ({"loss": lm + aux, "lm_loss": lm, "lb_loss": lb / n, "z_loss": z / n},
-                torch.tensor(values[4:], dtype=torch.float64).view(load.shape))
+                torch.tensor(values[4:end], dtype=torch.float64).view(load.shape), values[end:])
