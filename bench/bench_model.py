@@ -149,6 +149,8 @@ def main():
     ap.add_argument("--loss", choices=("fused", "logits"), default="fused",
                     help="megamoe's LM loss: the trainer's chunked linear + cross-entropy (fused) or the "
                          "full logits then cross-entropy")
+    ap.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="torch._inductor.config entries for this run (e.g. max_pointwise_cat_inputs=1)")
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                     help="change the OLMoE-1B-7B model, e.g. model.d_model=512 moe.num_experts=0")
     args = ap.parse_args()
@@ -168,6 +170,9 @@ def main():
         cfg.validate()
         torch._dynamo.config.cache_size_limit = 64
         torch._dynamo.config.automatic_dynamic_shapes = False  # static graphs per micro-batch size
+    for item in args.inductor:
+        key, value = item.split("=", 1)
+        setattr(torch._inductor.config, key, yaml.safe_load(value))
     systems = args.systems.split(",")
     info = env_info(device)
     ceiling = matmul_ceiling_tflops(device, n=8192 if device.type == "cuda" else 256)

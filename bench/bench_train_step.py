@@ -13,6 +13,7 @@ The synchronisation adds a little to each step: tokens/s are read from a run wit
 """
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -52,20 +53,43 @@ def main() -> None:
             return out
         return wrapper
 
-    enqueued = []
+    enqueued, read_done, first_forward = [], [], []
     if args.host:
-        read = loop.StepStats.read
+        read, forward = loop.StepStats.read, engine.forward
 
         def read_marked(self, *a, **k):
             enqueued.append(time.perf_counter())
-            return read(self, *a, **k)
-        loop.StepStats.read = read_marked
+            out = read(self, *a, **k)
+            read_done.append(time.perf_counter())
+            return out
+
+        def forward_marked(*a, **k):
+            if len(first_forward) < len(enqueued) + 1:
+                first_forward.append(time.perf_counter())
+            return forward(*a, **k)
+        loop.StepStats.read, engine.forward = read_marked, forward_marked
         phases = {}
+        gc_ms, after = [0.0], [0.0]
+
+        def gc_timer(phase, info, t=[0.0]):  # time in Python's garbage collector
+            if phase == "start":
+                t[0] = time.perf_counter()
+            else:
+                gc_ms[0] += 1e3 * (time.perf_counter() - t[0])
+        gc.callbacks.append(gc_timer)
+        after_step = loop.Trainer._after_optimizer_step
+
+        def after_timed(self, *a, **k):
+            t0 = time.perf_counter()
+            out = after_step(self, *a, **k)
+            after[0] += 1e3 * (time.perf_counter() - t0)
+            return out
+        loop.Trainer._after_optimizer_step = after_timed
     else:
         engine.forward = timed("forward", engine.forward)
         engine.backward = timed("backward", engine.backward)
         engine.step = timed("optimizer", engine.step)
-    steps, starts = [], []
+    steps, starts, tail, skip = [], [], [], 3
     trainer.model.train()
     for i in range(args.steps):
         if args.profile and i == args.steps - 1:
@@ -83,7 +107,12 @@ def main() -> None:
         else:
             t0 = time.perf_counter()
             trainer.train_step()
+            t1 = time.perf_counter()
             torch.cuda.synchronize()
+            if args.host:
+                tail.append(1e3 * (time.perf_counter() - t1))
+                if i == skip - 1:
+                    gc_ms[0] = after[0] = 0.0
         starts.append(t0)
         steps.append(1e3 * (time.perf_counter() - t0))
     skip = 3
@@ -92,7 +121,14 @@ def main() -> None:
     tokens = cfg.train.global_batch_size * cfg.data.seq_length
     host = {}
     if args.host:
+        ends = [s + t / 1e3 for s, t in zip(starts, steps)]
         host["enqueue_ms"] = round(statistics.median(1e3 * (e - s) for e, s in zip(enqueued[skip:], starts[skip:])), 1)
+        # the GPU has nothing queued from a step's start to its first forward, and after its read
+        host["before_forward_ms"] = round(statistics.median(1e3 * (f - s) for f, s in zip(first_forward[skip:], starts[skip:])), 2)
+        n = args.steps - skip
+        host.update(sync_after_step_ms=round(statistics.median(tail[skip:]), 2), gc_ms_per_step=round(gc_ms[0] / n, 2),
+                    after_optimizer_step_ms=round(after[0] / n, 2))
+        host["after_read_ms"] = round(statistics.median(1e3 * (e - r) for e, r in zip(ends[skip:], read_done[skip:])), 2)
     print(json.dumps({"name": args.name, **{f"{k}_ms": round(v, 1) for k, v in med.items()}, **host,
                       "rest_ms": round(step_ms - sum(med.values()), 1), "step_ms": round(step_ms, 1),
                       "tokens_per_sec_synced": round(tokens / step_ms * 1e3),

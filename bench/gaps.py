@@ -65,12 +65,15 @@ def analyse(trace: dict, min_us: float = 20.0) -> dict:
     runtime = {e["args"]["correlation"]: e for e in events
                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
     stacks = Stacks(events)
-    gaps, by_site = [], defaultdict(float)
+    gaps, by_site, small, counts = [], defaultdict(float), 0.0, defaultdict(int)
+    for e in device:
+        counts[e["name"][:90]] += 1
     busy = sum(e.get("dur", 0) for e in device)
     span = (device[-1]["ts"] + device[-1].get("dur", 0) - device[0]["ts"]) if device else 0.0
     for prev, cur in zip(device, device[1:]):
         gap = cur["ts"] - (prev["ts"] + prev.get("dur", 0))
         if gap < min_us:
+            small += max(gap, 0.0)
             continue
         launch = runtime.get(cur.get("args", {}).get("correlation"))
         frames = stacks.frames(launch.get("tid"), launch["ts"]) if launch else []
@@ -85,7 +88,8 @@ def analyse(trace: dict, min_us: float = 20.0) -> dict:
         d2h = name.startswith("cudaMemcpy") and e.get("args", {}).get("kind") in (2, "DtoH")
         if name in SYNC_CALLS or d2h or (name.startswith("cudaMemcpy") and "Async" not in name):
             syncs.append({"call": name, "dur_us": e.get("dur", 0), "site": site(stacks.frames(e.get("tid"), e["ts"]), 4)})
-    return {"device_span_us": span, "device_busy_us": busy, "idle_us": span - busy,
+    return {"device_span_us": span, "device_busy_us": busy, "idle_us": span - busy, "n_device_ops": len(device),
+            "small_gaps_us": small, "most_launched": sorted(counts.items(), key=lambda kv: -kv[1])[:25],
             "gaps_over_min_us": sum(g["gap_us"] for g in gaps), "n_gaps": len(gaps),
             "gaps": sorted(gaps, key=lambda g: -g["gap_us"]),
             "by_site": sorted(by_site.items(), key=lambda kv: -kv[1]), "syncs": syncs}
@@ -96,10 +100,14 @@ def report(trace_path: str, out_path: str, min_us: float = 20.0, top: int = 30) 
         a = analyse(json.load(f), min_us)
     lines = [f"device span {a['device_span_us'] / 1e3:.2f} ms, kernels busy {a['device_busy_us'] / 1e3:.2f} ms, "
              f"idle {a['idle_us'] / 1e3:.2f} ms; {a['n_gaps']} gaps over {min_us:.0f} us sum to "
-             f"{a['gaps_over_min_us'] / 1e3:.2f} ms", "", "idle by launch site (the host reached these late):"]
+             f"{a['gaps_over_min_us'] / 1e3:.2f} ms",
+             f"{a['n_device_ops']} kernels/copies/memsets; the gaps under {min_us:.0f} us between them (launch "
+             f"latency, one kernel draining before the next fills the GPU) sum to {a['small_gaps_us'] / 1e3:.2f} ms",
+             "", "idle by launch site (the host reached these late):"]
     lines += [f"{us / 1e3:9.3f} ms  {s}" for s, us in a["by_site"][:top]]
     lines += ["", f"largest gaps (of {a['n_gaps']}):"]
     lines += [f"{g['gap_us'] / 1e3:9.3f} ms  before {g['next']}  [{g['launch']}]  {g['site']}" for g in a["gaps"][:top]]
+    lines += ["", "most launched:"] + [f"{n:6d}x  {name}" for name, n in a["most_launched"]]
     lines += ["", f"host synchronisations ({len(a['syncs'])}):"]
     lines += [f"{s['dur_us'] / 1e3:9.3f} ms  {s['call']}  {s['site']}" for s in a["syncs"][:top]]
     with open(out_path, "w") as f:

@@ -76,6 +76,7 @@ class AdamW(torch.optim.Optimizer):
         self.also_finite: torch.Tensor | None = None  # e.g. the step's loss: must be finite too
         self.defer_reads = False  # the caller settles each step itself (`pending_reads`, `settle`)
         self._pending = None  # (norm, non-finite flag, states stepped) of a step not yet settled
+        self._settled: tuple[float | None, bool] = (None, False)  # the last settled (norm, skipped)
         for group in self.param_groups:
             for p in group["params"]:
                 self._init_state(p)
@@ -170,7 +171,7 @@ class AdamW(torch.optim.Optimizer):
         `pending_reads`, read by the caller) or read here. A skipped step leaves the step
         counters as they were; `overflow` and the engine's grad norm are set."""
         if self._pending is None:
-            return self._global_grad_norm, self.overflow
+            return self._settled
         if values is None:
             values = torch.cat(self.pending_reads()).tolist()
         stepped = self._pending[2]
@@ -180,7 +181,8 @@ class AdamW(torch.optim.Optimizer):
         if self.overflow:
             for st in stepped:
                 st["step"] -= 1
-        return norm_value, self.overflow
+        self._settled = (norm_value, self.overflow)
+        return self._settled
 
     def _step_on_host(self, scale: float) -> None:
         items = []
