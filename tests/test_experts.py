@@ -170,3 +170,43 @@ def test_compiled_expert_choice_runs_the_grouped_gemm(monkeypatch):
     torch._dynamo.reset()
     compiled = torch.compile(layer)(x)[0]
     torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
+
+
+SWIGLU_INTERPRETED = """
+import torch
+from megamoe.moe import fused_swiglu as S
+assert S.triton is not None
+worst = {}
+for dtype in (torch.float32, torch.bfloat16):
+    gen = torch.Generator().manual_seed(0)
+    n, f = 37, 300  # neither a multiple of the kernel's row block (8) nor of its column block (256)
+    h = (2 * torch.randn(n, 2 * f, generator=gen)).to(dtype)
+    w = torch.rand(n, generator=gen)
+    g = torch.randn(n, f, generator=gen).to(dtype)
+    hh, ww = h.double().requires_grad_(), w.double().requires_grad_()
+    S.reference(hh, ww).backward(g.double())
+    dh, dw = S.launch_backward(h, w, g)
+    worst[str(dtype)] = [float((dh.double() - hh.grad).norm() / hh.grad.norm()),
+                         float((dw.double() - ww.grad).norm() / ww.grad.norm()), dh.dtype == dtype, dw.dtype == w.dtype]
+print(worst)
+"""
+
+
+def test_the_fused_swiglu_backward_kernel_computes_the_gradients_of_the_torch_form():
+    """The CUDA kernel of the weighted SwiGLU's backward (one pass over h and the gradient), run by
+    Triton's interpreter on the CPU: d h and d w equal autograd of the torch form (float64) to the
+    rounding of the output dtype, for sizes off the kernel's blocks."""
+    import os
+    import subprocess
+    import sys
+
+    from pip_cache import pip_target
+    from runs import REPO
+    triton = pip_target(["triton==3.6.0"])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{REPO}:{triton}")
+    out = subprocess.run([sys.executable, "-c", SWIGLU_INTERPRETED], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    worst = eval(out.stdout.strip().splitlines()[-1])
+    for dtype, (dh, dw, dh_dtype, dw_dtype) in worst.items():
+        assert dh < (1e-6 if dtype == "torch.float32" else 8e-3) and dw < 1e-5 and dh_dtype and dw_dtype, (dtype, worst)

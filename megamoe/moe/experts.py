@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fp8 as fp8_mm
+from . import fused_swiglu
 
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
@@ -26,7 +27,10 @@ def group_offsets(counts: torch.Tensor) -> torch.Tensor:
 
 
 def _act(h: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
-    """SwiGLU of [n, 2F] (gate | up) → [n, F], each row times its weight when given."""
+    """SwiGLU of [n, 2F] (gate | up) → [n, F], each row times its weight when given (on CUDA
+    with a one-pass backward, `fused_swiglu`)."""
+    if row_weight is not None and fused_swiglu.available(h):
+        return fused_swiglu.weighted_swiglu(h, row_weight)
     gate, up = h.chunk(2, dim=-1)
     a = F.silu(gate) * up
     return a if row_weight is None else a * row_weight[:, None].to(a.dtype)
