@@ -83,3 +83,72 @@ def test_sum_rows_compiled_form_equals_eager_form(monkeypatch):
     compiled_form = [dispatch._sum_rows(src, index), dispatch._sum_rows(src, index, weight)]
     for a, b in zip(eager, compiled_form):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+PERMUTE_INTERPRETED = """
+import torch
+from megamoe.moe import fused_permute as P
+assert P.triton is not None
+out = {}
+for dtype in (torch.float32, torch.bfloat16):
+    for d in (300, 2048):  # off the column block (512), and whole 1,024-column blocks
+        gen = torch.Generator().manual_seed(d)
+        t, k = 13, 3  # 39 rows: off the row block
+        src = torch.randn(t, d, generator=gen).to(dtype)
+        token_of_row = torch.randint(0, t, (t * k,), generator=gen)  # repeats, as dispatch's
+        rows = P.launch_gather(src, token_of_row)
+        inverse = torch.randperm(t * k, generator=gen).view(t, k)
+        summed = P.launch_sum(rows, inverse)
+        acc = rows[inverse[:, 0]].float()
+        for j in range(1, k):  # the compiled torch form's order: j = 0..k-1 in fp32
+            acc = acc + rows[inverse[:, j]].float()
+        # fp32 bit for bit; the interpreter casts fp32 to bf16 by truncation (the GPU rounds to
+        # nearest): within one bf16 step of the fp32 sum
+        exact = torch.equal(summed, acc) if dtype == torch.float32 else bool(
+            ((summed.float() - acc).abs() <= acc.abs() * 2 ** -7).all())
+        out[f"{dtype} {d}"] = [torch.equal(rows, src[token_of_row]), exact,
+                               summed.dtype == dtype, P.launch_gather(src, token_of_row[:0]).shape == (0, d)]
+print(out)
+"""
+
+
+def test_the_permutation_kernels_gather_and_sum_rows_as_the_torch_forms():
+    """The CUDA kernels of dropless dispatch's permutations (`fused_permute`), run by Triton's
+    interpreter on the CPU: the row gather equals torch's indexing, the k-row sum equals the
+    compiled torch form of `_sum_rows` (fp32 sum in j's order; bit for bit in fp32, to the
+    interpreter's bf16 cast in bf16), for sizes off the kernels' tiles."""
+    import os
+    import subprocess
+    import sys
+
+    from pip_cache import pip_target
+    from runs import REPO
+    triton = pip_target(["triton==3.6.0"])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{REPO}:{triton}")
+    out = subprocess.run([sys.executable, "-c", PERMUTE_INTERPRETED], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = eval(out.stdout.strip().splitlines()[-1])
+    assert len(results) == 4 and all(all(v) for v in results.values()), results
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton permutation kernels run on CUDA; CI has no "
+                    "GPU and checks them under Triton's interpreter above (run on the GPU machine: docs/performance.md)")
+def test_dispatch_with_the_permutation_kernels_equals_the_torch_forms_on_cuda(monkeypatch):
+    """Dropless dispatch on CUDA, bf16, with the row-tiled kernels and with torch's indexing: the same
+    output and gradients (the sums' order differs by bf16 roundings only)."""
+    from megamoe.moe import fused_permute
+    torch.manual_seed(0)
+    T, d, E, k, F = 300, 256, 8, 3, 64
+    router, experts = Router(d, E, k).cuda().bfloat16(), SwiGLUExperts(E, d, F).cuda().bfloat16()
+    for p in (*router.parameters(), *experts.parameters()):
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for kernels in (True, False):
+        monkeypatch.setattr(fused_permute, "available", lambda t, on=kernels: on and t.is_cuda)
+        y = Dispatcher(E).run(x, router(x), experts)
+        runs.append([y, *torch.autograd.grad(y, (x, router.weight, experts.w1, experts.w2), dy)])
+    for a, b in zip(*runs):
+        assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2

@@ -17,6 +17,7 @@ gradients are gathers and sums over k: no atomics, no index_put. Other routings 
 import torch
 import torch.distributed as dist
 
+from . import fused_permute
 from .router import Routing
 
 
@@ -70,6 +71,16 @@ def sort_keys(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     return expert_idx.to(torch.int16 if num_experts <= 2**15 else torch.int32)
 
 
+def _gather(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """src[index]: a row-tiled kernel on CUDA (`fused_permute`), torch's indexing elsewhere."""
+    return fused_permute.gather_rows(src, index) if fused_permute.available(src) else src[index]
+
+
+def _sum(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """_sum_rows without weights: a row-tiled kernel on CUDA (`fused_permute`), torch elsewhere."""
+    return fused_permute.sum_rows(src, index) if fused_permute.available(src) else _sum_rows(src, index)
+
+
 class _GatherTokens(torch.autograd.Function):
     """rows = x[token_of_row] when each token has exactly k rows; `inverse[t·k + j]` is the row
     holding token t's j-th copy. Backward sums each token's k row gradients."""
@@ -78,12 +89,12 @@ class _GatherTokens(torch.autograd.Function):
     def forward(ctx, x, token_of_row, inverse, k: int):
         ctx.save_for_backward(inverse)
         ctx.k = k
-        return x[token_of_row]  # [N, d]
+        return _gather(x, token_of_row)  # [N, d]
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return _sum_rows(grad, inverse.view(-1, ctx.k)), None, None, None
+        return _sum(grad, inverse.view(-1, ctx.k)), None, None, None
 
 
 class _SumTokens(torch.autograd.Function):
@@ -93,12 +104,12 @@ class _SumTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, token_of_row, inverse, k: int):
         ctx.save_for_backward(token_of_row)
-        return _sum_rows(out, inverse.view(-1, k))  # [T, d]
+        return _sum(out, inverse.view(-1, k))  # [T, d]
 
     @staticmethod
     def backward(ctx, grad):
         (token_of_row,) = ctx.saved_tensors
-        return grad[token_of_row], None, None, None
+        return _gather(grad, token_of_row), None, None, None
 
 
 class _CombineTokens(torch.autograd.Function):

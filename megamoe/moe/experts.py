@@ -27,10 +27,7 @@ def group_offsets(counts: torch.Tensor) -> torch.Tensor:
 
 
 def _act(h: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
-    """SwiGLU of [n, 2F] (gate | up) → [n, F], each row times its weight when given (on CUDA
-    with a one-pass backward, `fused_swiglu`)."""
-    if row_weight is not None and fused_swiglu.available(h):
-        return fused_swiglu.weighted_swiglu(h, row_weight)
+    """SwiGLU of [n, 2F] (gate | up) → [n, F], each row times its weight when given."""
     gate, up = h.chunk(2, dim=-1)
     a = F.silu(gate) * up
     return a if row_weight is None else a * row_weight[:, None].to(a.dtype)
@@ -57,7 +54,9 @@ class SwiGLUExperts(nn.Module):
         if grouped:
             offs = group_offsets(counts)
             h = torch._grouped_mm(x, self.w1, offs=offs)  # [N, 2F]
-            return torch._grouped_mm(_act(h, row_weight), self.w2, offs=offs)  # [N, d]
+            if row_weight is not None:  # the activation recomputed in its backward's one pass
+                return fused_swiglu.swiglu_down(h, row_weight, self.w2, offs)  # [N, d]
+            return torch._grouped_mm(_act(h, None), self.w2, offs=offs)  # [N, d]
         sizes = counts.tolist()
         weights = torch.split(row_weight, sizes) if row_weight is not None else [None] * len(sizes)
         outs = [_act(rows @ self.w1[e], w) @ self.w2[e]

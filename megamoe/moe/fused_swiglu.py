@@ -1,18 +1,20 @@
-"""SwiGLU with per-row routing weights, its backward in one pass on CUDA.
+"""SwiGLU with per-row routing weights and the experts' second projection, its backward in one pass.
 
     a = silu(gate) · up · w        h = [gate | up]: [N, 2F], w: [N] (each expert row's weight)
+    out = grouped_mm(a, w2)        w2: [E, F, d]
 
-The forward is torch ops (inductor fuses them into one kernel). The backward needs, per row,
+The forward is torch ops (inductor fuses the activation into one kernel) and keeps h and w, not a.
+The backward needs, per row, with g = grad_out · w2ᵀ the gradient of `a`,
 
     d gate = g · w · up · silu'(gate)      d up = g · w · silu(gate)      d w = Σ_j g · silu(gate) · up
 
-where g is the gradient of `a`. Left to inductor this is two kernels, a pointwise one writing d h
-and a row reduction for d w, each reading h and g (on OLMoE-1B-7B at micro-batch 2, 16 layers:
-5.4 + 2.2 ms a step on an H100). `weighted_swiglu_backward` reads h, g and w once and writes
-d h and d w: a Triton kernel, exposed to torch.compile as a `triton_op`. Elsewhere (CPU, no
-Triton) experts use the torch form, which the CPU tests cover; the kernel is checked against
-that form under Triton's interpreter on the CPU (tests/test_experts.py). d w comes out in w's
-dtype, summed in fp32.
+and `a` itself again for w2's gradient aᵀ · grad_out. Left to inductor these were three kernels: a
+pointwise one writing d h and a row reduction for d w (5.4 + 2.2 ms a step on OLMoE-1B-7B at
+micro-batch 2, 16 layers, H100), and the recomputation of `a` (2.1 ms), each reading h again.
+`weighted_swiglu_backward` reads h, g and w once and writes d h, d w and a: a Triton kernel,
+exposed to torch.compile as a `triton_op`. Elsewhere (CPU, no Triton) `backward_reference`
+computes the same in torch; the kernel is checked against autograd of the torch form under Triton's
+interpreter on the CPU (tests/test_experts.py). d w comes out in w's dtype, summed in fp32.
 """
 
 import torch
@@ -35,9 +37,20 @@ def available(h: torch.Tensor) -> bool:
     return triton is not None and h.is_cuda
 
 
+def backward_reference(h: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(d h, d w, a) of `reference` for the gradient g of its output, in torch: what the kernel
+    computes, in fp32, rounded once to h's (d h, a) and w's (d w) dtypes."""
+    gate, up = h.float().chunk(2, dim=-1)
+    wf, gf = w.float()[:, None], g.float()
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    dh = torch.cat([gf * wf * up * sig * (1 + gate * (1 - sig)), gf * wf * silu], dim=-1)
+    return dh.to(h.dtype), (gf * silu * up).sum(-1).to(w.dtype), (silu * up * wf).to(h.dtype)
+
+
 if triton is not None:
     @triton.jit
-    def _backward_kernel(h_ptr, w_ptr, g_ptr, dh_ptr, dw_ptr, n_rows, F: tl.constexpr, BLOCK_R: tl.constexpr,
+    def _backward_kernel(h_ptr, w_ptr, g_ptr, dh_ptr, dw_ptr, a_ptr, n_rows, F: tl.constexpr, BLOCK_R: tl.constexpr,
                          BLOCK_F: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < n_rows
@@ -57,36 +70,49 @@ if triton is not None:
             drow = dh_ptr + rows[:, None] * (2 * F) + cols[None, :]
             tl.store(drow, (gw * up * sig * (1 + gate * (1 - sig))).to(dh_ptr.dtype.element_ty), mask=ok)
             tl.store(drow + F, (gw * silu).to(dh_ptr.dtype.element_ty), mask=ok)
+            tl.store(a_ptr + rows[:, None] * F + cols[None, :], (silu * up * w[:, None]).to(a_ptr.dtype.element_ty),
+                     mask=ok)
         tl.store(dw_ptr + rows, acc.to(dw_ptr.dtype.element_ty), mask=row_ok)
 
     def launch_backward(h: torch.Tensor, w: torch.Tensor, g: torch.Tensor, wrap=lambda kernel: kernel):
-        """(d h, d w) of `reference` for the gradient g of its output; `wrap` is torch.compile's
-        `wrap_triton` under the custom op, the plain kernel otherwise (the interpreter test)."""
+        """(d h, d w, a) as `backward_reference`; `wrap` is torch.compile's `wrap_triton` under the
+        custom op, the plain kernel otherwise (the interpreter test)."""
         n, f = g.shape
         h, w, g = h.contiguous(), w.contiguous(), g.contiguous()
-        dh, dw = torch.empty_like(h), torch.empty(n, dtype=w.dtype, device=h.device)
+        dh, dw, a = torch.empty_like(h), torch.empty(n, dtype=w.dtype, device=h.device), torch.empty_like(g, dtype=h.dtype)
         block_r = 8
         wrap(_backward_kernel)[(triton.cdiv(n, block_r),)](
-            h, w, g, dh, dw, n, f, BLOCK_R=block_r, BLOCK_F=min(256, triton.next_power_of_2(f)), num_warps=4)
-        return dh, dw
+            h, w, g, dh, dw, a, n, f, BLOCK_R=block_r, BLOCK_F=min(256, triton.next_power_of_2(f)), num_warps=4)
+        return dh, dw, a
 
     @torch.library.triton_op("megamoe::weighted_swiglu_backward", mutates_args=())
-    def weighted_swiglu_backward(h: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def weighted_swiglu_backward(h: torch.Tensor, w: torch.Tensor,
+                                 g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return launch_backward(h, w, g, torch.library.wrap_triton)
 
 
-class _WeightedSwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, w):
-        ctx.save_for_backward(h, w)
-        return reference(h, w)
+class _SwiGLUDown(torch.autograd.Function):
+    """grouped_mm(silu(gate) · up · w, w2): keeps h and w, recomputes `a` in the backward's one pass."""
 
     @staticmethod
-    def backward(ctx, g):
-        h, w = ctx.saved_tensors
-        return torch.ops.megamoe.weighted_swiglu_backward(h, w, g)
+    def forward(ctx, h, w, w2, offs):
+        ctx.save_for_backward(h, w, w2, offs)
+        return torch._grouped_mm(reference(h, w), w2, offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, w, w2, offs = ctx.saved_tensors
+        g = torch._grouped_mm(grad_out, w2.transpose(-2, -1), offs=offs)  # [N, F]: the gradient of a
+        if available(h):  # compiled code calls the custom op; eager code the kernel, without the op's dispatch
+            dh, dw, a = (torch.ops.megamoe.weighted_swiglu_backward(h, w, g) if torch.compiler.is_compiling()
+                         else launch_backward(h, w, g))
+        else:
+            dh, dw, a = backward_reference(h, w, g)
+        grad_w2 = torch._grouped_mm(a.transpose(-2, -1), grad_out, offs=offs) if ctx.needs_input_grad[2] else None
+        return dh, dw, grad_w2, None
 
 
-def weighted_swiglu(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """silu(gate) · up · w for h [N, 2F] and w [N]: the fused backward where `available`."""
-    return _WeightedSwiGLU.apply(h, w) if available(h) else reference(h, w)
+def swiglu_down(h: torch.Tensor, w: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(silu(gate) · up · w, w2, offs=offs) for h [N, 2F], w [N], w2 [E, F, d]: the
+    activation is not kept for the backward, which differentiates it and recomputes it in one pass."""
+    return _SwiGLUDown.apply(h, w, w2, offs)

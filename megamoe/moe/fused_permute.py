@@ -1,0 +1,109 @@
+"""The token permutations of dropless top-k dispatch as row-tiled Triton kernels on CUDA.
+
+    gather_rows(src [T, d], index [N])    -> [N, d]   out[n] = src[index[n]]
+    sum_rows(src [N, d], index [T, k])    -> [T, d]   out[t] = Σ_j src[index[t, j]]   (fp32 sum, src's dtype)
+
+Dispatch runs each twice a layer (the tokens' gather to their experts and its gradient's sum; the
+experts' sum back into tokens and its gradient's gather): at OLMoE-1B-7B's 8,192 tokens a layer,
+each moves a [65,536 × 2,048] bf16 array. Inductor compiles them as flat pointwise kernels whose
+element loads, behind a loaded row index, it cannot prove contiguous: 2-byte loads, ~0.17 ms a
+call on an H100 where the bytes take ~0.09 (docs/performance.md). Here one program moves a tile
+of whole rows: the row index is loaded once per row and each row is read in 16-byte vectors.
+Exposed to torch.compile as `triton_op`s (no graph break). The sum adds the k rows in the order
+j = 0..k-1 in fp32, as the compiled torch form of `dispatch._sum_rows` does. Elsewhere (CPU, no
+Triton) dispatch uses the torch forms; the kernels are checked against them under Triton's
+interpreter on the CPU (tests/test_kernels.py).
+"""
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs: dispatch uses the torch forms
+    triton = None
+
+
+def available(x: torch.Tensor) -> bool:
+    return triton is not None and x.is_cuda
+
+
+# bench/bench_permute.py --sweep (H100, docs/performance.md): at OLMoE's d 2048, 8 rows × 512 columns
+# gather in 125 µs where 4 × 1024 take 140 and inductor's form 156; the sum times the same either way.
+TILE = {"elements": 4096, "max_columns": 512, "num_warps": 4}
+
+
+def _blocks(d: int) -> tuple[int, int]:
+    """(rows, columns) of a program's tile: TILE's elements, whole rows where d allows."""
+    block_d = min(TILE["max_columns"], triton.next_power_of_2(d))
+    return max(1, TILE["elements"] // block_d), block_d
+
+
+if triton is not None:
+    @triton.jit
+    def _gather_kernel(src_ptr, index_ptr, out_ptr, n_rows, D: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        ok = (rows < n_rows)[:, None] & (cols < D)[None, :]
+        src_rows = tl.load(index_ptr + rows, mask=rows < n_rows, other=0).to(tl.int64)
+        v = tl.load(src_ptr + src_rows[:, None] * D + cols[None, :], mask=ok)
+        tl.store(out_ptr + rows[:, None] * D + cols[None, :], v, mask=ok)
+
+    @triton.jit
+    def _sum_kernel(src_ptr, index_ptr, out_ptr, n_out, K: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        row_ok = rows < n_out
+        ok = row_ok[:, None] & (cols < D)[None, :]
+        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        for j in tl.static_range(K):
+            src_rows = tl.load(index_ptr + rows * K + j, mask=row_ok, other=0).to(tl.int64)
+            acc += tl.load(src_ptr + src_rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+    def launch_gather(src: torch.Tensor, index: torch.Tensor, wrap=lambda kernel: kernel) -> torch.Tensor:
+        """`wrap` is torch.compile's `wrap_triton` under the custom op, the plain kernel otherwise."""
+        src, index = src.contiguous(), index.contiguous()
+        n, d = index.numel(), src.shape[1]
+        out = src.new_empty(n, d)
+        block_r, block_d = _blocks(d)
+        if n:
+            wrap(_gather_kernel)[(triton.cdiv(n, block_r), triton.cdiv(d, block_d))](
+                src, index, out, n, d, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=TILE["num_warps"])
+        return out
+
+    def launch_sum(src: torch.Tensor, index: torch.Tensor, wrap=lambda kernel: kernel) -> torch.Tensor:
+        src, index = src.contiguous(), index.contiguous()
+        (t, k), d = index.shape, src.shape[1]
+        out = src.new_empty(t, d)
+        block_r, block_d = _blocks(d)
+        if t:
+            wrap(_sum_kernel)[(triton.cdiv(t, block_r), triton.cdiv(d, block_d))](
+                src, index, out, t, k, d, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=TILE["num_warps"])
+        return out
+
+    @torch.library.triton_op("megamoe::gather_rows", mutates_args=())
+    def _gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return launch_gather(src, index, torch.library.wrap_triton)
+
+    @torch.library.triton_op("megamoe::sum_rows", mutates_args=())
+    def _sum_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return launch_sum(src, index, torch.library.wrap_triton)
+
+
+def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """src[index] for src [T, d] and index [N] (not differentiable: dispatch's autograd
+    Functions call it). Compiled code calls the custom op (inductor launches the kernel from its
+    own code); eager code launches the kernel itself, without the op's Python dispatch (~75 µs a call)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.megamoe.gather_rows(src, index)
+    return launch_gather(src, index)
+
+
+def sum_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Σ_j src[index[:, j]] for src [N, d] and index [T, k], summed in fp32 in j's order."""
+    if torch.compiler.is_compiling():
+        return torch.ops.megamoe.sum_rows(src, index)
+    return launch_sum(src, index)
