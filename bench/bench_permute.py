@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from megamoe.moe import dispatch, fused_permute  # noqa: E402
 
 GEOMETRIES = {"olmoe": (8192, 2048, 8), "small": (32768, 512, 8)}  # tokens, d, k
-SWEEP = [(2048, 1024, 4), (4096, 1024, 4), (8192, 1024, 8), (8192, 2048, 8), (16384, 2048, 8), (4096, 512, 4)]
+SWEEP = [(4096, 1024, 4), (8192, 1024, 8), (4096, 512, 4), (8192, 512, 8), (2048, 256, 4), (4096, 256, 4), (8192, 256, 8),
+         (4096, 128, 4)]
 
 
 def bench(fn):

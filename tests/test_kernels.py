@@ -91,7 +91,7 @@ from megamoe.moe import fused_permute as P
 assert P.triton is not None
 out = {}
 for dtype in (torch.float32, torch.bfloat16):
-    for d in (300, 2048):  # off the column block (512), and whole 1,024-column blocks
+    for d in (300, 2048):  # off the column block, and whole column blocks
         gen = torch.Generator().manual_seed(d)
         t, k = 13, 3  # 39 rows: off the row block
         src = torch.randn(t, d, generator=gen).to(dtype)

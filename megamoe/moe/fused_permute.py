@@ -28,9 +28,10 @@ def available(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
 
 
-# bench/bench_permute.py --sweep (H100, docs/performance.md): at OLMoE's d 2048, 8 rows × 512 columns
-# gather in 125 µs where 4 × 1024 take 140 and inductor's form 156; the sum times the same either way.
-TILE = {"elements": 4096, "max_columns": 512, "num_warps": 4}
+# bench/bench_permute.py --sweep (H100, docs/performance.md): narrow tiles of many rows gather fastest
+# (OLMoE's d 2048: 32 rows × 128 columns 115 µs, 4 × 1024 141, inductor's form 156; the small model's
+# d 512: 128 against 157 µs); the sum times the same for every tile tried (115-121 µs).
+TILE = {"elements": 4096, "max_columns": 128, "num_warps": 4}
 
 
 def _blocks(d: int) -> tuple[int, int]:
