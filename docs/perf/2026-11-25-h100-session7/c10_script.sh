@@ -1,0 +1,13 @@
+export PYTHONUNBUFFERED=1; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1; export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+SMALL="model.d_model=512 model.n_heads=8 moe.ffn_hidden=256 data.seq_length=1024 train.micro_batch_size=32 train.global_batch_size=32"
+for v in moe dense; do
+  e="$SMALL"; [ $v = dense ] && e="$SMALL moe.num_experts=0 moe.ffn_hidden=2048"
+  timeout 150 python3 bench/bench_train_step.py --name small-$v --steps 10 --profile -- model.n_layers=8 train.compile=true \
+    parallel.zero_stage=0 data.paths=[.devdata/corpus] data.tokenizer=.devdata/tokenizer.model train.precision=bf16 \
+    train.device=cuda train.log_interval=1 train.eval_interval=100000 train.save_interval=100000 optim.warmup_steps=5 \
+    run.tensorboard=false run.dir=runs/p-$v $e 2>/dev/null | grep "^{"
+  grep -i "self cuda time total" $OUT/kernels_small-$v.txt; head -3 $OUT/gaps_small-$v.txt
+done
+mkdir -p $OUT/fb; OUT=$OUT/fb timeout 150 python3 bench/bench_model.py --seq 1024 --mb 32 --systems megamoe-compile --profile --set model.d_model=512 model.n_heads=8 moe.ffn_hidden=256 model.n_layers=8 2>&1 | grep median | head -1
+head -1 $OUT/fb/profile_megamoe-compile.txt
