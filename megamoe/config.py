@@ -77,6 +77,7 @@ class TrainConfig:
     collective_timeout_s: float = 600.0  # a collective (or a save) waiting longer fails the job
     compile: bool = False  # torch.compile each block (CUDA; ignored with a notice on CPU)
     max_skipped_steps: int = 10  # stop after this many steps in a row with a non-finite grad norm/loss
+    gc_interval: int = 50  # Python's garbage collector off in the loop, run every N steps (0 = automatic)
 
 
 @dataclass
@@ -218,6 +219,9 @@ class Config:
         _require(d.paths or not d.tokenizer, "data.tokenizer",
                  "data.paths is empty, so the embedded corpus is used, with its own tokenizer; "
                  "unset data.tokenizer, or set data.paths to datasets built with it")
+        _require(t.gc_interval >= 0, "train.gc_interval",
+                 f"must be an integer >= 0 (steps between garbage collections; 0 = Python's automatic "
+                 f"collector), got {t.gc_interval!r}")
         _require(t.keep_checkpoints >= 0, "train.keep_checkpoints",
                  f"must be >= 0 (0 keeps every checkpoint), got {t.keep_checkpoints}")
         _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))

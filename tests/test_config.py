@@ -42,6 +42,7 @@ def test_olmoe_preset_is_the_paper_model(tmp_path):
     (["moe.expert_precision=fp8", "moe.ffn_hidden=40"], "moe.expert_precision", "divisible by 16"),
     (["moe.expert_precision=fp8", "moe.backend=deepspeed"], "moe.expert_precision", "moe.backend=megamoe"),
     (["optim.offload=cpu", "parallel.zero_stage=1"], "optim.offload", "set parallel.zero_stage=0"),
+    (["train.gc_interval=-1"], "train.gc_interval", "0 = Python's automatic collector"),
 ])
 def test_malformed_input_names_the_key(overrides, key, fix):
     with pytest.raises(ConfigError) as e:

@@ -330,3 +330,47 @@ def test_a_training_step_waits_for_the_device_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("SYNCS"))
     assert line == "SYNCS 0 SETTLED [True, True, True, True, True]", line
+
+
+GC = """
+import gc, sys
+import megamoe.train.loop as loop
+calls, enabled = [], []
+collect = gc.collect
+def recording(generation=2):
+    calls.append((trainer_step[0], generation))
+    return collect(generation)
+gc.collect = recording
+trainer_step = [None]
+train_step = loop.Trainer.train_step
+def watched(self):
+    trainer_step[0] = self.step + 1
+    enabled.append(gc.isenabled())
+    return train_step(self)
+loop.Trainer.train_step = watched
+from megamoe.train.__main__ import main
+rc = main(sys.argv[1:])
+print("GC", repr((rc, calls, enabled, gc.isenabled())))
+"""
+
+
+@pytest.mark.parametrize("interval", [2, 0])
+def test_the_loop_collects_garbage_at_its_own_steps(tmp_path, interval):
+    """train.gc_interval N: Python's automatic collector is off during the loop (and on again after
+    it); the young objects are collected in every N-th step, everything beside a save or an
+    evaluation. 0 leaves Python's collector as it is and collects nothing itself."""
+    script = tmp_path / "gc_steps.py"
+    script.write_text(GC)
+    cmd = [sys.executable, str(script), *TINY, "train.steps=5", "train.save_interval=3", "train.eval_interval=100",
+           f"train.gc_interval={interval}", f"run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rc, calls, enabled, after = eval(next(x for x in proc.stdout.splitlines() if x.startswith("GC "))[3:])
+    assert rc == 0 and after is True
+    if interval:
+        # before the loop (step None), in steps 2 and 4, beside the saves of steps 3 and 5 (5: also the last eval)
+        assert calls == [(None, 2), (2, 1), (3, 2), (4, 1), (5, 2)], calls
+        assert enabled == [False] * 5
+    else:
+        assert [c for c in calls if c[0] is not None] == [] and enabled == [True] * 5
