@@ -22,3 +22,15 @@ def pip_target(packages: list[str]) -> Path:
                         *packages], check=True, timeout=600)
         partial.rename(target)
     return target
+
+
+def run_interpreted(code: str):
+    """Runs `code` with Triton's interpreter on the CPU (TRITON_INTERPRET=1, Triton 3.6.0 from
+    `pip_target`, the repository on PYTHONPATH) in a subprocess; returns the value its last printed
+    line holds (a Python literal)."""
+    import os
+    triton = pip_target(["triton==3.6.0"])  # no dependencies; its interpreter runs on numpy
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{REPO}:{triton}")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return eval(out.stdout.strip().splitlines()[-1])

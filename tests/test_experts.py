@@ -210,18 +210,8 @@ def test_the_fused_swiglu_backward_kernel_computes_the_gradients_of_the_torch_fo
     d w and a equal autograd and the forward of the torch form (float64) to the rounding of the output
     dtype, and `backward_reference` (the CPU path) to a rounding of the largest value, for sizes off the
     kernel's blocks."""
-    import os
-    import subprocess
-    import sys
-
-    from pip_cache import pip_target
-    from runs import REPO
-    triton = pip_target(["triton==3.6.0"])
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{REPO}:{triton}")
-    out = subprocess.run([sys.executable, "-c", SWIGLU_INTERPRETED], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    worst = eval(out.stdout.strip().splitlines()[-1])
+    from pip_cache import run_interpreted
+    worst = run_interpreted(SWIGLU_INTERPRETED)
     for dtype, (dh, dw, a, vs_reference, dtypes) in worst.items():
         rounding = 1e-6 if dtype == "torch.float32" else 8e-3
         assert dh < rounding and dw < 1e-5 and a < rounding and dtypes, (dtype, worst)

@@ -117,18 +117,8 @@ def test_the_permutation_kernels_gather_and_sum_rows_as_the_torch_forms():
     interpreter on the CPU: the row gather equals torch's indexing, the k-row sum equals the
     compiled torch form of `_sum_rows` (fp32 sum in j's order; bit for bit in fp32, to the
     interpreter's bf16 cast in bf16), for sizes off the kernels' tiles."""
-    import os
-    import subprocess
-    import sys
-
-    from pip_cache import pip_target
-    from runs import REPO
-    triton = pip_target(["triton==3.6.0"])
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{REPO}:{triton}")
-    out = subprocess.run([sys.executable, "-c", PERMUTE_INTERPRETED], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = eval(out.stdout.strip().splitlines()[-1])
+    from pip_cache import run_interpreted
+    results = run_interpreted(PERMUTE_INTERPRETED)
     assert len(results) == 4 and all(all(v) for v in results.values()), results
 
 

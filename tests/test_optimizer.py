@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from megamoe.checkpoint.io import latest_checkpoint
 from megamoe.train.fused_adamw import adamw_step
 from megamoe.train.optimizer import AdamW
-from pip_cache import pip_target
+from pip_cache import run_interpreted
 from runs import REPO, TINY, free_port, metrics
 
 ONE_RANK = SimpleNamespace(tp=1, ep=1, pp=1)
@@ -265,11 +265,7 @@ def test_the_triton_kernel_computes_the_torch_form(tmp_path):
     """The CUDA kernel itself, run by Triton's interpreter on the CPU: masters and moments equal the
     torch form to fp32 rounding (a skipped step, enabled = 0, changing nothing in either), and the
     weight is the kernel's master in the weight's dtype."""
-    triton = pip_target(["triton==3.6.0"])  # no dependencies; its interpreter runs on numpy
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{REPO}:{triton}")
-    out = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    worst = eval(out.stdout.strip().splitlines()[-1])
+    worst = run_interpreted(INTERPRETED)
     for dtype, (master, m, v, weight_is_master_rounded) in worst.items():
         assert max(master, m, v) < 1e-6 and weight_is_master_rounded, (dtype, worst)
 
