@@ -24,6 +24,20 @@ def pip_target(packages: list[str]) -> Path:
     return target
 
 
+# Triton 3.6's interpreter holds a kernel's scalars as 1-element arrays and turns them into loop
+# bounds with int(array), which NumPy 2.4 refuses for arrays of one dimension ("only 0-dimensional
+# arrays can be converted"): a loop over a runtime bound (`range(start, end, step)`) fails. The
+# subprocess takes the element instead.
+INTERPRETER_FIX = """
+import triton.runtime.interpreter as _interp
+_patch_lang_tensor = _interp._patch_lang_tensor
+def _patch_with_index(tensor, scope):
+    _patch_lang_tensor(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+_interp._patch_lang_tensor = _patch_with_index
+"""
+
+
 def run_interpreted(code: str):
     """Runs `code` with Triton's interpreter on the CPU (TRITON_INTERPRET=1, Triton 3.6.0 from
     `pip_target`, the repository on PYTHONPATH) in a subprocess; returns the value its last printed
@@ -31,6 +45,6 @@ def run_interpreted(code: str):
     import os
     triton = pip_target(["triton==3.6.0"])  # no dependencies; its interpreter runs on numpy
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{REPO}:{triton}")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, "-c", INTERPRETER_FIX + code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return eval(out.stdout.strip().splitlines()[-1])

@@ -44,3 +44,54 @@ def test_linear_cross_entropy_in_bf16_rounds_like_the_unfused_path():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
     torch.testing.assert_close(got_h, want_h, rtol=2e-2, atol=1e-4)
     torch.testing.assert_close(got_w, want_w, rtol=2e-2, atol=1e-4)
+
+
+CROSS_ENTROPY_INTERPRETED = """
+import torch
+from megamoe.train import fused_cross_entropy as FC, loss as L
+assert FC.triton is not None
+FC.BLOCK = 16  # several column blocks at these vocabularies, the last one partial
+out = {}
+for vocab in (50, 10):  # 10 < BLOCK: lanes that never see a column
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(23, vocab, generator=gen) * 4
+    logits[3, 7] = 60.0  # one dominant logit: the running max must rescale the sum
+    labels = torch.randint(0, vocab, (23,), generator=gen)
+    labels[[0, 5, 22]] = -100
+    want_loss, want_grad = L._chunk_loss(logits, labels, True)
+    got_loss, got_grad = FC.chunk_loss(logits, labels, True)
+    eval_loss, no_grad = FC.chunk_loss(logits, labels, False)
+    out[vocab] = [abs(got_loss.item() - want_loss.item()) / want_loss.item(),
+                  (got_grad - want_grad).abs().max().item(), abs(eval_loss.item() - got_loss.item()),
+                  bool((got_grad[[0, 5, 22]] == 0).all()), no_grad is None, got_grad.dtype == logits.dtype]
+print(out)
+"""
+
+
+def test_the_cross_entropy_kernel_computes_the_torch_form():
+    """The CUDA kernel of the loss chunk (`fused_cross_entropy`), run by Triton's interpreter on the
+    CPU against `_chunk_loss` in fp32: the summed loss and the logits' gradient, masked rows zero,
+    the loss alone in evaluation; several column blocks, and a vocabulary narrower than one."""
+    from pip_cache import run_interpreted
+    results = run_interpreted(CROSS_ENTROPY_INTERPRETED)
+    assert set(results) == {50, 10}, results
+    for rel_loss, grad_err, eval_err, masked_zero, eval_no_grad, same_dtype in results.values():
+        assert rel_loss < 1e-6 and grad_err < 1e-6 and eval_err == 0, results
+        assert masked_zero and eval_no_grad and same_dtype, results
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton loss kernel runs on CUDA; CI has no GPU and "
+                    "checks it under Triton's interpreter above (run on the GPU machine: docs/performance.md)")
+def test_the_cross_entropy_kernel_equals_the_torch_form_on_cuda():
+    """bf16 logits at a real vocabulary (50,304: 13 column blocks, the last partial): the kernel's
+    loss and gradient against the torch form on the same GPU."""
+    from megamoe.train import fused_cross_entropy as FC
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(300, 50304, generator=g, device="cuda") * 3).to(torch.bfloat16)
+    labels = torch.randint(0, 50304, (300,), generator=g, device="cuda")
+    labels[:7] = -100
+    want_loss, want_grad = L._chunk_loss(logits, labels, True)
+    got_loss, got_grad = FC.chunk_loss(logits, labels, True)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=1e-2, atol=1e-6)  # one bf16 rounding
+    assert bool((got_grad[:7] == 0).all())

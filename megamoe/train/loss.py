@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..parallel.state import ParallelState
 from ..parallel.tensor import vocab_parallel_cross_entropy
+from . import fused_cross_entropy
 
 # (logits [..., V] or vocab-local [..., V/tp], labels [...]) -> Σ over labels != -100 (fp32)
 CrossEntropy = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -39,8 +40,6 @@ def _chunk_loss(logits: torch.Tensor, labels: torch.Tensor, with_grad: bool):
     x = logits.float()
     valid = labels != -100
     target = labels.clamp(min=0).unsqueeze(1)  # [n, 1]
-    # log-softmax, not x − logsumexp(x): compiled, its row max and sum come from one online pass
-    # over the logits (logsumexp compiles to a two-pass reduction, ~4× its bytes on an H100)
     logp = torch.log_softmax(x, dim=-1)  # [n, V]
     loss = (-logp.gather(1, target).squeeze(1) * valid).sum()
     if not with_grad:
@@ -49,17 +48,12 @@ def _chunk_loss(logits: torch.Tensor, labels: torch.Tensor, with_grad: bool):
     return loss, grad.to(logits.dtype)
 
 
-_compiled_chunk = None
-
-
 def _chunk_fn(device: torch.device):
-    """On CUDA the chunk's softmax, target pick and gradient are one compiled kernel pass."""
-    global _compiled_chunk
-    if device.type != "cuda":
-        return _chunk_loss
-    if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(_chunk_loss, dynamic=False)
-    return _compiled_chunk
+    """On CUDA the chunk's softmax, target pick and gradient are one Triton kernel
+    (`fused_cross_entropy`: two reads of the logits, one write of their gradient); elsewhere torch."""
+    if device.type == "cuda" and fused_cross_entropy.triton is not None:
+        return fused_cross_entropy.chunk_loss
+    return _chunk_loss
 
 
 def _chunks(n: int, vocab: int) -> range:
