@@ -3,6 +3,7 @@ the same FLOPs: which weight layout and which kernel run them fastest.
 
     python3 bench/bench_grouped_gemm.py                 # OLMoE-1B-7B and the small model of target 4
     python3 bench/bench_grouped_gemm.py --triton        # also inductor's Triton grouped-GEMM template
+    python3 bench/bench_grouped_gemm.py --ours          # bench/triton_grouped_gemm.py's kernels (an experiment), a config sweep
 
 Rows are routed by a random top-k (near-balanced groups, as at initialisation). Layouts:
 `in-out` stores w1 as [E, d, 2F] and w2 as [E, F, d] (megamoe's parameters); `out-in` stores
@@ -68,10 +69,70 @@ def cases(tokens, d, f, e, k, device):
     return out, dense, (x, h, dy, dh, w1, w2, offs)
 
 
+OUR_CONFIGS = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
+               (64, 256, 64, 4, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (128, 256, 128, 8, 2)]
+
+
+def ours(geo, tokens, d, f, e, k, device, log, configs):
+    """Our kernels per GEMM, each config; `+gather` reads the tokens through the row index instead
+    of the permuted copy, against the gather kernel plus torch._grouped_mm."""
+    import triton_grouped_gemm as gg  # beside this script
+    from megamoe.moe import fused_permute
+    n = tokens * k
+    bf = dict(device=device, dtype=torch.bfloat16)
+    counts = routed_counts(tokens, e, k, device)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    index = torch.randint(0, tokens, (n,), device=device)
+    xt, dyt = torch.randn(tokens, d, **bf), torch.randn(tokens, d, **bf)
+    x, dy = xt[index], dyt[index]
+    h, dh = torch.randn(n, f, **bf), torch.randn(n, 2 * f, **bf)
+    w1, w2 = torch.randn(e, d, 2 * f, **bf) / d**0.5, torch.randn(e, f, d, **bf) / f**0.5
+    gm = torch._grouped_mm
+    gather = fused_permute.launch_gather
+    rows = [  # name, flops, torch fn, ours(config) fn
+        ("fwd w1", 2 * n * d * 2 * f, lambda: gm(x, w1, offs=offs), lambda c: gg.launch_rows_mm(x, w1, offs, config=c)),
+        ("fwd w1 +gather", 2 * n * d * 2 * f, lambda: gm(gather(xt, index), w1, offs=offs),
+         lambda c: gg.launch_rows_mm(xt, w1, offs, index, config=c)),
+        ("fwd w2", 2 * n * f * d, lambda: gm(h, w2, offs=offs), lambda c: gg.launch_rows_mm(h, w2, offs, config=c)),
+        ("dgrad w2", 2 * n * f * d, lambda: gm(dy, w2.transpose(-2, -1), offs=offs),
+         lambda c: gg.launch_rows_mm(dy, w2.transpose(-2, -1), offs, config=c)),
+        ("dgrad w2 +gather", 2 * n * f * d, lambda: gm(gather(dyt, index), w2.transpose(-2, -1), offs=offs),
+         lambda c: gg.launch_rows_mm(dyt, w2.transpose(-2, -1), offs, index, config=c)),
+        ("dgrad w1", 2 * n * d * 2 * f, lambda: gm(dh, w1.transpose(-2, -1), offs=offs),
+         lambda c: gg.launch_rows_mm(dh, w1.transpose(-2, -1), offs, config=c)),
+        ("wgrad w1", 2 * n * d * 2 * f, lambda: gm(x.t(), dh, offs=offs),
+         lambda c: gg.launch_weight_grad_mm(x, dh, offs, config=c)),
+        ("wgrad w1 +gather", 2 * n * d * 2 * f, lambda: gm(gather(xt, index).t(), dh, offs=offs),
+         lambda c: gg.launch_weight_grad_mm(xt, dh, offs, index_a=index, config=c)),
+        ("wgrad w2", 2 * n * f * d, lambda: gm(h.t(), dy, offs=offs),
+         lambda c: gg.launch_weight_grad_mm(h, dy, offs, config=c)),
+        ("wgrad w2 +gather", 2 * n * f * d, lambda: gm(h.t(), gather(dyt, index), offs=offs),
+         lambda c: gg.launch_weight_grad_mm(h, dyt, offs, index_b=index, config=c)),
+    ]
+    for name, flops, ref_fn, our_fn in rows:
+        ref = ref_fn()
+        row = {"geometry": geo, "gemm": name, "torch": bench(ref_fn)}
+        for c in configs:
+            try:
+                got = our_fn(c)
+                err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+                row[str(c)] = (bench(lambda: our_fn(c)), err)
+            except Exception as exc:  # a config that does not fit (shared memory) or does not divide
+                row[str(c)] = (None, f"{type(exc).__name__}: {str(exc)[:120]}")
+        log.write(json.dumps(row) + "\n")
+        timed = [(v[0], key, v[1]) for key, v in row.items() if isinstance(v, tuple) and v[0] is not None]
+        best = min(timed) if timed else (float("nan"), "-", float("nan"))
+        print(f"  {name:<18} torch {row['torch']:.3f} ms {flops / row['torch'] / 1e9:4.0f} TF/s | ours best "
+              f"{best[0]:.3f} ms {flops / best[0] / 1e9:4.0f} TF/s {best[1]} err {best[2]:.1e} | all "
+              + " ".join(f"{v[0]:.3f}" if v[0] is not None else "x" for v in row.values() if isinstance(v, tuple)),
+              flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--geometries", default="olmoe,small")
     ap.add_argument("--triton", action="store_true", help="also time inductor's Triton template (autotuned)")
+    ap.add_argument("--ours", action="store_true", help="time the Triton grouped GEMMs of bench/triton_grouped_gemm.py (config sweep)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_grouped_gemm.py: needs a CUDA GPU (torch._grouped_mm times nothing on CPU)")
@@ -90,6 +151,9 @@ def main():
     for geo in args.geometries.split(","):
         tokens, d, f, e, k = GEOMETRIES[geo]
         print(f"\n{geo}: tokens {tokens}, d {d}, F {f}, E {e}, top-{k}", flush=True)
+        if args.ours:
+            ours(geo, tokens, d, f, e, k, device, log, OUR_CONFIGS)
+            continue
         gemms, dense, (x, h, dy, dh, w1, w2, offs) = cases(tokens, d, f, e, k, device)
         totals = {}
         for name, flops, fns in gemms:
