@@ -84,7 +84,7 @@ def test_the_cross_entropy_kernel_computes_the_torch_form():
                     "checks it under Triton's interpreter above (run on the GPU machine: docs/performance.md)")
 def test_the_cross_entropy_kernel_equals_the_torch_form_on_cuda():
     """bf16 logits at a real vocabulary (50,304: 13 column blocks, the last partial): the kernel's
-    loss and gradient against the torch form on the same GPU."""
+    loss and gradient against the torch form on the same GPU, launched directly and from compiled code."""
     from megamoe.train import fused_cross_entropy as FC
     g = torch.Generator(device="cuda").manual_seed(0)
     logits = (torch.randn(300, 50304, generator=g, device="cuda") * 3).to(torch.bfloat16)
@@ -95,3 +95,7 @@ def test_the_cross_entropy_kernel_equals_the_torch_form_on_cuda():
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=1e-2, atol=1e-6)  # one bf16 rounding
     assert bool((got_grad[:7] == 0).all())
+    # inside a compiled region the kernel runs as the custom op: the same kernel, the same numbers
+    compiled_loss, compiled_grad = torch.compile(FC.chunk_loss, fullgraph=True)(logits, labels, True)
+    assert torch.equal(compiled_grad, got_grad)
+    torch.testing.assert_close(compiled_loss, got_loss, rtol=1e-6, atol=0)
