@@ -98,3 +98,21 @@ def test_gpu_smoke_script_cpu_path_prints_a_table_and_fails_on_a_failing_case(mo
     monkeypatch.setitem(smoke.CASES, "broken", ["moe.routing=expert_choice", "moe.bias_update_rate=0.1"])
     assert smoke.main(["--tiny", "--steps", "1", "--cases", "broken"]) == 1
     assert "broken               eager     FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_top_k_by_argmax_rounds_is_torch_topk(compiled):
+    """The top-k that compiled CUDA routers use (k rounds of argmax and masking): torch.topk's
+    values in descending order on random scores, the lower index first on ties, and the same
+    function when inductor compiles it (here for the CPU)."""
+    from megamoe.moe.router import top_k_indices
+    fn = torch.compile(top_k_indices, dynamic=False) if compiled else top_k_indices
+    scores = torch.rand(300, 64, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    scores[7] = 1 / 64  # every expert tied
+    scores[9, [3, 40]] = scores[9].max() + 1  # a tie for first place
+    got = fn(scores, 8)
+    want = torch.topk(scores, 8, dim=-1)
+    rows = [r for r in range(300) if r not in (7, 9)]
+    assert torch.equal(got[rows], want.indices[rows])
+    assert torch.equal(scores.gather(-1, got), want.values)
+    assert got[7].tolist() == list(range(8)) and got[9, :2].tolist() == [3, 40]
