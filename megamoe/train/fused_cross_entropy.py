@@ -27,10 +27,6 @@ BLOCK = 4096  # columns a program reads at a time (16 per thread at 8 warps)
 NUM_WARPS = 8
 
 
-def available(x: torch.Tensor) -> bool:
-    return triton is not None and x.is_cuda
-
-
 if triton is not None:
     @triton.jit
     def _cross_entropy_kernel(logits_ptr, labels_ptr, loss_ptr, grad_ptr, V, stride,
