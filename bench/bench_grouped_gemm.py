@@ -4,6 +4,7 @@ the same FLOPs: which weight layout and which kernel run them fastest.
     python3 bench/bench_grouped_gemm.py                 # OLMoE-1B-7B and the small model of target 4
     python3 bench/bench_grouped_gemm.py --triton        # also inductor's Triton grouped-GEMM template
     python3 bench/bench_grouped_gemm.py --ours          # bench/triton_grouped_gemm.py's kernels (an experiment), a config sweep
+    python3 bench/bench_grouped_gemm.py --tma           # megamoe/moe/grouped_gemm.py's persistent TMA kernels, a config sweep
 
 Rows are routed by a random top-k (near-balanced groups, as at initialisation). Layouts:
 `in-out` stores w1 as [E, d, 2F] and w2 as [E, F, d] (megamoe's parameters); `out-in` stores
@@ -128,11 +129,70 @@ def ours(geo, tokens, d, f, e, k, device, log, configs):
               flush=True)
 
 
+TMA_CONFIGS = [  # (BM, BN, BK, warps, stages, the gradient's output column slices, warp_specialize)
+    (128, 256, 64, 8, 3, 2, False), (128, 256, 64, 8, 4, 2, False), (128, 256, 64, 8, 3, 2, True),
+    (128, 256, 64, 8, 4, 2, True), (128, 128, 64, 4, 4, 1, False), (128, 128, 128, 8, 3, 1, False),
+    (256, 128, 64, 8, 3, 2, False), (64, 256, 64, 4, 4, 2, False),
+]
+
+
+def tma(geo, tokens, d, f, e, k, device, log, configs):
+    """The persistent TMA kernels per GEMM and config, checked against torch._grouped_mm."""
+    from megamoe.moe import grouped_gemm as G
+    n = tokens * k
+    bf = dict(device=device, dtype=torch.bfloat16)
+    offs = torch.cumsum(routed_counts(tokens, e, k, device), 0).to(torch.int32)
+    x, h, dy, dh = (torch.randn(n, d, **bf), torch.randn(n, f, **bf), torch.randn(n, d, **bf),
+                    torch.randn(n, 2 * f, **bf))
+    w1, w2 = torch.randn(e, d, 2 * f, **bf) / d**0.5, torch.randn(e, f, d, **bf) / f**0.5
+    gm = torch._grouped_mm
+    rows = [
+        ("fwd w1", 2 * n * d * 2 * f, lambda: gm(x, w1, offs=offs),
+         lambda c: G.launch_rows_mm(x, w1, offs, config=c[:5], warp_specialize=c[6])),
+        ("fwd w2", 2 * n * f * d, lambda: gm(h, w2, offs=offs),
+         lambda c: G.launch_rows_mm(h, w2, offs, config=c[:5], warp_specialize=c[6])),
+        ("dgrad w2", 2 * n * f * d, lambda: gm(dy, w2.transpose(-2, -1), offs=offs),
+         lambda c: G.launch_rows_mm(dy, w2, offs, trans_b=True, config=c[:5], warp_specialize=c[6])),
+        ("dgrad w1", 2 * n * d * 2 * f, lambda: gm(dh, w1.transpose(-2, -1), offs=offs),
+         lambda c: G.launch_rows_mm(dh, w1, offs, trans_b=True, config=c[:5], warp_specialize=c[6])),
+        ("wgrad w1", 2 * n * d * 2 * f, lambda: gm(x.t(), dh, offs=offs),
+         lambda c: G.launch_weight_grad_mm(x, dh, offs, config=c[:6], warp_specialize=c[6])),
+        ("wgrad w2", 2 * n * f * d, lambda: gm(h.t(), dy, offs=offs),
+         lambda c: G.launch_weight_grad_mm(h, dy, offs, config=c[:6], warp_specialize=c[6])),
+    ]
+    total_torch, total_best = 0.0, 0.0
+    for name, flops, ref_fn, our_fn in rows:
+        ref = ref_fn()
+        row = {"geometry": geo, "gemm": name, "torch": bench(ref_fn)}
+        for c in configs:
+            try:
+                got = our_fn(c)
+                err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+                row[str(c)] = (bench(lambda: our_fn(c)), err)
+            except Exception as exc:  # a config that does not fit (shared memory) or does not divide
+                row[str(c)] = (None, f"{type(exc).__name__}: {str(exc)[:160]}")
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        timed = [(v[0], key, v[1]) for key, v in row.items() if isinstance(v, tuple) and v[0] is not None and v[1] < 1e-2]
+        best = min(timed) if timed else (float("nan"), "-", float("nan"))
+        total_torch += row["torch"]
+        total_best += best[0]
+        print(f"  {name:<10} torch {row['torch']:.3f} ms {flops / row['torch'] / 1e9:4.0f} TF/s | tma best "
+              f"{best[0]:.3f} ms {flops / best[0] / 1e9:4.0f} TF/s {best[1]} err {best[2]:.1e} | all "
+              + " ".join(f"{v[0]:.3f}" if v[0] is not None else "x" for v in row.values() if isinstance(v, tuple)),
+              flush=True)
+        for key, v in row.items():
+            if isinstance(v, tuple) and (v[0] is None or v[1] >= 1e-2):
+                print(f"    {key}: {v[1]}", flush=True)
+    print(f"  six GEMMs: torch {total_torch:.3f} ms, tma best per GEMM {total_best:.3f} ms", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--geometries", default="olmoe,small")
     ap.add_argument("--triton", action="store_true", help="also time inductor's Triton template (autotuned)")
     ap.add_argument("--ours", action="store_true", help="time the Triton grouped GEMMs of bench/triton_grouped_gemm.py (config sweep)")
+    ap.add_argument("--tma", action="store_true", help="time the persistent TMA kernels of megamoe/moe/grouped_gemm.py (config sweep)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_grouped_gemm.py: needs a CUDA GPU (torch._grouped_mm times nothing on CPU)")
@@ -153,6 +213,9 @@ def main():
         print(f"\n{geo}: tokens {tokens}, d {d}, F {f}, E {e}, top-{k}", flush=True)
         if args.ours:
             ours(geo, tokens, d, f, e, k, device, log, OUR_CONFIGS)
+            continue
+        if args.tma:
+            tma(geo, tokens, d, f, e, k, device, log, TMA_CONFIGS)
             continue
         gemms, dense, (x, h, dy, dh, w1, w2, offs) = cases(tokens, d, f, e, k, device)
         totals = {}

@@ -1,8 +1,9 @@
 """SwiGLU experts stored stacked, so one grouped GEMM runs every local expert.
 
-w1: [E, d, 2F] (gate and up projections side by side), w2: [E, F, d]. On CUDA one
-`torch._grouped_mm` call per projection runs all experts; on CPU (where `_grouped_mm`
-is unavailable) a per-expert loop computes the same thing from the same weights. With
+w1: [E, d, 2F] (gate and up projections side by side), w2: [E, F, d]. On CUDA one grouped
+GEMM per projection runs all experts (`torch._grouped_mm`, its backward and the second projection
+through `grouped_gemm`'s kernels where they apply); on CPU a per-expert loop computes the same
+thing from the same weights. With
 `fp8=True` both projections run through `fp8.grouped_mm` (e4m3, rowwise scales).
 """
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fp8 as fp8_mm
-from . import fused_swiglu
+from . import fused_swiglu, grouped_gemm
 
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
@@ -53,10 +54,10 @@ class SwiGLUExperts(nn.Module):
             return fp8_mm.grouped_mm(_act(h, row_weight), self.w2, counts, offs)  # [N, d]
         if grouped:
             offs = group_offsets(counts)
-            h = torch._grouped_mm(x, self.w1, offs=offs)  # [N, 2F]
+            h = grouped_gemm.linear(x, self.w1, offs)  # [N, 2F]
             if row_weight is not None:  # the activation recomputed in its backward's one pass
                 return fused_swiglu.swiglu_down(h, row_weight, self.w2, offs)  # [N, d]
-            return torch._grouped_mm(_act(h, None), self.w2, offs=offs)  # [N, d]
+            return grouped_gemm.linear(_act(h, None), self.w2, offs)  # [N, d]
         sizes = counts.tolist()
         weights = torch.split(row_weight, sizes) if row_weight is not None else [None] * len(sizes)
         outs = [_act(rows @ self.w1[e], w) @ self.w2[e]

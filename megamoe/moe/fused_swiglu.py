@@ -1,7 +1,7 @@
 """SwiGLU with per-row routing weights and the experts' second projection, its backward in one pass.
 
     a = silu(gate) · up · w        h = [gate | up]: [N, 2F], w: [N] (each expert row's weight)
-    out = grouped_mm(a, w2)        w2: [E, F, d]
+    out = grouped_mm(a, w2)        w2: [E, F, d]   (the products: `grouped_gemm`)
 
 The forward is torch ops (inductor fuses the activation into one kernel) and keeps h and w, not a.
 The backward needs, per row, with g = grad_out · w2ᵀ the gradient of `a`,
@@ -20,6 +20,8 @@ interpreter on the CPU (tests/test_experts.py). d w comes out in w's dtype, summ
 
 import torch
 import torch.nn.functional as F
+
+from . import grouped_gemm
 
 try:
     import triton
@@ -98,18 +100,19 @@ class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, w2, offs):
         ctx.save_for_backward(h, w, w2, offs)
-        return torch._grouped_mm(reference(h, w), w2, offs=offs)
+        return grouped_gemm.rows_mm(reference(h, w), w2, offs)
 
     @staticmethod
     def backward(ctx, grad_out):
         h, w, w2, offs = ctx.saved_tensors
-        g = torch._grouped_mm(grad_out, w2.transpose(-2, -1), offs=offs)  # [N, F]: the gradient of a
+        grad_out = grad_out.contiguous()
+        g = grouped_gemm.rows_mm(grad_out, w2, offs, trans_b=True)  # [N, F]: the gradient of a
         if available(h):  # compiled code calls the custom op; eager code the kernel, without the op's dispatch
             dh, dw, a = (torch.ops.megamoe.weighted_swiglu_backward(h, w, g) if torch.compiler.is_compiling()
                          else launch_backward(h, w, g))
         else:
             dh, dw, a = backward_reference(h, w, g)
-        grad_w2 = torch._grouped_mm(a.transpose(-2, -1), grad_out, offs=offs) if ctx.needs_input_grad[2] else None
+        grad_w2 = grouped_gemm.weight_grad_mm(a, grad_out, offs) if ctx.needs_input_grad[2] else None
         return dh, dw, grad_w2, None
 
 

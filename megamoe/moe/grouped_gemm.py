@@ -1,0 +1,260 @@
+"""Expert grouped GEMMs as persistent Triton kernels with TMA loads and stores (Hopper and later).
+
+    rows_mm(a, b, offs, trans_b=False)   out[r] = a[r] @ b[e(r)]        b [E, K, N]; trans_b: b [E, N, K], its transpose used
+    weight_grad_mm(a, b, offs)           out[e] = Σ_{r in e} a[r]ᵀ b[r]  [E, M, N]
+    linear(x, w, offs)                   torch._grouped_mm(x, w, offs=offs), its backward through the two above
+
+`offs` [E] int32 holds each expert's end row (as `torch._grouped_mm`); rows are sorted by expert.
+`torch._grouped_mm` runs one CUTLASS configuration (128×256×64 tiles) for every shape. These kernels
+beat it on the input- and weight-gradient products and on the second projection of OLMoE's experts
+(3-8% each on an H100, docs/performance.md, session 9), and lose on the first projection, whose
+weight [E, d, 2F] is read N-major: `linear` keeps torch's kernel for its forward.
+
+How: one program per SM walks the output tiles (persistent). Operands arrive by TMA, through
+descriptors each program builds once over the whole tensor. In the row-grouped product a tile of
+rows may run past its expert's end into the next expert's rows: they only feed output rows that
+the masked store leaves alone. The weight gradient sums over an expert's rows and must not see the
+next expert's, so it loads through *ragged* descriptors (the construction of
+`triton.tools.ragged_tma`): two leading dimensions whose strides wrap around the 64-bit address
+space make the hardware read zeros past the expert's last row. The tile → expert map is built in the
+kernel from `offs` (no row count reaches the host). Both accumulate in fp32 and round once.
+
+Where the kernels do not apply (CPU, no Triton, before Hopper, shapes off the tiles, other dtypes,
+`MEGAMOE_GROUPED_GEMM=torch`) the same products run through `torch._grouped_mm`. Under
+torch.compile the kernels are `triton_op`s (inductor launches them from its own code); eager code
+launches them directly. Triton's interpreter checks them against a torch loop in CI.
+"""
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs: torch's grouped GEMM
+    triton = None
+
+# bench/bench_grouped_gemm.py --tma sweeps the configurations
+ROWS_CONFIG = (128, 256, 64, 8, 4)  # (BM, BN, BK, warps, stages)
+WGRAD_CONFIG = (128, 256, 64, 8, 3, 2)  # and the output's column slices
+WARP_SPECIALIZE_MIN_K = 1024  # Triton's warp specialisation pays on long reductions only (c1)
+BIG = 0x40000000  # 2**30: the ragged descriptor's row extent
+
+
+def enabled() -> bool:
+    return triton is not None and os.environ.get("MEGAMOE_GROUPED_GEMM", "triton") != "torch"
+
+
+@torch.compiler.assume_constant_result
+def _hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _on_hopper(t: torch.Tensor) -> bool:
+    return t.is_cuda and _hopper(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def rows_available(a: torch.Tensor, b: torch.Tensor, trans_b: bool = False) -> bool:
+    """The kernel runs a [R, K] × b: bf16 on Hopper or later, K and N multiples of 512 (the tiles,
+    and the shapes where it beat CUTLASS: at d 512 with F 256 it did not)."""
+    k, n = (b.shape[2], b.shape[1]) if trans_b else (b.shape[1], b.shape[2])
+    return (enabled() and a.dtype == b.dtype == torch.bfloat16 and k % 512 == 0 and n % 512 == 0
+            and _on_hopper(a))
+
+
+def wgrad_available(a: torch.Tensor, b: torch.Tensor) -> bool:
+    bm, bn = WGRAD_CONFIG[:2]
+    return (enabled() and a.dtype == b.dtype == torch.bfloat16 and a.shape[1] % bm == 0
+            and b.shape[1] % bn == 0 and _on_hopper(a))
+
+
+if triton is not None:
+    _BIG = tl.constexpr(BIG)
+
+    @triton.jit
+    def _ragged_descriptor(ptr, COLS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+        """A descriptor over a row-major [rows, COLS] tensor whose `_ragged_load` clips to a run of
+        rows: two leading dimensions whose strides (2**34 - COLS and COLS elements) add up to zero
+        modulo 2**64, taken 2**30 and start + rows times; the row coordinate 2**30 - rows + r then
+        runs past the descriptor's 2**30 rows exactly when r ≥ rows (`triton.tools.ragged_tma`)."""
+        return tl.make_tensor_descriptor(ptr, shape=[0x7FFF0000, 0x7FFF0000, _BIG, COLS],
+                                         strides=[2**34 - COLS, COLS, COLS, 1], block_shape=[1, 1, BR, BC])
+
+    @triton.jit
+    def _ragged_load(desc, start, rows, row, col, BR: tl.constexpr, BC: tl.constexpr):
+        """[BR, BC] at rows start + row.. and columns col.., zeros at and past row start + rows."""
+        return tl.reshape(desc.load([_BIG, start + rows, _BIG - rows + row, col]), [BR, BC])
+
+    @triton.jit
+    def _rows_mm_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, R,
+                        N: tl.constexpr, K: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr,
+                        TRANS_B: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr):
+        pid = tl.program_id(0)
+        num_n: tl.constexpr = N // BN
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[K, 1], block_shape=[BM, BK])
+        if TRANS_B:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * N, K], strides=[K, 1], block_shape=[BN, BK])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * K, N], strides=[N, 1], block_shape=[BK, BN])
+        es = tl.arange(0, E_P2)
+        gend = tl.load(offs_ptr + es, mask=es < E, other=0)
+        gstart = tl.load(offs_ptr + es - 1, mask=(es > 0) & (es < E), other=0)
+        tile_end = tl.cumsum(tl.where(es < E, (gend - gstart + BM - 1) // BM, 0), 0)  # BM-row tiles up to e's end
+        tiles = tl.max(tile_end) * num_n
+        for t in tl.range(pid, tiles, NUM_PROGRAMS, flatten=True, warp_specialize=WS):
+            tm = t // num_n
+            tn = t % num_n
+            e = tl.sum((tile_end <= tm).to(tl.int32))  # tm's expert
+            mine = es == e
+            start = tl.sum(tl.where(mine, gstart, 0)) + (tm - tl.sum(tl.where(es == e - 1, tile_end, 0))) * BM
+            rows = tl.sum(tl.where(mine, gend, 0)) - start
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for kk in range(K // BK):
+                a = a_desc.load([start, kk * BK])  # rows past the expert's feed rows not stored
+                if TRANS_B:
+                    b = b_desc.load([e * N + tn * BN, kk * BK]).T
+                else:
+                    b = b_desc.load([e * K + kk * BK, tn * BN])
+                acc = tl.dot(a, b, acc)
+            r = tl.arange(0, BM)
+            ptrs = c_ptr + (start + r).to(tl.int64)[:, None] * N + (tn * BN + tl.arange(0, BN))[None, :]
+            tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=(r < rows)[:, None])
+
+    @triton.jit
+    def _weight_grad_kernel(a_ptr, b_ptr, c_ptr, offs_ptr,
+                            M: tl.constexpr, N: tl.constexpr, E: tl.constexpr,
+                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                            NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, SLICES: tl.constexpr):
+        pid = tl.program_id(0)
+        num_n: tl.constexpr = N // BN
+        per: tl.constexpr = (M // BM) * num_n
+        a_desc = _ragged_descriptor(a_ptr, M, BK, BM)
+        b_desc = _ragged_descriptor(b_ptr, N, BK, BN)
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[E * M, N], strides=[N, 1], block_shape=[BM, BN // SLICES])
+        for t in tl.range(pid, E * per, NUM_PROGRAMS, flatten=True, warp_specialize=WS):
+            e = t // per
+            tm = (t % per) // num_n
+            tn = t % num_n
+            row0 = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+            rows = tl.load(offs_ptr + e) - row0
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for kk in range(tl.cdiv(rows, BK)):
+                at = _ragged_load(a_desc, row0, rows, kk * BK, tm * BM, BK, BM)  # zeros past the expert's rows
+                b = _ragged_load(b_desc, row0, rows, kk * BK, tn * BN, BK, BN)
+                acc = tl.dot(at.T, b, acc)
+            out = acc.to(c_desc.dtype)
+            if SLICES == 1:
+                c_desc.store([e * M + tm * BM, tn * BN], out)
+            else:  # two column slices: the store's shared memory buffer is half the tile
+                lo, hi = tl.split(tl.reshape(out, (BM, 2, BN // 2)).permute(0, 2, 1))
+                c_desc.store([e * M + tm * BM, tn * BN], lo)
+                c_desc.store([e * M + tm * BM, tn * BN + BN // 2], hi)
+
+    _SMS: dict[int, int] = {}
+
+    def _programs(device: torch.device, tiles: int) -> int:
+        """One program per SM (4 under the interpreter), fewer when there are fewer tiles."""
+        if device.type != "cuda":
+            return max(1, min(4, tiles))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _SMS:
+            _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        return max(1, min(_SMS[index], tiles))
+
+    def _scratch(size: int, alignment: int, stream):
+        """Global memory for the descriptors the kernels build (Triton asks through `set_allocator`;
+        inductor sets its own before each launch of compiled code)."""
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+
+    def _launch(kernel, wrap):
+        if wrap is _plain and hasattr(triton, "set_allocator"):
+            triton.set_allocator(_scratch)
+        return wrap(kernel)
+
+    def _plain(kernel):
+        return kernel
+
+    def launch_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, trans_b: bool = False,
+                       config=None, warp_specialize: bool | None = None, wrap=_plain) -> torch.Tensor:
+        """The kernel itself (any device Triton runs on, the interpreter included): a [R, K],
+        b [E, K, N] (trans_b: [E, N, K]), offs [E] int32 → [R, N]. `wrap` is torch.compile's
+        `wrap_triton` under the custom op."""
+        bm, bn, bk, warps, stages = config or ROWS_CONFIG
+        a, b = a.contiguous(), b.contiguous()
+        R, K = a.shape
+        E = b.shape[0]
+        N = b.shape[1] if trans_b else b.shape[2]
+        assert (b.shape[2] if trans_b else b.shape[1]) == K and K % bk == 0 and N % bn == 0, (a.shape, b.shape, trans_b)
+        out = a.new_empty(R, N)
+        if R == 0:
+            return out
+        ws = K >= WARP_SPECIALIZE_MIN_K if warp_specialize is None else warp_specialize
+        programs = _programs(a.device, (triton.cdiv(R, bm) + E) * (N // bn))
+        _launch(_rows_mm_kernel, wrap)[(programs,)](
+            a, b, out, offs, R, N=N, K=K, E=E, E_P2=triton.next_power_of_2(E), TRANS_B=trans_b,
+            BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, WS=ws, num_warps=warps, num_stages=stages)
+        return out
+
+    def launch_weight_grad_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, config=None,
+                              warp_specialize: bool = False, wrap=_plain) -> torch.Tensor:
+        """The kernel itself: a [R, M], b [R, N], offs [E] int32 → [E, M, N] (zeros for an empty expert)."""
+        bm, bn, bk, warps, stages, slices = config or WGRAD_CONFIG
+        a, b = a.contiguous(), b.contiguous()
+        M, N, E = a.shape[1], b.shape[1], offs.numel()
+        assert M % bm == 0 and N % bn == 0, (M, N, bm, bn)
+        out = a.new_empty(E, M, N)
+        if a.shape[0] == 0:
+            return out.zero_()
+        programs = _programs(a.device, E * (M // bm) * (N // bn))
+        _launch(_weight_grad_kernel, wrap)[(programs,)](
+            a, b, out, offs, M=M, N=N, E=E, BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, WS=warp_specialize,
+            SLICES=slices, num_warps=warps, num_stages=stages)
+        return out
+
+    @torch.library.triton_op("megamoe::grouped_rows_mm", mutates_args=())
+    def _rows_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, trans_b: bool) -> torch.Tensor:
+        return launch_rows_mm(a, b, offs, trans_b, wrap=torch.library.wrap_triton)
+
+    @torch.library.triton_op("megamoe::grouped_weight_grad_mm", mutates_args=())
+    def _weight_grad_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return launch_weight_grad_mm(a, b, offs, wrap=torch.library.wrap_triton)
+
+
+def rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, trans_b: bool = False) -> torch.Tensor:
+    """out[r] = a[r] @ b[e(r)] (b[e(r)]ᵀ with trans_b) for rows sorted by expert: [R, N]."""
+    if rows_available(a, b, trans_b):
+        return (torch.ops.megamoe.grouped_rows_mm(a, b, offs, trans_b) if torch.compiler.is_compiling()
+                else launch_rows_mm(a, b, offs, trans_b))
+    return torch._grouped_mm(a, b.transpose(-2, -1) if trans_b else b, offs=offs)
+
+
+def weight_grad_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """out[e] = a_eᵀ b_e over each expert's rows: [E, M, N] (an expert without rows gets zeros)."""
+    if wgrad_available(a, b):
+        return (torch.ops.megamoe.grouped_weight_grad_mm(a, b, offs) if torch.compiler.is_compiling()
+                else launch_weight_grad_mm(a, b, offs))
+    return torch._grouped_mm(a.transpose(-2, -1), b, offs=offs)
+
+
+class _Linear(torch.autograd.Function):
+    """x @ w[e(r)] per row; the backward's two products through `rows_mm` and `weight_grad_mm`."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs):
+        ctx.save_for_backward(x, w, offs)
+        return torch._grouped_mm(x, w, offs=offs)  # CUTLASS: faster than ours with w read N-major
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w, offs = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        dx = rows_mm(grad_out, w, offs, trans_b=True) if ctx.needs_input_grad[0] else None
+        dw = weight_grad_mm(x, grad_out, offs) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(x, w, offs=offs) for x [R, K], w [E, K, N]; its backward by these kernels."""
+    return _Linear.apply(x, w, offs)

@@ -1,0 +1,113 @@
+"""The experts' grouped GEMM kernels (megamoe/moe/grouped_gemm.py): each equals the per-expert
+product, on CPU through torch's grouped GEMM and the Triton kernels under Triton's interpreter."""
+
+import pytest
+import torch
+
+from megamoe.moe import experts, grouped_gemm as G
+
+
+def per_expert(counts):
+    ends = torch.cumsum(torch.tensor(counts), 0).tolist()
+    return list(zip([0] + ends[:-1], ends))
+
+
+def rows_ref(a, b, counts, trans_b=False):
+    return torch.cat([a[s:e] @ (b[i].T if trans_b else b[i]) for i, (s, e) in enumerate(per_expert(counts))])
+
+
+def wgrad_ref(a, b, counts):
+    return torch.stack([a[s:e].T @ b[s:e] for s, e in per_expert(counts)])
+
+
+# Every expert's rows: empty experts (first, inner, last), groups shorter than a tile, longer than
+# several, and ones ending inside a tile, so that a tile's rows run into the next expert's.
+COUNTS = [[0, 5, 0, 37, 20, 1, 0], [0, 0, 0, 0, 0, 0, 50], [16, 16, 16, 16, 16, 16, 16]]
+
+INTERPRETED = """
+import torch
+from megamoe.moe import grouped_gemm as G
+assert G.triton is not None
+gen = torch.Generator().manual_seed(0)
+out = []
+E, K, N = 7, 64, 128
+for counts in %r:
+    offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    R = int(offs[-1])
+    a, dy = torch.randn(R, K, generator=gen), torch.randn(R, N, generator=gen)
+    b, bt = torch.randn(E, K, N, generator=gen), torch.randn(E, N, K, generator=gen)
+    # small tiles (16 or 32 rows, 32 to 128 columns; the gradient's output whole or in two slices)
+    got = [G.launch_rows_mm(a, b, offs, config=(16, 32, 16, 4, 2)),
+           G.launch_rows_mm(a, bt, offs, trans_b=True, config=(32, 64, 16, 4, 2)),
+           G.launch_weight_grad_mm(a, dy, offs, config=(32, 64, 16, 4, 2, 2)),
+           G.launch_weight_grad_mm(a, dy, offs, config=(16, 128, 32, 4, 2, 1))]
+    out.append([t.tolist() for t in (a, dy, b, bt, *got)])
+print(out)
+"""
+
+
+def test_the_triton_kernels_compute_each_experts_product():
+    """Under Triton's interpreter (fp32): the row-grouped product (weight read as stored and as its
+    transpose) and the weight gradient equal the per-expert loop; an empty expert's gradient is 0,
+    no tile writes rows of a neighbouring expert (masked stores) and no expert's gradient sums a
+    neighbour's rows (ragged loads read zeros past each expert's end)."""
+    from pip_cache import run_interpreted
+    runs = run_interpreted(INTERPRETED % (COUNTS,))
+    for counts, run in zip(COUNTS, runs):
+        a, dy, b, bt, rows, rows_t, wgrad, wgrad2 = map(torch.tensor, run)
+        for got, t in ((rows, False), (rows_t, True)):
+            torch.testing.assert_close(got, rows_ref(a, bt if t else b, counts, trans_b=t), rtol=1e-5, atol=1e-4)
+        want = wgrad_ref(a, dy, counts)
+        torch.testing.assert_close(wgrad, want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(wgrad2, want, rtol=1e-5, atol=1e-4)
+        assert all(wgrad[i].abs().max() == 0 for i, c in enumerate(counts) if c == 0)
+
+
+def test_the_products_fall_back_to_torch_where_the_kernels_do_not_run():
+    """On CPU (and wherever the kernels do not apply) rows_mm, weight_grad_mm and linear are torch's
+    grouped GEMM: the per-expert products, and linear's gradients those of torch._grouped_mm."""
+    g = torch.Generator().manual_seed(1)
+    counts = [3, 0, 9, 4]
+    offs = experts.group_offsets(torch.tensor(counts))
+    a = torch.randn(16, 8, generator=g, requires_grad=True)
+    w = torch.randn(4, 8, 12, generator=g, requires_grad=True)
+    assert not G.rows_available(a, w) and not G.wgrad_available(a, a)
+    torch.testing.assert_close(G.rows_mm(a, w, offs), rows_ref(a, w, counts))
+    torch.testing.assert_close(G.rows_mm(a, w.transpose(1, 2).contiguous(), offs, trans_b=True), rows_ref(a, w, counts))
+    dy = torch.randn(16, 12, generator=g)
+    torch.testing.assert_close(G.weight_grad_mm(a, dy, offs), wgrad_ref(a, dy, counts))
+    got = G.linear(a, w, offs)
+    want = torch._grouped_mm(a, w, offs=offs)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for x, y in zip(torch.autograd.grad(got, (a, w), dy), torch.autograd.grad(want, (a, w), dy)):
+        torch.testing.assert_close(x, y)
+
+
+def test_the_kernels_are_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("MEGAMOE_GROUPED_GEMM", "torch")
+    assert not G.enabled()
+    monkeypatch.setenv("MEGAMOE_GROUPED_GEMM", "triton")
+    assert G.enabled() == (G.triton is not None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="TMA kernels run on Hopper or later; CI has no GPU and checks them under the interpreter")
+def test_the_kernels_equal_torchs_grouped_gemm_on_cuda():
+    """bf16, OLMoE's expert shapes at a few hundred tokens, random top-8 routing with empty experts:
+    eager and compiled (the custom ops) against torch._grouped_mm (fp32 accumulation both)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    counts = torch.zeros(64, dtype=torch.int64, device="cuda")
+    counts[: 40] = torch.randint(0, 60, (40,), generator=g, device="cuda")
+    offs = experts.group_offsets(counts)
+    R = int(offs[-1])
+    x, dh = torch.randn(R, 2048, generator=g, **bf), torch.randn(R, 2048, generator=g, **bf)
+    w1 = torch.randn(64, 2048, 2048, generator=g, **bf) / 45
+    assert G.rows_available(dh, w1, trans_b=True) and G.wgrad_available(x, dh)
+    checks = [(lambda: G.rows_mm(dh, w1, offs, trans_b=True), torch._grouped_mm(dh, w1.transpose(1, 2), offs=offs)),
+              (lambda: G.rows_mm(x, w1, offs), torch._grouped_mm(x, w1, offs=offs)),
+              (lambda: G.weight_grad_mm(x, dh, offs), torch._grouped_mm(x.t(), dh, offs=offs))]
+    for fn, want in checks:
+        for got in (fn(), torch.compile(fn, fullgraph=True)()):
+            err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+            assert err < 1e-2, err
