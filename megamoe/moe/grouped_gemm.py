@@ -2,13 +2,12 @@
 
     rows_mm(a, b, offs, trans_b=False)   out[r] = a[r] @ b[e(r)]        b [E, K, N]; trans_b: b [E, N, K], its transpose used
     weight_grad_mm(a, b, offs)           out[e] = Σ_{r in e} a[r]ᵀ b[r]  [E, M, N]
-    linear(x, w, offs)                   torch._grouped_mm(x, w, offs=offs), its backward through the two above
+    linear(x, w, offs)                   x @ w[e(r)] per row, forward and backward through the two above
 
 `offs` [E] int32 holds each expert's end row (as `torch._grouped_mm`); rows are sorted by expert.
-`torch._grouped_mm` runs one CUTLASS configuration (128×256×64 tiles) for every shape. These kernels
-beat it on the input- and weight-gradient products and on the second projection of OLMoE's experts
-(3-8% each on an H100, docs/performance.md, session 9), and lose on the first projection, whose
-weight [E, d, 2F] is read N-major: `linear` keeps torch's kernel for its forward.
+`torch._grouped_mm` runs one CUTLASS configuration for every shape; these kernels ran each of the
+six expert products of OLMoE-1B-7B and of the small model 4-10% faster on an H100
+(docs/performance.md, session 9).
 
 How: one program per SM walks the output tiles (persistent). Operands arrive by TMA, through
 descriptors each program builds once over the whole tensor. In the row-grouped product a tile of
@@ -35,11 +34,19 @@ try:
 except ImportError:  # CPU installs: torch's grouped GEMM
     triton = None
 
-# bench/bench_grouped_gemm.py --tma sweeps the configurations
-ROWS_CONFIG = (128, 256, 64, 8, 4)  # (BM, BN, BK, warps, stages)
-WGRAD_CONFIG = (128, 256, 64, 8, 3, 2)  # and the output's column slices
-WARP_SPECIALIZE_MIN_K = 1024  # Triton's warp specialisation pays on long reductions only (c1)
 BIG = 0x40000000  # 2**30: the ragged descriptor's row extent
+# (BM, BN, BK, warps, stages, the output's column slices); warp specialisation off
+WGRAD_CONFIG = (128, 256, 64, 8, 3, 2)
+
+
+def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
+    """(BM, BN, BK, warps, stages) and warp specialisation for a [R, k] × [k, n] row-grouped product:
+    the fastest of `bench_grouped_gemm.py --tma`'s sweep on OLMoE's and the small model's shapes
+    (H100, docs/performance.md session 9): 128×256×64 tiles; three stages for long reductions, four
+    for short ones; warp specialisation only for the input gradient of a wide first projection."""
+    if trans_b and n >= 2048 and k >= 2048:
+        return (128, 256, 64, 8, 4), True
+    return (128, 256, 64, 8, 3 if k >= 2048 else 4), False
 
 
 def enabled() -> bool:
@@ -56,11 +63,9 @@ def _on_hopper(t: torch.Tensor) -> bool:
 
 
 def rows_available(a: torch.Tensor, b: torch.Tensor, trans_b: bool = False) -> bool:
-    """The kernel runs a [R, K] × b: bf16 on Hopper or later, K and N multiples of 512 (the tiles,
-    and the shapes where it beat CUTLASS: at d 512 with F 256 it did not)."""
+    """The kernel runs a [R, K] × b: bf16 on Hopper or later, K and N multiples of the tile."""
     k, n = (b.shape[2], b.shape[1]) if trans_b else (b.shape[1], b.shape[2])
-    return (enabled() and a.dtype == b.dtype == torch.bfloat16 and k % 512 == 0 and n % 512 == 0
-            and _on_hopper(a))
+    return enabled() and a.dtype == b.dtype == torch.bfloat16 and k % 64 == 0 and n % 256 == 0 and _on_hopper(a)
 
 
 def wgrad_available(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -181,16 +186,17 @@ if triton is not None:
         """The kernel itself (any device Triton runs on, the interpreter included): a [R, K],
         b [E, K, N] (trans_b: [E, N, K]), offs [E] int32 → [R, N]. `wrap` is torch.compile's
         `wrap_triton` under the custom op."""
-        bm, bn, bk, warps, stages = config or ROWS_CONFIG
         a, b = a.contiguous(), b.contiguous()
         R, K = a.shape
         E = b.shape[0]
         N = b.shape[1] if trans_b else b.shape[2]
+        default, ws = rows_config(K, N, trans_b)
+        bm, bn, bk, warps, stages = config or default
+        ws = ws if warp_specialize is None else warp_specialize
         assert (b.shape[2] if trans_b else b.shape[1]) == K and K % bk == 0 and N % bn == 0, (a.shape, b.shape, trans_b)
         out = a.new_empty(R, N)
         if R == 0:
             return out
-        ws = K >= WARP_SPECIALIZE_MIN_K if warp_specialize is None else warp_specialize
         programs = _programs(a.device, (triton.cdiv(R, bm) + E) * (N // bn))
         _launch(_rows_mm_kernel, wrap)[(programs,)](
             a, b, out, offs, R, N=N, K=K, E=E, E_P2=triton.next_power_of_2(E), TRANS_B=trans_b,
@@ -239,12 +245,12 @@ def weight_grad_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torc
 
 
 class _Linear(torch.autograd.Function):
-    """x @ w[e(r)] per row; the backward's two products through `rows_mm` and `weight_grad_mm`."""
+    """x @ w[e(r)] per row, and its backward's two products, through `rows_mm` and `weight_grad_mm`."""
 
     @staticmethod
     def forward(ctx, x, w, offs):
         ctx.save_for_backward(x, w, offs)
-        return torch._grouped_mm(x, w, offs=offs)  # CUTLASS: faster than ours with w read N-major
+        return rows_mm(x, w, offs)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -256,5 +262,5 @@ class _Linear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """torch._grouped_mm(x, w, offs=offs) for x [R, K], w [E, K, N]; its backward by these kernels."""
+    """torch._grouped_mm(x, w, offs=offs) for x [R, K], w [E, K, N], differentiable."""
     return _Linear.apply(x, w, offs)
