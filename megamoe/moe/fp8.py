@@ -14,6 +14,8 @@ CPU tests check against an explicit quantize-dequantize reference.
 
 import torch
 
+from . import grouped_gemm
+
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 
@@ -47,7 +49,7 @@ def _weight_grad(x: torch.Tensor, g: torch.Tensor, counts: torch.Tensor, offs: t
                  num_experts: int) -> torch.Tensor:
     """Σ over each expert's rows of xᵀ g: [E, K, M], in x's dtype."""
     if offs is not None:
-        return torch._grouped_mm(x.t(), g, offs=offs)
+        return grouped_gemm.weight_grad_mm(x, g, offs)
     grads = [rows.t() @ gr for rows, gr in zip(torch.split(x, counts.tolist()), torch.split(g, counts.tolist()))]
     return torch.stack(grads) if grads else x.new_zeros(num_experts, x.shape[1], g.shape[1])
 
