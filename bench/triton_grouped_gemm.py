@@ -1,7 +1,8 @@
 """An experiment, not used by the trainer: expert GEMMs as Triton kernels that read the tokens
 where they are (gathered operand loads). `bench_grouped_gemm.py --ours` times them against
 `torch._grouped_mm`; on an H100 they were slower (docs/performance.md, session 8), so dispatch
-keeps its gather kernel and torch's grouped GEMM.
+keeps its gather kernel. (The experts' products now run through `megamoe/moe/grouped_gemm.py`'s TMA
+kernels, session 9: TMA loads cannot gather rows on Hopper.)
 
     launch_rows_mm(a, b, offs, index=None) out[r] = a[src(r)] @ b[e(r)]             [R, N]
     launch_weight_grad_mm(a, b, offs, ia, ib)out[e] = Σ_{r in e} a[src_a(r)]ᵀ b[src_b(r)]  [E, M, N]
