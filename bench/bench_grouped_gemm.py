@@ -35,14 +35,23 @@ def routed_counts(tokens, experts, k, device):
     return torch.zeros(experts, dtype=torch.int64, device=device).scatter_add_(0, choice, torch.ones_like(choice))
 
 
-def cases(tokens, d, f, e, k, device):
-    """(name, flops, {layout: fn}) for the six GEMMs, and the dense GEMMs of the same FLOPs."""
+def operands(tokens, d, f, e, k, device):
+    """One layer's expert operands under a random top-k routing: rows x [N, d], activation h [N, F],
+    output gradient dy [N, d], first projection's gradient dh [N, 2F], w1, w2, and the group ends."""
     n = tokens * k
     bf = dict(device=device, dtype=torch.bfloat16)
     offs = torch.cumsum(routed_counts(tokens, e, k, device), 0).to(torch.int32)
     x, h, dy, dh = (torch.randn(n, d, **bf), torch.randn(n, f, **bf), torch.randn(n, d, **bf),
                     torch.randn(n, 2 * f, **bf))
     w1, w2 = torch.randn(e, d, 2 * f, **bf) / d**0.5, torch.randn(e, f, d, **bf) / f**0.5
+    return x, h, dy, dh, w1, w2, offs
+
+
+def cases(tokens, d, f, e, k, device):
+    """(name, flops, {layout: fn}) for the six GEMMs, and the dense GEMMs of the same FLOPs."""
+    n = tokens * k
+    bf = dict(device=device, dtype=torch.bfloat16)
+    x, h, dy, dh, w1, w2, offs = operands(tokens, d, f, e, k, device)
     w1t, w2t = w1.transpose(-2, -1).contiguous(), w2.transpose(-2, -1).contiguous()
     gm = torch._grouped_mm
     out = [
@@ -68,6 +77,37 @@ def cases(tokens, d, f, e, k, device):
          lambda a=torch.randn(tokens, d, **bf), b=torch.randn(tokens, 2 * k * f, **bf): a.t() @ b),
     ]
     return out, dense, (x, h, dy, dh, w1, w2, offs)
+
+
+def sweep(geo, rows, configs, log, label):
+    """Times torch._grouped_mm and each config of ours per GEMM (rows: name, flops, torch fn,
+    ours(config) fn), checks ours against torch (relative error), logs a JSON row per GEMM and
+    prints the best config that agrees (error < 1e-2) and the configs that failed or disagreed."""
+    total_torch, total_best = 0.0, 0.0
+    for name, flops, ref_fn, our_fn in rows:
+        ref = ref_fn()
+        row = {"geometry": geo, "gemm": name, "torch": bench(ref_fn)}
+        for c in configs:
+            try:
+                got = our_fn(c)
+                err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+                row[str(c)] = (bench(lambda: our_fn(c)), err)
+            except Exception as exc:  # a config that does not fit (shared memory) or does not divide
+                row[str(c)] = (None, f"{type(exc).__name__}: {str(exc)[:160]}")
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        runs = [(key, v) for key, v in row.items() if isinstance(v, tuple)]
+        timed = [(v[0], key, v[1]) for key, v in runs if v[0] is not None and v[1] < 1e-2]
+        best = min(timed) if timed else (float("nan"), "-", float("nan"))
+        total_torch += row["torch"]
+        total_best += best[0]
+        print(f"  {name:<18} torch {row['torch']:.3f} ms {flops / row['torch'] / 1e9:4.0f} TF/s | {label} best "
+              f"{best[0]:.3f} ms {flops / best[0] / 1e9:4.0f} TF/s {best[1]} err {best[2]:.1e} | all "
+              + " ".join(f"{v[0]:.3f}" if v[0] is not None else "x" for _, v in runs), flush=True)
+        for key, v in runs:
+            if v[0] is None or v[1] >= 1e-2:
+                print(f"    {key}: {v[1]}", flush=True)
+    print(f"  all: torch {total_torch:.3f} ms, {label} best per GEMM {total_best:.3f} ms", flush=True)
 
 
 OUR_CONFIGS = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
@@ -110,23 +150,7 @@ def ours(geo, tokens, d, f, e, k, device, log, configs):
         ("wgrad w2 +gather", 2 * n * f * d, lambda: gm(h.t(), gather(dyt, index), offs=offs),
          lambda c: gg.launch_weight_grad_mm(h, dyt, offs, index_b=index, config=c)),
     ]
-    for name, flops, ref_fn, our_fn in rows:
-        ref = ref_fn()
-        row = {"geometry": geo, "gemm": name, "torch": bench(ref_fn)}
-        for c in configs:
-            try:
-                got = our_fn(c)
-                err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-                row[str(c)] = (bench(lambda: our_fn(c)), err)
-            except Exception as exc:  # a config that does not fit (shared memory) or does not divide
-                row[str(c)] = (None, f"{type(exc).__name__}: {str(exc)[:120]}")
-        log.write(json.dumps(row) + "\n")
-        timed = [(v[0], key, v[1]) for key, v in row.items() if isinstance(v, tuple) and v[0] is not None]
-        best = min(timed) if timed else (float("nan"), "-", float("nan"))
-        print(f"  {name:<18} torch {row['torch']:.3f} ms {flops / row['torch'] / 1e9:4.0f} TF/s | ours best "
-              f"{best[0]:.3f} ms {flops / best[0] / 1e9:4.0f} TF/s {best[1]} err {best[2]:.1e} | all "
-              + " ".join(f"{v[0]:.3f}" if v[0] is not None else "x" for v in row.values() if isinstance(v, tuple)),
-              flush=True)
+    sweep(geo, rows, configs, log, "ours")
 
 
 TMA_CONFIGS = [  # (BM, BN, BK, warps, stages, the gradient's output column slices, warp_specialize)
@@ -140,11 +164,7 @@ def tma(geo, tokens, d, f, e, k, device, log, configs):
     """The persistent TMA kernels per GEMM and config, checked against torch._grouped_mm."""
     from megamoe.moe import grouped_gemm as G
     n = tokens * k
-    bf = dict(device=device, dtype=torch.bfloat16)
-    offs = torch.cumsum(routed_counts(tokens, e, k, device), 0).to(torch.int32)
-    x, h, dy, dh = (torch.randn(n, d, **bf), torch.randn(n, f, **bf), torch.randn(n, d, **bf),
-                    torch.randn(n, 2 * f, **bf))
-    w1, w2 = torch.randn(e, d, 2 * f, **bf) / d**0.5, torch.randn(e, f, d, **bf) / f**0.5
+    x, h, dy, dh, w1, w2, offs = operands(tokens, d, f, e, k, device)
     gm = torch._grouped_mm
     rows = [
         ("fwd w1", 2 * n * d * 2 * f, lambda: gm(x, w1, offs=offs),
@@ -160,31 +180,7 @@ def tma(geo, tokens, d, f, e, k, device, log, configs):
         ("wgrad w2", 2 * n * f * d, lambda: gm(h.t(), dy, offs=offs),
          lambda c: G.launch_weight_grad_mm(h, dy, offs, config=c[:6], warp_specialize=c[6])),
     ]
-    total_torch, total_best = 0.0, 0.0
-    for name, flops, ref_fn, our_fn in rows:
-        ref = ref_fn()
-        row = {"geometry": geo, "gemm": name, "torch": bench(ref_fn)}
-        for c in configs:
-            try:
-                got = our_fn(c)
-                err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-                row[str(c)] = (bench(lambda: our_fn(c)), err)
-            except Exception as exc:  # a config that does not fit (shared memory) or does not divide
-                row[str(c)] = (None, f"{type(exc).__name__}: {str(exc)[:160]}")
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-        timed = [(v[0], key, v[1]) for key, v in row.items() if isinstance(v, tuple) and v[0] is not None and v[1] < 1e-2]
-        best = min(timed) if timed else (float("nan"), "-", float("nan"))
-        total_torch += row["torch"]
-        total_best += best[0]
-        print(f"  {name:<10} torch {row['torch']:.3f} ms {flops / row['torch'] / 1e9:4.0f} TF/s | tma best "
-              f"{best[0]:.3f} ms {flops / best[0] / 1e9:4.0f} TF/s {best[1]} err {best[2]:.1e} | all "
-              + " ".join(f"{v[0]:.3f}" if v[0] is not None else "x" for v in row.values() if isinstance(v, tuple)),
-              flush=True)
-        for key, v in row.items():
-            if isinstance(v, tuple) and (v[0] is None or v[1] >= 1e-2):
-                print(f"    {key}: {v[1]}", flush=True)
-    print(f"  six GEMMs: torch {total_torch:.3f} ms, tma best per GEMM {total_best:.3f} ms", flush=True)
+    sweep(geo, rows, configs, log, "tma")
 
 
 def main():
