@@ -83,6 +83,23 @@ def test_the_products_fall_back_to_torch_where_the_kernels_do_not_run():
         torch.testing.assert_close(x, y)
 
 
+def test_linear_compiles_without_graph_breaks():
+    """The experts' product as the compiled blocks trace it (fullgraph: no break around the autograd
+    Function, the availability checks or the environment switch), forward and backward."""
+    g = torch.Generator().manual_seed(2)
+    offs = experts.group_offsets(torch.tensor([6, 0, 10]))
+    a = torch.randn(16, 8, generator=g).bfloat16().requires_grad_()  # the grouped GEMM's meta wants bf16
+    w = torch.randn(3, 8, 16, generator=g).bfloat16().requires_grad_()
+    torch._dynamo.reset()
+    compiled = torch.compile(G.linear, fullgraph=True, backend="aot_eager")
+    got = compiled(a, w, offs)
+    want = G.linear(a, w, offs)
+    torch.testing.assert_close(got, want)
+    dy = torch.randn(16, 16, generator=g).bfloat16()
+    for x, y in zip(torch.autograd.grad(got, (a, w), dy), torch.autograd.grad(want, (a, w), dy)):
+        torch.testing.assert_close(x, y)
+
+
 def test_the_kernels_are_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("MEGAMOE_GROUPED_GEMM", "torch")
     assert not G.enabled()
