@@ -1,10 +1,9 @@
 """SwiGLU experts stored stacked, so one grouped GEMM runs every local expert.
 
 w1: [E, d, 2F] (gate and up projections side by side), w2: [E, F, d]. On CUDA one grouped
-GEMM per projection runs all experts (`torch._grouped_mm`, its backward and the second projection
-through `grouped_gemm`'s kernels where they apply); on CPU a per-expert loop computes the same
-thing from the same weights. With
-`fp8=True` both projections run through `fp8.grouped_mm` (e4m3, rowwise scales).
+GEMM per projection runs all experts, forward and backward (`grouped_gemm`: Triton kernels on
+Hopper, `torch._grouped_mm` elsewhere); on CPU a per-expert loop computes the same thing from the
+same weights. With `fp8=True` both projections run through `fp8.grouped_mm` (e4m3, rowwise scales).
 """
 
 import torch
