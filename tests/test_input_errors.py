@@ -130,3 +130,12 @@ def test_from_hf_reads_nothing_outside_its_folder(tmp_path):
         json.dumps({"weight_map": {"lm_head.weight": "../secret.safetensors"}}))
     with pytest.raises(CheckpointError, match="not a file name inside that folder"):
         _hf_files(src)
+
+
+def test_a_misspelled_grouped_gemm_switch_is_refused_before_setup(monkeypatch, capsys, tmp_path):
+    from megamoe.train.__main__ import main
+    monkeypatch.setenv("MEGAMOE_GROUPED_GEMM", "Torch")
+    assert main(["--config", "tiny-cpu", f"run.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("megamoe: error: MEGAMOE_GROUPED_GEMM='Torch'") and "torch" in err[0]
+    assert not (tmp_path / "run").exists()

@@ -49,6 +49,18 @@ def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
     return (128, 256, 64, 8, 3 if k >= 2048 else 4), False
 
 
+CHOICES = ("triton", "torch")
+
+
+def check_environment() -> None:
+    """Refuses a `MEGAMOE_GROUPED_GEMM` other than triton or torch (the trainer calls it at start)."""
+    value = os.environ.get("MEGAMOE_GROUPED_GEMM", "triton")
+    if value not in CHOICES:
+        from ..config import ConfigError
+        raise ConfigError(f"MEGAMOE_GROUPED_GEMM={value!r} is not a choice: set it to triton (the default: "
+                          "megamoe's kernels on Hopper) or torch (torch._grouped_mm), or unset it")
+
+
 def enabled() -> bool:
     return triton is not None and os.environ.get("MEGAMOE_GROUPED_GEMM", "triton") != "torch"
 

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = lock = None
     try:
         cfg = load_config(args.config, args.overrides)
+        from ..moe.grouped_gemm import check_environment
+        check_environment()
         from .loop import Trainer
         from .rundir import RunLock
         lock = RunLock(cfg.run.dir)  # rank 0 takes it once the process group exists
