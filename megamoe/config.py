@@ -78,6 +78,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block (CUDA; ignored with a notice on CPU)
     max_skipped_steps: int = 10  # stop after this many steps in a row with a non-finite grad norm/loss
     gc_interval: int = 50  # Python's garbage collector off in the loop, run every N steps (0 = automatic)
+    overlap_read: bool = True  # read a step's statistics once the next step is queued (same results)
 
 
 @dataclass

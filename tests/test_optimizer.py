@@ -1,6 +1,7 @@
 """megamoe's AdamW (ZeRO 0): torch's AdamW arithmetic, fp32 masters for bf16 weights, clipping by
 the global norm, and the divergence guard (a non-finite step changes nothing; too many stop the run)."""
 
+import json
 import math
 import os
 import subprocess
@@ -155,11 +156,11 @@ import megamoe.train.loop as loop
 from megamoe.train.__main__ import main
 first, last, rank = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 step = [0]
-train_step = loop.Trainer.train_step
-def counted(self):
-    step[0] = self.step + 1  # the step being taken (as logged)
-    return train_step(self)
-loop.Trainer.train_step = counted
+launch = loop.Trainer._launch_step
+def counted(self, *args, **kwargs):
+    step[0] = self.step + 1  # the step being queued (as logged)
+    return launch(self, *args, **kwargs)
+loop.Trainer._launch_step = counted
 lm_loss = loop.Trainer._lm_loss
 def poisoned(self, *args, **kwargs):
     loss = lm_loss(self, *args, **kwargs)
@@ -218,9 +219,31 @@ def test_a_nan_loss_on_the_last_pipeline_stage_skips_the_step_on_every_stage(tmp
     assert all(torch.equal(three[k], two[k]) for k in two)
 
 
-def test_a_diverged_run_stops_with_an_error_and_finite_checkpoints(tmp_path):
+def test_reading_each_step_after_the_next_is_queued_changes_nothing(tmp_path):
+    """train.overlap_read (the default) against reading every step before the next: two data-parallel
+    ranks, a NaN loss on rank 1 in a step read late (2), evaluations and saves between: the same
+    metrics and the same checkpoints, bit for bit."""
+    runs = {}
+    for overlap in ("true", "false"):
+        runs[overlap] = run = tmp_path / overlap
+        proc = _launch_poisoned(tmp_path, run, 2, 2, 2, ["train.steps=7", "train.save_interval=3",
+                                                         "train.eval_interval=4", "train.keep_checkpoints=10",
+                                                         f"train.overlap_read={overlap}"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "step 2 skipped" in proc.stdout
+    timing = {"tokens_per_sec", "step_time_ms", "tflops_per_rank", "mfu"}
+    a, b = ([{k: v for k, v in r.items() if k not in timing} for r in metrics(runs[o])] for o in ("true", "false"))
+    assert [r["step"] for r in a] == list(range(1, 8)) and [r["skipped_steps"] for r in a] == [0] + [1] * 6
+    assert "eval_loss" in a[3] and json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    for step in (3, 6, 7):
+        x, y = _checkpoint(runs["true"], step), _checkpoint(runs["false"], step)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in y), step
+
+
+@pytest.mark.parametrize("save_interval", [1, 4])  # 4: most steps are read after the next is queued
+def test_a_diverged_run_stops_with_an_error_and_finite_checkpoints(tmp_path, save_interval):
     run = tmp_path / "run"
-    proc = _launch_poisoned(tmp_path, run, 1, 3, 100, ["train.steps=8", "train.save_interval=1",
+    proc = _launch_poisoned(tmp_path, run, 1, 3, 100, ["train.steps=8", f"train.save_interval={save_interval}",
                                                        "train.max_skipped_steps=3"])
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "megamoe: error: 3 steps in a row" in proc.stderr and "optim.lr" in proc.stderr
@@ -272,28 +295,35 @@ def test_the_triton_kernel_computes_the_torch_form(tmp_path):
 
 def test_deferred_reads_take_the_same_steps_and_settle_a_skipped_one():
     """defer_reads (what the trainer runs): the update is launched with the clipping factor and
-    the finite flag as device scalars, before anything is read; settle() afterwards gives the
-    norm and the skip, and the weights, masters, moments and step counters equal the optimizer
-    that read first, a non-finite step (3) included."""
+    the finite flag as device scalars, before anything is read; the step's outcome (norm, skip),
+    asked for at once or after the next step() settled it, and the weights, masters, moments and
+    step counters equal the optimizer that read first, a non-finite step (3) included."""
     now, later = _params(), _params()
     opts = [AdamW([{"params": ps, "weight_decay": 0.1}], ONE_RANK, max_norm=0.5, master_weights=True, **HYPER)
             for ps in (now, later)]
     opts[1].defer_reads = True
     for p, q in zip(now, later):
         p.data, q.data = p.data.bfloat16(), q.data.bfloat16()
-    for step in range(1, 6):
+    outcomes = []
+    for step in range(1, 7):
         for p, q, g in zip(now, later, _grads(step)):
             p.grad, q.grad = g.bfloat16(), g.bfloat16()
         if step == 3:
             now[1].grad[2] = later[1].grad[2] = float("inf")
         opts[0].step()
-        opts[1].step()
-        reads = opts[1].pending_reads()
-        assert len(reads) == 2 and opts[0].pending_reads() == []
-        norm, skipped = opts[1].settle(torch.cat(reads).tolist())
-        assert skipped == opts[0].overflow == (step == 3) == opts[1].overflow
-        assert norm == opts[0]._global_grad_norm or (math.isinf(norm) and step == 3)
-        assert opts[1].steps_taken() == opts[0].steps_taken() == step - (step >= 3)
+        outcomes.append((opts[0]._global_grad_norm, opts[0].overflow, opts[0].steps_taken()))
+        opts[1].step()  # settles step - 1 if it was left pending
+        assert opts[1]._pending is not None and opts[1].steps_launched == step
+        if step % 2 == 0:  # even steps: their outcome is asked for after the next step()
+            continue
+        if step > 1:
+            assert opts[1].outcome(step - 1) == outcomes[-2][:2]  # settled by this step()
+        assert opts[1].outcome(step) == opts[1].outcome(step)  # odd steps: at once (settled once)
+        norm, skipped = opts[1].outcome(step)
+        want_norm, want_skipped, want_taken = outcomes[-1]
+        assert skipped == want_skipped == (step == 3) == opts[1].overflow
+        assert norm == want_norm or (math.isinf(norm) and step == 3)
+        assert opts[1].steps_taken() == want_taken == step - (step >= 3)
         for p, q in zip(now, later):
             assert torch.equal(p, q) and torch.equal(opts[0].master(p), opts[1].master(q))
             assert all(torch.equal(opts[0].state[p][k], opts[1].state[q][k]) for k in ("exp_avg", "exp_avg_sq"))
@@ -302,30 +332,42 @@ def test_deferred_reads_take_the_same_steps_and_settle_a_skipped_one():
 SYNCS = """
 import sys
 from deepspeed.accelerator import get_accelerator
+import megamoe.train.loop as loop
 from megamoe.train.optimizer import AdamW
 from megamoe.train.__main__ import main
-acc, syncs, settled = get_accelerator(), [], []
-sync, settle = acc.synchronize, AdamW.settle
+acc, syncs, order = get_accelerator(), [], []
+sync, settle, launch, finish = acc.synchronize, AdamW.settle, loop.Trainer._launch_step, loop.Trainer._finish_step
 acc.synchronize = lambda *a, **k: (syncs.append(1), sync(*a, **k))[1]
-AdamW.settle = lambda self, values=None: (settled.append(values is not None), settle(self, values))[1]
+AdamW.settle = lambda self: (order.append("S:" + sys._getframe(1).f_code.co_name), settle(self))[1]
+loop.Trainer._launch_step = lambda self, *a: (order.append(f"L{self.step + 1}"), launch(self, *a))[1]
+loop.Trainer._finish_step = lambda self, done: (order.append(f"R{done.step}"), finish(self, done))[1]
 code = main(sys.argv[1:])
-print("SYNCS", len(syncs), "SETTLED", settled)
+print("SYNCS", len(syncs), " ".join(order))
 sys.exit(code)
 """
 
 
-def test_a_training_step_waits_for_the_device_once(tmp_path):
-    """No device-wide synchronisation in the step (DeepSpeed's throughput timer would add two per
-    micro-batch), and the optimizer's norm and skip flag are read with the step's statistics (one
-    transfer), not by the optimizer before its update."""
+@pytest.mark.parametrize("overrides, order", [
+    # each step is read once the next is queued; the optimizer's outcome of a step arrives behind its
+    # update and is settled by the next step (S:step), the last one's when the trainer reads it
+    ([], "L1 L2 S:step R1 L3 S:step R2 L4 S:step R3 L5 S:step R4 R5 S:outcome"),
+    # a step that saves is read before the next is queued
+    (["train.save_interval=3"], "L1 L2 S:step R1 L3 S:step R2 R3 S:outcome L4 L5 S:step R4 R5 S:outcome"),
+    (["train.overlap_read=false"], "L1 R1 S:outcome L2 R2 S:outcome L3 R3 S:outcome L4 R4 S:outcome L5 R5 S:outcome"),
+])
+def test_a_training_step_is_read_after_the_next_is_queued_and_never_synchronises(tmp_path, overrides, order):
+    """No device-wide synchronisation in the loop (DeepSpeed's throughput timer would add two per
+    micro-batch); each step's statistics and the optimizer's norm and skip flag are read after the
+    next step is queued (their copies to the host wait for nothing queued after them), except where
+    the step's state is needed first (a save, the end), and always with train.overlap_read=false."""
     script = tmp_path / "syncs.py"
     script.write_text(SYNCS)
-    cmd = [sys.executable, str(script), *TINY, "train.steps=5", f"run.dir={tmp_path / 'run'}"]
+    cmd = [sys.executable, str(script), *TINY, "train.steps=5", *overrides, f"run.dir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("SYNCS"))
-    assert line == "SYNCS 0 SETTLED [True, True, True, True, True]", line
+    assert line == f"SYNCS 0 {order}", line
 
 
 GC = """
@@ -338,12 +380,12 @@ def recording(generation=2):
     return collect(generation)
 gc.collect = recording
 trainer_step = [None]
-train_step = loop.Trainer.train_step
-def watched(self):
+launch = loop.Trainer._launch_step
+def watched(self, *args, **kwargs):
     trainer_step[0] = self.step + 1
     enabled.append(gc.isenabled())
-    return train_step(self)
-loop.Trainer.train_step = watched
+    return launch(self, *args, **kwargs)
+loop.Trainer._launch_step = watched
 from megamoe.train.__main__ import main
 rc = main(sys.argv[1:])
 print("GC", repr((rc, calls, enabled, gc.isenabled())))

@@ -6,6 +6,7 @@ import sys
 from collections import Counter
 from contextlib import contextmanager
 
+import pytest
 import torch
 
 from distributed import run_ranks
@@ -14,7 +15,7 @@ from megamoe.parallel import pipeline_schedule
 from megamoe.parallel.pipeline import apply_pipeline
 from megamoe.parallel.state import ParallelState
 from megamoe.train.loss import cross_entropy
-from megamoe.train.stats import StepStats
+from megamoe.train.stats import HostCopy, StepStats
 from test_tensor_parallel import BATCH, SEQ, micro_batches, tiny
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
@@ -122,3 +123,27 @@ def test_step_statistics_are_read_once_per_step_and_pp2_logs_the_one_rank_values
         for key, value in want.items():
             assert abs(logged[key] - value) <= 1e-6 * abs(value), (rank, key, logged[key], value)
         assert torch.equal(load, want_load), rank
+
+
+def test_a_host_copy_holds_the_values_it_was_given():
+    """On the CPU the values are taken at once: a later change of the tensor does not reach them."""
+    t = torch.tensor([1.0, 2.5])
+    copy = HostCopy(t)
+    t.add_(1)
+    assert copy.values() == [1.0, 2.5]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy behind queued work is CUDA's")
+def test_a_host_copy_waits_for_its_values_not_for_the_work_queued_after_it():
+    """What lets the trainer queue the next step before reading this one: values() returns while
+    work queued after the copy still runs."""
+    x = torch.arange(4.0, device="cuda") * 2
+    copy = HostCopy(x)
+    a = torch.randn(8192, 8192, device="cuda")
+    for _ in range(30):  # ~30 ms of matmuls queued behind the copy
+        a = torch.tanh(a @ a)
+    later = torch.cuda.Event()
+    later.record()
+    assert copy.values() == [0.0, 2.0, 4.0, 6.0]
+    assert not later.query()  # still running
+    torch.cuda.synchronize()

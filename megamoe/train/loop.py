@@ -8,6 +8,8 @@ reads exactly the samples it would have read had it never stopped.
 import gc
 import math
 import time
+from collections import deque
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 
@@ -30,7 +32,7 @@ from .metrics import MetricsLogger
 from .optimizer import AdamW
 from .rundir import RunLock, check_resumable, prepare_run_dir
 from .signals import EXIT_REQUEUE, PreemptionHandler
-from .stats import StepStats
+from .stats import StatsRead, StepStats
 
 
 class Trainer:
@@ -55,8 +57,13 @@ class Trainer:
         self.tasks = TrainingEvaluator(cfg, self.state, self.tokenizer)  # train.eval_tasks, read now
         self.model = build_model(cfg, self.state)
         self.engine = build_engine(cfg, self.state, self.model, self.device)
-        if isinstance(self.engine.optimizer, AdamW):  # its norm and skip flag join the step's one read
-            self.engine.optimizer.defer_reads = True
+        opt = self.engine.optimizer
+        if isinstance(opt, AdamW):  # its norm and skip flag are read behind the update
+            opt.defer_reads = True
+        # read each step's statistics after the next step is queued (`_overlaps`)
+        self.overlap = (t.overlap_read and isinstance(opt, AdamW) and opt.host is None and self.state.pp == 1
+                        and not (cfg.moe.bias_update_rate and cfg.moe_layer_ids()))
+        self.stop_requested = False  # a rank was signalled to stop (read with a step's statistics)
         # the loss of the model's output: vocab-parallel under TP; without TP and PP the model
         # returns its final hidden states and the loss projects them chunk by chunk
         self.project = self.state.tp > 1 or self.state.pp > 1
@@ -109,9 +116,17 @@ class Trainer:
         return self.cross_entropy(logits, labels) / targets
 
     def train_step(self) -> dict:
-        """One optimizer step; returns the step's metrics (averaged over micro-batches and DP)."""
+        """One optimizer step, queued and read: returns its metrics (averaged over micro-batches
+        and DP). `fit` reads most steps after queueing the next one instead (`train.overlap_read`)."""
+        return self._finish_step(self._launch_step())
+
+    def _launch_step(self, preempt: PreemptionHandler | None = None) -> "_Launched":
+        """Queues one optimizer step (its micro-batches' forward and backward, the update) and the
+        copy of its statistics to the host; nothing here waits for the device."""
+        start = time.perf_counter()
+        lr = lr_at(self.cfg, self.step)
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr_at(self.cfg, self.step)
+            group["lr"] = lr
         stats = StepStats(self.cfg, self.model, self.device)
         lm_loss = partial(self._lm_loss, targets=self._targets(self.train_data, self.step))
         if self.state.pp > 1:  # 1F1B over the micro-batches
@@ -121,22 +136,42 @@ class Trainer:
             self._accumulate(lm_loss, stats)
         if self.cfg.train.gc_interval and (self.step + 1) % self.cfg.train.gc_interval == 0:
             gc.collect(1)  # the young objects, here where the step is queued and the host has time to spare
+        # the preemption flag, agreed by every rank (MAX), travels with the statistics: no read of its own
+        local = float(preempt is not None and preempt.received is not None)
+        stop = comm.all_reduce(torch.full((1,), local, dtype=torch.float64, device=self.device),  # a fill:
+                               op=dist.ReduceOp.MAX)  # torch.tensor([x], device=cuda) copies, waiting for the queue
+        read = stats.start_read(self.state, self.gas, self.cfg.parallel.sequence_parallel, [stop])
         opt = self.engine.optimizer
-        deferred = getattr(opt, "defer_reads", False)  # our AdamW: its norm and skip flag come along
-        losses, load, extra = stats.read(self.state, self.gas, self.cfg.parallel.sequence_parallel,
-                                         opt.pending_reads() if deferred else ())
-        if deferred:
-            norm, skipped = opt.settle(extra)
+        self.step += 1
+        return _Launched(self.step, lr, read, opt.steps_launched if getattr(opt, "defer_reads", False) else None,
+                         start)
+
+    def _finish_step(self, launched: "_Launched") -> dict:
+        """The launched step's read: its metrics, the optimizer's outcome (a skipped step counted by
+        the divergence guard), the routers' bias update. Sets `stop_requested` when any rank was
+        signalled to stop."""
+        losses, load, (stop,) = launched.read.result()
+        self.stop_requested = self.stop_requested or bool(stop)
+        opt = self.engine.optimizer
+        if launched.optimizer_step is not None:  # our AdamW: its norm and skip flag on their way too
+            norm, skipped = opt.outcome(launched.optimizer_step)
         else:
             skipped, norm = bool(getattr(opt, "overflow", False)), self.engine.get_global_grad_norm()
         routing = self._after_optimizer_step(load, update_bias=not skipped)
-        self.step += 1
-        self._guard(skipped)
-        return {**losses, "lr": lr_at(self.cfg, self.step - 1),
+        self._guard(skipped, launched.step)
+        return {**losses, "lr": launched.lr,
                 "grad_norm": float(norm) if norm is not None else float("nan"),
                 "skipped_steps": self.skipped_steps,
                 "expert_load": ((load / load.sum(-1, keepdim=True).clamp_min(1)).tolist()
                                 if self.cfg.moe_layer_ids() else []), **routing}
+
+    def _overlaps(self, step: int) -> bool:
+        """Whether step `step` is read after the next one is queued: with `train.overlap_read`, our
+        AdamW settling its steps late, no pipeline, no router-bias update (the next step's forward
+        needs it), and nothing at this step that needs its state first (evaluation, save, the end)."""
+        t = self.cfg.train
+        return (self.overlap and step < t.steps and step % t.eval_interval != 0
+                and step % t.save_interval != 0)
 
     def _after_optimizer_step(self, load: torch.Tensor, update_bias: bool) -> dict:
         """Aux-loss-free balancing: move the routers' expert biases by the step's loads [MoE layers, E],
@@ -158,7 +193,7 @@ class Trainer:
             bias = comm.all_reduce(bias, self.state.pp_group) if self.state.pp > 1 else bias
         return step_load_metrics(load, routed, bias)
 
-    def _guard(self, skipped: bool) -> None:
+    def _guard(self, skipped: bool, step: int) -> None:
         """Divergence guard: the optimizer left a step whose gradient norm (or loss) was not
         finite undone; count it, and stop after `train.max_skipped_steps` in a row."""
         if not skipped:
@@ -168,11 +203,11 @@ class Trainer:
         self.skipped_in_a_row += 1
         limit = self.cfg.train.max_skipped_steps
         if self.is_logger:
-            print(f"megamoe: step {self.step} skipped: its gradient norm or loss is not finite; weights and "
+            print(f"megamoe: step {step} skipped: its gradient norm or loss is not finite; weights and "
                   f"optimizer state unchanged ({self.skipped_in_a_row} in a row, limit {limit})", flush=True)
         if self.skipped_in_a_row >= limit:
             raise DivergenceError(
-                f"{self.skipped_in_a_row} steps in a row (to step {self.step}) had a non-finite gradient norm "
+                f"{self.skipped_in_a_row} steps in a row (to step {step}) had a non-finite gradient norm "
                 f"or loss and were skipped (train.max_skipped_steps={limit}); the run has diverged. The last "
                 "checkpoint holds finite weights: resume from it with a lower optim.lr, more "
                 "optim.warmup_steps or a tighter optim.grad_clip")
@@ -230,25 +265,36 @@ class Trainer:
             gc.disable()
         try:
             with PreemptionHandler() as preempt:
-                while self.step < t.steps:
-                    start = time.perf_counter()
-                    record = self.train_step()
-                    elapsed = time.perf_counter() - start
-                    record = {"step": self.step, **record, "tokens_per_sec": tokens_per_step / elapsed,
+                queued = deque()  # launched steps not yet read: at most two
+                read_at = time.perf_counter()  # when the last step was read
+                while self.step < t.steps or queued:
+                    if self.step < t.steps and not self.stop_requested and (
+                            not queued or self._overlaps(queued[-1].step)):
+                        queued.append(self._launch_step(preempt))
+                        if len(queued) == 1 and self._overlaps(queued[0].step):
+                            continue  # queue the next step before reading this one
+                    launched = queued.popleft()
+                    record = self._finish_step(launched)
+                    now = time.perf_counter()
+                    elapsed, read_at = now - max(launched.start, read_at), now
+                    record = {"step": launched.step, **record, "tokens_per_sec": tokens_per_step / elapsed,
                               "step_time_ms": 1000 * elapsed, "tflops_per_rank": flops_per_rank / elapsed / 1e12}
                     if peak:
                         record["mfu"] = flops_per_rank / elapsed / peak
-                    if self.step % t.eval_interval == 0 or self.step == t.steps:
+                    if not queued and (launched.step % t.eval_interval == 0 or launched.step == t.steps):
                         record.update(self.evaluate())
-                    if self.step % t.log_interval == 0 or self.step == t.steps or "eval_loss" in record:
+                    if (launched.step % t.log_interval == 0 or launched.step == t.steps or "eval_loss" in record
+                            or self.stop_requested):
                         self.metrics.log(record)
+                    if queued:  # the next step is on its way (a stop request drains it, below)
+                        continue
                     saved = self.step % t.save_interval == 0 or self.step == t.steps
                     if saved:
                         self.save()
                     if manual_gc and (saved or "eval_loss" in record):
                         gc.collect()  # a full collection costs little beside a save or an evaluation
-                    if preempt.should_stop():
-                        if self.step % t.save_interval and self.step != t.steps:
+                    if self.stop_requested:
+                        if not saved:
                             self.save()
                         if self.is_logger:
                             by = preempt.received.name if preempt.received else "a peer"
@@ -265,6 +311,16 @@ class Trainer:
             if manual_gc:
                 gc.enable()
             self.metrics.close()  # also on preemption and errors: tensorboard flushes what it has
+
+
+@dataclass
+class _Launched:
+    """A step queued on the device whose statistics are on their way to the host."""
+    step: int  # its number: the step count once it is taken
+    lr: float
+    read: StatsRead
+    optimizer_step: int | None  # our AdamW's `steps_launched` after it (None: DeepSpeed's optimizer)
+    start: float  # host clock when its launch began
 
 
 class DivergenceError(RuntimeError):

@@ -1,9 +1,11 @@
 """Preemption: turn SIGUSR1/SIGTERM into "stop after this step" that every rank agrees on.
 
 Slurm sends SIGUSR1 before the time limit (`--signal=USR1@120`) and SIGTERM on preemption
-or `scancel`. The handler only records the signal; the training loop asks `should_stop()`
-once per step, saves a checkpoint when it says yes, and exits with `EXIT_REQUEUE`, which
-slurm/train.sbatch answers with `scontrol requeue`.
+or `scancel`. The handler only records the signal. The training loop sends each rank's flag
+(`received`) with every step's statistics, reduced with MAX over all ranks and read with them
+(no read of its own, so it does not wait for the step queued after), saves a checkpoint after
+the step that says so and exits with `EXIT_REQUEUE`, which slurm/train.sbatch answers with
+`scontrol requeue`. `should_stop()` is the same agreement as one collective of its own.
 """
 
 import signal

@@ -48,11 +48,10 @@ class StepStats:
         """This rank's Σ over micro-batches of (LM loss + aux loss), on the device."""
         return self.sums[0] + self.sums[1]
 
-    def read(self, state: ParallelState, gas: int, sequence_parallel: bool,
-             extra: list[torch.Tensor] = ()) -> tuple[dict, torch.Tensor, list[float]]:
-        """The step's logged losses (means over micro-batches and DP ranks, lb and z means over
-        MoE layers), its expert loads [MoE layers, E] summed over every rank, and the values of
-        `extra` (1-element device tensors, e.g. the optimizer's `pending_reads`), on the host."""
+    def start_read(self, state: ParallelState, gas: int, sequence_parallel: bool,
+                   extra: list[torch.Tensor] = ()) -> "StatsRead":
+        """Reduces the step's statistics over the ranks (collectives queued on the device) and starts
+        their one copy to the host; `extra` (1-element device tensors) travels with them."""
         sums, load = self.sums, self.load
         if state.pp > 1:  # every stage's aux losses and MoE layers
             sums, load = comm.all_reduce(sums, state.pp_group), comm.all_reduce(load, state.pp_group)
@@ -60,9 +59,49 @@ class StepStats:
         load = comm.all_reduce(load, state.dp_group)
         if sequence_parallel:  # each TP rank routed its own sequence chunk
             load = comm.all_reduce(load, state.tp_group)
-        extra = [t.to(sums) for t in extra]
-        values = torch.cat([sums, load.flatten(), *extra]).tolist()  # the step's one read to the host
+        extra = [t.reshape(1).to(sums) for t in extra]
+        return StatsRead(HostCopy(torch.cat([sums, load.flatten(), *extra])), max(self.n_moe, 1), load.shape)
+
+    def read(self, state: ParallelState, gas: int, sequence_parallel: bool,
+             extra: list[torch.Tensor] = ()) -> tuple[dict, torch.Tensor, list[float]]:
+        """`start_read(...).result()`: the statistics on the host now."""
+        return self.start_read(state, gas, sequence_parallel, extra).result()
+
+
+class HostCopy:
+    """A device tensor's values on their way to the host. On CUDA the copy goes to pinned memory
+    behind the work queued so far and `values()` waits for it alone (an event), not for work queued
+    after it; elsewhere the values are read at once."""
+
+    def __init__(self, t: torch.Tensor):
+        t = t.detach()
+        self.event = None
+        if t.is_cuda:
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = t.to("cpu", copy=True)
+
+    def values(self) -> list[float]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+class StatsRead:
+    """A step's statistics in flight to the host (`StepStats.start_read`)."""
+
+    def __init__(self, copy: HostCopy, n_moe: int, load_shape: torch.Size):
+        self.copy, self.n_moe, self.load_shape = copy, n_moe, load_shape
+
+    def result(self) -> tuple[dict, torch.Tensor, list[float]]:
+        """The step's logged losses (means over micro-batches and DP ranks, lb and z means over
+        MoE layers), its expert loads [MoE layers, E] summed over every rank, and the values of
+        `extra`, on the host: the step's one read."""
+        values = self.copy.values()
         aux, lm, lb, z = values[:4]
-        n, end = max(self.n_moe, 1), 4 + load.numel()
-        return ({"loss": lm + aux, "lm_loss": lm, "lb_loss": lb / n, "z_loss": z / n},
-                torch.tensor(values[4:end], dtype=torch.float64).view(load.shape), values[end:])
+        end = 4 + self.load_shape.numel()
+        return ({"loss": lm + aux, "lm_loss": lm, "lb_loss": lb / self.n_moe, "z_loss": z / self.n_moe},
+                torch.tensor(values[4:end], dtype=torch.float64).view(self.load_shape), values[end:])
