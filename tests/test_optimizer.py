@@ -219,7 +219,8 @@ def test_a_nan_loss_on_the_last_pipeline_stage_skips_the_step_on_every_stage(tmp
     assert all(torch.equal(three[k], two[k]) for k in two)
 
 
-def test_reading_each_step_after_the_next_is_queued_changes_nothing(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["moe.bias_update_rate=0.01"]])  # aux-loss-free: biases move on the device
+def test_reading_each_step_after_the_next_is_queued_changes_nothing(tmp_path, extra):
     """train.overlap_read (the default) against reading every step before the next: two data-parallel
     ranks, a NaN loss on rank 1 in a step read late (2), evaluations and saves between: the same
     metrics and the same checkpoints, bit for bit."""
@@ -228,13 +229,15 @@ def test_reading_each_step_after_the_next_is_queued_changes_nothing(tmp_path):
         runs[overlap] = run = tmp_path / overlap
         proc = _launch_poisoned(tmp_path, run, 2, 2, 2, ["train.steps=7", "train.save_interval=3",
                                                          "train.eval_interval=4", "train.keep_checkpoints=10",
-                                                         f"train.overlap_read={overlap}"])
+                                                         f"train.overlap_read={overlap}", *extra])
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "step 2 skipped" in proc.stdout
     timing = {"tokens_per_sec", "step_time_ms", "tflops_per_rank", "mfu"}
     a, b = ([{k: v for k, v in r.items() if k not in timing} for r in metrics(runs[o])] for o in ("true", "false"))
     assert [r["step"] for r in a] == list(range(1, 8)) and [r["skipped_steps"] for r in a] == [0] + [1] * 6
     assert "eval_loss" in a[3] and json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    if extra:  # the biases moved (the step-2 one, skipped, did not move them: the host path's order)
+        assert a[0]["bias_spread"][0] > 0
     for step in (3, 6, 7):
         x, y = _checkpoint(runs["true"], step), _checkpoint(runs["false"], step)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in y), step
@@ -351,6 +354,8 @@ sys.exit(code)
     # each step is read once the next is queued; the optimizer's outcome of a step arrives behind its
     # update and is settled by the next step (S:step), the last one's when the trainer reads it
     ([], "L1 L2 S:step R1 L3 S:step R2 L4 S:step R3 L5 S:step R4 R5 S:outcome"),
+    # aux-loss-free balancing too: the biases move on the device, before the next step's routing
+    (["moe.bias_update_rate=0.01"], "L1 L2 S:step R1 L3 S:step R2 L4 S:step R3 L5 S:step R4 R5 S:outcome"),
     # a step that saves is read before the next is queued
     (["train.save_interval=3"], "L1 L2 S:step R1 L3 S:step R2 R3 S:outcome L4 L5 S:step R4 R5 S:outcome"),
     (["train.overlap_read=false"], "L1 R1 S:outcome L2 R2 S:outcome L3 R3 S:outcome L4 R4 S:outcome L5 R5 S:outcome"),

@@ -170,10 +170,14 @@ class Router(nn.Module):
 
 
 @torch.no_grad()
-def update_expert_bias(routers: dict[int, Router], load: torch.Tensor, rate: float) -> None:
+def update_expert_bias(routers: dict[int, Router], load: torch.Tensor, rate: float,
+                       taken: torch.Tensor | None = None) -> None:
     """Aux-loss-free step: bias_i += rate · sign(mean load − load_i) for every router, where
     `routers` maps each of this rank's routers to its row of `load` [MoE layers, E], the step's
-    assignment counts summed over every rank (identical everywhere, so the biases stay so)."""
+    assignment counts summed over every rank (identical everywhere, so the biases stay so).
+    `taken`: a device bool scalar, the step's update was taken (the biases stay as they are when
+    not), for an update queued before the step's outcome is read."""
     for row, router in routers.items():
         step_load = load[row].to(torch.float64)
-        router.expert_bias += rate * torch.sign(step_load.mean() - step_load).to(router.expert_bias)
+        delta = rate * torch.sign(step_load.mean() - step_load).to(router.expert_bias)
+        router.expert_bias += delta if taken is None else torch.where(taken, delta, 0.0)

@@ -61,8 +61,9 @@ class Trainer:
         if isinstance(opt, AdamW):  # its norm and skip flag are read behind the update
             opt.defer_reads = True
         # read each step's statistics after the next step is queued (`_overlaps`)
-        self.overlap = (t.overlap_read and isinstance(opt, AdamW) and opt.host is None and self.state.pp == 1
-                        and not (cfg.moe.bias_update_rate and cfg.moe_layer_ids()))
+        self.overlap = t.overlap_read and isinstance(opt, AdamW) and opt.host is None and self.state.pp == 1
+        # aux-loss-free biases then move on the device, each step's update gated by its finite flag
+        self.biases_on_device = self.overlap and bool(cfg.moe.bias_update_rate and cfg.moe_layer_ids())
         self.stop_requested = False  # a rank was signalled to stop (read with a step's statistics)
         # the loss of the model's output: vocab-parallel under TP; without TP and PP the model
         # returns its final hidden states and the loss projects them chunk by chunk
@@ -140,8 +141,17 @@ class Trainer:
         local = float(preempt is not None and preempt.received is not None)
         stop = comm.all_reduce(torch.full((1,), local, dtype=torch.float64, device=self.device),  # a fill:
                                op=dist.ReduceOp.MAX)  # torch.tensor([x], device=cuda) copies, waiting for the queue
-        read = stats.start_read(self.state, self.gas, self.cfg.parallel.sequence_parallel, [stop])
+        reduced = stats.reduced(self.state, self.gas, self.cfg.parallel.sequence_parallel)
+        extra = [stop]
         opt = self.engine.optimizer
+        if self.biases_on_device:  # aux-loss-free balancing, queued before the next step's routing
+            routers = self._routers()
+            update_expert_bias(routers, reduced[1], self.cfg.moe.bias_update_rate, taken=opt.pending_taken())
+            bias = torch.zeros(reduced[1].shape, dtype=torch.float32, device=self.device)
+            for row, router in routers.items():
+                bias[row] = router.expert_bias
+            extra.append(bias)  # read with the statistics, for the metrics
+        read = stats.start_read(self.state, self.gas, self.cfg.parallel.sequence_parallel, extra, reduced)
         self.step += 1
         return _Launched(self.step, lr, read, opt.steps_launched if getattr(opt, "defer_reads", False) else None,
                          start)
@@ -150,14 +160,17 @@ class Trainer:
         """The launched step's read: its metrics, the optimizer's outcome (a skipped step counted by
         the divergence guard), the routers' bias update. Sets `stop_requested` when any rank was
         signalled to stop."""
-        losses, load, (stop,) = launched.read.result()
+        losses, load, (stop, *bias) = launched.read.result()
         self.stop_requested = self.stop_requested or bool(stop)
         opt = self.engine.optimizer
         if launched.optimizer_step is not None:  # our AdamW: its norm and skip flag on their way too
             norm, skipped = opt.outcome(launched.optimizer_step)
         else:
             skipped, norm = bool(getattr(opt, "overflow", False)), self.engine.get_global_grad_norm()
-        routing = self._after_optimizer_step(load, update_bias=not skipped)
+        if self.biases_on_device:  # updated at launch unless skipped; their values came with the read
+            routing = self._after_optimizer_step(load, False, torch.tensor(bias, dtype=torch.float32).view(load.shape))
+        else:
+            routing = self._after_optimizer_step(load, update_bias=not skipped)
         self._guard(skipped, launched.step)
         return {**losses, "lr": launched.lr,
                 "grad_norm": float(norm) if norm is not None else float("nan"),
@@ -167,26 +180,28 @@ class Trainer:
 
     def _overlaps(self, step: int) -> bool:
         """Whether step `step` is read after the next one is queued: with `train.overlap_read`, our
-        AdamW settling its steps late, no pipeline, no router-bias update (the next step's forward
-        needs it), and nothing at this step that needs its state first (evaluation, save, the end)."""
+        AdamW settling its steps late and no pipeline, when nothing at this step needs its state
+        first (evaluation, save, the end)."""
         t = self.cfg.train
         return (self.overlap and step < t.steps and step % t.eval_interval != 0
                 and step % t.save_interval != 0)
 
-    def _after_optimizer_step(self, load: torch.Tensor, update_bias: bool) -> dict:
+    def _routers(self) -> dict:
+        """{row among all the model's MoE layers: its router} for this stage's routed MoE layers."""
+        return {row: ffn.router for row, ffn in self.model.moe_rows().items() if hasattr(ffn, "router")}
+
+    def _after_optimizer_step(self, load: torch.Tensor, update_bias: bool, bias: torch.Tensor | None = None) -> dict:
         """Aux-loss-free balancing: move the routers' expert biases by the step's loads [MoE layers, E],
         summed over every rank (so identical on every rank), unless the divergence guard skipped the
-        step. Returns the step's load metrics."""
-        moe, routers = self.cfg.moe, {row: ffn.router for row, ffn in self.model.moe_rows().items()
-                                      if hasattr(ffn, "router")}
+        step. Returns the step's load metrics (`bias`: the biases after the step, read already)."""
+        moe, routers = self.cfg.moe, self._routers()
         if moe.bias_update_rate and update_bias:
             update_expert_bias(routers, load, moe.bias_update_rate)
         if not self.cfg.moe_layer_ids():
             return {}
         drops = moe.capacity_factor is not None and moe.routing == "token_choice" and moe.backend == "megamoe"
         routed = self.cfg.train.global_batch_size * self.cfg.data.seq_length * moe.top_k if drops else None
-        bias = None
-        if moe.bias_update_rate:  # every stage's routers, for the logging rank
+        if moe.bias_update_rate and bias is None:  # every stage's routers, for the logging rank
             bias = torch.zeros(load.shape, dtype=torch.float32)
             for row, router in routers.items():
                 bias[row] = router.expert_bias.cpu()

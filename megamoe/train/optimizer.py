@@ -184,6 +184,11 @@ class AdamW(torch.optim.Optimizer):
         self._settled, self._settled_index = (norm_value, self.overflow), self.steps_launched
         return self._settled
 
+    def pending_taken(self) -> torch.Tensor:
+        """Whether the step just launched was taken (its norm and loss finite on every rank): a
+        device bool scalar, known before anything is read."""
+        return self._pending[1].reshape(()) == 0
+
     def outcome(self, index: int) -> tuple[float, bool]:
         """(gradient norm, skipped) of the `index`-th step (`steps_launched` after it): settles it
         if it is the one pending; the step after it, once launched, has settled it already."""

@@ -48,10 +48,9 @@ class StepStats:
         """This rank's Σ over micro-batches of (LM loss + aux loss), on the device."""
         return self.sums[0] + self.sums[1]
 
-    def start_read(self, state: ParallelState, gas: int, sequence_parallel: bool,
-                   extra: list[torch.Tensor] = ()) -> "StatsRead":
-        """Reduces the step's statistics over the ranks (collectives queued on the device) and starts
-        their one copy to the host; `extra` (1-element device tensors) travels with them."""
+    def reduced(self, state: ParallelState, gas: int, sequence_parallel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's sums (means over micro-batches and DP ranks) and its expert loads [MoE layers,
+        E] summed over every rank, on the device (collectives queued, nothing read)."""
         sums, load = self.sums, self.load
         if state.pp > 1:  # every stage's aux losses and MoE layers
             sums, load = comm.all_reduce(sums, state.pp_group), comm.all_reduce(load, state.pp_group)
@@ -59,7 +58,14 @@ class StepStats:
         load = comm.all_reduce(load, state.dp_group)
         if sequence_parallel:  # each TP rank routed its own sequence chunk
             load = comm.all_reduce(load, state.tp_group)
-        extra = [t.reshape(1).to(sums) for t in extra]
+        return sums, load
+
+    def start_read(self, state: ParallelState, gas: int, sequence_parallel: bool,
+                   extra: list[torch.Tensor] = (), reduced=None) -> "StatsRead":
+        """Starts the one copy to the host of the step's statistics (`reduced`, or reduced now) and
+        of `extra` (device tensors, flattened), which travels with them."""
+        sums, load = reduced or self.reduced(state, gas, sequence_parallel)
+        extra = [t.reshape(-1).to(sums) for t in extra]
         return StatsRead(HostCopy(torch.cat([sums, load.flatten(), *extra])), max(self.n_moe, 1), load.shape)
 
     def read(self, state: ParallelState, gas: int, sequence_parallel: bool,
@@ -99,7 +105,7 @@ class StatsRead:
     def result(self) -> tuple[dict, torch.Tensor, list[float]]:
         """The step's logged losses (means over micro-batches and DP ranks, lb and z means over
         MoE layers), its expert loads [MoE layers, E] summed over every rank, and the values of
-        `extra`, on the host: the step's one read."""
+        `extra` (one flat list), on the host: the step's one read."""
         values = self.copy.values()
         aux, lm, lb, z = values[:4]
         end = 4 + self.load_shape.numel()
