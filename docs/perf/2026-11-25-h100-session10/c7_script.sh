@@ -1,0 +1,1 @@
+export PYTHONUNBUFFERED=1; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1; export PYTHONPATH=/tmp/site:$PWD; date -u; TAG=s10c7- COMPILE_ONLY=1 SKIP_LAYER_BENCH=1 STEPS=12 timeout 280 bash bench/train_device.sh 11 2>&1 | tail -8; date -u
