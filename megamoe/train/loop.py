@@ -61,7 +61,7 @@ class Trainer:
         if isinstance(opt, AdamW):  # its norm and skip flag are read behind the update
             opt.defer_reads = True
         # read each step's statistics after the next step is queued (`_overlaps`)
-        self.overlap = t.overlap_read and isinstance(opt, AdamW) and opt.host is None and self.state.pp == 1
+        self.overlap = t.overlap_read and isinstance(opt, AdamW) and opt.host is None
         # aux-loss-free biases then move on the device, each step's update gated by its finite flag
         self.biases_on_device = self.overlap and bool(cfg.moe.bias_update_rate and cfg.moe_layer_ids())
         self.stop_requested = False  # a rank was signalled to stop (read with a step's statistics)
@@ -150,6 +150,8 @@ class Trainer:
             bias = torch.zeros(reduced[1].shape, dtype=torch.float32, device=self.device)
             for row, router in routers.items():
                 bias[row] = router.expert_bias
+            if self.state.pp > 1:  # every stage's routers
+                bias = comm.all_reduce(bias, self.state.pp_group)
             extra.append(bias)  # read with the statistics, for the metrics
         read = stats.start_read(self.state, self.gas, self.cfg.parallel.sequence_parallel, extra, reduced)
         self.step += 1
@@ -179,9 +181,9 @@ class Trainer:
                                 if self.cfg.moe_layer_ids() else []), **routing}
 
     def _overlaps(self, step: int) -> bool:
-        """Whether step `step` is read after the next one is queued: with `train.overlap_read`, our
-        AdamW settling its steps late and no pipeline, when nothing at this step needs its state
-        first (evaluation, save, the end)."""
+        """Whether step `step` is read after the next one is queued: with `train.overlap_read` and our
+        AdamW settling its steps late, when nothing at this step needs its state first
+        (evaluation, save, the end)."""
         t = self.cfg.train
         return (self.overlap and step < t.steps and step % t.eval_interval != 0
                 and step % t.save_interval != 0)
