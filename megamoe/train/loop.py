@@ -104,13 +104,15 @@ class Trainer:
         != -100) over DP / (micro-batches × DP), so every target of the step weighs the same
         whatever the split into micro-batches and ranks (DeepSpeed then averages over both).
         Without loss masks every label is a target, and this is a micro-batch's mbs × seq."""
-        t, s = self.cfg.train, self.state
+        t = self.cfg.train
         if not data.has_loss_mask:
             return float(t.micro_batch_size * self.cfg.data.seq_length)
-        count = sum(int(get_batch(data, step, t.global_batch_size, t.micro_batch_size, s.dp_rank, s.dp, m,
-                                  loss_mask=True)[:, 1:].sum()) for m in range(self.gas))  # the labels' mask
-        count = float(comm.all_reduce(torch.tensor([count], dtype=torch.float64), s.dp_group))
-        return max(count, 1.0) / (self.gas * s.dp)
+        # Every DP rank's samples of the step (`get_batch`: samples step·gbs .. (step+1)·gbs) counted
+        # here, the same number on every rank without a collective: on NCCL one would wait for the
+        # work queued on the GPU, a host sync at every step.
+        first = step * t.global_batch_size
+        count = sum(int(data.loss_mask(i)[1:].sum()) for i in range(first, first + t.global_batch_size))
+        return max(float(count), 1.0) / (self.gas * self.state.dp)
 
     def _lm_loss(self, logits: torch.Tensor, labels: torch.Tensor, targets: float) -> torch.Tensor:
         """A micro-batch's LM loss: its summed cross-entropy / the step's `targets` share."""
