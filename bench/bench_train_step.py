@@ -55,9 +55,9 @@ def main() -> None:
 
     enqueued, read_done, first_forward = [], [], []
     if args.host:
-        read, forward = loop.StepStats.read, engine.forward
+        read, forward = loop.StatsRead.result, engine.forward
 
-        def read_marked(self, *a, **k):
+        def read_marked(self, *a, **k):  # train_step reads each step right after queueing it
             enqueued.append(time.perf_counter())
             out = read(self, *a, **k)
             read_done.append(time.perf_counter())
@@ -67,7 +67,7 @@ def main() -> None:
             if len(first_forward) < len(enqueued) + 1:
                 first_forward.append(time.perf_counter())
             return forward(*a, **k)
-        loop.StepStats.read, engine.forward = read_marked, forward_marked
+        loop.StatsRead.result, engine.forward = read_marked, forward_marked
         phases = {}
         gc_ms, after = [0.0], [0.0]
 
