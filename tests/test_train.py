@@ -234,3 +234,43 @@ def test_entry_point_leaves_no_process_group_behind(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("exit=0 group_left=False") == 2, proc.stdout[-2000:]
+
+
+SIGNAL_AT = """
+import os, signal, sys
+import megamoe.train.loop as loop
+from megamoe.train.__main__ import main
+at, launch = int(sys.argv[1]), loop.Trainer._launch_step
+def signalled(self, preempt=None):
+    if self.step + 1 == at:  # SIGUSR1 while this step is being queued (the flag goes with its statistics)
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return launch(self, preempt)
+loop.Trainer._launch_step = signalled
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_stop_read_with_a_step_finishes_the_step_queued_after_it_and_resumes_exactly(tmp_path):
+    """Preemption with the overlapped read: the signal reaches the trainer with step 3, which is read
+    after step 4 is queued; step 4 is finished and logged, its checkpoint written (not a save step),
+    the run exits 75, and its continuation equals the uninterrupted run's metrics and weights, bit
+    for bit."""
+    script = tmp_path / "signal_at.py"
+    script.write_text(SIGNAL_AT)
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    steps = ["train.steps=6", "train.save_interval=5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(script), "3", *TINY, *steps, f"run.dir={run}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert "preempted by SIGUSR1; checkpoint at step 4 saved" in proc.stdout
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+    assert latest_checkpoint(run / "checkpoints").name == "step_00000004"
+    assert "resuming at step 4" in launch(run, 1, steps).stdout
+    launch(straight, 1, steps)
+    got, want = metrics(run), metrics(straight)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4, 5, 6]
+    for r, w in zip(got, want):
+        assert r["loss"] == w["loss"] and r["grad_norm"] == w["grad_norm"], r["step"]
+    a, b = final_weights(run), final_weights(straight)
+    assert all(torch.equal(a[k], b[k]) for k in b)
