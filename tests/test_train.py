@@ -274,3 +274,14 @@ def test_a_stop_read_with_a_step_finishes_the_step_queued_after_it_and_resumes_e
         assert r["loss"] == w["loss"] and r["grad_norm"] == w["grad_norm"], r["step"]
     a, b = final_weights(run), final_weights(straight)
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_each_step_logs_its_own_time_when_read_after_the_next_is_queued(tmp_path):
+    """tokens_per_sec per step with the overlapped read: on the CPU a step's work is done while it is
+    queued, so a step read right after the one before it (here 3 and 6: they evaluate) must still be
+    given its own time, not the moment between the two reads."""
+    run = tmp_path / "run"
+    launch(run, 1, ["train.steps=6", "train.eval_interval=3"])
+    rates = {r["step"]: r["tokens_per_sec"] for r in metrics(run)}
+    typical = sorted(rates[s] for s in range(2, 7))[2]
+    assert all(typical / 5 < rates[s] < typical * 5 for s in range(2, 7)), rates

@@ -158,7 +158,7 @@ class Trainer:
         read = stats.start_read(self.state, self.gas, self.cfg.parallel.sequence_parallel, extra, reduced)
         self.step += 1
         return _Launched(self.step, lr, read, opt.steps_launched if getattr(opt, "defer_reads", False) else None,
-                         start)
+                         start, time.perf_counter() - start)
 
     def _finish_step(self, launched: "_Launched") -> dict:
         """The launched step's read: its metrics, the optimizer's outcome (a skipped step counted by
@@ -294,8 +294,10 @@ class Trainer:
                             continue  # queue the next step before reading this one
                     launched = queued.popleft()
                     record = self._finish_step(launched)
+                    # the time since the previous read (a GPU step's period), or where the work was done
+                    # while queueing (on the CPU: a step read right after the one before it), the longer
                     now = time.perf_counter()
-                    elapsed, read_at = now - max(launched.start, read_at), now
+                    elapsed, read_at = max(now - max(launched.start, read_at), launched.queueing), now
                     record = {"step": launched.step, **record, "tokens_per_sec": tokens_per_step / elapsed,
                               "step_time_ms": 1000 * elapsed, "tflops_per_rank": flops_per_rank / elapsed / 1e12}
                     if peak:
@@ -340,6 +342,7 @@ class _Launched:
     read: StatsRead
     optimizer_step: int | None  # our AdamW's `steps_launched` after it (None: DeepSpeed's optimizer)
     start: float  # host clock when its launch began
+    queueing: float  # seconds its launch took
 
 
 class DivergenceError(RuntimeError):
