@@ -5,6 +5,7 @@ the same FLOPs: which weight layout and which kernel run them fastest.
     python3 bench/bench_grouped_gemm.py --triton        # also inductor's Triton grouped-GEMM template
     python3 bench/bench_grouped_gemm.py --ours          # bench/triton_grouped_gemm.py's kernels (an experiment), a config sweep
     python3 bench/bench_grouped_gemm.py --tma           # megamoe/moe/grouped_gemm.py's persistent TMA kernels, a config sweep
+    python3 bench/bench_grouped_gemm.py --skew 1,4,8    # the weight gradients under imbalanced loads, long experts cut or not
 
 Rows are routed by a random top-k (near-balanced groups, as at initialisation). Layouts:
 `in-out` stores w1 as [E, d, 2F] and w2 as [E, F, d] (megamoe's parameters); `out-in` stores
@@ -183,12 +184,56 @@ def tma(geo, tokens, d, f, e, k, device, log, configs):
     sweep(geo, rows, configs, log, "tma")
 
 
+def skewed_counts(rows, experts, skew, cap, device):
+    """Loads w_e ∝ (e + 1)^-α, α chosen so that the largest is `skew` × the mean (at most `cap` rows,
+    a token's top-k experts being distinct), rolled so that the largest expert sits inside the list."""
+    lo, hi = 0.0, 8.0
+    for _ in range(60):
+        alpha = (lo + hi) / 2
+        w = torch.arange(1, experts + 1, dtype=torch.float64) ** -alpha
+        lo, hi = (alpha, hi) if w[0] / w.mean() < skew else (lo, alpha)
+    counts = torch.minimum((w / w.sum() * rows).floor().long(), torch.tensor(cap))
+    counts[-1] += rows - counts.sum()
+    return torch.roll(counts, experts // 3).to(device)
+
+
+def skew(geo, tokens, d, f, e, k, device, log, skews):
+    """Both weight gradients of a layer at loads whose largest is `skew` × the mean (1: random
+    top-k): megamoe's kernel with long experts cut into pieces (`grouped_gemm.wgrad_piece`), the same
+    kernel without cutting, and torch._grouped_mm; relative errors against torch."""
+    from megamoe.moe import grouped_gemm as G
+    n = tokens * k
+    x, h, dy, dh, *_ = operands(tokens, d, f, e, k, device)
+    for s in skews:
+        counts = routed_counts(tokens, e, k, device) if s == 1 else skewed_counts(n, e, s, tokens, device)
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        load = (counts.max() / counts.float().mean()).item()
+        for name, a, b in (("wgrad w1", x, dh), ("wgrad w2", h, dy)):
+            per = (a.shape[1] // G.WGRAD_CONFIG[0]) * (b.shape[1] // G.WGRAD_CONFIG[1])
+            piece = G.wgrad_piece(n, a.shape[1], b.shape[1], per, G.WGRAD_CONFIG[2],
+                                  torch.cuda.get_device_properties(device).multi_processor_count)
+            ref = torch._grouped_mm(a.t(), b, offs=offs)
+            row = {"geometry": geo, "gemm": name, "skew": s, "load_max_over_mean": load, "piece": piece,
+                   "torch": bench(lambda: torch._grouped_mm(a.t(), b, offs=offs))}
+            for key, p in (("cut", None), ("uncut", 0)):
+                got = G.launch_weight_grad_mm(a, b, offs, piece=p)
+                row[key] = bench(lambda: G.launch_weight_grad_mm(a, b, offs, piece=p))
+                row[key + "_err"] = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            print(f"  {name} load max/mean {load:4.1f} piece {piece:5d}: cut {row['cut']:.3f} ms "
+                  f"(err {row['cut_err']:.1e}), uncut {row['uncut']:.3f} ms (err {row['uncut_err']:.1e}), "
+                  f"torch {row['torch']:.3f} ms", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--geometries", default="olmoe,small")
     ap.add_argument("--triton", action="store_true", help="also time inductor's Triton template (autotuned)")
     ap.add_argument("--ours", action="store_true", help="time the Triton grouped GEMMs of bench/triton_grouped_gemm.py (config sweep)")
     ap.add_argument("--tma", action="store_true", help="time the persistent TMA kernels of megamoe/moe/grouped_gemm.py (config sweep)")
+    ap.add_argument("--skew", default=None, help="comma-separated largest-load / mean ratios: time the weight "
+                    "gradients with and without cutting long experts (1: random top-k routing)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_grouped_gemm.py: needs a CUDA GPU (torch._grouped_mm times nothing on CPU)")
@@ -209,6 +254,9 @@ def main():
         print(f"\n{geo}: tokens {tokens}, d {d}, F {f}, E {e}, top-{k}", flush=True)
         if args.ours:
             ours(geo, tokens, d, f, e, k, device, log, OUR_CONFIGS)
+            continue
+        if args.skew:
+            skew(geo, tokens, d, f, e, k, device, log, [float(v) for v in args.skew.split(",")])
             continue
         if args.tma:
             tma(geo, tokens, d, f, e, k, device, log, TMA_CONFIGS)

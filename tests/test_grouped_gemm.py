@@ -22,7 +22,8 @@ def wgrad_ref(a, b, counts):
 
 # Every expert's rows: empty experts (first, inner, last), groups shorter than a tile, longer than
 # several, and ones ending inside a tile, so that a tile's rows run into the next expert's.
-COUNTS = [[0, 5, 0, 37, 20, 1, 0], [0, 0, 0, 0, 0, 0, 50], [16, 16, 16, 16, 16, 16, 16]]
+COUNTS = [[0, 5, 0, 37, 20, 1, 0], [0, 0, 0, 0, 0, 0, 50], [16, 16, 16, 16, 16, 16, 16],
+          [70, 0, 33, 3, 100, 32, 0]]
 
 INTERPRETED = """
 import torch
@@ -40,7 +41,10 @@ for counts in %r:
     got = [G.launch_rows_mm(a, b, offs, config=(16, 32, 16, 4, 2)),
            G.launch_rows_mm(a, bt, offs, trans_b=True, config=(32, 64, 16, 4, 2)),
            G.launch_weight_grad_mm(a, dy, offs, config=(32, 64, 16, 4, 2, 2)),
-           G.launch_weight_grad_mm(a, dy, offs, config=(16, 128, 32, 4, 2, 1))]
+           G.launch_weight_grad_mm(a, dy, offs, config=(16, 128, 32, 4, 2, 1)),
+           # experts longer than two pieces cut into pieces of 16 / 32 rows, summed by the second pass
+           G.launch_weight_grad_mm(a, dy, offs, config=(32, 64, 16, 4, 2, 2), piece=16),
+           G.launch_weight_grad_mm(a, dy, offs, config=(16, 128, 32, 4, 2, 1), piece=32)]
     out.append([t.tolist() for t in (a, dy, b, bt, *got)])
 print(out)
 """
@@ -50,17 +54,19 @@ def test_the_triton_kernels_compute_each_experts_product():
     """Under Triton's interpreter (fp32): the row-grouped product (weight read as stored and as its
     transpose) and the weight gradient equal the per-expert loop; an empty expert's gradient is 0,
     no tile writes rows of a neighbouring expert (masked stores) and no expert's gradient sums a
-    neighbour's rows (ragged loads read zeros past each expert's end)."""
+    neighbour's rows (ragged loads read zeros past each expert's end). The weight gradient also with
+    long experts cut into pieces: 100 rows in 7 pieces of 16 (the last short), 33 in 3, 32 (twice
+    the piece) uncut, beside uncut and empty experts, each piece summed once."""
     from pip_cache import run_interpreted
     runs = run_interpreted(INTERPRETED % (COUNTS,))
     for counts, run in zip(COUNTS, runs):
-        a, dy, b, bt, rows, rows_t, wgrad, wgrad2 = map(torch.tensor, run)
+        a, dy, b, bt, rows, rows_t, *wgrads = map(torch.tensor, run)
         for got, t in ((rows, False), (rows_t, True)):
             torch.testing.assert_close(got, rows_ref(a, bt if t else b, counts, trans_b=t), rtol=1e-5, atol=1e-4)
         want = wgrad_ref(a, dy, counts)
-        torch.testing.assert_close(wgrad, want, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(wgrad2, want, rtol=1e-5, atol=1e-4)
-        assert all(wgrad[i].abs().max() == 0 for i, c in enumerate(counts) if c == 0)
+        for wgrad in wgrads:
+            torch.testing.assert_close(wgrad, want, rtol=1e-5, atol=1e-4)
+            assert all(wgrad[i].abs().max() == 0 for i, c in enumerate(counts) if c == 0)
 
 
 def test_the_products_fall_back_to_torch_where_the_kernels_do_not_run():
@@ -100,6 +106,20 @@ def test_linear_compiles_without_graph_breaks():
         torch.testing.assert_close(x, y)
 
 
+def test_long_experts_are_cut_only_where_one_could_be_the_weight_gradients_tail(monkeypatch):
+    """wgrad_piece: the small model of target 4 (262,144 rows, 64 experts, H100's 132 SMs) cuts its
+    experts past twice half a program's share; OLMoE's shapes (128 or 64 tiles an expert) cut none;
+    the fp32 partials stay within PIECES_BUDGET; and the switch turns cutting off."""
+    piece = G.wgrad_piece(262144, 512, 512, 8, 64, 132)
+    assert piece % 64 == 0 and 262144 * 8 / (2 * 132) <= piece < 262144 * 8 / (2 * 132) + 64
+    assert 2 * piece > 262144 // 64  # uniform routing (4,096 rows an expert) cuts none
+    assert G.wgrad_piece(65536, 2048, 2048, 128, 64, 132) == G.wgrad_piece(65536, 1024, 2048, 64, 64, 132) == 0
+    big = G.wgrad_piece(1 << 22, 1024, 1024, 4, 64, 132)  # many rows, wide outputs: the budget decides
+    assert 2 * -(-(1 << 22) // big) * 1024 * 1024 * 4 <= G.PIECES_BUDGET + 2 * 1024 * 1024 * 4
+    monkeypatch.setattr(G, "CUT_LARGE_EXPERTS", False)
+    assert G.wgrad_piece(262144, 512, 512, 8, 64, 132) == 0
+
+
 def test_the_kernels_are_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("MEGAMOE_GROUPED_GEMM", "torch")
     assert not G.enabled()
@@ -124,6 +144,13 @@ def test_the_kernels_equal_torchs_grouped_gemm_on_cuda():
     checks = [(lambda: G.rows_mm(dh, w1, offs, trans_b=True), torch._grouped_mm(dh, w1.transpose(1, 2), offs=offs)),
               (lambda: G.rows_mm(x, w1, offs), torch._grouped_mm(x, w1, offs=offs)),
               (lambda: G.weight_grad_mm(x, dh, offs), torch._grouped_mm(x.t(), dh, offs=offs))]
+    # the small model's shapes with one expert at 3,000 of ~4,900 rows: cut into pieces (wgrad_piece)
+    skewed = counts.clone()
+    skewed[40] = 3000
+    offs_s = experts.group_offsets(skewed)
+    xs, dys = torch.randn(int(offs_s[-1]), 512, generator=g, **bf), torch.randn(int(offs_s[-1]), 512, generator=g, **bf)
+    assert G.wgrad_piece(xs.shape[0], 512, 512, 8, 64, torch.cuda.get_device_properties(0).multi_processor_count) > 0
+    checks.append((lambda: G.weight_grad_mm(xs, dys, offs_s), torch._grouped_mm(xs.t(), dys, offs=offs_s)))
     for fn, want in checks:
         for got in (fn(), torch.compile(fn, fullgraph=True)()):
             err = ((got.float() - want.float()).norm() / want.float().norm()).item()

@@ -86,6 +86,28 @@ def wgrad_available(a: torch.Tensor, b: torch.Tensor) -> bool:
             and b.shape[1] % bn == 0 and _on_hopper(a))
 
 
+# The weight gradient's pieces of large experts: at most this many bytes of fp32 partial tiles a call
+PIECES_BUDGET = 128 << 20
+CUT_LARGE_EXPERTS = True  # False: one program per output tile for all of its expert's rows (for A/B runs)
+
+
+def wgrad_piece(rows: int, m: int, n: int, tiles: int, bk: int, programs: int) -> int:
+    """The piece length (a multiple of `bk`; 0: none) for the weight gradient of `rows` rows of
+    [m]- and [n]-wide operands, `tiles` output tiles an expert. One tile's program runs all of its
+    expert's rows, so routing that sends 8× the mean load to one expert (a fresh router on the small
+    model: session 10's c8) makes that expert's tiles the schedule's tail. An expert longer than a
+    program's fair share of the work (rows · tiles / programs) is cut into pieces of half of it;
+    longer pieces where the fp32 partials (fewer than 2·rows / piece of [m, n]) would pass
+    PIECES_BUDGET. 0 where the share is more than an eighth of the rows (top-8 routing gives no
+    expert more: OLMoE's 64-128 tiles an expert spread any load over the programs already); uniform
+    routing of the small model (a share of 2-4 experts' rows) cuts none."""
+    if not CUT_LARGE_EXPERTS:
+        return 0
+    piece = max(-(-rows * tiles // (2 * programs)), -(-2 * rows * m * n * 4 // PIECES_BUDGET), bk)
+    piece = -(-piece // bk) * bk
+    return piece if 16 * piece <= rows else 0
+
+
 if triton is not None:
     _BIG = tl.constexpr(BIG)
 
@@ -140,34 +162,100 @@ if triton is not None:
             tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=(r < rows)[:, None])
 
     @triton.jit
-    def _weight_grad_kernel(a_ptr, b_ptr, c_ptr, offs_ptr,
-                            M: tl.constexpr, N: tl.constexpr, E: tl.constexpr,
+    def _pieces(offs_ptr, E: tl.constexpr, E_P2: tl.constexpr, PIECE: tl.constexpr):
+        """Per expert (a [E_P2] vector): first row, end row and pieces: ⌈rows / PIECE⌉ for an expert
+        longer than 2·PIECE rows, else 1."""
+        es = tl.arange(0, E_P2)
+        gend = tl.load(offs_ptr + es, mask=es < E, other=0)
+        gstart = tl.load(offs_ptr + es - 1, mask=(es > 0) & (es < E), other=0)
+        rows = gend - gstart
+        pieces = tl.where(es < E, tl.where(rows > 2 * PIECE, (rows + PIECE - 1) // PIECE, 1), 0)
+        return es, gstart, gend, pieces
+
+    @triton.jit
+    def _store_tile(c_desc, acc, e, tm, tn, M: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    SLICES: tl.constexpr):
+        out = acc.to(c_desc.dtype)
+        if SLICES == 1:
+            c_desc.store([e * M + tm * BM, tn * BN], out)
+        else:  # two column slices: the store's shared memory buffer is half the tile
+            lo, hi = tl.split(tl.reshape(out, (BM, 2, BN // 2)).permute(0, 2, 1))
+            c_desc.store([e * M + tm * BM, tn * BN], lo)
+            c_desc.store([e * M + tm * BM, tn * BN + BN // 2], hi)
+
+    @triton.jit
+    def _weight_grad_kernel(a_ptr, b_ptr, c_ptr, part_ptr, offs_ptr,
+                            M: tl.constexpr, N: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                            NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, SLICES: tl.constexpr):
+                            NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, SLICES: tl.constexpr,
+                            PIECE: tl.constexpr):
+        """A work item is one output tile of one piece of an expert's rows. PIECE = 0: every expert is
+        one piece. Otherwise an expert longer than 2·PIECE rows is cut into pieces of PIECE rows; their
+        tiles go to fp32 `part` (slot: the cut experts before it, then the piece) and
+        `_sum_pieces_kernel` adds them in order. Uncut experts are stored here."""
         pid = tl.program_id(0)
         num_n: tl.constexpr = N // BN
         per: tl.constexpr = (M // BM) * num_n
         a_desc = _ragged_descriptor(a_ptr, M, BK, BM)
         b_desc = _ragged_descriptor(b_ptr, N, BK, BN)
         c_desc = tl.make_tensor_descriptor(c_ptr, shape=[E * M, N], strides=[N, 1], block_shape=[BM, BN // SLICES])
-        for t in tl.range(pid, E * per, NUM_PROGRAMS, flatten=True, warp_specialize=WS):
-            e = t // per
+        if PIECE == 0:
+            items = E * per
+        else:
+            es, gstart, gend, pieces = _pieces(offs_ptr, E, E_P2, PIECE)
+            piece_end = tl.cumsum(pieces, 0)
+            slot_end = tl.cumsum(tl.where(pieces > 1, pieces, 0), 0)
+            items = tl.max(piece_end) * per
+        for t in tl.range(pid, items, NUM_PROGRAMS, flatten=True, warp_specialize=WS):
             tm = (t % per) // num_n
             tn = t % num_n
-            row0 = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
-            rows = tl.load(offs_ptr + e) - row0
+            if PIECE == 0:
+                e = t // per
+                row0 = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+                rows = tl.load(offs_ptr + e) - row0
+            else:
+                g = t // per  # the piece
+                e = tl.sum((piece_end <= g).to(tl.int32))
+                mine = es == e
+                before = es == e - 1
+                k = g - tl.sum(tl.where(before, piece_end, 0))  # the piece's index in its expert
+                cut = tl.sum(tl.where(mine, pieces, 0)) > 1
+                row0 = tl.sum(tl.where(mine, gstart, 0)) + k * PIECE
+                rows = tl.sum(tl.where(mine, gend, 0)) - row0
+                rows = tl.where(cut, tl.minimum(rows, PIECE), rows)
             acc = tl.zeros([BM, BN], dtype=tl.float32)
             for kk in range(tl.cdiv(rows, BK)):
-                at = _ragged_load(a_desc, row0, rows, kk * BK, tm * BM, BK, BM)  # zeros past the expert's rows
+                at = _ragged_load(a_desc, row0, rows, kk * BK, tm * BM, BK, BM)  # zeros past the piece's rows
                 b = _ragged_load(b_desc, row0, rows, kk * BK, tn * BN, BK, BN)
                 acc = tl.dot(at.T, b, acc)
-            out = acc.to(c_desc.dtype)
-            if SLICES == 1:
-                c_desc.store([e * M + tm * BM, tn * BN], out)
-            else:  # two column slices: the store's shared memory buffer is half the tile
-                lo, hi = tl.split(tl.reshape(out, (BM, 2, BN // 2)).permute(0, 2, 1))
-                c_desc.store([e * M + tm * BM, tn * BN], lo)
-                c_desc.store([e * M + tm * BM, tn * BN + BN // 2], hi)
+            if PIECE == 0:
+                _store_tile(c_desc, acc, e, tm, tn, M, BM, BN, SLICES)
+            elif cut:
+                slot = tl.sum(tl.where(before, slot_end, 0)) + k
+                ptrs = (part_ptr + slot.to(tl.int64) * (M * N) + (tm * BM + tl.arange(0, BM))[:, None] * N
+                        + (tn * BN + tl.arange(0, BN))[None, :])
+                tl.store(ptrs, acc)
+            else:
+                _store_tile(c_desc, acc, e, tm, tn, M, BM, BN, SLICES)
+
+    @triton.jit
+    def _sum_pieces_kernel(c_ptr, part_ptr, offs_ptr, M: tl.constexpr, N: tl.constexpr, E: tl.constexpr,
+                           E_P2: tl.constexpr, PIECE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        """out[e] = the sum of a cut expert's pieces in `part`, in piece order (deterministic); one
+        program per (expert, [BM, BN] block), those of uncut experts return at once."""
+        e = tl.program_id(0)
+        block = tl.program_id(1)
+        es, gstart, gend, pieces = _pieces(offs_ptr, E, E_P2, PIECE)
+        mine = tl.sum(tl.where(es == e, pieces, 0))
+        if mine > 1:
+            slot0 = tl.sum(tl.where((es < e) & (pieces > 1), pieces, 0))
+            bm = block // (N // BN)
+            bn = block % (N // BN)
+            offsets = (bm * BM + tl.arange(0, BM))[:, None] * N + (bn * BN + tl.arange(0, BN))[None, :]
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for k in range(mine):
+                acc += tl.load(part_ptr + (slot0 + k).to(tl.int64) * (M * N) + offsets)
+            tl.store(c_ptr + e.to(tl.int64) * (M * N) + offsets, acc.to(c_ptr.dtype.element_ty))
 
     _SMS: dict[int, int] = {}
 
@@ -216,19 +304,32 @@ if triton is not None:
         return out
 
     def launch_weight_grad_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, config=None,
-                              warp_specialize: bool = False, wrap=_plain) -> torch.Tensor:
-        """The kernel itself: a [R, M], b [R, N], offs [E] int32 → [E, M, N] (zeros for an empty expert)."""
+                              warp_specialize: bool = False, piece: int | None = None,
+                              wrap=_plain) -> torch.Tensor:
+        """The kernel itself: a [R, M], b [R, N], offs [E] int32 → [E, M, N] (zeros for an empty expert).
+        `piece`: the rows of a piece of the experts longer than twice it (None: `wgrad_piece`; 0: none)."""
         bm, bn, bk, warps, stages, slices = config or WGRAD_CONFIG
         a, b = a.contiguous(), b.contiguous()
-        M, N, E = a.shape[1], b.shape[1], offs.numel()
+        R, M, N, E = a.shape[0], a.shape[1], b.shape[1], offs.numel()
         assert M % bm == 0 and N % bn == 0, (M, N, bm, bn)
         out = a.new_empty(E, M, N)
-        if a.shape[0] == 0:
+        if R == 0:
             return out.zero_()
-        programs = _programs(a.device, E * (M // bm) * (N // bn))
+        per = (M // bm) * (N // bn)
+        if piece is None:
+            piece = wgrad_piece(R, M, N, per, bk, _programs(a.device, R * per))
+        assert piece % bk == 0, (piece, bk)
+        # cut experts are longer than 2·piece rows: fewer than 2·R / piece pieces in all
+        part = a.new_empty(2 * triton.cdiv(R, piece), M, N, dtype=torch.float32) if piece else out
+        programs = _programs(a.device, E * per + (triton.cdiv(R, piece) * per if piece else 0))
+        e_p2 = triton.next_power_of_2(E)
         _launch(_weight_grad_kernel, wrap)[(programs,)](
-            a, b, out, offs, M=M, N=N, E=E, BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, WS=warp_specialize,
-            SLICES=slices, num_warps=warps, num_stages=stages)
+            a, b, out, part, offs, M=M, N=N, E=E, E_P2=e_p2, BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs,
+            WS=warp_specialize, SLICES=slices, PIECE=piece, num_warps=warps, num_stages=stages)
+        if piece:
+            sbm, sbn = min(bm, 64), min(bn, 128)
+            _launch(_sum_pieces_kernel, wrap)[(E, (M // sbm) * (N // sbn))](
+                out, part, offs, M=M, N=N, E=E, E_P2=e_p2, PIECE=piece, BM=sbm, BN=sbn, num_warps=4)
         return out
 
     @torch.library.triton_op("megamoe::grouped_rows_mm", mutates_args=())
