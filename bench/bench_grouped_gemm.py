@@ -199,7 +199,7 @@ def skewed_counts(rows, experts, skew, cap, device):
 
 def skew(geo, tokens, d, f, e, k, device, log, skews):
     """Both weight gradients of a layer at loads whose largest is `skew` × the mean (1: random
-    top-k): megamoe's kernel with long experts cut into pieces (`grouped_gemm.wgrad_piece`), the same
+    top-k): megamoe's kernel with long experts cut into pieces (`grouped_gemm.wgrad_cut`), the same
     kernel without cutting, and torch._grouped_mm; relative errors against torch."""
     from megamoe.moe import grouped_gemm as G
     n = tokens * k
@@ -210,18 +210,18 @@ def skew(geo, tokens, d, f, e, k, device, log, skews):
         load = (counts.max() / counts.float().mean()).item()
         for name, a, b in (("wgrad w1", x, dh), ("wgrad w2", h, dy)):
             per = (a.shape[1] // G.WGRAD_CONFIG[0]) * (b.shape[1] // G.WGRAD_CONFIG[1])
-            piece = G.wgrad_piece(n, a.shape[1], b.shape[1], per, G.WGRAD_CONFIG[2],
-                                  torch.cuda.get_device_properties(device).multi_processor_count)
+            cut = G.wgrad_cut(n, e, a.shape[1], b.shape[1], per, G.WGRAD_CONFIG[2],
+                              torch.cuda.get_device_properties(device).multi_processor_count)
             ref = torch._grouped_mm(a.t(), b, offs=offs)
-            row = {"geometry": geo, "gemm": name, "skew": s, "load_max_over_mean": load, "piece": piece,
+            row = {"geometry": geo, "gemm": name, "skew": s, "load_max_over_mean": load, "cut_at": cut,
                    "torch": bench(lambda: torch._grouped_mm(a.t(), b, offs=offs))}
-            for key, p in (("cut", None), ("uncut", 0)):
-                got = G.launch_weight_grad_mm(a, b, offs, piece=p)
-                row[key] = bench(lambda: G.launch_weight_grad_mm(a, b, offs, piece=p))
+            for key, p in (("cut", None), ("uncut", (0, 0))):
+                got = G.launch_weight_grad_mm(a, b, offs, cut=p)
+                row[key] = bench(lambda: G.launch_weight_grad_mm(a, b, offs, cut=p))
                 row[key + "_err"] = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
             log.write(json.dumps(row) + "\n")
             log.flush()
-            print(f"  {name} load max/mean {load:4.1f} piece {piece:5d}: cut {row['cut']:.3f} ms "
+            print(f"  {name} load max/mean {load:4.1f} cut, piece {cut}: cut {row['cut']:.3f} ms "
                   f"(err {row['cut_err']:.1e}), uncut {row['uncut']:.3f} ms (err {row['uncut_err']:.1e}), "
                   f"torch {row['torch']:.3f} ms", flush=True)
 

@@ -100,7 +100,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             out = os.environ.get("OUT", ".")
             with open(os.path.join(out, f"kernels_{args.name}.txt"), "w") as f:
-                f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+                f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=70))
             trace = f"/tmp/trace_{args.name}.json"
             prof.export_chrome_trace(trace)
             gaps.report(trace, os.path.join(out, f"gaps_{args.name}.txt"))

@@ -65,9 +65,10 @@ def analyse(trace: dict, min_us: float = 20.0) -> dict:
     runtime = {e["args"]["correlation"]: e for e in events
                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
     stacks = Stacks(events)
-    gaps, by_site, small, counts = [], defaultdict(float), 0.0, defaultdict(int)
+    gaps, by_site, small, counts, times = [], defaultdict(float), 0.0, defaultdict(int), defaultdict(float)
     for e in device:
         counts[e["name"][:90]] += 1
+        times[e["name"][:90]] += e.get("dur", 0)
     busy = sum(e.get("dur", 0) for e in device)
     span = (device[-1]["ts"] + device[-1].get("dur", 0) - device[0]["ts"]) if device else 0.0
     for prev, cur in zip(device, device[1:]):
@@ -90,6 +91,7 @@ def analyse(trace: dict, min_us: float = 20.0) -> dict:
             syncs.append({"call": name, "dur_us": e.get("dur", 0), "site": site(stacks.frames(e.get("tid"), e["ts"]), 4)})
     return {"device_span_us": span, "device_busy_us": busy, "idle_us": span - busy, "n_device_ops": len(device),
             "small_gaps_us": small, "most_launched": sorted(counts.items(), key=lambda kv: -kv[1])[:25],
+            "longest": [(name, us, counts[name]) for name, us in sorted(times.items(), key=lambda kv: -kv[1])],
             "gaps_over_min_us": sum(g["gap_us"] for g in gaps), "n_gaps": len(gaps),
             "gaps": sorted(gaps, key=lambda g: -g["gap_us"]),
             "by_site": sorted(by_site.items(), key=lambda kv: -kv[1]), "syncs": syncs}
@@ -107,6 +109,8 @@ def report(trace_path: str, out_path: str, min_us: float = 20.0, top: int = 30) 
     lines += [f"{us / 1e3:9.3f} ms  {s}" for s, us in a["by_site"][:top]]
     lines += ["", f"largest gaps (of {a['n_gaps']}):"]
     lines += [f"{g['gap_us'] / 1e3:9.3f} ms  before {g['next']}  [{g['launch']}]  {g['site']}" for g in a["gaps"][:top]]
+    lines += ["", "device time by kernel (each kernel once: no profiler ranges):"]
+    lines += [f"{us / 1e3:9.3f} ms {n:5d}x  {name}" for name, us, n in a["longest"][:60]]
     lines += ["", "most launched:"] + [f"{n:6d}x  {name}" for name, n in a["most_launched"]]
     lines += ["", f"host synchronisations ({len(a['syncs'])}):"]
     lines += [f"{s['dur_us'] / 1e3:9.3f} ms  {s['call']}  {s['site']}" for s in a["syncs"][:top]]

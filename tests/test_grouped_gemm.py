@@ -42,9 +42,9 @@ for counts in %r:
            G.launch_rows_mm(a, bt, offs, trans_b=True, config=(32, 64, 16, 4, 2)),
            G.launch_weight_grad_mm(a, dy, offs, config=(32, 64, 16, 4, 2, 2)),
            G.launch_weight_grad_mm(a, dy, offs, config=(16, 128, 32, 4, 2, 1)),
-           # experts longer than two pieces cut into pieces of 16 / 32 rows, summed by the second pass
-           G.launch_weight_grad_mm(a, dy, offs, config=(32, 64, 16, 4, 2, 2), piece=16),
-           G.launch_weight_grad_mm(a, dy, offs, config=(16, 128, 32, 4, 2, 1), piece=32)]
+           # experts longer than 32 rows cut into pieces of 16, longer than 20 into pieces of 32
+           G.launch_weight_grad_mm(a, dy, offs, config=(32, 64, 16, 4, 2, 2), cut=(32, 16)),
+           G.launch_weight_grad_mm(a, dy, offs, config=(16, 128, 32, 4, 2, 1), cut=(20, 32))]
     out.append([t.tolist() for t in (a, dy, b, bt, *got)])
 print(out)
 """
@@ -55,8 +55,9 @@ def test_the_triton_kernels_compute_each_experts_product():
     transpose) and the weight gradient equal the per-expert loop; an empty expert's gradient is 0,
     no tile writes rows of a neighbouring expert (masked stores) and no expert's gradient sums a
     neighbour's rows (ragged loads read zeros past each expert's end). The weight gradient also with
-    long experts cut into pieces: 100 rows in 7 pieces of 16 (the last short), 33 in 3, 32 (twice
-    the piece) uncut, beside uncut and empty experts, each piece summed once."""
+    long experts cut into pieces and the pieces taken largest first from a counter: past 32 rows in
+    pieces of 16 (100 rows in 7, the last short; 33 in 3; 32 uncut) and past 20 in pieces of 32 (32
+    rows: one piece through the second pass), beside uncut and empty experts, each piece summed once."""
     from pip_cache import run_interpreted
     runs = run_interpreted(INTERPRETED % (COUNTS,))
     for counts, run in zip(COUNTS, runs):
@@ -107,17 +108,22 @@ def test_linear_compiles_without_graph_breaks():
 
 
 def test_long_experts_are_cut_only_where_one_could_be_the_weight_gradients_tail(monkeypatch):
-    """wgrad_piece: the small model of target 4 (262,144 rows, 64 experts, H100's 132 SMs) cuts its
-    experts past twice half a program's share; OLMoE's shapes (128 or 64 tiles an expert) cut none;
-    the fp32 partials stay within PIECES_BUDGET; and the switch turns cutting off."""
-    piece = G.wgrad_piece(262144, 512, 512, 8, 64, 132)
-    assert piece % 64 == 0 and 262144 * 8 / (2 * 132) <= piece < 262144 * 8 / (2 * 132) + 64
-    assert 2 * piece > 262144 // 64  # uniform routing (4,096 rows an expert) cuts none
-    assert G.wgrad_piece(65536, 2048, 2048, 128, 64, 132) == G.wgrad_piece(65536, 1024, 2048, 64, 64, 132) == 0
-    big = G.wgrad_piece(1 << 22, 1024, 1024, 4, 64, 132)  # many rows, wide outputs: the budget decides
-    assert 2 * -(-(1 << 22) // big) * 1024 * 1024 * 4 <= G.PIECES_BUDGET + 2 * 1024 * 1024 * 4
+    """wgrad_cut: the small model of target 4 (262,144 rows, 64 experts, H100's 132 SMs) cuts experts
+    past half a program's share and 1.5× the mean (uniform routing's 4,096 rows an expert: none) into
+    pieces of a quarter of the share; OLMoE's shapes (128 or 64 tiles an expert) cut none; the fp32
+    partials stay within PIECES_BUDGET, or nothing is cut; and the switch turns cutting off."""
+    share = 262144 * 8 / 132
+    cut, piece = G.wgrad_cut(262144, 64, 512, 512, 8, 64, 132)
+    assert cut == int(share / 2) and piece % 64 == 0 and share / 4 <= piece < share / 4 + 64
+    cut, piece = G.wgrad_cut(262144, 64, 256, 512, 4, 64, 132)  # w2's share is under 3× the mean
+    assert cut == 1.5 * 4096 and 0 < piece < cut
+    assert G.wgrad_cut(65536, 64, 2048, 2048, 128, 64, 132) == G.wgrad_cut(65536, 64, 1024, 2048, 64, 64, 132) == (0, 0)
+    for rows in (1 << 20, 1 << 22):  # many rows of wide outputs: longer pieces, or none
+        cut, piece = G.wgrad_cut(rows, 64, 512, 1024, 4, 64, 132)
+        assert (cut, piece) == (0, 0) or (-(-rows // piece) + -(-rows // cut)) * 512 * 1024 * 4 <= G.PIECES_BUDGET
+    assert G.wgrad_cut(1 << 20, 64, 512, 1024, 4, 64, 132)[1] > (1 << 20) * 4 / 132 / 4  # the budget decided
     monkeypatch.setattr(G, "CUT_LARGE_EXPERTS", False)
-    assert G.wgrad_piece(262144, 512, 512, 8, 64, 132) == 0
+    assert G.wgrad_cut(262144, 64, 512, 512, 8, 64, 132) == (0, 0)
 
 
 def test_the_kernels_are_switched_off_by_the_environment(monkeypatch):
@@ -144,12 +150,12 @@ def test_the_kernels_equal_torchs_grouped_gemm_on_cuda():
     checks = [(lambda: G.rows_mm(dh, w1, offs, trans_b=True), torch._grouped_mm(dh, w1.transpose(1, 2), offs=offs)),
               (lambda: G.rows_mm(x, w1, offs), torch._grouped_mm(x, w1, offs=offs)),
               (lambda: G.weight_grad_mm(x, dh, offs), torch._grouped_mm(x.t(), dh, offs=offs))]
-    # the small model's shapes with one expert at 3,000 of ~4,900 rows: cut into pieces (wgrad_piece)
+    # the small model's shapes with one expert at 3,000 of ~4,200 rows: cut into pieces (wgrad_cut)
     skewed = counts.clone()
     skewed[40] = 3000
     offs_s = experts.group_offsets(skewed)
     xs, dys = torch.randn(int(offs_s[-1]), 512, generator=g, **bf), torch.randn(int(offs_s[-1]), 512, generator=g, **bf)
-    assert G.wgrad_piece(xs.shape[0], 512, 512, 8, 64, torch.cuda.get_device_properties(0).multi_processor_count) > 0
+    assert G.wgrad_cut(xs.shape[0], 64, 512, 512, 8, 64, torch.cuda.get_device_properties(0).multi_processor_count)[0] > 0
     checks.append((lambda: G.weight_grad_mm(xs, dys, offs_s), torch._grouped_mm(xs.t(), dys, offs=offs_s)))
     for fn, want in checks:
         for got in (fn(), torch.compile(fn, fullgraph=True)()):

@@ -86,26 +86,30 @@ def wgrad_available(a: torch.Tensor, b: torch.Tensor) -> bool:
             and b.shape[1] % bn == 0 and _on_hopper(a))
 
 
-# The weight gradient's pieces of large experts: at most this many bytes of fp32 partial tiles a call
+# The weight gradient's pieces of long experts: at most this many bytes of fp32 partial tiles a call
 PIECES_BUDGET = 128 << 20
 CUT_LARGE_EXPERTS = True  # False: one program per output tile for all of its expert's rows (for A/B runs)
 
 
-def wgrad_piece(rows: int, m: int, n: int, tiles: int, bk: int, programs: int) -> int:
-    """The piece length (a multiple of `bk`; 0: none) for the weight gradient of `rows` rows of
-    [m]- and [n]-wide operands, `tiles` output tiles an expert. One tile's program runs all of its
-    expert's rows, so routing that sends 8× the mean load to one expert (a fresh router on the small
-    model: session 10's c8) makes that expert's tiles the schedule's tail. An expert longer than a
-    program's fair share of the work (rows · tiles / programs) is cut into pieces of half of it;
-    longer pieces where the fp32 partials (fewer than 2·rows / piece of [m, n]) would pass
-    PIECES_BUDGET. 0 where the share is more than an eighth of the rows (top-8 routing gives no
-    expert more: OLMoE's 64-128 tiles an expert spread any load over the programs already); uniform
-    routing of the small model (a share of 2-4 experts' rows) cuts none."""
+def wgrad_cut(rows: int, experts: int, m: int, n: int, tiles: int, bk: int, programs: int) -> tuple[int, int]:
+    """(cut, piece) for the weight gradient of `rows` rows of [m]- and [n]-wide operands, `tiles`
+    output tiles an expert: experts longer than `cut` rows are cut into pieces of `piece` rows
+    (a multiple of `bk`); (0, 0): none. One tile's program runs all of its piece's rows, so routing
+    that sends 8× the mean load to one expert (a fresh router on the small model: session 10's c8)
+    made that expert's tiles the schedule's tail. Cut: past half a program's fair share of the
+    work (rows · tiles / programs) and 1.5× the mean (uniform routing cuts nothing); pieces of a
+    quarter of the share, longer where the fp32 partials (fewer than rows / piece + rows / cut of
+    [m, n]) would pass PIECES_BUDGET. None where the cut would be over an eighth of the rows (top-8
+    routing gives no expert more): OLMoE's 64-128 tiles an expert spread any load already."""
     if not CUT_LARGE_EXPERTS:
-        return 0
-    piece = max(-(-rows * tiles // (2 * programs)), -(-2 * rows * m * n * 4 // PIECES_BUDGET), bk)
-    piece = -(-piece // bk) * bk
-    return piece if 16 * piece <= rows else 0
+        return 0, 0
+    share = rows * tiles / programs
+    cut = int(max(share / 2, 1.5 * rows / experts))
+    room = PIECES_BUDGET // (m * n * 4) - -(-rows // max(cut, 1))  # partial tiles left for the pieces
+    if 8 * cut > rows or room <= 0:
+        return 0, 0
+    piece = -(-max(int(share / 4), -(-rows // room), bk) // bk) * bk
+    return max(cut, piece), piece  # an expert of one piece is not cut
 
 
 if triton is not None:
@@ -162,15 +166,16 @@ if triton is not None:
             tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=(r < rows)[:, None])
 
     @triton.jit
-    def _pieces(offs_ptr, E: tl.constexpr, E_P2: tl.constexpr, PIECE: tl.constexpr):
-        """Per expert (a [E_P2] vector): first row, end row and pieces: ⌈rows / PIECE⌉ for an expert
-        longer than 2·PIECE rows, else 1."""
+    def _pieces(offs_ptr, E: tl.constexpr, E_P2: tl.constexpr, CUT: tl.constexpr, PIECE: tl.constexpr):
+        """Per expert (a [E_P2] vector): first row, end row, whether it is cut (longer than CUT rows)
+        and its pieces (⌈rows / PIECE⌉ if cut, else 1; 0 past E)."""
         es = tl.arange(0, E_P2)
         gend = tl.load(offs_ptr + es, mask=es < E, other=0)
         gstart = tl.load(offs_ptr + es - 1, mask=(es > 0) & (es < E), other=0)
         rows = gend - gstart
-        pieces = tl.where(es < E, tl.where(rows > 2 * PIECE, (rows + PIECE - 1) // PIECE, 1), 0)
-        return es, gstart, gend, pieces
+        cut = rows > CUT
+        pieces = tl.where(es < E, tl.where(cut, (rows + PIECE - 1) // PIECE, 1), 0)
+        return es, gstart, gend, cut, pieces
 
     @triton.jit
     def _store_tile(c_desc, acc, e, tm, tn, M: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -184,15 +189,27 @@ if triton is not None:
             c_desc.store([e * M + tm * BM, tn * BN + BN // 2], hi)
 
     @triton.jit
-    def _weight_grad_kernel(a_ptr, b_ptr, c_ptr, part_ptr, offs_ptr,
+    def _wgrad_tile(a_desc, b_desc, row0, rows, tm, tn, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """Σ over rows row0.. row0 + rows of a[r, tile m]ᵀ b[r, tile n], fp32 [BM, BN]."""
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for kk in range(tl.cdiv(rows, BK)):
+            at = _ragged_load(a_desc, row0, rows, kk * BK, tm * BM, BK, BM)  # zeros past the rows
+            b = _ragged_load(b_desc, row0, rows, kk * BK, tn * BN, BK, BN)
+            acc = tl.dot(at.T, b, acc)
+        return acc
+
+    @triton.jit
+    def _weight_grad_kernel(a_ptr, b_ptr, c_ptr, part_ptr, offs_ptr, next_ptr,
                             M: tl.constexpr, N: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                             NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, SLICES: tl.constexpr,
-                            PIECE: tl.constexpr):
-        """A work item is one output tile of one piece of an expert's rows. PIECE = 0: every expert is
-        one piece. Otherwise an expert longer than 2·PIECE rows is cut into pieces of PIECE rows; their
-        tiles go to fp32 `part` (slot: the cut experts before it, then the piece) and
-        `_sum_pieces_kernel` adds them in order. Uncut experts are stored here."""
+                            CUT: tl.constexpr, PIECE: tl.constexpr):
+        """PIECE = 0: a work item is one output tile of one expert, the programs take them in turn.
+        Otherwise experts longer than CUT rows are cut into pieces of PIECE rows, an item is one output
+        tile of one piece, items go largest piece first, and each program takes the next item left
+        when it is done (a counter at `next_ptr`: the longest items start first and the rest fill in).
+        Cut pieces' tiles go to fp32 `part` (slot: the cut experts' pieces before it in expert order,
+        then the piece) and `_sum_pieces_kernel` adds them in order; uncut experts are stored here."""
         pid = tl.program_id(0)
         num_n: tl.constexpr = N // BN
         per: tl.constexpr = (M // BM) * num_n
@@ -200,55 +217,54 @@ if triton is not None:
         b_desc = _ragged_descriptor(b_ptr, N, BK, BN)
         c_desc = tl.make_tensor_descriptor(c_ptr, shape=[E * M, N], strides=[N, 1], block_shape=[BM, BN // SLICES])
         if PIECE == 0:
-            items = E * per
-        else:
-            es, gstart, gend, pieces = _pieces(offs_ptr, E, E_P2, PIECE)
-            piece_end = tl.cumsum(pieces, 0)
-            slot_end = tl.cumsum(tl.where(pieces > 1, pieces, 0), 0)
-            items = tl.max(piece_end) * per
-        for t in tl.range(pid, items, NUM_PROGRAMS, flatten=True, warp_specialize=WS):
-            tm = (t % per) // num_n
-            tn = t % num_n
-            if PIECE == 0:
+            for t in tl.range(pid, E * per, NUM_PROGRAMS, flatten=True, warp_specialize=WS):
                 e = t // per
                 row0 = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
                 rows = tl.load(offs_ptr + e) - row0
-            else:
-                g = t // per  # the piece
-                e = tl.sum((piece_end <= g).to(tl.int32))
-                mine = es == e
-                before = es == e - 1
-                k = g - tl.sum(tl.where(before, piece_end, 0))  # the piece's index in its expert
-                cut = tl.sum(tl.where(mine, pieces, 0)) > 1
+                acc = _wgrad_tile(a_desc, b_desc, row0, rows, (t % per) // num_n, t % num_n, BM, BN, BK)
+                _store_tile(c_desc, acc, e, (t % per) // num_n, t % num_n, M, BM, BN, SLICES)
+        else:
+            es, gstart, gend, cut, pieces = _pieces(offs_ptr, E, E_P2, CUT, PIECE)
+            slot_end = tl.cumsum(tl.where(cut, pieces, 0), 0)  # partial slots up to e's end
+            # experts by piece length, longest first (ties: lower expert first); padding last
+            size = tl.where(es < E, tl.where(cut, PIECE, gend - gstart), -1)
+            ahead = (size[None, :] > size[:, None]) | ((size[None, :] == size[:, None]) & (es[None, :] < es[:, None]))
+            first = tl.sum(tl.where(ahead, pieces[None, :], 0), 1)  # e's first piece in that order
+            items = tl.sum(pieces) * per
+            t = pid
+            while t < items:
+                g = t // per  # the piece, in size order
+                mine = (first <= g) & (g < first + pieces)
+                e = tl.sum(tl.where(mine, es, 0))
+                k = g - tl.sum(tl.where(mine, first, 0))  # the piece's index in its expert
+                is_cut = tl.sum(tl.where(mine, cut.to(tl.int32), 0)) > 0
                 row0 = tl.sum(tl.where(mine, gstart, 0)) + k * PIECE
                 rows = tl.sum(tl.where(mine, gend, 0)) - row0
-                rows = tl.where(cut, tl.minimum(rows, PIECE), rows)
-            acc = tl.zeros([BM, BN], dtype=tl.float32)
-            for kk in range(tl.cdiv(rows, BK)):
-                at = _ragged_load(a_desc, row0, rows, kk * BK, tm * BM, BK, BM)  # zeros past the piece's rows
-                b = _ragged_load(b_desc, row0, rows, kk * BK, tn * BN, BK, BN)
-                acc = tl.dot(at.T, b, acc)
-            if PIECE == 0:
-                _store_tile(c_desc, acc, e, tm, tn, M, BM, BN, SLICES)
-            elif cut:
-                slot = tl.sum(tl.where(before, slot_end, 0)) + k
-                ptrs = (part_ptr + slot.to(tl.int64) * (M * N) + (tm * BM + tl.arange(0, BM))[:, None] * N
-                        + (tn * BN + tl.arange(0, BN))[None, :])
-                tl.store(ptrs, acc)
-            else:
-                _store_tile(c_desc, acc, e, tm, tn, M, BM, BN, SLICES)
+                rows = tl.where(is_cut, tl.minimum(rows, PIECE), rows)
+                tm = (t % per) // num_n
+                tn = t % num_n
+                acc = _wgrad_tile(a_desc, b_desc, row0, rows, tm, tn, BM, BN, BK)
+                if is_cut:  # fp32, summed by the second pass
+                    slot = tl.sum(tl.where(es == e - 1, slot_end, 0)) + k
+                    ptrs = (part_ptr + slot.to(tl.int64) * (M * N) + (tm * BM + tl.arange(0, BM))[:, None] * N
+                            + (tn * BN + tl.arange(0, BN))[None, :])
+                    tl.store(ptrs, acc)
+                else:
+                    _store_tile(c_desc, acc, e, tm, tn, M, BM, BN, SLICES)
+                t = NUM_PROGRAMS + tl.atomic_add(next_ptr, 1)
 
     @triton.jit
     def _sum_pieces_kernel(c_ptr, part_ptr, offs_ptr, M: tl.constexpr, N: tl.constexpr, E: tl.constexpr,
-                           E_P2: tl.constexpr, PIECE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                           E_P2: tl.constexpr, CUT: tl.constexpr, PIECE: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr):
         """out[e] = the sum of a cut expert's pieces in `part`, in piece order (deterministic); one
         program per (expert, [BM, BN] block), those of uncut experts return at once."""
         e = tl.program_id(0)
         block = tl.program_id(1)
-        es, gstart, gend, pieces = _pieces(offs_ptr, E, E_P2, PIECE)
-        mine = tl.sum(tl.where(es == e, pieces, 0))
-        if mine > 1:
-            slot0 = tl.sum(tl.where((es < e) & (pieces > 1), pieces, 0))
+        es, gstart, gend, cut, pieces = _pieces(offs_ptr, E, E_P2, CUT, PIECE)
+        if tl.sum(tl.where(es == e, cut.to(tl.int32), 0)) > 0:
+            mine = tl.sum(tl.where(es == e, pieces, 0))
+            slot0 = tl.sum(tl.where((es < e) & cut, pieces, 0))
             bm = block // (N // BN)
             bn = block % (N // BN)
             offsets = (bm * BM + tl.arange(0, BM))[:, None] * N + (bn * BN + tl.arange(0, BN))[None, :]
@@ -304,10 +320,11 @@ if triton is not None:
         return out
 
     def launch_weight_grad_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, config=None,
-                              warp_specialize: bool = False, piece: int | None = None,
+                              warp_specialize: bool = False, cut: tuple[int, int] | None = None,
                               wrap=_plain) -> torch.Tensor:
         """The kernel itself: a [R, M], b [R, N], offs [E] int32 → [E, M, N] (zeros for an empty expert).
-        `piece`: the rows of a piece of the experts longer than twice it (None: `wgrad_piece`; 0: none)."""
+        `cut`: (cut, piece), experts longer than `cut` rows in pieces of `piece` (None: `wgrad_cut`;
+        (0, 0): none)."""
         bm, bn, bk, warps, stages, slices = config or WGRAD_CONFIG
         a, b = a.contiguous(), b.contiguous()
         R, M, N, E = a.shape[0], a.shape[1], b.shape[1], offs.numel()
@@ -316,20 +333,24 @@ if triton is not None:
         if R == 0:
             return out.zero_()
         per = (M // bm) * (N // bn)
-        if piece is None:
-            piece = wgrad_piece(R, M, N, per, bk, _programs(a.device, R * per))
-        assert piece % bk == 0, (piece, bk)
-        # cut experts are longer than 2·piece rows: fewer than 2·R / piece pieces in all
-        part = a.new_empty(2 * triton.cdiv(R, piece), M, N, dtype=torch.float32) if piece else out
-        programs = _programs(a.device, E * per + (triton.cdiv(R, piece) * per if piece else 0))
+        longer, piece = cut if cut is not None else wgrad_cut(R, E, M, N, per, bk, _programs(a.device, R * per))
+        assert piece % bk == 0 and (piece > 0) == (longer > 0), (longer, piece, bk)
         e_p2 = triton.next_power_of_2(E)
+        if piece:
+            # cut experts are longer than `longer` rows: fewer than R / piece + R / longer pieces
+            part = a.new_empty(triton.cdiv(R, piece) + triton.cdiv(R, longer), M, N, dtype=torch.float32)
+            counter = torch.zeros(1, dtype=torch.int32, device=a.device)
+            programs = _programs(a.device, (E + triton.cdiv(R, piece)) * per)
+        else:
+            part, counter, programs = out, offs, _programs(a.device, E * per)
         _launch(_weight_grad_kernel, wrap)[(programs,)](
-            a, b, out, part, offs, M=M, N=N, E=E, E_P2=e_p2, BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs,
-            WS=warp_specialize, SLICES=slices, PIECE=piece, num_warps=warps, num_stages=stages)
+            a, b, out, part, offs, counter, M=M, N=N, E=E, E_P2=e_p2, BM=bm, BN=bn, BK=bk,
+            NUM_PROGRAMS=programs, WS=warp_specialize, SLICES=slices, CUT=longer, PIECE=piece,
+            num_warps=warps, num_stages=stages)
         if piece:
             sbm, sbn = min(bm, 64), min(bn, 128)
             _launch(_sum_pieces_kernel, wrap)[(E, (M // sbm) * (N // sbn))](
-                out, part, offs, M=M, N=N, E=E, E_P2=e_p2, PIECE=piece, BM=sbm, BN=sbn, num_warps=4)
+                out, part, offs, M=M, N=N, E=E, E_P2=e_p2, CUT=longer, PIECE=piece, BM=sbm, BN=sbn, num_warps=4)
         return out
 
     @torch.library.triton_op("megamoe::grouped_rows_mm", mutates_args=())
