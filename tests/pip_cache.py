@@ -39,12 +39,17 @@ _interp._patch_lang_tensor = _patch_with_index
 
 
 def run_interpreted(code: str):
-    """Runs `code` with Triton's interpreter on the CPU (TRITON_INTERPRET=1, Triton 3.6.0 from
-    `pip_target`, the repository on PYTHONPATH) in a subprocess; returns the value its last printed
+    """Runs `code` with Triton's interpreter on the CPU (TRITON_INTERPRET=1, Triton 3.6.0 as installed
+    or from `pip_target`, the repository on PYTHONPATH) in a subprocess; returns the value its last printed
     line holds (a Python literal)."""
+    import importlib.metadata
     import os
-    triton = pip_target(["triton==3.6.0"])  # no dependencies; its interpreter runs on numpy
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{REPO}:{triton}")
+    try:  # a GPU machine has it already (and may reach no package index)
+        installed = importlib.metadata.version("triton") == "3.6.0"
+    except importlib.metadata.PackageNotFoundError:
+        installed = False
+    path = f"{REPO}" if installed else f"{REPO}:{pip_target(['triton==3.6.0'])}"  # no dependencies: numpy runs it
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
     out = subprocess.run([sys.executable, "-c", INTERPRETER_FIX + code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return eval(out.stdout.strip().splitlines()[-1])
