@@ -16,7 +16,10 @@ the masked store leaves alone. The weight gradient sums over an expert's rows an
 next expert's, so it loads through *ragged* descriptors (the construction of
 `triton.tools.ragged_tma`): two leading dimensions whose strides wrap around the 64-bit address
 space make the hardware read zeros past the expert's last row. The tile → expert map is built in the
-kernel from `offs` (no row count reaches the host). Both accumulate in fp32 and round once.
+kernel from `offs` (no row count reaches the host). Both accumulate in fp32 and round once. Where an
+expert's output tiles are few (the small model), an expert far past the mean would keep a few programs
+busy long after the rest: the weight gradient then cuts it into pieces (`wgrad_cut`), writes each piece's
+fp32 tiles apart and sums them in order in a second kernel (deterministic), taking the largest items first.
 
 Where the kernels do not apply (CPU, no Triton, before Hopper, shapes off the tiles, other dtypes,
 `MEGAMOE_GROUPED_GEMM=torch`) the same products run through `torch._grouped_mm`. Under
