@@ -6,6 +6,7 @@ the same FLOPs: which weight layout and which kernel run them fastest.
     python3 bench/bench_grouped_gemm.py --ours          # bench/triton_grouped_gemm.py's kernels (an experiment), a config sweep
     python3 bench/bench_grouped_gemm.py --tma           # megamoe/moe/grouped_gemm.py's persistent TMA kernels, a config sweep
     python3 bench/bench_grouped_gemm.py --skew 1,4,8    # the weight gradients under imbalanced loads, long experts cut or not
+    python3 bench/bench_grouped_gemm.py --loads bench_out/bench_model.jsonl   # the six at the loads bench_model.py's model routed
 
 Rows are routed by a random top-k (near-balanced groups, as at initialisation). Layouts:
 `in-out` stores w1 as [E, d, 2F] and w2 as [E, F, d] (megamoe's parameters); `out-in` stores
@@ -226,6 +227,63 @@ def skew(geo, tokens, d, f, e, k, device, log, skews):
                   f"torch {row['torch']:.3f} ms", flush=True)
 
 
+def model_loads(path):
+    """(system, micro-batch, [per-layer expert loads]) of the first record of bench_model.py that has them."""
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("expert_loads"):
+                return r["system"], r["mb"], r["expert_loads"]
+    sys.exit(f"bench_grouped_gemm.py: {path} holds no expert_loads (bench_model.py writes them with each "
+             f"megamoe row); run bench_model.py first")
+
+
+def at_model_loads(path, geo, d, f, e, device, log):
+    """The six products of every MoE layer at the loads of bench_model.py's last timed step, ours (the
+    kernels and configs the model runs: `grouped_gemm.rows_mm`, `weight_grad_mm`) and torch's, summed
+    over the layers: the expert GEMMs' time a step, to set beside that run's kernel profile. Operands are
+    random; only the group sizes come from the model."""
+    from megamoe.moe import grouped_gemm as G
+    system, mb, loads = model_loads(path)
+    if len(loads[0]) != e:
+        sys.exit(f"bench_grouped_gemm.py: {path} routed to {len(loads[0])} experts, geometry {geo} has {e}: "
+                 f"name the model's geometry first in --geometries")
+    n = sum(loads[0])
+    x, h, dy, dh, w1, w2, _ = operands(n, d, f, e, 1, device)
+    gm = torch._grouped_mm
+    products = [  # name, flops, ours(offs), torch(offs)
+        ("fwd w1", 2 * n * d * 2 * f, lambda o: G.rows_mm(x, w1, o), lambda o: gm(x, w1, offs=o)),
+        ("fwd w2", 2 * n * f * d, lambda o: G.rows_mm(h, w2, o), lambda o: gm(h, w2, offs=o)),
+        ("dgrad w2", 2 * n * f * d, lambda o: G.rows_mm(dy, w2, o, trans_b=True),
+         lambda o: gm(dy, w2.transpose(-2, -1), offs=o)),
+        ("dgrad w1", 2 * n * d * 2 * f, lambda o: G.rows_mm(dh, w1, o, trans_b=True),
+         lambda o: gm(dh, w1.transpose(-2, -1), offs=o)),
+        ("wgrad w1", 2 * n * d * 2 * f, lambda o: G.weight_grad_mm(x, dh, o), lambda o: gm(x.t(), dh, offs=o)),
+        ("wgrad w2", 2 * n * f * d, lambda o: G.weight_grad_mm(h, dy, o), lambda o: gm(h.t(), dy, offs=o)),
+    ]
+    ratios = [max(c) * e / n for c in loads]
+    print(f"{path}: {system} mb {mb}, {len(loads)} MoE layers of {n} rows, largest expert load / mean "
+          f"{min(ratios):.2f}-{max(ratios):.2f}", flush=True)
+    total = {"ours": 0.0, "torch": 0.0}
+    for name, flops, our_fn, ref_fn in products:
+        row = {"geometry": geo, "gemm": name, "loads_of": system, "mb": mb, "ours": 0.0, "torch": 0.0, "max_rel_err": 0.0}
+        for counts in loads:
+            offs = torch.cumsum(torch.tensor(counts, device=device), 0).to(torch.int32)
+            got, ref = our_fn(offs).float(), ref_fn(offs).float()
+            row["max_rel_err"] = max(row["max_rel_err"], ((got - ref).norm() / ref.norm()).item())
+            row["ours"] += bench(lambda: our_fn(offs))
+            row["torch"] += bench(lambda: ref_fn(offs))
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        for key in total:
+            total[key] += row[key]
+        layers = len(loads)
+        print(f"  {name:<9} ours {row['ours']:7.3f} ms ({flops * layers / row['ours'] / 1e9:4.0f} TF/s), torch "
+              f"{row['torch']:7.3f} ms ({flops * layers / row['torch'] / 1e9:4.0f} TF/s), max rel. err "
+              f"{row['max_rel_err']:.1e}", flush=True)
+    print(f"  all {len(loads)} layers: ours {total['ours']:.3f} ms, torch {total['torch']:.3f} ms", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--geometries", default="olmoe,small")
@@ -234,6 +292,9 @@ def main():
     ap.add_argument("--tma", action="store_true", help="time the persistent TMA kernels of megamoe/moe/grouped_gemm.py (config sweep)")
     ap.add_argument("--skew", default=None, help="comma-separated largest-load / mean ratios: time the weight "
                     "gradients with and without cutting long experts (1: random top-k routing)")
+    ap.add_argument("--loads", default=None, metavar="BENCH_MODEL_JSONL",
+                    help="time the six products of each layer at the expert loads bench_model.py recorded, "
+                         "in the first geometry of --geometries (d, F, E)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_grouped_gemm.py: needs a CUDA GPU (torch._grouped_mm times nothing on CPU)")
@@ -249,6 +310,11 @@ def main():
         mm_grouped._NV_CONFIGS[:] = [c for c in mm_grouped._NV_CONFIGS
                                      if c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] in (128, 256)
                                      and c.kwargs["BLOCK_K"] in (64, 128)]
+    if args.loads:
+        geo = args.geometries.split(",")[0]
+        _, d, f, e, _ = GEOMETRIES[geo]
+        at_model_loads(args.loads, geo, d, f, e, device, log)
+        return
     for geo in args.geometries.split(","):
         tokens, d, f, e, k = GEOMETRIES[geo]
         print(f"\n{geo}: tokens {tokens}, d {d}, F {f}, E {e}, top-{k}", flush=True)

@@ -27,6 +27,7 @@ from megamoe.model.flops import flops_per_token
 from megamoe.model.compile import apply_compile
 from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig
 from megamoe.moe.experts import SwiGLUExperts
+from megamoe.moe.layer import MoELayer
 from megamoe.train.loss import cross_entropy, linear_cross_entropy
 
 FUSED_LOSS = True  # --loss
@@ -58,6 +59,13 @@ def megamoe_step(model, data, cuda_graphs: bool = False):
             lm = cross_entropy(out.logits, t[:, 1:])
         (lm / t[:, 1:].numel() + out.aux_loss).backward()
     return step
+
+
+def expert_loads(model) -> list[list[int]]:
+    """Each MoE layer's rows per expert in the model's last forward (megamoe's layers; [] for
+    others): the loads its expert GEMMs ran at, for `bench_grouped_gemm.py --loads`."""
+    return [[int(c) for c in m.stats["expert_load"].tolist()] for m in model.modules()
+            if isinstance(m, MoELayer) and "expert_load" in m.stats]
 
 
 def hf_step(model, data):
@@ -92,12 +100,18 @@ def measure(name, make_step, model, cfg, args, device, ceiling, log):
                    mfu=tok_s * flops_per_token(cfg, args.seq) / 1e12 / ceiling,
                    peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                    times_ms=[round(t, 3) for t in times])
+        loads = expert_loads(model)
+        if loads:  # the expert GEMMs' group sizes in the last timed step, by layer
+            row["expert_loads"] = loads
         rows.append(row)
         log.write(json.dumps(row) + "\n")
         log.flush()
         print(f"{name:>22} mb={mb} median {s['median_ms']:8.2f} ms  {tok_s:9.0f} tok/s  "
               f"{row['tflops']:6.1f} TFLOP/s  MFU {row['mfu']:.3f}  peak {row['peak_gib'] or 0:.1f} GiB  "
               f"(min {s['min_ms']:.2f} max {s['max_ms']:.2f})", flush=True)
+        if loads:
+            ratios = [max(c) * len(c) / max(sum(c), 1) for c in loads]
+            print(f"{'':>22} largest expert load / mean, by layer: {min(ratios):.2f}-{max(ratios):.2f}", flush=True)
         model.zero_grad(set_to_none=True)
     return rows
 
