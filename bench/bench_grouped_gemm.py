@@ -266,7 +266,8 @@ def at_model_loads(path, geo, d, f, e, device, log):
           f"{min(ratios):.2f}-{max(ratios):.2f}", flush=True)
     total = {"ours": 0.0, "torch": 0.0}
     for name, flops, our_fn, ref_fn in products:
-        row = {"geometry": geo, "gemm": name, "loads_of": system, "mb": mb, "ours": 0.0, "torch": 0.0, "max_rel_err": 0.0}
+        row = {"geometry": geo, "gemm": name, "loads_of": system, "mb": mb, "ours": 0.0, "torch": 0.0,
+               "max_rel_err": 0.0}
         for counts in loads:
             offs = torch.cumsum(torch.tensor(counts, device=device), 0).to(torch.int32)
             got, ref = our_fn(offs).float(), ref_fn(offs).float()
