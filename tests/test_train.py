@@ -124,9 +124,24 @@ def test_data_parallel_equals_one_rank(tmp_path, reference, zero):
     run = tmp_path / "dp2"
     out = launch(run, 2, [f"parallel.zero_stage={zero}", "train.save_interval=2"]).stdout
     assert_same_run(run, reference)
+    assert "partitions the optimizer" not in out  # two data-parallel ranks: DeepSpeed's ZeRO as asked
     # one closing line (rank 0's); DeepSpeed's per-rank "op built successfully" is not shown
     assert out.count("megamoe: done: step 4 of 4 in ") == 1 and f"{run} holds config.yaml" in out
     assert "built successfully" not in out
+
+
+def test_zero_on_one_data_parallel_rank_runs_megamoes_optimizer(tmp_path, reference):
+    """ZeRO partitions over data-parallel ranks; over one it saves nothing (the presets' zero_stage 1
+    on one GPU): the run says so and updates with megamoe's AdamW, the reference's to the bit (losses,
+    gradient norms, weights); config.yaml keeps the stage asked for, for a relaunch on more ranks."""
+    run = tmp_path / "zero1"
+    out = launch(run, 1, ["parallel.zero_stage=1", "train.save_interval=2"]).stdout
+    assert "parallel.zero_stage=1 partitions the optimizer over data-parallel ranks and this run has one" in out
+    for a, b in zip(metrics(run), metrics(reference), strict=True):
+        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"]), a["step"]
+    mine, ref = final_weights(run), final_weights(reference)
+    assert all(torch.equal(mine[k], ref[k]) for k in ref)
+    assert yaml.safe_load((run / "config.yaml").read_text())["parallel"]["zero_stage"] == 1
 
 
 def test_changed_model_cannot_resume(tmp_path):

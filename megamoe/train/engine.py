@@ -98,6 +98,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
+def zero_stage(cfg: Config, state: ParallelState) -> int:
+    """The ZeRO stage this run's optimizer runs: `parallel.zero_stage`, but 0 on one data-parallel
+    rank. ZeRO partitions the optimizer's state (and, at 2, the gradients) over the data-parallel
+    ranks: over one it saves nothing and costs time (one H100, 8 OLMoE layers, 2026-11-24: DeepSpeed's
+    step 235.6 ms, megamoe's 39.0; docs/performance.md). Both are AdamW with fp32 masters, clipped,
+    skipping non-finite steps, and checkpoint alike, so a run resumes from either into the other."""
+    return cfg.parallel.zero_stage if state.dp > 1 else 0
+
+
 def build_optimizer(cfg: Config, model: nn.Module, state: ParallelState,
                     device: torch.device) -> torch.optim.Optimizer:
     """ZeRO 0: our AdamW (fp32 masters for bf16 weights, clipping and the non-finite guard in one
@@ -106,7 +115,7 @@ def build_optimizer(cfg: Config, model: nn.Module, state: ParallelState,
     o = cfg.optim
     groups = param_groups(model, o.weight_decay)
     kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    if cfg.parallel.zero_stage == 0:
+    if zero_stage(cfg, state) == 0:
         from .optimizer import AdamW
         return AdamW(groups, state, max_norm=o.grad_clip, master_weights=resolve_dtype(cfg, device) != torch.float32,
                      offload=o.offload == "cpu", **kwargs)
@@ -128,7 +137,7 @@ def deepspeed_config(cfg: Config, state: ParallelState, dtype: torch.dtype) -> d
     through its fragment mapping (which checkpoints read), clips, and skips a step whose gradient
     norm is not finite (`bf16.check_grad_overflow`).
     """
-    t, zero = cfg.train, cfg.parallel.zero_stage
+    t, zero = cfg.train, zero_stage(cfg, state)
     bf16 = dtype == torch.bfloat16
     config = {
         "train_batch_size": t.global_batch_size,
@@ -154,11 +163,12 @@ def build_engine(cfg: Config, state: ParallelState, model: nn.Module, device: to
     dtype = resolve_dtype(cfg, device)
     model.to(device)
     optimizer = build_optimizer(cfg, model, state, device)  # fp32 masters from the fp32 init
-    if dtype != torch.float32 and cfg.parallel.zero_stage == 0:  # DeepSpeed casts under ZeRO 1/2
+    zero = zero_stage(cfg, state)
+    if dtype != torch.float32 and zero == 0:  # DeepSpeed casts under ZeRO 1/2
         for p in model.parameters():
             p.data = p.data.to(dtype)
     if state.ep > 1 and cfg.moe.backend != "deepspeed":  # DeepSpeed finds its own MoE modules
         deepspeed_adapter.mark_moe(model, cfg.moe.num_experts, state.ep)
     # ZeRO 0 on one DP rank: no replica to average gradients with
     return deepspeed_adapter.initialize(model, optimizer, state, deepspeed_config(cfg, state, dtype),
-                                        allreduce_gradients=cfg.parallel.zero_stage > 0 or state.dp > 1)
+                                        allreduce_gradients=zero > 0 or state.dp > 1)

@@ -26,7 +26,7 @@ from ..model.flops import flops_per_token, peak_flops
 from ..moe.router import update_expert_bias
 from ..parallel import comm, pipeline_schedule
 from ..parallel.state import ParallelState
-from .engine import build_engine, build_model, lr_at, resolve_device, resolve_dtype
+from .engine import build_engine, build_model, lr_at, resolve_device, resolve_dtype, zero_stage
 from .loss import cross_entropy_for, linear_cross_entropy
 from .metrics import MetricsLogger
 from .optimizer import AdamW
@@ -46,6 +46,10 @@ class Trainer:
         self.state = ParallelState(env.world_size, env.rank, cfg.parallel.tensor,
                                    cfg.parallel.pipeline, cfg.parallel.expert).build_groups()
         self.is_logger = env.rank == 0
+        if self.is_logger and zero_stage(cfg, self.state) != cfg.parallel.zero_stage:
+            print(f"megamoe: parallel.zero_stage={cfg.parallel.zero_stage} partitions the optimizer over "
+                  f"data-parallel ranks and this run has one: megamoe's own AdamW updates the weights, as at "
+                  f"zero_stage=0 (the faster step there; checkpoints resume in any layout)", flush=True)
         self.run_dir = _rank0_then_all(lambda: prepare_run_dir(cfg, lock))
         self.device = resolve_device(cfg)
         torch.manual_seed(cfg.train.seed)
