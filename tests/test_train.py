@@ -15,6 +15,7 @@ from megamoe.checkpoint.hf_dirs import export_hf
 from megamoe.checkpoint.io import latest_checkpoint
 from megamoe.config import load_config
 from megamoe.model.flops import flops_per_token
+from megamoe.model.olmoe import init_weights
 from runs import REPO, TINY, assert_same_run, final_weights, free_port, launch, metrics
 
 
@@ -196,6 +197,26 @@ def test_generate_tool_samples_greedily_from_the_checkpoint(reference):
                           "--max-new-tokens", "5", "--temperature", "0"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.rstrip("\n") == expected
+
+
+def test_sampling_keeps_to_the_tokenizers_vocabulary():
+    """A model's vocabulary may be padded past its tokenizer's (OLMoE's 50,304 rows with a 32,000-piece
+    tokenizer): generation samples only real pieces, greedily and at random, even where the padding
+    rows score highest (here they are made to); decoding a padding id is an error."""
+    from megamoe.inference.generate import generate
+    from megamoe.inference.load import tokenizer_for
+    cfg = load_config(None, [*TINY])
+    tok = tokenizer_for(cfg)
+    cfg.model.vocab_size = tok.vocab_size + 64
+    model = cfg.model.build(cfg.moe)
+    init_weights(model, cfg.model.init_std, seed=0)
+    with torch.no_grad():
+        model.lm_head.weight[tok.vocab_size:] *= 1000  # the padding rows win every argmax
+    with pytest.raises(Exception):
+        tok.decode([tok.vocab_size])
+    for temperature in (0.0, 0.8):
+        text = generate(model, tok, "def ", max_new_tokens=8, temperature=temperature, top_k=80)
+        assert tok.decode(tok.encode(text)) == text
 
 
 def test_offloaded_optimizer_follows_the_in_place_one(tmp_path, reference):

@@ -18,7 +18,9 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48, temperatur
     g = torch.Generator(device="cpu").manual_seed(seed)
     limit = model.cfg.max_seq_len
     for _ in range(max_new_tokens):
-        logits = model(tokens[:, -limit:]).logits[0, -1].float().cpu()  # [V]
+        # [tokenizer's vocab]: a model's vocab may be padded past it (OLMoE's 50,304 rows, a 32,000-piece
+        # tokenizer); those rows are no tokens, and sampling one made decode fail
+        logits = model(tokens[:, -limit:]).logits[0, -1, :tokenizer.vocab_size].float().cpu()
         if temperature <= 0:
             nxt = int(logits.argmax())
         else:
