@@ -145,6 +145,45 @@ def test_zero_on_one_data_parallel_rank_runs_megamoes_optimizer(tmp_path, refere
     assert yaml.safe_load((run / "config.yaml").read_text())["parallel"]["zero_stage"] == 1
 
 
+def test_a_model_that_cannot_fit_is_refused_before_anything_starts(tmp_path):
+    """Without --config the defaults are OLMoE-1B-7B: on a CPU its fp32 weights, gradients and AdamW
+    state need ~103 GiB, and the kernel killed such a run without a word. A model past the host's
+    memory (here 2,048 layers, terabytes) ends in one line naming the size and the fixes, exit 2,
+    with no run directory made."""
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "megamoe.train", "model.n_layers=2048", f"run.dir={run}"],
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("megamoe: error: model: ") and "--config tiny-cpu" in lines[0]
+    assert not run.exists()
+
+
+def test_the_memory_check_counts_ranks_precision_and_offload():
+    """check_memory against a given memory size: the 1-rank OLMoE-1B-7B needs 16 bytes a parameter
+    (103.1 GiB), on the CPU for every local rank, on a GPU per card, where optim.offload=cpu leaves
+    the bf16 weights and gradients only (4 bytes a parameter)."""
+    from megamoe.config import ConfigError
+    from megamoe.train.engine import check_memory
+    cfg = load_config(None, ["parallel.expert=1"])
+    need = 16 * sum(cfg.model.param_counts(cfg.moe).values())
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    check_memory(cfg, 1, 1, cpu, available=need * 1.01)
+    with pytest.raises(ConfigError, match=r"need 103\.1 GiB of this host's memory .*[(]one rank"):
+        check_memory(cfg, 1, 1, cpu, available=need * 0.99)
+    two = load_config(None, ["parallel.tensor=2"])  # each of two local ranks holds about half
+    with pytest.raises(ConfigError, match="2 ranks × "):
+        check_memory(two, 2, 2, cpu, available=need * 0.99)
+    check_memory(cfg, 1, 1, gpu, available=need * 1.01)
+    with pytest.raises(ConfigError, match=r"on each GPU .*optim.offload=cpu"):
+        check_memory(cfg, 1, 1, gpu, available=need * 0.99)
+    offload = load_config(None, ["parallel.expert=1", "optim.offload=cpu"])
+    check_memory(offload, 1, 1, gpu, available=need / 4 * 1.01)
+    with pytest.raises(ConfigError):
+        check_memory(offload, 1, 1, gpu, available=need / 4 * 0.99)
+
+
 def test_changed_model_cannot_resume(tmp_path):
     run = tmp_path / "run"
     launch(run, 1, ["train.steps=1"])

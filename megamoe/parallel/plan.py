@@ -51,6 +51,14 @@ def _state_bytes(cfg: Config, tp: int, pp: int, ep: int, dp: int, stage: int, bf
     return out
 
 
+def rank_state_bytes(cfg: Config, world_size: int, bf16: bool) -> float:
+    """Weights + gradients + optimizer state of one rank of `cfg`'s own layout (its largest
+    pipeline stage's), as `plan_layouts` counts them."""
+    p = cfg.parallel
+    dp = world_size // (p.tensor * p.pipeline)
+    return max(_state_bytes(cfg, p.tensor, p.pipeline, p.expert, dp, s, bf16) for s in range(p.pipeline))
+
+
 def plan_layouts(cfg: Config, world_size: int, bf16: bool = True) -> list[Plan]:
     """Every valid layout of `world_size` ranks for `cfg`, least state per rank first; a
     ConfigError with each reason a layout failed for when none is valid."""

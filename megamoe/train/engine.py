@@ -38,6 +38,63 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def check_memory(cfg: Config, world_size: int, local_ranks: int, device: torch.device,
+                 available: float | None = None) -> None:
+    """Refuse a run whose model state alone (weights, gradients, AdamW state: `megamoe-plan`'s count)
+    cannot fit where it will live, before anything is set up or written. On the CPU that is the
+    host's available memory for all of its ranks: past it the kernel kills the job without a word,
+    after pressing every other process on the host. On a GPU it is one card's memory (with
+    `optim.offload: cpu` the weights and gradients only, the rest on the host). Activations come on
+    top, so a run that passes may still not fit; one that fails cannot. `available`: bytes (tests)."""
+    from ..config import ConfigError
+    from ..parallel.plan import rank_state_bytes
+    bf16 = resolve_dtype(cfg, device) != torch.float32
+    state = rank_state_bytes(cfg, world_size, bf16)
+    gib = 2**30
+    params = cfg.model.param_counts(cfg.moe)
+    size = f"{sum(params.values()) / 1e9:.2f}B parameters"
+    if device.type == "cuda":
+        # offloaded: weights + gradients stay (bf16 2 + 2 of 16 bytes a parameter; fp32 4 + 4 of 16)
+        on_gpu = state * ((4 if bf16 else 8) / 16 if cfg.optim.offload == "cpu" else 1)
+        have = available if available is not None else torch.cuda.get_device_properties(device).total_memory
+        if on_gpu > have:
+            raise ConfigError(
+                f"model: {size} need {on_gpu / gib:.1f} GiB on each GPU for their weights, gradients and "
+                f"optimizer state in this layout, and the GPU has {have / gib:.1f} GiB: spread them over more "
+                f"GPUs (parallel.expert / tensor / pipeline; `megamoe-plan --gpu-gib` lists layouts), keep the "
+                f"optimizer in host memory (optim.offload=cpu, parallel.zero_stage=0) or train fewer model.n_layers")
+        return
+    have = available if available is not None else host_available_bytes()
+    if have is not None and state * local_ranks > have:
+        ranks = f"{local_ranks} ranks × {state / gib:.1f} GiB" if local_ranks > 1 else "one rank"
+        raise ConfigError(
+            f"model: {size} need {state * local_ranks / gib:.1f} GiB of this host's memory for their "
+            f"weights, gradients and optimizer state ({ranks}; activations come on top), and "
+            f"{have / gib:.1f} GiB is available: train a smaller model (e.g. --config tiny-cpu), spread it "
+            f"over more hosts (parallel.*; `megamoe-plan` lists layouts) or train on GPUs (train.device=cuda)")
+
+
+def host_available_bytes() -> float | None:
+    """This host's available memory (Linux's MemAvailable), within a cgroup's limit where one is
+    set; None where neither can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except OSError:
+        pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit) as a, open(usage) as b:
+                cap = a.read().strip()
+                if cap != "max" and int(cap) < 2**60:
+                    found.append(int(cap) - int(b.read().strip()))
+        except (OSError, ValueError):
+            pass
+    return float(min(found)) if found else None
+
+
 def build_model(cfg: Config, state: ParallelState) -> OLMoE:
     """The plain model, cut to this rank's layout and initialised like the 1-rank model."""
     model = cfg.model.build(cfg.moe)

@@ -26,7 +26,8 @@ from ..model.flops import flops_per_token, peak_flops
 from ..moe.router import update_expert_bias
 from ..parallel import comm, pipeline_schedule
 from ..parallel.state import ParallelState
-from .engine import build_engine, build_model, lr_at, resolve_device, resolve_dtype, zero_stage
+from .engine import (build_engine, build_model, check_memory, lr_at, resolve_device, resolve_dtype,
+                     zero_stage)
 from .loss import cross_entropy_for, linear_cross_entropy
 from .metrics import MetricsLogger
 from .optimizer import AdamW
@@ -41,6 +42,7 @@ class Trainer:
         env = discover_env()
         cfg.validate(env.world_size)  # every layout error before any process group exists
         check_data(cfg.data, cfg.model.vocab_size)  # and every data error
+        check_memory(cfg, env.world_size, env.local_world_size, resolve_device(cfg))  # a model that cannot fit
         init_distributed(env, timeout=timedelta(seconds=cfg.train.collective_timeout_s))
         self.cfg = cfg
         self.state = ParallelState(env.world_size, env.rank, cfg.parallel.tensor,
