@@ -160,6 +160,13 @@ def test_a_model_that_cannot_fit_is_refused_before_anything_starts(tmp_path):
     assert not run.exists()
 
 
+def test_a_missing_eval_task_file_is_refused_before_the_run_dir_is_made(tmp_path):
+    run = tmp_path / "run"
+    proc = launch(run, 1, [f"train.eval_tasks=[{tmp_path}/none.jsonl]"], check=False)
+    assert proc.returncode == 2 and "megamoe: error: train.eval_tasks: task file" in proc.stderr
+    assert not run.exists()
+
+
 def test_the_memory_check_counts_ranks_precision_and_offload():
     """check_memory against a given memory size: the 1-rank OLMoE-1B-7B needs 16 bytes a parameter
     (103.1 GiB), on the CPU for every local rank, on a GPU per card, where optim.offload=cpu leaves

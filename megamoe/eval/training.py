@@ -23,12 +23,18 @@ from .tasks import TaskError, load_task
 LOGGED = ("acc", "acc_norm", "exact_match")
 
 
+def load_tasks(cfg: Config) -> list:
+    """`train.eval_tasks`, every file read and checked: a missing or malformed one is a ConfigError."""
+    try:
+        return [load_task(spec, cfg.train.eval_limit) for spec in cfg.train.eval_tasks]
+    except TaskError as e:
+        raise ConfigError(f"train.eval_tasks: {e}") from None
+
+
 class TrainingEvaluator:
-    def __init__(self, cfg: Config, state: ParallelState, tokenizer):
-        try:
-            tasks = [load_task(spec, cfg.train.eval_limit) for spec in cfg.train.eval_tasks]
-        except TaskError as e:
-            raise ConfigError(f"train.eval_tasks: {e}") from None
+    def __init__(self, cfg: Config, state: ParallelState, tokenizer, tasks: list | None = None):
+        """`tasks`: `load_tasks(cfg)`'s, where the caller read them already."""
+        tasks = load_tasks(cfg) if tasks is None else tasks
         self.cfg, self.state = cfg, state
         self.evaluator = Evaluator(tasks, tokenizer, cfg.data.seq_length) if tasks else None
 

@@ -21,7 +21,7 @@ from ..checkpoint.io import CheckpointWriter, latest_checkpoint, load_checkpoint
 from ..config import Config, ConfigError
 from ..data.dataset import build_datasets, check_data, get_batch
 from ..distributed import discover_env, init_distributed
-from ..eval.training import TrainingEvaluator
+from ..eval.training import TrainingEvaluator, load_tasks
 from ..model.flops import flops_per_token, peak_flops
 from ..moe.router import update_expert_bias
 from ..parallel import comm, pipeline_schedule
@@ -42,6 +42,7 @@ class Trainer:
         env = discover_env()
         cfg.validate(env.world_size)  # every layout error before any process group exists
         check_data(cfg.data, cfg.model.vocab_size)  # and every data error
+        eval_tasks = load_tasks(cfg)  # and every evaluation task's file, before run.dir is touched
         check_memory(cfg, env.world_size, env.local_world_size, resolve_device(cfg))  # a model that cannot fit
         init_distributed(env, timeout=timedelta(seconds=cfg.train.collective_timeout_s))
         self.cfg = cfg
@@ -60,7 +61,7 @@ class Trainer:
         self.train_data, self.valid_data, self.tokenizer = build_datasets(
             cfg.data, t.seed, t.steps * t.global_batch_size, t.eval_batches * t.global_batch_size,
             cfg.model.vocab_size)
-        self.tasks = TrainingEvaluator(cfg, self.state, self.tokenizer)  # train.eval_tasks, read now
+        self.tasks = TrainingEvaluator(cfg, self.state, self.tokenizer, eval_tasks)
         self.model = build_model(cfg, self.state)
         self.engine = build_engine(cfg, self.state, self.model, self.device)
         opt = self.engine.optimizer
