@@ -29,7 +29,8 @@ def reference(tmp_path_factory):
 
 def test_run_dir_holds_config_metrics_events_and_checkpoints(tmp_path):
     run = tmp_path / "run"
-    launch(run, 1, ["run.tensorboard=true", "train.steps=2"])
+    out = launch(run, 1, ["run.tensorboard=true", "train.steps=2"]).stdout
+    assert f"{run} holds config.yaml, metrics.jsonl, tensorboard/ and checkpoints/" in out  # the closing line
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 2
     records = metrics(run)
     assert [r["step"] for r in records] == [1, 2]

@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"megamoe: sample from the final checkpoint:\n{cfg.run.sample_prompt}{text}", flush=True)
         if code == 0 and trainer.is_logger:
             minutes, seconds = divmod(round(time.monotonic() - start), 60)
+            held = "config.yaml, metrics.jsonl, tensorboard/" if cfg.run.tensorboard else "config.yaml, metrics.jsonl"
             print(f"megamoe: done: step {trainer.step} of {cfg.train.steps} in {minutes} min {seconds} s; "
-                  f"{trainer.run_dir} holds config.yaml, metrics.jsonl and checkpoints/ (sample it with "
+                  f"{trainer.run_dir} holds {held} and checkpoints/ (sample it with "
                   f"`megamoe-generate {trainer.run_dir} --prompt TEXT`)", flush=True)
         _shutdown(clean=True)
         return code
