@@ -334,7 +334,7 @@ def test_preprocess_cli_never_overwrites_without_flag(tmp_path, small_corpus):
     before = (tmp_path / "out.bin").read_bytes()
 
     again = cli()
-    assert again.returncode == 1 and "--overwrite" in again.stderr
+    assert again.returncode == 2 and "--overwrite" in again.stderr
     assert (tmp_path / "out.bin").read_bytes() == before
 
     assert cli("--overwrite").returncode == 0
@@ -344,15 +344,15 @@ def test_preprocess_cli_never_overwrites_without_flag(tmp_path, small_corpus):
 def test_train_tokenizer_cli(tmp_path, small_corpus):
     jsonl, _ = small_corpus
 
-    def cli(vocab_size):
+    def cli(vocab_size, prefix="tok"):
         return subprocess.run([sys.executable, "-m", "megamoe.cli.tokenizer", "--input", str(jsonl),
-                               "--model-prefix", str(tmp_path / "tok"), "--vocab-size", str(vocab_size)],
+                               "--model-prefix", str(tmp_path / prefix), "--vocab-size", str(vocab_size)],
                               cwd=REPO, capture_output=True, text=True)
 
     result = cli(600)
     assert result.returncode == 0, result.stderr
     assert load_tokenizer(tmp_path / "tok.model").vocab_size == 600
-    too_big = cli(32000)  # more pieces than the text has: one error line saying what fits
+    too_big = cli(32000, "tok2")  # more pieces than the text has: one error line saying what fits
     assert too_big.returncode == 2 and "Traceback" not in too_big.stderr
     assert too_big.stderr.startswith("megamoe-tokenizer: error: the training text is too small for vocab_size=32000")
     assert "lower vocab_size" in too_big.stderr

@@ -1,15 +1,20 @@
 """Bad input gets one `megamoe: error:` line naming the problem and the fix, before setup."""
 
 import json
+import os
 import shutil
+import socket
 
 import numpy as np
 import pytest
 
+from megamoe.checkpoint.canonical import load_canonical, write_run
 from megamoe.checkpoint.files import CheckpointError, read_meta
+from megamoe.checkpoint.hf import hf_config_dict, to_hf_per_expert
 from megamoe.checkpoint.hf_dirs import _hf_files
-from megamoe.config import ConfigError, DataConfig, load_config
+from megamoe.config import ConfigError, DataConfig, from_dict, load_config
 from megamoe.data.dataset import check_data, data_sources
+from megamoe.data.tokenizer import load_tokenizer
 from megamoe.data.indexed import IndexedDatasetBuilder
 from megamoe.train.rundir import RunLock, prepare_run_dir
 from runs import CORPUS_CACHE, TINY, launch
@@ -139,3 +144,180 @@ def test_a_misspelled_grouped_gemm_switch_is_refused_before_setup(monkeypatch, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("megamoe: error: MEGAMOE_GROUPED_GEMM='Torch'") and "torch" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+# Command lines: one `<tool>: error:` line, exit 2, nothing a user had replaced ------------------
+
+def _error_line(capsys, tool):
+    """The one line a refused command printed on stderr."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{tool}: error: "), err
+    return err[0]
+
+
+def _tiny_run(path, *overrides):
+    """A TINY run directory at step 0 with fresh weights, written in a second."""
+    from megamoe.model.olmoe import init_weights
+    cfg = load_config(None, [*TINY, *overrides])
+    model = cfg.model.build(cfg.moe)
+    init_weights(model, cfg.model.init_std, cfg.train.seed)  # not build's uninitialised memory
+    write_run(path, cfg, model.state_dict().items())
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return _tiny_run(tmp_path_factory.mktemp("tiny") / "run")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tiny_run, tmp_path_factory):
+    """tiny_run as a transformers OLMoE directory (config.json + model.safetensors)."""
+    from safetensors.torch import save_file
+    out = tmp_path_factory.mktemp("hf")
+    tensors, meta = load_canonical(tiny_run)
+    cfg = from_dict(meta["config"])
+    (out / "config.json").write_text(json.dumps({"model_type": "olmoe", **hf_config_dict(cfg)}))
+    save_file({k: v.contiguous() for name, t in tensors.items() for k, v in to_hf_per_expert(name, t).items()},
+              out / "model.safetensors")
+    return out
+
+
+def _text(path, lines=2000):
+    path.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i % 7}"}) + "\n"
+                            for i in range(lines)))
+    return path
+
+
+def test_tokenizer_never_replaces_a_model_without_overwrite(tmp_path, capsys):
+    from megamoe.cli.tokenizer import main
+    jsonl = _text(tmp_path / "c.jsonl")
+    for suffix in (".model", ".vocab"):
+        (tmp_path / f"tok{suffix}").write_text("mine")
+    args = ["--input", str(jsonl), "--model-prefix", str(tmp_path / "tok"), "--vocab-size", "300"]
+    assert main(args) == 2
+    assert "tok.model/.vocab already exist" in _error_line(capsys, "megamoe-tokenizer")
+    assert {p.read_text() for p in tmp_path.glob("tok.*")} == {"mine"}
+    assert main([*args, "--overwrite"]) == 0
+    assert load_tokenizer(tmp_path / "tok.model").vocab_size == 300
+
+
+def test_tokenizer_names_a_json_key_no_line_has(tmp_path, capsys):
+    from megamoe.cli.tokenizer import main
+    jsonl = _text(tmp_path / "c.jsonl", 10)
+    assert main(["--input", str(jsonl), "--model-prefix", str(tmp_path / "tok"), "--vocab-size", "300",
+                 "--json-key", "body"]) == 2
+    assert "--json-key 'body'" in _error_line(capsys, "megamoe-tokenizer")
+    assert not list(tmp_path.glob("tok.*"))
+
+
+@pytest.mark.parametrize("command", ["upcycle", "from-hf"])
+def test_convert_takes_overrides_after_the_flags(tiny_run, hf_dir, tmp_path, command):
+    from megamoe.cli.convert import main
+    if command == "upcycle":
+        src = _tiny_run(tmp_path / "dense", "moe.num_experts=0")
+        flags = ["--num-experts", "8", "--top-k", "2", "moe.norm_topk_prob=true"]
+    else:
+        src, flags = hf_dir, ["--no-progress", "train.steps=5"]
+    assert main([command, str(src), str(tmp_path / "out"), "moe.z_loss_weight=0", *flags, "train.seed=7"]) == 0
+    cfg = load_config(tmp_path / "out" / "config.yaml")
+    assert (cfg.moe.z_loss_weight, cfg.train.seed) == (0, 7)
+    assert cfg.moe.norm_topk_prob if command == "upcycle" else cfg.train.steps == 5
+
+
+def test_convert_still_refuses_unknown_arguments(tiny_run, tmp_path, capsys):
+    from megamoe.cli.convert import main
+    with pytest.raises(SystemExit) as e:
+        main(["to-hf", str(tiny_run), str(tmp_path / "hf"), "train.steps=5"])  # to-hf takes no overrides
+    assert e.value.code == 2 and "unrecognized arguments: train.steps=5" in capsys.readouterr().err
+
+
+def test_convert_overwrite_refuses_a_run_dir_a_job_holds(hf_dir, tmp_path, capsys):
+    from megamoe.cli.convert import main
+    target = _tiny_run(tmp_path / "lk2", "train.seed=3")
+    lock = RunLock(target).acquire()  # a training job's
+    try:
+        assert main(["from-hf", str(hf_dir), str(target), "--overwrite", "--no-progress"]) == 2
+    finally:
+        lock.release()
+    line = _error_line(capsys, "megamoe-convert")
+    assert "is in use by another job" in line and f"pid {os.getpid()}" in line
+    assert load_config(target / "config.yaml").train.seed == 3  # untouched
+    (target / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 1, "start": "then"}))
+    assert main(["from-hf", str(hf_dir), str(target), "--overwrite", "--no-progress"]) == 0  # stale: no holder
+    assert load_config(target / "config.yaml").train.seed != 3 and not (target / ".lock").exists()
+
+
+@pytest.mark.parametrize("override", ["model.d_model=64", "moe.top_k=1"])
+def test_from_hf_refuses_overrides_of_the_model_config_json_sets(hf_dir, tmp_path, capsys, override):
+    from megamoe.cli.convert import main
+    assert main(["from-hf", str(hf_dir), str(tmp_path / "out"), override]) == 2
+    line = _error_line(capsys, "megamoe-convert")
+    assert line.startswith(f"megamoe-convert: error: {override.partition('=')[0]}: ") and "config.json" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("size", ["0", "-1"])
+def test_to_hf_refuses_a_shard_size_that_is_not_positive(tiny_run, tmp_path, capsys, size):
+    from megamoe.cli.convert import main
+    assert main(["to-hf", str(tiny_run), str(tmp_path / "hf"), "--shard-size-gb", size]) == 2
+    assert "--shard-size-gb" in _error_line(capsys, "megamoe-convert")
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("flags,fix", [
+    (["--top-k", "0"], "--top-k 0"), (["--max-new-tokens", "-5"], "--max-new-tokens -5"),
+    (["--temperature", "-1"], "--temperature -1"), (["--prompt", ""], "--prompt is empty"),
+])
+def test_generate_refuses_values_it_cannot_sample_with(tiny_run, capsys, flags, fix):
+    from megamoe.cli.generate import main
+    assert main([str(tiny_run), "--prompt", "def ", *flags]) == 2
+    assert fix in _error_line(capsys, "megamoe-generate")
+    assert capsys.readouterr().out == ""
+
+
+def test_eval_on_cuda_without_a_gpu_says_so(tiny_run, capsys, monkeypatch):
+    import torch
+    from megamoe.eval.cli import main
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        main([str(tiny_run), "--tasks", "next_line", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("megamoe-eval: error: --device cuda: no GPU is visible")
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plots"])
+def test_routing_never_replaces_its_outputs_without_overwrite(tiny_run, tmp_path, capsys, flag):
+    from megamoe.cli.routing import main
+    out = tmp_path / "out"
+    mine = out / "domain_specialisation.json" if flag == "--plots" else out
+    mine.parent.mkdir(exist_ok=True)
+    mine.write_text("mine")
+    args = [str(tiny_run), "--tokens", "64", "--no-progress", flag, str(out)]
+    assert main(args) == 2
+    line = _error_line(capsys, "megamoe-routing")
+    assert f"{flag} {out}" in line and "--overwrite" in line
+    assert mine.read_text() == "mine"
+    assert main([*args, "--overwrite"]) == 0 and mine.read_text() != "mine"
+
+
+def test_preprocess_refuses_zero_workers_and_exits_2_naming_overwrite(corpus, tmp_path, capsys):
+    from megamoe.cli.preprocess import main
+    args = ["--input", str(_text(tmp_path / "c.jsonl", 20)), "--output-prefix", str(tmp_path / "out"),
+            "--tokenizer", str(corpus / "tok.model"), "--no-progress"]
+    assert main([*args, "--workers", "0"]) == 2
+    assert "--workers" in _error_line(capsys, "megamoe-preprocess") and not (tmp_path / "out.bin").exists()
+    assert main(args) == 0
+    before = (tmp_path / "out.bin").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2
+    line = _error_line(capsys, "megamoe-preprocess")
+    assert line.endswith("pass --overwrite to replace them") and "overwrite=True" not in line
+    assert (tmp_path / "out.bin").read_bytes() == before
+
+
+def test_plan_refuses_a_world_size_below_1(capsys):
+    from megamoe.cli.plan import main
+    assert main(["--config", "tiny-cpu", "--world-size", "0"]) == 2
+    assert "--world-size 0" in _error_line(capsys, "megamoe-plan")

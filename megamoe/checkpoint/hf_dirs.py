@@ -22,6 +22,7 @@ from .files import CheckpointError, ShardedReader, atomic_dir, read_meta, save_s
 from .hf import config_from_hf, from_hf, hf_config_dict, to_hf, to_hf_per_expert
 
 INDEX = "model.safetensors.index.json"
+MOE_FROM_HF = ("num_experts", "top_k", "ffn_hidden", "norm_topk_prob", "lb_loss_weight")  # set by config.json
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -174,7 +175,7 @@ def import_hf(src: Path, run_dir: Path, overrides: list[str] = (), overwrite: bo
     data["data"] = {"seq_length": min(DataConfig.seq_length, model.max_seq_len), **(data.get("data") or {})}
     cfg = with_overrides(data, list(overrides))
     cfg.model = model
-    for key in ("num_experts", "top_k", "ffn_hidden", "norm_topk_prob", "lb_loss_weight"):
+    for key in MOE_FROM_HF:
         setattr(cfg.moe, key, getattr(moe, key))
     files = _hf_files(src)
     groups: dict[str, list[str]] = {}
@@ -204,6 +205,16 @@ def import_hf(src: Path, run_dir: Path, overrides: list[str] = (), overwrite: bo
             handles.clear()
 
     return write_run(run_dir, cfg, tensors(), overwrite=overwrite)
+
+
+def refuse_model_overrides(src: Path, overrides: list[str]) -> None:
+    """from-hf's command line: an override of what config.json sets would be silently replaced."""
+    keys = [o.partition("=")[0] for o in overrides]
+    fixed = [k for k in keys if k.startswith("model.") or k in [f"moe.{m}" for m in MOE_FROM_HF]]
+    if fixed:
+        raise CheckpointError(f"{', '.join(fixed)}: from-hf takes the model (model.*, moe."
+                              f"{'/'.join(MOE_FROM_HF)}) from {Path(src) / 'config.json'}, which "
+                              "this override would not change; drop it")
 
 
 def _hf_files(src: Path) -> dict[str, str]:

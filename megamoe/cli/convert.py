@@ -7,15 +7,20 @@
   inspect   print a checkpoint's step, layout, model, config and tensor table
 
 A megamoe source may be a run directory (its latest checkpoint) or a step_* directory.
-Outputs are written atomically and never replace an existing path without --overwrite.
+Outputs are written atomically and never replace an existing path without --overwrite, nor
+a run directory that a training job holds. section.key=value overrides may come before or
+after the flags.
 """
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+OVERRIDE = re.compile(r"\w+(\.\w+)+=.*")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,18 +62,32 @@ def main(argv: list[str] | None = None) -> int:
     p = command("inspect", "print a checkpoint's layout, step, config and tensor table", out=False)
     p.add_argument("--verify", action="store_true", help="check every file's sha256")
     p.add_argument("--no-config", action="store_true")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if not (hasattr(args, "overrides") and OVERRIDE.fullmatch(a))]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:  # overrides after the flags: argparse matched the overrides positional (empty) before them
+        args.overrides += extra
+    if args.command == "to-hf" and not args.shard_size_gb > 0:
+        print(f"megamoe-convert: error: --shard-size-gb {args.shard_size_gb}: give a positive size "
+              "(5 is the default)", file=sys.stderr)
+        return 2
 
     from ..checkpoint.files import CheckpointError
     from ..config import ConfigError
+    from ..train.rundir import RunLock
     progress = not getattr(args, "no_progress", True) and sys.stderr.isatty()  # no \r lines in logs
+    lock = None
     try:
+        if getattr(args, "overwrite", False) and args.out.is_dir():
+            lock = RunLock(args.out).acquire()  # no job runs there, or starts, until it is replaced
         if args.command == "to-hf":
             from ..checkpoint.hf_dirs import export_hf
             out = export_hf(args.src, args.out, args.expert_layout, args.dtype,
                             int(args.shard_size_gb * 2**30), args.overwrite, progress, args.drop_expert_bias)
         elif args.command == "from-hf":
-            from ..checkpoint.hf_dirs import import_hf
+            from ..checkpoint.hf_dirs import import_hf, refuse_model_overrides
+            refuse_model_overrides(args.src, args.overrides)
             out = import_hf(args.src, args.out, args.overrides, args.overwrite, progress, config=args.config)
         elif args.command == "reshard":
             from ..checkpoint.reshard import reshard
@@ -81,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             from ..checkpoint.summary import describe
             print(describe(args.src, args.verify, not args.no_config))
             return 0
-    except (CheckpointError, ConfigError) as e:
+    except (CheckpointError, ConfigError) as e:  # a running job's RunLock refuses with a ConfigError
         print(f"megamoe-convert: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if lock is not None:
+            lock.release()
     print(f"wrote {out}")
     return 0
 

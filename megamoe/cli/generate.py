@@ -20,6 +20,14 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    for bad, problem in [(not args.prompt, "--prompt is empty; give the text to continue"),
+                         (args.max_new_tokens < 1, f"--max-new-tokens {args.max_new_tokens}: give 1 or more"),
+                         (not args.temperature >= 0, f"--temperature {args.temperature}: give 0 (greedy) or more"),
+                         (args.top_k < 1, f"--top-k {args.top_k}: sample from 1 or more of the likeliest "
+                                          "tokens (--temperature 0 is greedy)")]:
+        if bad:
+            print(f"megamoe-generate: error: {problem}", file=sys.stderr)
+            return 2
     try:
         text = sample_from_checkpoint(args.checkpoint, args.prompt, args.max_new_tokens,
                                       temperature=args.temperature, top_k=args.top_k, seed=args.seed)

@@ -19,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
                    "not fit it, or leaves less than a quarter of it for activations")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_args(argv)
+    if args.world_size < 1:
+        print(f"megamoe-plan: error: --world-size {args.world_size}: give the number of ranks, "
+              "1 or more", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, args.overrides)
         plans = plan_layouts(cfg, args.world_size, bf16=not args.fp32)

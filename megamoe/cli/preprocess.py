@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                             prompt_key=args.prompt_key, messages_key=args.messages_key)
     except (ValueError, OSError) as e:  # bad input, existing output, missing file
         print(f"megamoe-preprocess: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {report.documents} documents, {report.tokens} tokens to "
           f"{args.output_prefix}.bin/.idx")
     if args.prompt_key or args.messages_key:

@@ -42,10 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plots", type=Path, metavar="DIR", help="write each analysis as PNG + JSON here")
     p.add_argument("--top-tokens", type=int, default=8, help="vocabulary specialisation: tokens per expert")
     p.add_argument("--json", type=Path, help="also write the printed statistics here")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --json file and the files of a non-empty --plots directory")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.data and args.jsonl:
         return fail("give --data or --jsonl, not both")
+    if args.json and args.json.exists() and not args.overwrite:
+        return fail(f"--json {args.json} exists; give a new path or pass --overwrite to replace it")
+    if args.plots and args.plots.is_dir() and any(args.plots.iterdir()) and not args.overwrite:
+        return fail(f"--plots {args.plots} is not empty; give a new directory or pass --overwrite "
+                    "to replace its plots")
     if args.checkpoints == "all" and not (args.checkpoint / "checkpoints").is_dir():
         return fail(f"--checkpoints all needs a run directory; {args.checkpoint} has no checkpoints/")
     try:

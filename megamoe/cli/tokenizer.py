@@ -20,13 +20,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="lines sampled for training (more is slower, rarely better)")
     parser.add_argument("--threads", type=int, default=None, help="default: all cores")
     parser.add_argument("--model-type", default="bpe", choices=("bpe", "unigram"))
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing PREFIX.model/.vocab")
     args = parser.parse_args(argv)
     try:
         path = train_sentencepiece(args.input, args.model_prefix, args.vocab_size,
                                    json_key=args.json_key,
                                    input_sentence_size=args.input_sentence_size,
-                                   num_threads=args.threads, model_type=args.model_type)
-    except (ValueError, OSError) as e:  # too small a text for the vocabulary, a missing file
+                                   num_threads=args.threads, model_type=args.model_type,
+                                   overwrite=args.overwrite)
+    except (ValueError, OSError) as e:  # too small a text for the vocabulary, a missing or existing file
         print(f"megamoe-tokenizer: error: {e}", file=sys.stderr)
         return 2
     tokenizer = load_tokenizer(path)

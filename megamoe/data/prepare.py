@@ -226,12 +226,14 @@ def preprocess(input_paths: list[str | Path], output_prefix: str | Path,
     if prompt_key is not None and messages_key is not None:
         raise ValueError("--prompt-key and --messages-key are two formats of fine-tuning data; "
                          "give one of them")
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: tokenizing needs at least 1 process")
     output_prefix = str(output_prefix)
     mask_prefix = loss_mask_prefix(output_prefix)
     for prefix in (output_prefix, mask_prefix):
         if dataset_exists(prefix) and not overwrite:
             raise FileExistsError(f"{prefix}.bin/.idx already exist; choose another output "
-                                  "prefix or pass --overwrite (overwrite=True) to replace them")
+                                  "prefix or pass --overwrite to replace them")
     for path in input_paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"input file {path} does not exist")

@@ -4,6 +4,7 @@
 byte-fallback BPE model (every UTF-8 string round-trips exactly, code indentation included).
 """
 
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -131,26 +132,36 @@ def iter_texts(paths: Iterable[str | Path], json_key: str = "text") -> Iterator[
 def train_sentencepiece(input_paths: Iterable[str | Path], model_prefix: str | Path,
                         vocab_size: int, *, json_key: str = "text",
                         input_sentence_size: int = 300_000, num_threads: int | None = None,
-                        model_type: str = "bpe") -> Path:
+                        model_type: str = "bpe", overwrite: bool = False) -> Path:
     """Train a byte-fallback sentencepiece model on text / .jsonl files; returns the .model path.
 
     Lines are the training sentences (newlines themselves encode as the byte piece <0x0A>);
     whitespace is kept verbatim so code round-trips. At most `input_sentence_size` lines,
     sampled at random, are used, which keeps training to seconds. Ids: unk 0, bos 1, eos 2,
-    pad 3.
+    pad 3. An existing model_prefix.model/.vocab is replaced only with `overwrite`.
     """
     if vocab_size < 300:
         raise ValueError(f"vocab_size={vocab_size} is too small: 256 byte-fallback pieces and "
                          "4 specials are always in the vocabulary; use at least 300")
     model_prefix = Path(model_prefix)
-    model_prefix.parent.mkdir(parents=True, exist_ok=True)
+    if not overwrite and any(Path(f"{model_prefix}{s}").exists() for s in (".model", ".vocab")):
+        raise FileExistsError(f"{model_prefix}.model/.vocab already exist; choose another model "
+                              "prefix or pass --overwrite to replace them")
+    input_paths = list(input_paths)
     lines = (line for text in iter_texts(input_paths, json_key)
              for line in text.split("\n") if line.strip())
+    first = next(lines, None)
+    if first is None:  # sentencepiece would only say "!sentences_.empty()"
+        json_input = any(Path(p).suffix in (".jsonl", ".json") for p in input_paths)
+        raise ValueError(f"no usable documents in {', '.join(map(str, input_paths))}"
+                         + (f" (check --json-key {json_key!r}: no JSONL line has text in a string "
+                            f"{json_key!r} field)" if json_input else ""))
+    model_prefix.parent.mkdir(parents=True, exist_ok=True)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=lines, model_prefix=str(model_prefix), vocab_size=vocab_size,
-            model_type=model_type, byte_fallback=True, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, add_dummy_prefix=False,
+            sentence_iterator=itertools.chain([first], lines), model_prefix=str(model_prefix),
+            vocab_size=vocab_size, model_type=model_type, byte_fallback=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
             allow_whitespace_only_pieces=True, split_digits=True,
             input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
             max_sentence_length=16384, num_threads=num_threads or os.cpu_count() or 1,

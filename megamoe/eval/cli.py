@@ -36,6 +36,8 @@ def parse_args(argv):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no GPU is visible (torch.cuda.is_available() is False); use --device cpu")
     if args.output is not None and args.output.exists():
         p.error(f"--output {args.output} exists; give a new path or remove it first")
     return args
