@@ -321,3 +321,11 @@ def test_plan_refuses_a_world_size_below_1(capsys):
     from megamoe.cli.plan import main
     assert main(["--config", "tiny-cpu", "--world-size", "0"]) == 2
     assert "--world-size 0" in _error_line(capsys, "megamoe-plan")
+
+
+def test_routing_draws_no_progress_bars_into_a_log(tiny_run, capsys):
+    """Like megamoe-convert, megamoe-routing draws its bars only on a terminal: a redirected stderr
+    (a batch job's log) gets no carriage-return lines."""
+    from megamoe.cli.routing import main
+    assert main([str(tiny_run), "--tokens", "64"]) == 0
+    assert "batch" not in capsys.readouterr().err

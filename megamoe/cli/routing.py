@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="replace an existing --json file and the files of a non-empty --plots directory")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    args.no_progress = args.no_progress or not sys.stderr.isatty()  # no \r lines in logs
     if args.data and args.jsonl:
         return fail("give --data or --jsonl, not both")
     if args.json and args.json.exists() and not args.overwrite:
