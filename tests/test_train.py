@@ -161,6 +161,23 @@ def test_a_model_that_cannot_fit_is_refused_before_anything_starts(tmp_path):
     assert not run.exists()
 
 
+def test_running_out_of_gpu_memory_is_one_line_naming_the_fixes(tmp_path, monkeypatch, capsys):
+    """torch's OutOfMemoryError mid-run (activations past what the start-up check counts) ends the
+    run with one line: torch's first sentence, and what to lower or turn on."""
+    import megamoe.train.loop as loop
+    from megamoe.train.__main__ import main
+
+    class Trainer:
+        def __init__(self, cfg, lock):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                         "capacity of 79.19 GiB of which 1.20 GiB is free.")
+    monkeypatch.setattr(loop, "Trainer", Trainer)
+    assert main([*TINY, f"run.dir={tmp_path / 'run'}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("megamoe: error: CUDA out of memory (GPU memory ran out")
+    assert "train.micro_batch_size" in err[0] and "activation_checkpointing" in err[0]
+
+
 def test_a_missing_eval_task_file_is_refused_before_the_run_dir_is_made(tmp_path):
     run = tmp_path / "run"
     proc = launch(run, 1, [f"train.eval_tasks=[{tmp_path}/none.jsonl]"], check=False)

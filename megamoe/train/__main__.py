@@ -18,6 +18,8 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 # device this rank's GPU (torch.cuda.set_device(local_rank)), which is the right one.
 warnings.filterwarnings("ignore", message=r"barrier\(\): using the device under current context")
 
+import torch
+
 from ..checkpoint.io import CheckpointError
 from ..config import ConfigError, load_config, presets
 from ..deepspeed_adapter import DeepSpeedVersionError
@@ -59,6 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megamoe: error: {e}", file=sys.stderr, flush=True)
         _shutdown(clean=False)
         return 3 if isinstance(e, DivergenceError) else 2
+    except torch.OutOfMemoryError as e:
+        # the GPU ran out (the model state alone was checked at the start: activations, fragments)
+        first = str(e).split(". ")[0].strip()
+        print(f"megamoe: error: {first} (GPU memory ran out during the run): lower train.micro_batch_size, "
+              f"set parallel.activation_checkpointing=selective or full, spread the model over more GPUs "
+              f"(parallel.*; `megamoe-plan --gpu-gib`) or keep the optimizer in host memory "
+              f"(optim.offload=cpu); relaunched, the run resumes from its last checkpoint", file=sys.stderr, flush=True)
+        _shutdown(clean=False)
+        return 1
     except RuntimeError as e:  # a collective that timed out or lost a peer: name it, on this rank
         failure = collective_failure(e, cfg and cfg.train.collective_timeout_s)
         if failure is None:
