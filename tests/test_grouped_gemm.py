@@ -44,7 +44,12 @@ for counts in %r:
            G.launch_weight_grad_mm(a, dy, offs, config=(16, 128, 32, 4, 2, 1)),
            # experts longer than 32 rows cut into pieces of 16, longer than 20 into pieces of 32
            G.launch_weight_grad_mm(a, dy, offs, config=(32, 64, 16, 4, 2, 2), cut=(32, 16)),
-           G.launch_weight_grad_mm(a, dy, offs, config=(16, 128, 32, 4, 2, 1), cut=(20, 32))]
+           G.launch_weight_grad_mm(a, dy, offs, config=(16, 128, 32, 4, 2, 1), cut=(20, 32)),
+           # one tile an expert: 7 items over 4 programs, a last round of 3 (dealt forwards)
+           G.launch_weight_grad_mm(a, dy, offs, config=(64, 128, 16, 4, 2, 1), cut=(0, 0))]
+    G.LONGEST_FIRST = False  # expert after expert
+    got.append(G.launch_weight_grad_mm(a, dy, offs, config=(32, 64, 16, 4, 2, 2), cut=(0, 0)))
+    G.LONGEST_FIRST = True
     out.append([t.tolist() for t in (a, dy, b, bt, *got)])
 print(out)
 """
@@ -57,7 +62,9 @@ def test_the_triton_kernels_compute_each_experts_product():
     neighbour's rows (ragged loads read zeros past each expert's end). The weight gradient also with
     long experts cut into pieces and the pieces taken largest first from a counter: past 32 rows in
     pieces of 16 (100 rows in 7, the last short; 33 in 3; 32 uncut) and past 20 in pieces of 32 (32
-    rows: one piece through the second pass), beside uncut and empty experts, each piece summed once."""
+    rows: one piece through the second pass), beside uncut and empty experts, each piece summed once;
+    and uncut, the tiles of the longest experts first, dealt back and forth over the programs (a last
+    partial round forwards), or expert after expert."""
     from pip_cache import run_interpreted
     runs = run_interpreted(INTERPRETED % (COUNTS,))
     for counts, run in zip(COUNTS, runs):

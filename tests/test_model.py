@@ -117,3 +117,26 @@ def test_flop_model_gives_the_reference_numbers_for_olmoe_1b_7b():
     cfg = load_config("configs/olmoe-1b-7b.yaml", [])
     assert round(matmul_params_per_token(cfg) / 1e9, 2) == 1.18
     assert round(flops_per_token(cfg, 4096) / 1e9, 1) == 7.9
+
+
+def test_rope_tables_are_made_once_and_a_model_trains_after_an_inference_mode_forward():
+    """The cos/sin tables of a training step are made once and shared (the same tensors at the next
+    step, equal to fresh ones); tables asked for under inference mode are not kept, so a backward
+    after a generation or evaluation pass under torch.inference_mode still works."""
+    from megamoe.model import rope
+    rope._cached_tables.cache_clear()
+    first = rope.rope_cos_sin(24, 8, 10000.0, "cpu", torch.float32, 3)
+    again = rope.rope_cos_sin(24, 8, 10000, torch.device("cpu"), torch.float32, 3)
+    assert all(a is b for a, b in zip(first, again))
+    fresh = rope._tables(24, 8, 10000.0, torch.device("cpu"), torch.float32, 3)
+    assert all(torch.equal(a, b) for a, b in zip(first, fresh))
+    assert rope.rope_cos_sin(24, 8, 10000.0, "cpu", torch.float32, 0)[0] is not first[0]  # other positions
+    rope._cached_tables.cache_clear()
+    model, _ = pair(tiny())
+    tokens = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        model(tokens)
+    model.train()
+    out = model(tokens)
+    (out.logits.square().mean() + out.aux_loss).backward()
+    assert model.embed.weight.grad is not None

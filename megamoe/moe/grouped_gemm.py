@@ -92,6 +92,11 @@ def wgrad_available(a: torch.Tensor, b: torch.Tensor) -> bool:
 # The weight gradient's pieces of long experts: at most this many bytes of fp32 partial tiles a call
 PIECES_BUDGET = 128 << 20
 CUT_LARGE_EXPERTS = True  # False: one program per output tile for all of its expert's rows (for A/B runs)
+# The weight gradient's uncut schedule: tiles of the longest experts first, dealt back and forth (True),
+# or expert after expert in turn (False, for A/B runs). One tile's program sums all of its expert's
+# rows, so with OLMoE's w2 (64 tiles an expert, 132 programs) the programs holding the busiest
+# expert's tiles ran ~27% past the rest at a model's routing (a schedule model, session 13).
+LONGEST_FIRST = True
 
 
 def wgrad_cut(rows: int, experts: int, m: int, n: int, tiles: int, bk: int, programs: int) -> tuple[int, int]:
@@ -206,8 +211,10 @@ if triton is not None:
                             M: tl.constexpr, N: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                             NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, SLICES: tl.constexpr,
-                            CUT: tl.constexpr, PIECE: tl.constexpr):
-        """PIECE = 0: a work item is one output tile of one expert, the programs take them in turn.
+                            CUT: tl.constexpr, PIECE: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+        """PIECE = 0: a work item is one output tile of one expert; with LONGEST_FIRST the items of the
+        longest experts come first and each round of NUM_PROGRAMS items is dealt in the opposite
+        direction to the one before, else expert by expert in turn.
         Otherwise experts longer than CUT rows are cut into pieces of PIECE rows, an item is one output
         tile of one piece, items go largest piece first, and each program takes the next item left
         when it is done (a counter at `next_ptr`: the longest items start first and the rest fill in).
@@ -220,12 +227,28 @@ if triton is not None:
         b_desc = _ragged_descriptor(b_ptr, N, BK, BN)
         c_desc = tl.make_tensor_descriptor(c_ptr, shape=[E * M, N], strides=[N, 1], block_shape=[BM, BN // SLICES])
         if PIECE == 0:
+            if LONGEST_FIRST:  # each expert's place when sorted by rows, longest first (ties: lower expert first)
+                es = tl.arange(0, E_P2)
+                gend = tl.load(offs_ptr + es, mask=es < E, other=0)
+                size = tl.where(es < E, gend - tl.load(offs_ptr + es - 1, mask=(es > 0) & (es < E), other=0), -1)
+                ahead = (size[None, :] > size[:, None]) | ((size[None, :] == size[:, None]) & (es[None, :] < es[:, None]))
+                place = tl.sum(ahead.to(tl.int32), 1)
             for t in tl.range(pid, E * per, NUM_PROGRAMS, flatten=True, warp_specialize=WS):
-                e = t // per
+                if LONGEST_FIRST:
+                    # items in that order, dealt to the programs back and forth: round r goes to programs
+                    # 0.. in even rounds and ..0 in odd ones (a whole odd round only: a last partial
+                    # round runs forwards so that its items all have programs)
+                    rnd = t // NUM_PROGRAMS
+                    back = (rnd % 2 == 1) & ((rnd + 1) * NUM_PROGRAMS <= E * per)
+                    s = tl.where(back, t + NUM_PROGRAMS - 1 - 2 * pid, t)
+                    e = tl.sum(tl.where(place == s // per, es, 0))
+                else:
+                    s = t
+                    e = t // per
                 row0 = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
                 rows = tl.load(offs_ptr + e) - row0
-                acc = _wgrad_tile(a_desc, b_desc, row0, rows, (t % per) // num_n, t % num_n, BM, BN, BK)
-                _store_tile(c_desc, acc, e, (t % per) // num_n, t % num_n, M, BM, BN, SLICES)
+                acc = _wgrad_tile(a_desc, b_desc, row0, rows, (s % per) // num_n, s % num_n, BM, BN, BK)
+                _store_tile(c_desc, acc, e, (s % per) // num_n, s % num_n, M, BM, BN, SLICES)
         else:
             es, gstart, gend, cut, pieces = _pieces(offs_ptr, E, E_P2, CUT, PIECE)
             slot_end = tl.cumsum(tl.where(cut, pieces, 0), 0)  # partial slots up to e's end
@@ -349,7 +372,7 @@ if triton is not None:
         _launch(_weight_grad_kernel, wrap)[(programs,)](
             a, b, out, part, offs, counter, M=M, N=N, E=E, E_P2=e_p2, BM=bm, BN=bn, BK=bk,
             NUM_PROGRAMS=programs, WS=warp_specialize, SLICES=slices, CUT=longer, PIECE=piece,
-            num_warps=warps, num_stages=stages)
+            LONGEST_FIRST=LONGEST_FIRST, num_warps=warps, num_stages=stages)
         if piece:
             sbm, sbn = min(bm, 64), min(bn, 128)
             _launch(_sum_pieces_kernel, wrap)[(E, (M // sbm) * (N // sbn))](

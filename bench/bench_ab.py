@@ -1,0 +1,102 @@
+"""A/B of a module-level switch on the compiled forward+backward of OLMoE, in one process.
+
+    PYTHONUNBUFFERED=1 python bench/bench_ab.py megamoe.moe.grouped_gemm.FUSE_SWIGLU=True,False
+    python bench/bench_ab.py --cpu-smoke megamoe.moe.grouped_gemm.FUSE_SWIGLU=True,False
+
+Builds the model once (`bench_model.py`'s OLMoE-1B-7B, seq 4096, bf16, or `--set` changes), then for
+each of `--rounds` rounds and each value in turn sets the switch, recompiles the blocks and times
+`bench_model.py`'s step (median of --iters after --warmup, CUDA events), so that the values alternate
+on one GPU and one draw of weights and data. Rows go to `bench_ab.jsonl` under $OUT (or bench_out/),
+with each MoE layer's expert loads of the last timed step. A profile of the first value's kernels
+with `--profile`.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+
+import torch
+import yaml
+
+import bench_model as bm
+from common import build_megamoe, env_info, matmul_ceiling_tflops, out_dir, sync
+from megamoe.config import Config
+from megamoe.model.compile import apply_compile
+from megamoe.model.flops import flops_per_token
+
+
+def parse_switch(text: str):
+    """'package.module.NAME=v1,v2' → (module, NAME, [v1, v2]) with YAML values."""
+    target, values = text.split("=", 1)
+    module, name = target.rsplit(".", 1)
+    mod = importlib.import_module(module)
+    if not hasattr(mod, name):
+        raise SystemExit(f"bench_ab: error: {module} has no {name}")
+    return mod, name, [yaml.safe_load(v) for v in values.split(",")]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("switch", help="MODULE.NAME=VALUE,VALUE,...")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--mb", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU in fp32, eager: checks the script runs")
+    ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE")
+    args = ap.parse_args()
+    module, name, values = parse_switch(args.switch)
+    if args.cpu_smoke:
+        device, dtype, cfg = torch.device("cpu"), torch.float32, bm.tiny_config()
+        args.seq, args.warmup, args.iters, args.rounds = 32, 1, 2, 1
+    else:
+        device, dtype, cfg = torch.device("cuda"), torch.bfloat16, Config.olmoe_1b_7b()
+        for item in args.set:
+            key, value = item.split("=", 1)
+            section, field = key.split(".")
+            setattr(getattr(cfg, section), field, yaml.safe_load(value))
+        cfg.data.seq_length = cfg.model.max_seq_len = max(args.seq, cfg.model.max_seq_len)
+        cfg.validate()
+        torch._dynamo.config.cache_size_limit = 64
+        torch._dynamo.config.automatic_dynamic_shapes = False
+    args.mb = [args.mb]
+    info = env_info(device)
+    ceiling = matmul_ceiling_tflops(device, n=8192 if device.type == "cuda" else 256)
+    info.update(matmul_ceiling_tflops=ceiling, flops_per_token=flops_per_token(cfg, args.seq), args=vars(args))
+    print(json.dumps(info), flush=True)
+    log = open(os.path.join(out_dir(), "bench_ab.jsonl"), "a")
+    log.write(json.dumps({"env": info}) + "\n")
+    model = build_megamoe(cfg, device, dtype)
+    results = []
+    for rnd in range(args.rounds):
+        for value in values:
+            setattr(module, name, value)
+            label = f"{name}={value}"
+            if device.type == "cuda":
+                apply_compile(model, None)  # resets dynamo: the switch is read again while tracing
+            t0 = time.perf_counter()
+            bm.megamoe_step(model, bm.batches(cfg, args.mb[0], args.seq, device, n=1))()
+            sync(device)
+            print(f"{label}: first step {time.perf_counter() - t0:.1f} s", flush=True)
+            rows = bm.measure(f"{label} round {rnd}", bm.megamoe_step, model, cfg, args, device, ceiling, log)
+            results += [(label, r) for r in rows]
+            if args.profile and rnd == 0 and value == values[0]:
+                bm.profile(model, cfg, args, device, os.path.join(out_dir(), f"profile_ab_{value}.txt"))
+    print(f"\n{'value':<32} {'round':>5} {'tok/s':>9} {'median ms':>10}")
+    for label, r in results:
+        print(f"{label:<32} {r['system'].rsplit(' ', 1)[-1]:>5} {r['tok_s']:9.0f} {r['median_ms']:10.2f}")
+    for value in values:
+        ms = sorted(r["median_ms"] for label, r in results if label == f"{name}={value}")
+        if ms:
+            print(f"{name}={value}: medians {', '.join(f'{m:.2f}' for m in ms)} ms")
+    if not results:
+        sys.exit("no measurement")
+
+
+if __name__ == "__main__":
+    main()
