@@ -50,6 +50,9 @@ for counts in %r:
     G.LONGEST_FIRST = False  # expert after expert
     got.append(G.launch_weight_grad_mm(a, dy, offs, config=(32, 64, 16, 4, 2, 2), cut=(0, 0)))
     G.LONGEST_FIRST = True
+    G.ROWS_TMA_STORE = False  # masked stores from registers
+    got.append(G.launch_rows_mm(a, b, offs, config=(16, 32, 16, 4, 2)))
+    G.ROWS_TMA_STORE = True
     out.append([t.tolist() for t in (a, dy, b, bt, *got)])
 print(out)
 """
@@ -57,7 +60,8 @@ print(out)
 
 def test_the_triton_kernels_compute_each_experts_product():
     """Under Triton's interpreter (fp32): the row-grouped product (weight read as stored and as its
-    transpose) and the weight gradient equal the per-expert loop; an empty expert's gradient is 0,
+    transpose; its tiles stored by TMA through ragged descriptors, or masked) and the weight gradient
+    equal the per-expert loop; an empty expert's gradient is 0,
     no tile writes rows of a neighbouring expert (masked stores) and no expert's gradient sums a
     neighbour's rows (ragged loads read zeros past each expert's end). The weight gradient also with
     long experts cut into pieces and the pieces taken largest first from a counter: past 32 rows in
@@ -68,8 +72,8 @@ def test_the_triton_kernels_compute_each_experts_product():
     from pip_cache import run_interpreted
     runs = run_interpreted(INTERPRETED % (COUNTS,))
     for counts, run in zip(COUNTS, runs):
-        a, dy, b, bt, rows, rows_t, *wgrads = map(torch.tensor, run)
-        for got, t in ((rows, False), (rows_t, True)):
+        a, dy, b, bt, rows, rows_t, *wgrads, rows_masked = map(torch.tensor, run)
+        for got, t in ((rows, False), (rows_t, True), (rows_masked, False)):
             torch.testing.assert_close(got, rows_ref(a, bt if t else b, counts, trans_b=t), rtol=1e-5, atol=1e-4)
         want = wgrad_ref(a, dy, counts)
         for wgrad in wgrads:

@@ -97,6 +97,9 @@ CUT_LARGE_EXPERTS = True  # False: one program per output tile for all of its ex
 # rows, so with OLMoE's w2 (64 tiles an expert, 132 programs) the programs holding the busiest
 # expert's tiles ran ~27% past the rest at a model's routing (a schedule model, session 13).
 LONGEST_FIRST = True
+# The row-grouped product's output tiles leave by TMA through a ragged descriptor (True: asynchronous,
+# rows past the expert's end dropped by the copy engine), or by masked stores from registers (False)
+ROWS_TMA_STORE = True
 
 
 def wgrad_cut(rows: int, experts: int, m: int, n: int, tiles: int, bk: int, programs: int) -> tuple[int, int]:
@@ -138,12 +141,20 @@ if triton is not None:
         return tl.reshape(desc.load([_BIG, start + rows, _BIG - rows + row, col]), [BR, BC])
 
     @triton.jit
+    def _ragged_store(desc, start, rows, row, col, data, BR: tl.constexpr, BC: tl.constexpr):
+        """Stores [BR, BC] at rows start + row.. and columns col.., dropping rows at and past start + rows."""
+        desc.store([_BIG, start + rows, _BIG - rows + row, col], tl.reshape(data, [1, 1, BR, BC]))
+
+    @triton.jit
     def _rows_mm_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, R,
                         N: tl.constexpr, K: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr,
                         TRANS_B: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr):
+                        NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, TMA_STORE: tl.constexpr,
+                        SLICES: tl.constexpr):
         pid = tl.program_id(0)
         num_n: tl.constexpr = N // BN
+        if TMA_STORE:
+            c_desc = _ragged_descriptor(c_ptr, N, BM, BN // SLICES)
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[K, 1], block_shape=[BM, BK])
         if TRANS_B:
             b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * N, K], strides=[K, 1], block_shape=[BN, BK])
@@ -169,9 +180,18 @@ if triton is not None:
                 else:
                     b = b_desc.load([e * K + kk * BK, tn * BN])
                 acc = tl.dot(a, b, acc)
-            r = tl.arange(0, BM)
-            ptrs = c_ptr + (start + r).to(tl.int64)[:, None] * N + (tn * BN + tl.arange(0, BN))[None, :]
-            tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=(r < rows)[:, None])
+            if TMA_STORE:  # rows past the expert's end fall outside the ragged window: not written
+                out = acc.to(c_ptr.dtype.element_ty)
+                if SLICES == 1:
+                    _ragged_store(c_desc, start, rows, 0, tn * BN, out, BM, BN)
+                else:  # two column slices: the store's shared memory buffer is half the tile
+                    lo, hi = tl.split(tl.reshape(out, (BM, 2, BN // 2)).permute(0, 2, 1))
+                    _ragged_store(c_desc, start, rows, 0, tn * BN, lo, BM, BN // 2)
+                    _ragged_store(c_desc, start, rows, 0, tn * BN + BN // 2, hi, BM, BN // 2)
+            else:
+                r = tl.arange(0, BM)
+                ptrs = c_ptr + (start + r).to(tl.int64)[:, None] * N + (tn * BN + tl.arange(0, BN))[None, :]
+                tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=(r < rows)[:, None])
 
     @triton.jit
     def _pieces(offs_ptr, E: tl.constexpr, E_P2: tl.constexpr, CUT: tl.constexpr, PIECE: tl.constexpr):
@@ -342,7 +362,8 @@ if triton is not None:
         programs = _programs(a.device, (triton.cdiv(R, bm) + E) * (N // bn))
         _launch(_rows_mm_kernel, wrap)[(programs,)](
             a, b, out, offs, R, N=N, K=K, E=E, E_P2=triton.next_power_of_2(E), TRANS_B=trans_b,
-            BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, WS=ws, num_warps=warps, num_stages=stages)
+            BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, WS=ws, TMA_STORE=ROWS_TMA_STORE, SLICES=2,
+            num_warps=warps, num_stages=stages)
         return out
 
     def launch_weight_grad_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, config=None,
