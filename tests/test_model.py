@@ -141,24 +141,3 @@ def test_rope_tables_are_made_once_and_a_model_trains_after_an_inference_mode_fo
     (out.logits.square().mean() + out.aux_loss).backward()
     assert model.embed.weight.grad is not None
 
-
-def test_the_fused_qkv_product_equals_three_projections(monkeypatch):
-    """q, k and v as one product against the three weights side by side give the output and the
-    gradients (x, each projection's weight, the norms) of three separate projections."""
-    from megamoe.model import attention
-    torch.manual_seed(0)
-    attn = attention.Attention(32, 4, 8)
-    for p in attn.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    x = torch.randn(2, 12, 32, requires_grad=True)
-    cos, sin = torch.ones(12, 8), torch.zeros(12, 8)
-    results = []
-    for fused in (True, False):
-        monkeypatch.setattr(attention, "FUSED_QKV", fused)
-        out = attn(x, cos, sin)
-        params = [x] + list(attn.parameters())
-        results.append((out, torch.autograd.grad(out.square().sum(), params)))
-    (a, grads_a), (b, grads_b) = results
-    torch.testing.assert_close(a, b)
-    for ga, gb in zip(grads_a, grads_b):
-        torch.testing.assert_close(ga, gb)

@@ -8,9 +8,6 @@ from .norm import RMSNorm
 from .rope import apply_rope
 
 
-FUSED_QKV = True  # False: three products (for A/B runs)
-
-
 class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, head_dim: int, eps: float = 1e-5,
                  clip_qkv: float | None = None):
@@ -26,15 +23,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x.shape
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        if FUSED_QKV and all(type(p) is nn.Linear and p.bias is None for p in projections):
-            # one product against the three weights side by side: a GEMM three times as wide, and in
-            # the backward one for x's gradient instead of three and their sum
-            weight = torch.cat([p.weight for p in projections])
-            q, k, v = F.linear(x, weight).split([p.out_features for p in projections], dim=-1)
-        else:  # tensor parallelism's column-parallel layers
-            q, k, v = (p(x) for p in projections)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.q_norm(self.q_proj(x)), self.k_norm(self.k_proj(x)), self.v_proj(x)
         if self.clip_qkv is not None:
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         # [B, S, H*D] -> [B, H, S, D]; H is the local head count under tensor parallelism.
