@@ -15,8 +15,12 @@ rows may run past its expert's end into the next expert's rows: they only feed o
 the masked store leaves alone. The weight gradient sums over an expert's rows and must not see the
 next expert's, so it loads through *ragged* descriptors (the construction of
 `triton.tools.ragged_tma`): two leading dimensions whose strides wrap around the 64-bit address
-space make the hardware read zeros past the expert's last row. The tile → expert map is built in the
-kernel from `offs` (no row count reaches the host). Both accumulate in fp32 and round once. Where an
+space make the hardware read zeros past the expert's last row; the row-grouped product stores its
+tiles through the same kind of descriptor, so that the copy engine drops rows past the expert's end.
+The tile → expert map is built in the kernel from `offs` (no row count reaches the host). Both
+accumulate in fp32 and round once. The weight gradient deals its tiles longest expert first, each
+round of programs in the direction opposite to the last (`LONGEST_FIRST`): a tile's program sums all
+of its expert's rows, and taken expert after expert the busiest expert's tiles were the tail. Where an
 expert's output tiles are few (the small model), an expert far past the mean would keep a few programs
 busy long after the rest: the weight gradient then cuts it into pieces (`wgrad_cut`), writes each piece's
 fp32 tiles apart and sums them in order in a second kernel (deterministic), taking the largest items first.
