@@ -23,7 +23,6 @@ import yaml
 
 import bench_model as bm
 from common import build_megamoe, env_info, matmul_ceiling_tflops, out_dir, sync
-from megamoe.config import Config
 from megamoe.model.compile import apply_compile
 from megamoe.model.flops import flops_per_token
 
@@ -55,15 +54,7 @@ def main():
         device, dtype, cfg = torch.device("cpu"), torch.float32, bm.tiny_config()
         args.seq, args.warmup, args.iters, args.rounds = 32, 1, 2, 1
     else:
-        device, dtype, cfg = torch.device("cuda"), torch.bfloat16, Config.olmoe_1b_7b()
-        for item in args.set:
-            key, value = item.split("=", 1)
-            section, field = key.split(".")
-            setattr(getattr(cfg, section), field, yaml.safe_load(value))
-        cfg.data.seq_length = cfg.model.max_seq_len = max(args.seq, cfg.model.max_seq_len)
-        cfg.validate()
-        torch._dynamo.config.cache_size_limit = 64
-        torch._dynamo.config.automatic_dynamic_shapes = False
+        device, dtype, cfg = torch.device("cuda"), torch.bfloat16, bm.gpu_config(args.set, args.seq)
     args.mb = [args.mb]
     info = env_info(device)
     ceiling = matmul_ceiling_tflops(device, n=8192 if device.type == "cuda" else 256)

@@ -38,6 +38,21 @@ def tiny_config() -> Config:
                   moe=MoEConfig(num_experts=8, top_k=2, ffn_hidden=32), data=DataConfig(seq_length=64)).validate()
 
 
+def gpu_config(settings: list[str], seq: int) -> Config:
+    """OLMoE-1B-7B changed by `--set` items (SECTION.KEY=VALUE) at sequence length `seq`; dynamo
+    set up for one static graph per micro-batch size."""
+    cfg = Config.olmoe_1b_7b()
+    for item in settings:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, yaml.safe_load(value))
+    cfg.data.seq_length = cfg.model.max_seq_len = max(seq, cfg.model.max_seq_len)
+    cfg.validate()
+    torch._dynamo.config.cache_size_limit = 64
+    torch._dynamo.config.automatic_dynamic_shapes = False  # static graphs per micro-batch size
+    return cfg
+
+
 def batches(cfg: Config, mb: int, seq: int, device, n: int = 4, seed: int = 0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     return [torch.randint(0, cfg.model.vocab_size, (mb, seq + 1), generator=g).to(device) for _ in range(n)]
@@ -179,15 +194,7 @@ def main():
         device, dtype, cfg = torch.device("cpu"), torch.float32, tiny_config()
         args.seq, args.mb, args.warmup, args.iters = 32, [1, 2], 1, 2
     else:
-        device, dtype, cfg = torch.device("cuda"), torch.bfloat16, Config.olmoe_1b_7b()
-        for item in args.set:
-            key, value = item.split("=", 1)
-            section, name = key.split(".")
-            setattr(getattr(cfg, section), name, yaml.safe_load(value))
-        cfg.data.seq_length = cfg.model.max_seq_len = max(args.seq, cfg.model.max_seq_len)
-        cfg.validate()
-        torch._dynamo.config.cache_size_limit = 64
-        torch._dynamo.config.automatic_dynamic_shapes = False  # static graphs per micro-batch size
+        device, dtype, cfg = torch.device("cuda"), torch.bfloat16, gpu_config(args.set, args.seq)
     for item in args.inductor:
         key, value = item.split("=", 1)
         setattr(torch._inductor.config, key, yaml.safe_load(value))
