@@ -13,7 +13,6 @@ with `--profile`.
 
 import argparse
 import importlib
-import json
 import os
 import sys
 import time
@@ -22,9 +21,8 @@ import torch
 import yaml
 
 import bench_model as bm
-from common import build_megamoe, env_info, matmul_ceiling_tflops, out_dir, sync
+from common import build_megamoe, out_dir, sync
 from megamoe.model.compile import apply_compile
-from megamoe.model.flops import flops_per_token
 
 
 def parse_switch(text: str):
@@ -56,12 +54,7 @@ def main():
     else:
         device, dtype, cfg = torch.device("cuda"), torch.bfloat16, bm.gpu_config(args.set, args.seq)
     args.mb = [args.mb]
-    info = env_info(device)
-    ceiling = matmul_ceiling_tflops(device, n=8192 if device.type == "cuda" else 256)
-    info.update(matmul_ceiling_tflops=ceiling, flops_per_token=flops_per_token(cfg, args.seq), args=vars(args))
-    print(json.dumps(info), flush=True)
-    log = open(os.path.join(out_dir(), "bench_ab.jsonl"), "a")
-    log.write(json.dumps({"env": info}) + "\n")
+    ceiling, log = bm.open_log(device, cfg, args, "bench_ab.jsonl")
     model = build_megamoe(cfg, device, dtype)
     results = []
     for rnd in range(args.rounds):

@@ -53,6 +53,18 @@ def gpu_config(settings: list[str], seq: int) -> Config:
     return cfg
 
 
+def open_log(device, cfg: Config, args, name: str):
+    """(the bf16 matmul ceiling measured here, TFLOP/s; the JSONL log `name` under $OUT, opened for
+    appending, its first row the environment and the arguments, also printed)."""
+    info = env_info(device)
+    ceiling = matmul_ceiling_tflops(device, n=8192 if device.type == "cuda" else 256)
+    info.update(matmul_ceiling_tflops=ceiling, flops_per_token=flops_per_token(cfg, args.seq), args=vars(args))
+    print(json.dumps(info), flush=True)
+    log = open(os.path.join(out_dir(), name), "a")
+    log.write(json.dumps({"env": info}) + "\n")
+    return ceiling, log
+
+
 def batches(cfg: Config, mb: int, seq: int, device, n: int = 4, seed: int = 0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     return [torch.randint(0, cfg.model.vocab_size, (mb, seq + 1), generator=g).to(device) for _ in range(n)]
@@ -199,12 +211,7 @@ def main():
         key, value = item.split("=", 1)
         setattr(torch._inductor.config, key, yaml.safe_load(value))
     systems = args.systems.split(",")
-    info = env_info(device)
-    ceiling = matmul_ceiling_tflops(device, n=8192 if device.type == "cuda" else 256)
-    info.update(matmul_ceiling_tflops=ceiling, flops_per_token=flops_per_token(cfg, args.seq), args=vars(args))
-    print(json.dumps(info), flush=True)
-    log = open(os.path.join(out_dir(), "bench_model.jsonl"), "a")
-    log.write(json.dumps({"env": info}) + "\n")
+    ceiling, log = open_log(device, cfg, args, "bench_model.jsonl")
 
     ours = build_megamoe(cfg, device, dtype)
     n_params = sum(p.numel() for p in ours.parameters())
