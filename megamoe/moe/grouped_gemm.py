@@ -145,6 +145,24 @@ if triton is not None:
         return tl.reshape(desc.load([_BIG, start + rows, _BIG - rows + row, col]), [BR, BC])
 
     @triton.jit
+    def _groups(offs_ptr, E: tl.constexpr, E_P2: tl.constexpr):
+        """Per expert (a [E_P2] vector, zeros past E): its index, first row and end row."""
+        es = tl.arange(0, E_P2)
+        gend = tl.load(offs_ptr + es, mask=es < E, other=0)
+        gstart = tl.load(offs_ptr + es - 1, mask=(es > 0) & (es < E), other=0)
+        return es, gstart, gend
+
+    @triton.jit
+    def _ahead(size, es):
+        """[E_P2, E_P2]: [e, f] when f comes before e, longest first (ties: lower expert first)."""
+        return (size[None, :] > size[:, None]) | ((size[None, :] == size[:, None]) & (es[None, :] < es[:, None]))
+
+    @triton.jit
+    def _halves(out, BM: tl.constexpr, BN: tl.constexpr):
+        """A [BM, BN] tile's two [BM, BN / 2] column halves (stores through half-width buffers)."""
+        return tl.split(tl.reshape(out, (BM, 2, BN // 2)).permute(0, 2, 1))
+
+    @triton.jit
     def _ragged_store(desc, start, rows, row, col, data, BR: tl.constexpr, BC: tl.constexpr):
         """Stores [BR, BC] at rows start + row.. and columns col.., dropping rows at and past start + rows."""
         desc.store([_BIG, start + rows, _BIG - rows + row, col], tl.reshape(data, [1, 1, BR, BC]))
@@ -153,20 +171,17 @@ if triton is not None:
     def _rows_mm_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, R,
                         N: tl.constexpr, K: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr,
                         TRANS_B: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, TMA_STORE: tl.constexpr,
-                        SLICES: tl.constexpr):
+                        NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, TMA_STORE: tl.constexpr):
         pid = tl.program_id(0)
         num_n: tl.constexpr = N // BN
         if TMA_STORE:
-            c_desc = _ragged_descriptor(c_ptr, N, BM, BN // SLICES)
+            c_desc = _ragged_descriptor(c_ptr, N, BM, BN // 2)  # two column slices: half the tile's buffer
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[K, 1], block_shape=[BM, BK])
         if TRANS_B:
             b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * N, K], strides=[K, 1], block_shape=[BN, BK])
         else:
             b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * K, N], strides=[N, 1], block_shape=[BK, BN])
-        es = tl.arange(0, E_P2)
-        gend = tl.load(offs_ptr + es, mask=es < E, other=0)
-        gstart = tl.load(offs_ptr + es - 1, mask=(es > 0) & (es < E), other=0)
+        es, gstart, gend = _groups(offs_ptr, E, E_P2)
         tile_end = tl.cumsum(tl.where(es < E, (gend - gstart + BM - 1) // BM, 0), 0)  # BM-row tiles up to e's end
         tiles = tl.max(tile_end) * num_n
         for t in tl.range(pid, tiles, NUM_PROGRAMS, flatten=True, warp_specialize=WS):
@@ -185,13 +200,9 @@ if triton is not None:
                     b = b_desc.load([e * K + kk * BK, tn * BN])
                 acc = tl.dot(a, b, acc)
             if TMA_STORE:  # rows past the expert's end fall outside the ragged window: not written
-                out = acc.to(c_ptr.dtype.element_ty)
-                if SLICES == 1:
-                    _ragged_store(c_desc, start, rows, 0, tn * BN, out, BM, BN)
-                else:  # two column slices: the store's shared memory buffer is half the tile
-                    lo, hi = tl.split(tl.reshape(out, (BM, 2, BN // 2)).permute(0, 2, 1))
-                    _ragged_store(c_desc, start, rows, 0, tn * BN, lo, BM, BN // 2)
-                    _ragged_store(c_desc, start, rows, 0, tn * BN + BN // 2, hi, BM, BN // 2)
+                lo, hi = _halves(acc.to(c_ptr.dtype.element_ty), BM, BN)
+                _ragged_store(c_desc, start, rows, 0, tn * BN, lo, BM, BN // 2)
+                _ragged_store(c_desc, start, rows, 0, tn * BN + BN // 2, hi, BM, BN // 2)
             else:
                 r = tl.arange(0, BM)
                 ptrs = c_ptr + (start + r).to(tl.int64)[:, None] * N + (tn * BN + tl.arange(0, BN))[None, :]
@@ -201,9 +212,7 @@ if triton is not None:
     def _pieces(offs_ptr, E: tl.constexpr, E_P2: tl.constexpr, CUT: tl.constexpr, PIECE: tl.constexpr):
         """Per expert (a [E_P2] vector): first row, end row, whether it is cut (longer than CUT rows)
         and its pieces (⌈rows / PIECE⌉ if cut, else 1; 0 past E)."""
-        es = tl.arange(0, E_P2)
-        gend = tl.load(offs_ptr + es, mask=es < E, other=0)
-        gstart = tl.load(offs_ptr + es - 1, mask=(es > 0) & (es < E), other=0)
+        es, gstart, gend = _groups(offs_ptr, E, E_P2)
         rows = gend - gstart
         cut = rows > CUT
         pieces = tl.where(es < E, tl.where(cut, (rows + PIECE - 1) // PIECE, 1), 0)
@@ -216,7 +225,7 @@ if triton is not None:
         if SLICES == 1:
             c_desc.store([e * M + tm * BM, tn * BN], out)
         else:  # two column slices: the store's shared memory buffer is half the tile
-            lo, hi = tl.split(tl.reshape(out, (BM, 2, BN // 2)).permute(0, 2, 1))
+            lo, hi = _halves(out, BM, BN)
             c_desc.store([e * M + tm * BM, tn * BN], lo)
             c_desc.store([e * M + tm * BM, tn * BN + BN // 2], hi)
 
@@ -251,12 +260,9 @@ if triton is not None:
         b_desc = _ragged_descriptor(b_ptr, N, BK, BN)
         c_desc = tl.make_tensor_descriptor(c_ptr, shape=[E * M, N], strides=[N, 1], block_shape=[BM, BN // SLICES])
         if PIECE == 0:
-            if LONGEST_FIRST:  # each expert's place when sorted by rows, longest first (ties: lower expert first)
-                es = tl.arange(0, E_P2)
-                gend = tl.load(offs_ptr + es, mask=es < E, other=0)
-                size = tl.where(es < E, gend - tl.load(offs_ptr + es - 1, mask=(es > 0) & (es < E), other=0), -1)
-                ahead = (size[None, :] > size[:, None]) | ((size[None, :] == size[:, None]) & (es[None, :] < es[:, None]))
-                place = tl.sum(ahead.to(tl.int32), 1)
+            if LONGEST_FIRST:  # each expert's place when sorted by rows, longest first
+                es, gstart, gend = _groups(offs_ptr, E, E_P2)
+                place = tl.sum(_ahead(tl.where(es < E, gend - gstart, -1), es).to(tl.int32), 1)
             for t in tl.range(pid, E * per, NUM_PROGRAMS, flatten=True, warp_specialize=WS):
                 if LONGEST_FIRST:
                     # items in that order, dealt to the programs back and forth: round r goes to programs
@@ -278,8 +284,7 @@ if triton is not None:
             slot_end = tl.cumsum(tl.where(cut, pieces, 0), 0)  # partial slots up to e's end
             # experts by piece length, longest first (ties: lower expert first); padding last
             size = tl.where(es < E, tl.where(cut, PIECE, gend - gstart), -1)
-            ahead = (size[None, :] > size[:, None]) | ((size[None, :] == size[:, None]) & (es[None, :] < es[:, None]))
-            first = tl.sum(tl.where(ahead, pieces[None, :], 0), 1)  # e's first piece in that order
+            first = tl.sum(tl.where(_ahead(size, es), pieces[None, :], 0), 1)  # e's first piece in that order
             items = tl.sum(pieces) * per
             t = pid
             while t < items:
@@ -366,7 +371,7 @@ if triton is not None:
         programs = _programs(a.device, (triton.cdiv(R, bm) + E) * (N // bn))
         _launch(_rows_mm_kernel, wrap)[(programs,)](
             a, b, out, offs, R, N=N, K=K, E=E, E_P2=triton.next_power_of_2(E), TRANS_B=trans_b,
-            BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, WS=ws, TMA_STORE=ROWS_TMA_STORE, SLICES=2,
+            BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, WS=ws, TMA_STORE=ROWS_TMA_STORE,
             num_warps=warps, num_stages=stages)
         return out
 
