@@ -20,11 +20,12 @@ OURS = ("megamoe/", "deepspeed/", "bench/", "torch/optim/", "torch/nn/utils/clip
 
 
 class Stacks:
-    """Python frames of each host thread, nested: the frames (ours) enclosing a host time."""
+    """Python frames (or, with cat="cpu_op", torch's operators) of each host thread, nested: the
+    frames (ours) enclosing a host time."""
 
-    def __init__(self, events: list[dict]):
+    def __init__(self, events: list[dict], cat: str = "python_function"):
         self.threads = {}
-        for e in sorted((e for e in events if e.get("cat") == "python_function" and e.get("ph") == "X"),
+        for e in sorted((e for e in events if e.get("cat") == cat and e.get("ph") == "X"),
                         key=lambda e: (e["ts"], -e.get("dur", 0))):
             starts, evs, parent, open_ = self.threads.setdefault(e.get("tid"), ([], [], [], []))
             end = e["ts"] + e.get("dur", 0)
@@ -35,8 +36,9 @@ class Stacks:
             starts.append(e["ts"])
             evs.append(e)
 
-    def frames(self, tid, t: float) -> list[str]:
-        """This repository's (and DeepSpeed's, torch.optim's) frames enclosing t, outermost first."""
+    def frames(self, tid, t: float, ours=OURS) -> list[str]:
+        """This repository's (and DeepSpeed's, torch.optim's) frames enclosing t, outermost first;
+        ours=None: every frame's name."""
         if tid not in self.threads:
             return []
         starts, evs, parent, _ = self.threads[tid]
@@ -46,7 +48,7 @@ class Stacks:
         names = []
         while i >= 0:
             name = evs[i]["name"]
-            for k in OURS:
+            for k in ours or ("",):
                 if k in name:
                     names.append(name[name.index(k):])
                     break
@@ -63,12 +65,22 @@ def analyse(trace: dict, min_us: float = 20.0) -> dict:
     device = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
                     key=lambda e: e["ts"])
     runtime = {e["args"]["correlation"]: e for e in events
-               if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
-    stacks = Stacks(events)
+               if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    stacks, ops = Stacks(events), Stacks(events, "cpu_op")
+    host = defaultdict(list)  # Python functions and operators by thread
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("python_function", "cpu_op"):
+            host[e.get("tid")].append(e)
     gaps, by_site, small, counts, times = [], defaultdict(float), 0.0, defaultdict(int), defaultdict(float)
+    launchers = defaultdict(lambda: defaultdict(int))  # kernel -> (operator, frames) -> launches
     for e in device:
         counts[e["name"][:90]] += 1
         times[e["name"][:90]] += e.get("dur", 0)
+        launch = runtime.get(e.get("args", {}).get("correlation"))
+        if launch:  # the innermost operator and the two innermost Python frames around the launch
+            op = (ops.frames(launch.get("tid"), launch["ts"], None) or ["?"])[-1]
+            py = " > ".join(f.split("/")[-1][:60] for f in stacks.frames(launch.get("tid"), launch["ts"], None)[-2:])
+            launchers[e["name"][:90]][f"{op}  {py}"] += 1
     busy = sum(e.get("dur", 0) for e in device)
     span = (device[-1]["ts"] + device[-1].get("dur", 0) - device[0]["ts"]) if device else 0.0
     for prev, cur in zip(device, device[1:]):
@@ -78,8 +90,15 @@ def analyse(trace: dict, min_us: float = 20.0) -> dict:
             continue
         launch = runtime.get(cur.get("args", {}).get("correlation"))
         frames = stacks.frames(launch.get("tid"), launch["ts"]) if launch else []
+        busy_host = []  # what the host ran in the gap's length before the launch, longest overlap first
+        if launch:
+            lo, hi = launch["ts"] - gap, launch["ts"]
+            for h in host.get(launch.get("tid"), []):
+                overlap = min(hi, h["ts"] + h.get("dur", 0)) - max(lo, h["ts"])
+                if overlap > 0.2 * gap and h.get("dur", 0) < 20 * gap:
+                    busy_host.append((overlap, h["name"][-90:]))
         gaps.append({"gap_us": gap, "next": cur["name"][:80], "launch": launch["name"] if launch else "?",
-                     "site": site(frames, 4)})
+                     "site": site(frames, 4), "host": sorted(busy_host, reverse=True)[:6]})
         by_site[site(frames, 2)] += gap
     syncs = []
     for e in events:
@@ -94,7 +113,8 @@ def analyse(trace: dict, min_us: float = 20.0) -> dict:
             "longest": [(name, us, counts[name]) for name, us in sorted(times.items(), key=lambda kv: -kv[1])],
             "gaps_over_min_us": sum(g["gap_us"] for g in gaps), "n_gaps": len(gaps),
             "gaps": sorted(gaps, key=lambda g: -g["gap_us"]),
-            "by_site": sorted(by_site.items(), key=lambda kv: -kv[1]), "syncs": syncs}
+            "by_site": sorted(by_site.items(), key=lambda kv: -kv[1]), "syncs": syncs,
+            "launchers": {k: sorted(v.items(), key=lambda kv: -kv[1])[:3] for k, v in launchers.items()}}
 
 
 def report(trace_path: str, out_path: str, min_us: float = 20.0, top: int = 30) -> dict:
@@ -108,10 +128,16 @@ def report(trace_path: str, out_path: str, min_us: float = 20.0, top: int = 30) 
              "", "idle by launch site (the host reached these late):"]
     lines += [f"{us / 1e3:9.3f} ms  {s}" for s, us in a["by_site"][:top]]
     lines += ["", f"largest gaps (of {a['n_gaps']}):"]
-    lines += [f"{g['gap_us'] / 1e3:9.3f} ms  before {g['next']}  [{g['launch']}]  {g['site']}" for g in a["gaps"][:top]]
+    for i, g in enumerate(a["gaps"][:top]):
+        lines.append(f"{g['gap_us'] / 1e3:9.3f} ms  before {g['next']}  [{g['launch']}]  {g['site']}")
+        if i < 5:  # what the host was running instead (over a fifth of the gap, not far longer than it)
+            lines += [f"              host {us / 1e3:6.3f} ms in {name}" for us, name in g["host"]]
     lines += ["", "device time by kernel (each kernel once: no profiler ranges):"]
     lines += [f"{us / 1e3:9.3f} ms {n:5d}x  {name}" for name, us, n in a["longest"][:60]]
     lines += ["", "most launched:"] + [f"{n:6d}x  {name}" for name, n in a["most_launched"]]
+    lines += ["", "who launched them (innermost operator, innermost Python frames; the 40 longest and the most launched):"]
+    for name in dict.fromkeys([n for n, _, _ in a["longest"][:40]] + [n for n, _ in a["most_launched"]]):
+        lines += [f"  {name}"] + [f"      {n:5d}x  {who}" for who, n in a["launchers"].get(name, [])]
     lines += ["", f"host synchronisations ({len(a['syncs'])}):"]
     lines += [f"{s['dur_us'] / 1e3:9.3f} ms  {s['call']}  {s['site']}" for s in a["syncs"][:top]]
     with open(out_path, "w") as f:

@@ -80,6 +80,31 @@ def test_the_cross_entropy_kernel_computes_the_torch_form():
         assert masked_zero and eval_no_grad and same_dtype, results
 
 
+SCALE_INTERPRETED = """
+import torch
+from megamoe.train import fused_cross_entropy as FC
+FC.SCALE_BLOCK = 64  # several programs, the last one partial
+gen = torch.Generator().manual_seed(0)
+x = torch.randn(13, 29, generator=gen) * 1e3
+s = torch.tensor(1 / 4093)  # not a power of two: the product rounds
+got = FC.launch_scaled(x, s, torch.float32)
+half = FC.launch_scaled(x.to(torch.bfloat16), s, torch.bfloat16)
+want_half = (x.to(torch.bfloat16).float() * s)
+print([torch.equal(got, x * s), got.shape == x.shape, half.dtype == torch.bfloat16,
+       # the interpreter casts fp32 to bf16 by truncation (the GPU rounds to nearest): within one bf16 step
+       bool(((half.float() - want_half).abs() <= want_half.abs() * 2 ** -7).all()),
+       FC.launch_scaled(x[:0], s, torch.float32).shape == (0, 29)])
+"""
+
+
+def test_the_scale_kernel_is_the_fp32_product():
+    """The loss backward's one-pass scaling (`fused_cross_entropy.scaled`'s CUDA kernel), run by
+    Triton's interpreter on the CPU: the fp32 product bit for bit, over several programs."""
+    from pip_cache import run_interpreted
+    results = run_interpreted(SCALE_INTERPRETED)
+    assert results == [True] * 5, results
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton loss kernel runs on CUDA; CI has no GPU and "
                     "checks it under Triton's interpreter above (run on the GPU machine: docs/performance.md)")
 def test_the_cross_entropy_kernel_equals_the_torch_form_on_cuda():
@@ -99,3 +124,15 @@ def test_the_cross_entropy_kernel_equals_the_torch_form_on_cuda():
     compiled_loss, compiled_grad = torch.compile(FC.chunk_loss, fullgraph=True)(logits, labels, True)
     assert torch.equal(compiled_grad, got_grad)
     torch.testing.assert_close(compiled_loss, got_loss, rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the scale kernel runs on CUDA; CI has no GPU and checks "
+                    "it under Triton's interpreter above (run on the GPU machine: docs/performance.md)")
+def test_the_scale_kernel_equals_the_torch_form_on_cuda():
+    """bf16 in, bf16 and fp32 out: the kernel rounds the same fp32 product as the torch form."""
+    from megamoe.train import fused_cross_entropy as FC
+    x = torch.randn(1000, 777, device="cuda")
+    s = torch.tensor(1 / 4093, device="cuda")
+    for src, dtype in ((x.bfloat16(), torch.bfloat16), (x, torch.bfloat16), (x, torch.float32)):
+        assert torch.equal(FC.scaled(src, s, dtype), (src.float() * s).to(dtype))
+

@@ -12,7 +12,15 @@ max and sum per lane, a second reads the row again (in L2 for the most part: a r
 writes the gradient in the logits' dtype, 4-6 bytes an element from memory. Each row's loss is
 written in fp32 and the rows are summed by torch. Rows labelled -100 add nothing and get a zero
 gradient. Checked against the torch form under Triton's interpreter in CI
-(tests/test_train_loss.py), on the GPU by the CUDA test there.
+(tests/test_loss.py), on the GPU by the CUDA test there.
+
+    scaled(x, s, dtype) -> (x.float() · s).to(dtype)    s: a 0-dim fp32 tensor on x's device
+
+The loss's backward scales the gradients it computed in the forward by the incoming gradient (the
+trainer's 1 / targets) in fp32. As three torch ops (`float()`, the product, the cast) the LM head's
+[50,304 × 2,048] gradient was read and written three times in fp32, 0.9 ms a step on an H100 at
+OLMoE's shapes (docs/performance.md, session 14); here one pass reads it and writes it once,
+rounding the same fp32 product to the same dtype.
 """
 
 import torch
@@ -25,6 +33,8 @@ except ImportError:  # CPU installs: the torch form
 
 BLOCK = 4096  # columns a program reads at a time (16 per thread at 8 warps)
 NUM_WARPS = 8
+SCALE_BLOCK = 8192  # elements a program of `scaled` moves
+FUSED_SCALE = True  # False: `scaled` as torch's three passes on CUDA too (for A/B runs)
 
 
 if triton is not None:
@@ -75,6 +85,21 @@ if triton is not None:
                                               num_warps=NUM_WARPS)
         return losses, (grad if with_grad else None)
 
+    @triton.jit
+    def _scale_kernel(x_ptr, s_ptr, out_ptr, n, BLOCK_N: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = offs < n
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, (x * tl.load(s_ptr)).to(out_ptr.dtype.element_ty), mask=ok)
+
+    def launch_scaled(x: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x = x.contiguous()
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+        if x.numel():
+            _scale_kernel[(triton.cdiv(x.numel(), SCALE_BLOCK),)](x, s.float().reshape(1), out, x.numel(),
+                                                                  BLOCK_N=SCALE_BLOCK, num_warps=8)
+        return out
+
     @torch.library.triton_op("megamoe::cross_entropy_rows", mutates_args=())
     def _cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return launch(logits, labels, True, torch.library.wrap_triton)
@@ -87,3 +112,11 @@ def chunk_loss(logits: torch.Tensor, labels: torch.Tensor, with_grad: bool):
         return losses.sum(), (grad if with_grad else None)
     losses, grad = launch(logits, labels, with_grad)
     return losses.sum(), grad
+
+
+def scaled(x: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(x.float() * s).to(dtype) for a 0-dim s: one kernel on CUDA (eager code: the loss's backward),
+    the torch form elsewhere and under torch.compile (which fuses it itself)."""
+    if FUSED_SCALE and triton is not None and x.is_cuda and not torch.compiler.is_compiling():
+        return launch_scaled(x, s, dtype)
+    return (x.float() * s).to(dtype)

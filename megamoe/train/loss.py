@@ -88,8 +88,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        # scaled in fp32, as autograd scales the fp32 logits' gradient before casting it
-        return (grad_h.float() * grad_loss).to(grad_h.dtype), (grad_w.float() * grad_loss).to(ctx.weight_dtype), None
+        # scaled in fp32, as autograd scales the fp32 logits' gradient before casting it (one pass each on CUDA)
+        return (fused_cross_entropy.scaled(grad_h, grad_loss, grad_h.dtype),
+                fused_cross_entropy.scaled(grad_w, grad_loss, ctx.weight_dtype), None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
