@@ -106,7 +106,12 @@ for dtype in (torch.float32, torch.bfloat16):
         # nearest): within one bf16 step of the fp32 sum
         exact = torch.equal(summed, acc) if dtype == torch.float32 else bool(
             ((summed.float() - acc).abs() <= acc.abs() * 2 ** -7).all())
-        out[f"{dtype} {d}"] = [torch.equal(rows, src[token_of_row]), exact,
+        residual = torch.randn(t, d, generator=gen).to(dtype)
+        with_res = P.launch_sum(rows, inverse, residual)  # the sum rounded, then the residual added in fp32
+        want_res = residual.float() + summed.float()
+        res_ok = torch.equal(with_res, want_res) if dtype == torch.float32 else bool(
+            ((with_res.float() - want_res).abs() <= want_res.abs() * 2 ** -7).all())
+        out[f"{dtype} {d}"] = [torch.equal(rows, src[token_of_row]), exact, res_ok,
                                summed.dtype == dtype, P.launch_gather(src, token_of_row[:0]).shape == (0, d)]
 print(out)
 """
@@ -116,7 +121,8 @@ def test_the_permutation_kernels_gather_and_sum_rows_as_the_torch_forms():
     """The CUDA kernels of dropless dispatch's permutations (`fused_permute`), run by Triton's
     interpreter on the CPU: the row gather equals torch's indexing, the k-row sum equals the
     compiled torch form of `_sum_rows` (fp32 sum in j's order; bit for bit in fp32, to the
-    interpreter's bf16 cast in bf16), for sizes off the kernels' tiles."""
+    interpreter's bf16 cast in bf16), and with a residual the residual plus that rounded sum,
+    for sizes off the kernels' tiles."""
     from pip_cache import run_interpreted
     results = run_interpreted(PERMUTE_INTERPRETED)
     assert len(results) == 4 and all(all(v) for v in results.values()), results
@@ -142,3 +148,104 @@ def test_dispatch_with_the_permutation_kernels_equals_the_torch_forms_on_cuda(mo
         runs.append([y, *torch.autograd.grad(y, (x, router.weight, experts.w1, experts.w2), dy)])
     for a, b in zip(*runs):
         assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2
+
+
+SORT_INTERPRETED = """
+import torch
+from megamoe.moe import fused_sort as S
+assert S.triton is not None
+out = {}
+# (tokens, k, experts, ids): several blocks of S.TILE["block"] (N off a block and a tile's rows) so the
+# earlier blocks' counts and the carry between a block's tiles both count; experts 64, 200 and 1000
+# walk a block in 4, 16 and 64 tiles
+cases = {
+    "e8 k2 one expert most, three empty": (1500, 2, 8, lambda n, g: torch.where(
+        torch.rand(n, generator=g) < 0.9, 3, torch.tensor([0, 1, 5, 7])[torch.randint(0, 4, (n,), generator=g)])),
+    "e64 k8 every fifth empty": (700, 8, 64, lambda n, g: torch.randint(0, 52, (n,), generator=g) * 5 // 4),
+    "e200 k1 the last expert most": (2500, 1, 200, lambda n, g: torch.where(
+        torch.rand(n, generator=g) < 0.7, 199, torch.randint(0, 200, (n,), generator=g))),
+    "e256 k8 uniform": (333, 8, 256, lambda n, g: torch.randint(0, 256, (n,), generator=g)),
+    "e1000 k2 uniform": (1100, 2, 1000, lambda n, g: torch.randint(0, 1000, (n,), generator=g)),
+    "e64 k2 inside one tile": (3, 2, 64, lambda n, g: torch.randint(0, 64, (n,), generator=g)),
+    "no tokens": (0, 2, 64, lambda n, g: torch.randint(0, 64, (n,), generator=g)),
+}
+for name, (t, k, e, ids) in cases.items():
+    expert_idx = ids(t * k, torch.Generator().manual_seed(len(name)))
+    load = torch.bincount(expert_idx, minlength=e)
+    order, inverse, token_of_row = S.launch_sort(expert_idx, load, k)
+    want = torch.argsort(expert_idx, stable=True)
+    want_inverse = torch.empty_like(want).scatter_(0, want, torch.arange(t * k))
+    token_idx = torch.arange(t).repeat_interleave(k)
+    out[name] = [torch.equal(order, want), torch.equal(inverse, want_inverse), torch.equal(token_of_row, token_idx[want]),
+                 order.dtype == inverse.dtype == token_of_row.dtype == torch.int64, int((load == 0).sum())]
+print(out)
+"""
+
+
+def test_the_counting_sort_kernels_give_the_stable_argsort_its_inverse_and_tokens():
+    """`fused_sort`'s two kernels, run by Triton's interpreter on the CPU, give dispatch's three int64
+    tensors exactly: argsort(stable=True) of the expert ids, its inverse and token_idx[order], for
+    1 to 1000 experts, k 1 to 8, skewed loads with empty experts, several blocks, and no tokens."""
+    from pip_cache import run_interpreted
+    results = run_interpreted(SORT_INTERPRETED)
+    assert len(results) == 7 and all(all(v[:4]) for v in results.values()), results
+    assert results["e8 k2 one expert most, three empty"][4] == 3 and results["e64 k8 every fifth empty"][4] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton sort kernels run on CUDA; CI checks them "
+                    "under Triton's interpreter above")
+def test_dispatch_with_the_counting_sort_equals_the_radix_sort_on_cuda(monkeypatch):
+    """On CUDA the counting sort gives argsort's tensors bit for bit (eager and as the compiled op), so
+    dropless dispatch's output and gradients are identical with and without it."""
+    from megamoe.moe import fused_sort
+    torch.manual_seed(0)
+    for t, k, e in ((8192, 8, 64), (4099, 2, 200)):
+        expert_idx = torch.randint(0, e, (t * k,), device="cuda")
+        expert_idx[: t * k // 3] = e - 1
+        load = torch.bincount(expert_idx, minlength=e)
+        want = torch.argsort(expert_idx, stable=True)
+        want_inverse = torch.empty_like(want).scatter_(0, want, torch.arange(t * k, device="cuda"))
+        for sort in (fused_sort.sort_by_expert, torch.compile(fused_sort.sort_by_expert, fullgraph=True)):
+            order, inverse, token_of_row = sort(expert_idx, load, k)
+            assert torch.equal(order, want) and torch.equal(inverse, want_inverse)
+            assert torch.equal(token_of_row, want // k)
+
+    T, d, E, k, F = 300, 256, 8, 3, 64
+    router, experts = Router(d, E, k).cuda().bfloat16(), SwiGLUExperts(E, d, F).cuda().bfloat16()
+    for p in (*router.parameters(), *experts.parameters()):
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for kernels in (True, False):
+        monkeypatch.setattr(fused_sort, "available", lambda t, on=kernels: on and t.is_cuda)
+        y = Dispatcher(E).run(x, router(x), experts)
+        runs.append([y, *torch.autograd.grad(y, (x, router.weight, experts.w1, experts.w2), dy)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton sum kernel runs on CUDA; CI checks its residual "
+                    "form under Triton's interpreter above and the model's residual paths on CPU (tests/test_model.py)")
+def test_the_sum_kernels_residual_add_is_the_blocks_on_cuda(monkeypatch):
+    """A MoE block in bf16 on CUDA, its residual added in the token sum's kernel and by the block:
+    the same output and gradients bit for bit, eager and compiled."""
+    from megamoe.config import ModelConfig, MoEConfig
+    from megamoe.model import olmoe
+    from megamoe.model.rope import rope_cos_sin
+    torch.manual_seed(0)
+    block = olmoe.Block(ModelConfig(vocab_size=64, d_model=256, n_layers=1, n_heads=4, max_seq_len=128),
+                        MoEConfig(num_experts=8, top_k=2, ffn_hidden=256), 0).cuda().bfloat16()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    h = torch.randn(2, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = rope_cos_sin(128, 64, 10000.0, "cuda", torch.bfloat16)
+    for compiled in (False, True):
+        runs = []
+        for fused in (True, False):
+            monkeypatch.setattr(olmoe, "FUSED_RESIDUAL", fused)
+            torch._dynamo.reset()
+            fn = torch.compile(block) if compiled else block
+            y, aux = fn(h, cos, sin)
+            runs.append([y, *torch.autograd.grad((y.float().square().mean() + aux), (h, *block.parameters()))])
+        assert all(torch.equal(a, b) for a, b in zip(*runs)), compiled

@@ -141,3 +141,23 @@ def test_rope_tables_are_made_once_and_a_model_trains_after_an_inference_mode_fo
     (out.logits.square().mean() + out.aux_loss).backward()
     assert model.embed.weight.grad is not None
 
+
+
+@pytest.mark.parametrize("moe", [dict(), dict(num_shared_experts=1), dict(capacity_factor=1.0)])
+def test_the_moe_layers_residual_add_is_the_blocks(monkeypatch, moe):
+    """A MoE block hands its residual stream to the layer (`olmoe.FUSED_RESIDUAL`; the token sum adds
+    it on dropless top-k, the layer after its shared experts or other routings): in bf16 the logits
+    and every gradient equal the block's own `h + y` bit for bit."""
+    from megamoe.model import olmoe
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(olmoe, "FUSED_RESIDUAL", fused)
+        cfg = tiny(**moe)
+        model = cfg.model.build(cfg.moe)
+        init_weights(model, std=0.2, seed=0)
+        model = model.to(torch.bfloat16)
+        tokens = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(3))
+        out = model(tokens)
+        (out.logits.float().square().mean() + out.aux_loss).backward()
+        runs.append([out.logits] + [p.grad for p in model.parameters()])
+    assert len(runs[0]) > 10 and all(torch.equal(a, b) for a, b in zip(*runs))

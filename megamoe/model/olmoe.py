@@ -20,6 +20,11 @@ from .norm import RMSNorm
 from .rope import rope_cos_sin
 
 
+# MoE blocks hand their residual stream to the MoE layer, whose token sum adds it (one pass less a
+# block); False: the block adds it (for A/B runs)
+FUSED_RESIDUAL = True
+
+
 class Block(nn.Module):
     def __init__(self, m: ModelConfig, moe: MoEConfig, index: int):
         super().__init__()
@@ -40,6 +45,8 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """h: [B, S, d] -> (h, this block's weighted MoE auxiliary loss)."""
         h = h + self.attn(self.attn_norm(h), cos, sin)
+        if isinstance(self.ffn, MoELayer) and FUSED_RESIDUAL:  # h + y in the combine's own pass
+            return self.ffn(self.ffn_norm(h), residual=h)
         out = self.ffn(self.ffn_norm(h))
         y, aux = out if isinstance(out, tuple) else (out, h.new_zeros(()))
         return h + y, aux

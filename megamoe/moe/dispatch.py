@@ -17,7 +17,7 @@ gradients are gathers and sums over k: no atomics, no index_put. Other routings 
 import torch
 import torch.distributed as dist
 
-from . import fused_permute
+from . import fused_permute, fused_sort
 from .router import Routing
 
 
@@ -76,9 +76,13 @@ def _gather(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return fused_permute.gather_rows(src, index) if fused_permute.available(src) else src[index]
 
 
-def _sum(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """_sum_rows without weights: a row-tiled kernel on CUDA (`fused_permute`), torch elsewhere."""
-    return fused_permute.sum_rows(src, index) if fused_permute.available(src) else _sum_rows(src, index)
+def _sum(src: torch.Tensor, index: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """_sum_rows without weights (plus `residual`, after the sum's rounding): a row-tiled kernel on CUDA
+    (`fused_permute`), torch elsewhere."""
+    if fused_permute.available(src):
+        return fused_permute.sum_rows(src, index, residual)
+    out = _sum_rows(src, index)
+    return out if residual is None else residual + out
 
 
 class _GatherTokens(torch.autograd.Function):
@@ -98,18 +102,18 @@ class _GatherTokens(torch.autograd.Function):
 
 
 class _SumTokens(torch.autograd.Function):
-    """y[t] = Σ_j out[inverse[t·k + j]]: each token's sum of its k (already weighted) expert
-    outputs, the mirror of _GatherTokens. Backward hands each row its token's gradient."""
+    """y[t] = Σ_j out[inverse[t·k + j]] (+ residual[t]): each token's sum of its k (already weighted)
+    expert outputs, the mirror of _GatherTokens. Backward hands each row its token's gradient."""
 
     @staticmethod
-    def forward(ctx, out, token_of_row, inverse, k: int):
+    def forward(ctx, out, token_of_row, inverse, k: int, residual=None):
         ctx.save_for_backward(token_of_row)
-        return _sum(out, inverse.view(-1, k))  # [T, d]
+        return _sum(out, inverse.view(-1, k), residual)  # [T, d]
 
     @staticmethod
     def backward(ctx, grad):
         (token_of_row,) = ctx.saved_tensors
-        return _gather(grad, token_of_row), None, None, None
+        return _gather(grad, token_of_row), None, None, None, grad if ctx.needs_input_grad[4] else None
 
 
 class _CombineTokens(torch.autograd.Function):
@@ -144,27 +148,40 @@ class Dispatcher:
         self.ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
         self.num_local = num_experts // self.ep_size
 
-    def run(self, x: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
-        """x: [T, d] → Σ_assignments weight · expert(x[token]) per token, [T, d]."""
+    def run(self, x: torch.Tensor, routing: Routing, experts, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [T, d] → Σ_assignments weight · expert(x[token]) per token, [T, d]; plus `residual` [T, d]
+        when given (added to the sum rounded to x's dtype: in the sum's own pass on dropless top-k)."""
+        y = self._run(x, routing, experts, residual)
+        return y if residual is None or self._fuses_residual(routing, experts) else residual + y
+
+    def _fuses_residual(self, routing: Routing, experts) -> bool:
+        return bool(routing.top_k) and self.ep_size == 1 and not getattr(experts, "fp8", False)
+
+    def _run(self, x, routing, experts, residual):
         k = routing.top_k
-        # [N] the assignment of each sorted row
-        order = torch.argsort(sort_keys(routing.expert_idx, self.num_experts), stable=True)
-        token_of_row = routing.token_idx[order]  # [N]
         counts = routing.expert_load  # [E] rows per expert
+        if k and fused_sort.available(routing.expert_idx) and self.num_experts <= fused_sort.MAX_EXPERTS:
+            # the same three tensors from a two-kernel counting sort (no radix sort, gather, scatter)
+            order, inverse, token_of_row = fused_sort.sort_by_expert(routing.expert_idx, counts, k)
+        else:
+            # [N] the assignment of each sorted row
+            order = torch.argsort(sort_keys(routing.expert_idx, self.num_experts), stable=True)
+            token_of_row = routing.token_idx[order]  # [N]
+            if k:
+                inverse = torch.empty_like(order).scatter_(
+                    0, order, torch.arange(order.numel(), device=order.device))  # [N] row of each assignment
         if k:
-            inverse = torch.empty_like(order).scatter_(
-                0, order, torch.arange(order.numel(), device=order.device))  # [N] row of each assignment
             rows = _GatherTokens.apply(x, token_of_row, inverse, k)  # [N, d] sorted by global expert id
         else:
             rows = x[token_of_row]
-        if k and self.ep_size == 1 and not getattr(experts, "fp8", False):
+        if self._fuses_residual(routing, experts):
             # The routing weight scales each row's SwiGLU activation, before the second GEMM, and
             # the combine is a plain sum: the experts' outputs [N, d] need not be kept for the
             # weights' gradient (268 MB a layer at OLMoE's 8,192 tokens) nor read again for it.
             # Not with FP8 experts: e4m3 would round the weighted activation differently from
             # the unweighted one that expert parallelism sends, and layouts must agree.
             out = experts(rows, counts, row_weight=routing.weight[order])
-            return _SumTokens.apply(out, token_of_row, inverse, k).to(x.dtype)
+            return _SumTokens.apply(out, token_of_row, inverse, k, residual).to(x.dtype)
         if self.ep_size == 1:
             out = experts(rows, counts)
         else:  # the weights stay on this rank and scale the rows when they come back

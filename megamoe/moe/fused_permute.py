@@ -2,6 +2,7 @@
 
     gather_rows(src [T, d], index [N])    -> [N, d]   out[n] = src[index[n]]
     sum_rows(src [N, d], index [T, k])    -> [T, d]   out[t] = Σ_j src[index[t, j]]   (fp32 sum, src's dtype)
+    sum_rows(src, index, residual [T, d]) -> [T, d]   residual[t] + that sum, rounded as the two steps would be
 
 Dispatch runs each twice a layer (the tokens' gather to their experts and its gradient's sum; the
 experts' sum back into tokens and its gradient's gather): at OLMoE-1B-7B's 8,192 tokens a layer,
@@ -12,7 +13,10 @@ of whole rows: the row index is loaded once per row and each row is read in 16-b
 Exposed to torch.compile as `triton_op`s (no graph break). The sum adds the k rows in the order
 j = 0..k-1 in fp32, as the compiled torch form of `dispatch._sum_rows` does. Elsewhere (CPU, no
 Triton) dispatch uses the torch forms; the kernels are checked against them under Triton's
-interpreter on the CPU (tests/test_kernels.py).
+interpreter on the CPU (tests/test_kernels.py). The residual form adds the block's residual stream
+in the same pass (the sum rounded to src's dtype first, then added in fp32 and rounded: the bits of
+the sum followed by the block's own `h + y`), which saves the block a kernel that read both [T, d]
+arrays again (0.67 ms a step at OLMoE-1B-7B's micro-batch 2 on an H100, docs/performance.md session 14).
 """
 
 import torch
@@ -52,8 +56,8 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * D + cols[None, :], v, mask=ok)
 
     @triton.jit
-    def _sum_kernel(src_ptr, index_ptr, out_ptr, n_out, K: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+    def _sum_kernel(src_ptr, index_ptr, res_ptr, out_ptr, n_out, K: tl.constexpr, D: tl.constexpr,
+                    RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         row_ok = rows < n_out
@@ -62,7 +66,11 @@ if triton is not None:
         for j in tl.static_range(K):
             src_rows = tl.load(index_ptr + rows * K + j, mask=row_ok, other=0).to(tl.int64)
             acc += tl.load(src_ptr + src_rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
+        out = acc.to(out_ptr.dtype.element_ty)
+        if RESIDUAL:
+            res = tl.load(res_ptr + rows[:, None] * D + cols[None, :], mask=ok, other=0.0)
+            out = (res.to(tl.float32) + out.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows[:, None] * D + cols[None, :], out, mask=ok)
 
     def launch_gather(src: torch.Tensor, index: torch.Tensor, wrap=lambda kernel: kernel) -> torch.Tensor:
         """`wrap` is torch.compile's `wrap_triton` under the custom op, the plain kernel otherwise."""
@@ -75,14 +83,18 @@ if triton is not None:
                 src, index, out, n, d, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=TILE["num_warps"])
         return out
 
-    def launch_sum(src: torch.Tensor, index: torch.Tensor, wrap=lambda kernel: kernel) -> torch.Tensor:
+    def launch_sum(src: torch.Tensor, index: torch.Tensor, residual: torch.Tensor | None = None,
+                   wrap=lambda kernel: kernel) -> torch.Tensor:
         src, index = src.contiguous(), index.contiguous()
         (t, k), d = index.shape, src.shape[1]
         out = src.new_empty(t, d)
         block_r, block_d = _blocks(d)
+        if residual is not None:
+            residual = residual.reshape(t, d).contiguous()
         if t:
             wrap(_sum_kernel)[(triton.cdiv(t, block_r), triton.cdiv(d, block_d))](
-                src, index, out, t, k, d, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=TILE["num_warps"])
+                src, index, out if residual is None else residual, out, t, k, d, RESIDUAL=residual is not None,
+                BLOCK_R=block_r, BLOCK_D=block_d, num_warps=TILE["num_warps"])
         return out
 
     @torch.library.triton_op("megamoe::gather_rows", mutates_args=())
@@ -90,8 +102,8 @@ if triton is not None:
         return launch_gather(src, index, torch.library.wrap_triton)
 
     @torch.library.triton_op("megamoe::sum_rows", mutates_args=())
-    def _sum_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return launch_sum(src, index, torch.library.wrap_triton)
+    def _sum_rows(src: torch.Tensor, index: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return launch_sum(src, index, residual, torch.library.wrap_triton)
 
 
 def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -103,8 +115,9 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return launch_gather(src, index)
 
 
-def sum_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Σ_j src[index[:, j]] for src [N, d] and index [T, k], summed in fp32 in j's order."""
+def sum_rows(src: torch.Tensor, index: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_j src[index[:, j]] for src [N, d] and index [T, k], summed in fp32 in j's order, rounded to
+    src's dtype; with `residual` [T, d] (src's dtype) residual + that, added in fp32 and rounded."""
     if torch.compiler.is_compiling():
-        return torch.ops.megamoe.sum_rows(src, index)
-    return launch_sum(src, index)
+        return torch.ops.megamoe.sum_rows(src, index, residual)
+    return launch_sum(src, index, residual)

@@ -29,13 +29,18 @@ class MoELayer(nn.Module):
         self.lb_loss_weight, self.z_loss_weight = lb_loss_weight, z_loss_weight
         self.stats: dict[str, torch.Tensor] = {}
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual [B, S, d]: returned as residual + y (the block's residual add; without shared
+        experts the dispatcher's last pass adds it)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, d]
         routing = self.router(x, num_sequences=shape[0])
-        y = self.dispatcher.run(x, routing, self.experts)
+        fused = residual is not None and self.shared is None
+        y = self.dispatcher.run(x, routing, self.experts, residual.reshape(x.shape) if fused else None)
         if self.shared is not None:
             y = y + self.shared(x)
+            if residual is not None:
+                y = residual.reshape(x.shape) + y
         self.stats = {"lb_loss": routing.lb_loss.detach(), "z_loss": routing.z_loss.detach(),
                       "expert_load": routing.expert_load}
         aux = self.lb_loss_weight * routing.lb_loss + self.z_loss_weight * routing.z_loss
