@@ -249,3 +249,21 @@ def test_the_sum_kernels_residual_add_is_the_blocks_on_cuda(monkeypatch):
             y, aux = fn(h, cos, sin)
             runs.append([y, *torch.autograd.grad((y.float().square().mean() + aux), (h, *block.parameters()))])
         assert all(torch.equal(a, b) for a, b in zip(*runs)), compiled
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the MoE block's CUDA kernels (sort, permutations, grouped "
+                    "GEMMs, SwiGLU backward) are custom ops only on CUDA; CI traces their CPU forms")
+def test_a_moe_block_compiles_to_one_graph_on_cuda():
+    """The compiled MoE block as the trainer compiles it, on CUDA with every kernel on: one graph, no
+    break (a break at dispatch split each block in two and left the GPU waiting for the host: session
+    14's c1 profile)."""
+    from megamoe.config import ModelConfig, MoEConfig
+    from megamoe.model import olmoe
+    from megamoe.model.rope import rope_cos_sin
+    block = olmoe.Block(ModelConfig(vocab_size=64, d_model=256, n_layers=1, n_heads=4, max_seq_len=128),
+                        MoEConfig(num_experts=8, top_k=2, ffn_hidden=256), 0).cuda().bfloat16()
+    h = torch.randn(2, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = rope_cos_sin(128, 64, 10000.0, "cuda", torch.bfloat16)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(block)(h, cos, sin)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons

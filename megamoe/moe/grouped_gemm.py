@@ -104,10 +104,11 @@ LONGEST_FIRST = True
 # The row-grouped product's output tiles leave by TMA through a ragged descriptor (True: asynchronous,
 # rows past the expert's end dropped by the copy engine), or by masked stores from registers (False)
 ROWS_TMA_STORE = True
-# The row-grouped product runs an expert's last tile with half the rows where it holds at most half
-# a tile of them (at OLMoE's ~1,024 rows an expert, ~6% of the BM = 128 tiles' rows are past an
-# expert's end); False: every tile BM rows (for A/B runs)
-ROWS_HALF_TAILS = True
+# True: the row-grouped product runs an expert's last tile with half the rows where it holds at most
+# half a tile of them (at OLMoE's ~1,024 rows an expert ~6% of the BM = 128 tiles' rows are past an
+# expert's end). Off: slower on an H100 at OLMoE's loads (docs/performance.md, session 14: the four
+# products 45.13 against 44.43 ms, the model's step 134.96-135.64 against 134.38-134.68 ms)
+ROWS_HALF_TAILS = False
 
 
 def wgrad_cut(rows: int, experts: int, m: int, n: int, tiles: int, bk: int, programs: int) -> tuple[int, int]:
