@@ -104,11 +104,6 @@ LONGEST_FIRST = True
 # The row-grouped product's output tiles leave by TMA through a ragged descriptor (True: asynchronous,
 # rows past the expert's end dropped by the copy engine), or by masked stores from registers (False)
 ROWS_TMA_STORE = True
-# True: the row-grouped product runs an expert's last tile with half the rows where it holds at most
-# half a tile of them (at OLMoE's ~1,024 rows an expert ~6% of the BM = 128 tiles' rows are past an
-# expert's end). Off: slower on an H100 at OLMoE's loads (docs/performance.md, session 14: the four
-# products 45.13 against 44.43 ms, the model's step 134.96-135.64 against 134.38-134.68 ms)
-ROWS_HALF_TAILS = False
 
 
 def wgrad_cut(rows: int, experts: int, m: int, n: int, tiles: int, bk: int, programs: int) -> tuple[int, int]:
@@ -173,81 +168,45 @@ if triton is not None:
         desc.store([_BIG, start + rows, _BIG - rows + row, col], tl.reshape(data, [1, 1, BR, BC]))
 
     @triton.jit
-    def _rows_tile(a_desc, b_desc, c_desc, c_ptr, e, start, rows, tn, N: tl.constexpr, K: tl.constexpr,
-                   TRANS_B: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                   TMA_STORE: tl.constexpr):
-        """Output rows start.. start + min(rows, BM), columns tn · BN..: a_desc's BM rows from `start`
-        times expert e's weight (rows past the expert's end feed rows that are not stored)."""
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for kk in range(K // BK):
-            a = a_desc.load([start, kk * BK])
-            if TRANS_B:
-                b = b_desc.load([e * N + tn * BN, kk * BK]).T
-            else:
-                b = b_desc.load([e * K + kk * BK, tn * BN])
-            acc = tl.dot(a, b, acc)
-        if TMA_STORE:  # rows past the expert's end fall outside the ragged window: not written
-            lo, hi = _halves(acc.to(c_ptr.dtype.element_ty), BM, BN)
-            _ragged_store(c_desc, start, rows, 0, tn * BN, lo, BM, BN // 2)
-            _ragged_store(c_desc, start, rows, 0, tn * BN + BN // 2, hi, BM, BN // 2)
-        else:
-            r = tl.arange(0, BM)
-            ptrs = c_ptr + (start + r).to(tl.int64)[:, None] * N + (tn * BN + tl.arange(0, BN))[None, :]
-            tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=(r < rows)[:, None])
-
-    @triton.jit
     def _rows_mm_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, R,
                         N: tl.constexpr, K: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr,
                         TRANS_B: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, TMA_STORE: tl.constexpr,
-                        HALF_TAILS: tl.constexpr):
-        """HALF_TAILS: an expert whose last tile would hold at most BM / 2 of its rows runs that tile
-        with BM / 2 rows, after every program's BM-row tiles (a second persistent loop)."""
+                        NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, TMA_STORE: tl.constexpr):
         pid = tl.program_id(0)
         num_n: tl.constexpr = N // BN
-        HM: tl.constexpr = BM // 2
         if TMA_STORE:
             c_desc = _ragged_descriptor(c_ptr, N, BM, BN // 2)  # two column slices: half the tile's buffer
-        else:
-            c_desc = c_ptr
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[K, 1], block_shape=[BM, BK])
         if TRANS_B:
             b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * N, K], strides=[K, 1], block_shape=[BN, BK])
         else:
             b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * K, N], strides=[N, 1], block_shape=[BK, BN])
         es, gstart, gend = _groups(offs_ptr, E, E_P2)
-        size = tl.where(es < E, gend - gstart, 0)
-        if HALF_TAILS:
-            half = (size % BM > 0) & (size % BM <= HM)  # the tail tile runs with BM / 2 rows
-            full = size // BM + (size % BM > HM).to(tl.int32)
-        else:
-            full = (size + BM - 1) // BM
-        tile_end = tl.cumsum(full, 0)  # BM-row tiles up to e's end
+        tile_end = tl.cumsum(tl.where(es < E, (gend - gstart + BM - 1) // BM, 0), 0)  # BM-row tiles up to e's end
         tiles = tl.max(tile_end) * num_n
         for t in tl.range(pid, tiles, NUM_PROGRAMS, flatten=True, warp_specialize=WS):
             tm = t // num_n
+            tn = t % num_n
             e = tl.sum((tile_end <= tm).to(tl.int32))  # tm's expert
             mine = es == e
             start = tl.sum(tl.where(mine, gstart, 0)) + (tm - tl.sum(tl.where(es == e - 1, tile_end, 0))) * BM
             rows = tl.sum(tl.where(mine, gend, 0)) - start
-            _rows_tile(a_desc, b_desc, c_desc, c_ptr, e, start, rows, t % num_n, N, K, TRANS_B, BM, BN, BK,
-                       TMA_STORE)
-        if HALF_TAILS:
-            if TMA_STORE:
-                h_desc = _ragged_descriptor(c_ptr, N, HM, BN // 2)
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for kk in range(K // BK):
+                a = a_desc.load([start, kk * BK])  # rows past the expert's feed rows not stored
+                if TRANS_B:
+                    b = b_desc.load([e * N + tn * BN, kk * BK]).T
+                else:
+                    b = b_desc.load([e * K + kk * BK, tn * BN])
+                acc = tl.dot(a, b, acc)
+            if TMA_STORE:  # rows past the expert's end fall outside the ragged window: not written
+                lo, hi = _halves(acc.to(c_ptr.dtype.element_ty), BM, BN)
+                _ragged_store(c_desc, start, rows, 0, tn * BN, lo, BM, BN // 2)
+                _ragged_store(c_desc, start, rows, 0, tn * BN + BN // 2, hi, BM, BN // 2)
             else:
-                h_desc = c_ptr
-            ah_desc = tl.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[K, 1], block_shape=[HM, BK])
-            half_end = tl.cumsum(half.to(tl.int32), 0)
-            # the global item order continues where this program's first loop stopped
-            first = pid + tl.cdiv(tl.maximum(tiles - pid, 0), NUM_PROGRAMS) * NUM_PROGRAMS - tiles
-            for t in tl.range(first, tl.max(half_end) * num_n, NUM_PROGRAMS, flatten=True):
-                e = tl.sum((half_end <= t // num_n).to(tl.int32))
-                mine = es == e
-                start = tl.sum(tl.where(mine, gstart + size // BM * BM, 0))
-                rows = tl.sum(tl.where(mine, gend, 0)) - start
-                _rows_tile(ah_desc, b_desc, h_desc, c_ptr, e, start, rows, t % num_n, N, K, TRANS_B, HM, BN, BK,
-                           TMA_STORE)
+                r = tl.arange(0, BM)
+                ptrs = c_ptr + (start + r).to(tl.int64)[:, None] * N + (tn * BN + tl.arange(0, BN))[None, :]
+                tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=(r < rows)[:, None])
 
     @triton.jit
     def _pieces(offs_ptr, E: tl.constexpr, E_P2: tl.constexpr, CUT: tl.constexpr, PIECE: tl.constexpr):
@@ -413,7 +372,7 @@ if triton is not None:
         _launch(_rows_mm_kernel, wrap)[(programs,)](
             a, b, out, offs, R, N=N, K=K, E=E, E_P2=triton.next_power_of_2(E), TRANS_B=trans_b,
             BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, WS=ws, TMA_STORE=ROWS_TMA_STORE,
-            HALF_TAILS=ROWS_HALF_TAILS, num_warps=warps, num_stages=stages)
+            num_warps=warps, num_stages=stages)
         return out
 
     def launch_weight_grad_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, config=None,
