@@ -134,6 +134,13 @@ def test_dispatch_with_the_permutation_kernels_equals_the_torch_forms_on_cuda(mo
     """Dropless dispatch on CUDA, bf16, with the row-tiled kernels and with torch's indexing: the same
     output and gradients (the sums' order differs by bf16 roundings only)."""
     from megamoe.moe import fused_permute
+    for a, b in zip(*dispatch_with_and_without(fused_permute, monkeypatch)):
+        assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2
+
+
+def dispatch_with_and_without(kernels, monkeypatch):
+    """Dropless dispatch on CUDA in bf16 with `kernels.available` on, then off: [output, its gradients
+    for x, the router's and the experts' weights] of each."""
     torch.manual_seed(0)
     T, d, E, k, F = 300, 256, 8, 3, 64
     router, experts = Router(d, E, k).cuda().bfloat16(), SwiGLUExperts(E, d, F).cuda().bfloat16()
@@ -142,12 +149,11 @@ def test_dispatch_with_the_permutation_kernels_equals_the_torch_forms_on_cuda(mo
     x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
     runs = []
-    for kernels in (True, False):
-        monkeypatch.setattr(fused_permute, "available", lambda t, on=kernels: on and t.is_cuda)
+    for on in (True, False):
+        monkeypatch.setattr(kernels, "available", lambda t, on=on: on and t.is_cuda)
         y = Dispatcher(E).run(x, router(x), experts)
         runs.append([y, *torch.autograd.grad(y, (x, router.weight, experts.w1, experts.w2), dy)])
-    for a, b in zip(*runs):
-        assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2
+    return runs
 
 
 SORT_INTERPRETED = """
@@ -209,20 +215,7 @@ def test_dispatch_with_the_counting_sort_equals_the_radix_sort_on_cuda(monkeypat
             order, inverse, token_of_row = sort(expert_idx, load, k)
             assert torch.equal(order, want) and torch.equal(inverse, want_inverse)
             assert torch.equal(token_of_row, want // k)
-
-    T, d, E, k, F = 300, 256, 8, 3, 64
-    router, experts = Router(d, E, k).cuda().bfloat16(), SwiGLUExperts(E, d, F).cuda().bfloat16()
-    for p in (*router.parameters(), *experts.parameters()):
-        torch.nn.init.normal_(p, std=0.1)
-    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
-    runs = []
-    for kernels in (True, False):
-        monkeypatch.setattr(fused_sort, "available", lambda t, on=kernels: on and t.is_cuda)
-        y = Dispatcher(E).run(x, router(x), experts)
-        runs.append([y, *torch.autograd.grad(y, (x, router.weight, experts.w1, experts.w2), dy)])
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(*dispatch_with_and_without(fused_sort, monkeypatch)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton sum kernel runs on CUDA; CI checks its residual "
