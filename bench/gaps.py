@@ -6,7 +6,8 @@
 A gap is the time between the end of one kernel (or copy, or memset) and the start of the next
 on the device. For each gap over `min_us` the report names the kernel that ended it and the
 Python frames (this repository's and DeepSpeed's, innermost last) that launched it: the host
-reached that launch late. Gaps are summed by that launch site, and every host synchronisation
+reached that launch late. Also: each kernel's launcher (innermost operator and Python frames), what
+the host ran during the largest gaps, and the frames torch.compile resumed after a graph break. Gaps are summed by that launch site, and every host synchronisation
 (stream/device/event synchronise, device-to-host copies) is listed with the frames that called
 it, since each one drains the queue and leaves the GPU idle until the host catches up.
 """
@@ -108,7 +109,11 @@ def analyse(trace: dict, min_us: float = 20.0) -> dict:
         d2h = name.startswith("cudaMemcpy") and e.get("args", {}).get("kind") in (2, "DtoH")
         if name in SYNC_CALLS or d2h or (name.startswith("cudaMemcpy") and "Async" not in name):
             syncs.append({"call": name, "dur_us": e.get("dur", 0), "site": site(stacks.frames(e.get("tid"), e["ts"]), 4)})
-    return {"device_span_us": span, "device_busy_us": busy, "idle_us": span - busy, "n_device_ops": len(device),
+    resumed = defaultdict(int)  # frames torch.compile resumed after a graph break, by name
+    for e in events:
+        if e.get("cat") == "python_function" and "torch_dynamo_resume_in" in e.get("name", ""):
+            resumed[e["name"][-120:]] += 1
+    return {"device_span_us": span, "graph_breaks": sorted(resumed.items(), key=lambda kv: -kv[1]), "device_busy_us": busy, "idle_us": span - busy, "n_device_ops": len(device),
             "small_gaps_us": small, "most_launched": sorted(counts.items(), key=lambda kv: -kv[1])[:25],
             "longest": [(name, us, counts[name]) for name, us in sorted(times.items(), key=lambda kv: -kv[1])],
             "gaps_over_min_us": sum(g["gap_us"] for g in gaps), "n_gaps": len(gaps),
@@ -125,7 +130,11 @@ def report(trace_path: str, out_path: str, min_us: float = 20.0, top: int = 30) 
              f"{a['gaps_over_min_us'] / 1e3:.2f} ms",
              f"{a['n_device_ops']} kernels/copies/memsets; the gaps under {min_us:.0f} us between them (launch "
              f"latency, one kernel draining before the next fills the GPU) sum to {a['small_gaps_us'] / 1e3:.2f} ms",
-             "", "idle by launch site (the host reached these late):"]
+             ""]
+    if a["graph_breaks"]:  # each one splits a compiled region: the host runs Python between the parts
+        lines += ["graph breaks (frames torch.compile resumed, calls):"]
+        lines += [f"{n:6d}x  {name}" for name, n in a["graph_breaks"][:top]] + [""]
+    lines += ["idle by launch site (the host reached these late):"]
     lines += [f"{us / 1e3:9.3f} ms  {s}" for s, us in a["by_site"][:top]]
     lines += ["", f"largest gaps (of {a['n_gaps']}):"]
     for i, g in enumerate(a["gaps"][:top]):
