@@ -245,7 +245,8 @@ def test_the_sum_kernels_residual_add_is_the_blocks_on_cuda(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the MoE block's CUDA kernels (sort, permutations, grouped "
-                    "GEMMs, SwiGLU backward) are custom ops only on CUDA; CI traces their CPU forms")
+                    "GEMMs, SwiGLU backward) are custom ops only on CUDA, where a break could come (run on the GPU "
+                    "machine: docs/performance.md)")
 def test_a_moe_block_compiles_to_one_graph_on_cuda():
     """The compiled MoE block as the trainer compiles it, on CUDA with every kernel on: one graph, no
     break (a break at dispatch split each block in two and left the GPU waiting for the host: session
