@@ -27,13 +27,25 @@ from megamoe.model.compile import apply_compile
 
 
 def parse_switch(text: str):
-    """'package.module.NAME=v1,v2' → (module, NAME, [v1, v2]) with YAML values."""
+    """'package.module.NAME=v1,v2' → (owner, NAME, [v1, v2]) with YAML values; the owner may be an
+    attribute of a module (`torch._inductor.config.triton.enable_pdl=True,False`)."""
     target, values = text.split("=", 1)
-    module, name = target.rsplit(".", 1)
-    mod = importlib.import_module(module)
-    if not hasattr(mod, name):
-        raise SystemExit(f"bench_ab: error: {module} has no {name}")
-    return mod, name, [yaml.safe_load(v) for v in values.split(",")]
+    path, name = target.rsplit(".", 1)
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
+        try:
+            owner = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[i:]:
+                owner = getattr(owner, attr)
+        except AttributeError:
+            break
+        if hasattr(owner, name):
+            return owner, name, [yaml.safe_load(v) for v in values.split(",")]
+        break
+    raise SystemExit(f"bench_ab: error: {path} has no {name}")
 
 
 def main():
