@@ -35,12 +35,12 @@ class MoELayer(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, d]
         routing = self.router(x, num_sequences=shape[0])
-        fused = residual is not None and self.shared is None
-        y = self.dispatcher.run(x, routing, self.experts, residual.reshape(x.shape) if fused else None)
+        residual = residual.reshape(x.shape) if residual is not None else None
+        y = self.dispatcher.run(x, routing, self.experts, residual if self.shared is None else None)
         if self.shared is not None:
             y = y + self.shared(x)
             if residual is not None:
-                y = residual.reshape(x.shape) + y
+                y = residual + y
         self.stats = {"lb_loss": routing.lb_loss.detach(), "z_loss": routing.z_loss.detach(),
                       "expert_load": routing.expert_load}
         aux = self.lb_loss_weight * routing.lb_loss + self.z_loss_weight * routing.z_loss
