@@ -222,7 +222,9 @@ def test_dispatch_with_the_counting_sort_equals_the_radix_sort_on_cuda(monkeypat
                     "form under Triton's interpreter above and the model's residual paths on CPU (tests/test_model.py)")
 def test_the_sum_kernels_residual_add_is_the_blocks_on_cuda(monkeypatch):
     """A MoE block in bf16 on CUDA, its residual added in the token sum's kernel and by the block:
-    the same output and gradients bit for bit, eager and compiled."""
+    the same output and gradients bit for bit in eager mode. Compiled, inductor fuses the block's own
+    `x + attn + y` in fp32 without rounding `h` to bf16 first (and sums `h`'s gradients in its own
+    order), so there the two agree to bf16's rounding, not bit for bit."""
     from megamoe.config import ModelConfig, MoEConfig
     from megamoe.model import olmoe
     from megamoe.model.rope import rope_cos_sin
@@ -241,7 +243,10 @@ def test_the_sum_kernels_residual_add_is_the_blocks_on_cuda(monkeypatch):
             fn = torch.compile(block) if compiled else block
             y, aux = fn(h, cos, sin)
             runs.append([y, *torch.autograd.grad((y.float().square().mean() + aux), (h, *block.parameters()))])
-        assert all(torch.equal(a, b) for a, b in zip(*runs)), compiled
+        if not compiled:
+            assert all(torch.equal(a, b) for a, b in zip(*runs))
+        for a, b in zip(*runs):
+            assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2, compiled
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the MoE block's CUDA kernels (sort, permutations, grouped "
