@@ -39,11 +39,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
-    """Per-call milliseconds of fn() after `warmup` calls: CUDA events on GPU, host clock on CPU."""
+def time_ms(fn, device: torch.device, warmup: int, iters: int, back_to_back: bool = False) -> list[float]:
+    """Per-call milliseconds of fn() after `warmup` calls: CUDA events on GPU, host clock on CPU.
+    back_to_back (GPU): the calls are queued one after another with a pair of events around each and
+    one synchronisation after the last, as ../shared/peers' bench_peers.py times its steps, so the host
+    queues a call while the GPU still runs the one before; otherwise each call is waited for, and the
+    host's time to reach its first kernel counts in every call."""
     for _ in range(warmup):
         fn()
     sync(device)
+    if back_to_back and device.type == "cuda":
+        events = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) for start, end in events]
     times = []
     for _ in range(iters):
         if device.type == "cuda":
