@@ -56,7 +56,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--sync-each-step", action="store_true", help="as bench_model.py's")
+    ap.add_argument("--back-to-back", action="store_true", help="as bench_model.py's")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-all", action="store_true")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU in fp32, eager: checks the script runs")

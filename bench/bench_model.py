@@ -8,10 +8,10 @@ Each step is zero_grad + forward with labels (LM loss + router aux losses) + bac
 random tokens; megamoe's LM loss is the trainer's (`--loss fused`: the chunked linear +
 cross-entropy of `megamoe/train/loss.py`) unless `--loss logits`. Reported: median step time over --iters steps after --warmup steps (CUDA
 events), tokens/s, MFU against a measured bf16 matmul ceiling, and peak allocated memory.
-The timed steps are queued back to back with events around each and one synchronisation after
-the last, as `../shared/peers`' benchmark times the peer stacks (since session 15; before it, and
-with `--sync-each-step`, every step was waited for, so the host's time from a step's start to its
-first kernel counted in each: docs/performance.md).
+Each timed step is waited for, so the host's time from a step's start to its first kernel counts in
+every step; `--back-to-back` queues the timed steps one after another with events around each and one
+synchronisation after the last, as `../shared/peers`' benchmark times the peer stacks (added in
+session 15 and not yet run on a GPU: docs/performance.md).
 """
 
 import argparse
@@ -123,7 +123,7 @@ def measure(name, make_step, model, cfg, args, device, ceiling, log):
             torch.cuda.reset_peak_memory_stats(device)
         try:
             times = time_ms(make_step(model, data), device, args.warmup, args.iters,
-                            back_to_back=not getattr(args, "sync_each_step", False))
+                            back_to_back=getattr(args, "back_to_back", False))
         except torch.OutOfMemoryError:
             print(f"{name} mb={mb}: out of memory", flush=True)
             model.zero_grad(set_to_none=True)
@@ -190,8 +190,8 @@ def main():
     ap.add_argument("--mb", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--sync-each-step", action="store_true",
-                    help="wait for each timed step before queuing the next (the method before session 15)")
+    ap.add_argument("--back-to-back", action="store_true",
+                    help="queue the timed steps without waiting for each (as ../shared/peers times its steps)")
     ap.add_argument("--systems", default="megamoe,megamoe-compile,megamoe-compile-cudagraphs,hf-grouped_mm",
                     help="comma list of megamoe, megamoe-compile, megamoe-compile-fp8 (moe.expert_precision=fp8), "
                          "megamoe-compile-cudagraphs, megamoe-compile-model (one graph), hf-grouped_mm, "
