@@ -169,6 +169,7 @@ def tma(geo, tokens, d, f, e, k, device, log, configs):
     from megamoe.moe import grouped_gemm as G
     n = tokens * k
     x, h, dy, dh, w1, w2, offs = operands(tokens, d, f, e, k, device)
+    w1t = w1.transpose(-2, -1).contiguous()
     gm = torch._grouped_mm
     rows = [
         ("fwd w1", 2 * n * d * 2 * f, lambda: gm(x, w1, offs=offs),
@@ -179,6 +180,10 @@ def tma(geo, tokens, d, f, e, k, device, log, configs):
          lambda c: G.launch_rows_mm(dy, w2, offs, trans_b=True, config=c[:5], warp_specialize=c[6])),
         ("dgrad w1", 2 * n * d * 2 * f, lambda: gm(dh, w1.transpose(-2, -1), offs=offs),
          lambda c: G.launch_rows_mm(dh, w1, offs, trans_b=True, config=c[:5], warp_specialize=c[6])),
+        # the same product with the weight stored transposed (B read as the forward reads it): whether the
+        # input gradient's longer time at the forward's shapes comes from the transposed B tiles' loads
+        ("dgrad w1, B stored [K, N]", 2 * n * d * 2 * f, lambda: gm(dh, w1t, offs=offs),
+         lambda c: G.launch_rows_mm(dh, w1t, offs, config=c[:5], warp_specialize=c[6])),
         ("wgrad w1", 2 * n * d * 2 * f, lambda: gm(x.t(), dh, offs=offs),
          lambda c: G.launch_weight_grad_mm(x, dh, offs, config=c[:6], warp_specialize=c[6])),
         ("wgrad w2", 2 * n * f * d, lambda: gm(h.t(), dy, offs=offs),
