@@ -249,6 +249,28 @@ def test_the_sum_kernels_residual_add_is_the_blocks_on_cuda(monkeypatch):
             assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2, compiled
 
 
+AVAILABILITY_TRACED = """
+import torch
+from megamoe.moe import experts, fp8, fused_permute, fused_sort, fused_swiglu, grouped_gemm
+
+def checks(x, w):
+    return (fused_sort.available(x), fused_permute.available(x), fused_swiglu.available(x),
+            grouped_gemm.rows_available(x, w), grouped_gemm.rows_available(x, w, True),
+            grouped_gemm.wgrad_available(x, x), experts.grouped_mm_available(x), fp8.kernel_available(x))
+
+x, w = torch.zeros(4, 256, dtype=torch.bfloat16), torch.zeros(2, 256, 256, dtype=torch.bfloat16)
+print(torch.compile(checks, fullgraph=True, backend="eager")(x, w) == checks(x, w))
+"""
+
+
+def test_the_kernels_availability_checks_trace_without_a_graph_break():
+    """Every check that picks a kernel path inside a compiled block traces as plain Python, with
+    Triton importable: session 14's sort check read Triton's interpreter flag at each call, which
+    torch.compile cannot trace, and split every compiled MoE block in two at dispatch."""
+    from pip_cache import run_interpreted
+    assert run_interpreted(AVAILABILITY_TRACED) is True
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the MoE block's CUDA kernels (sort, permutations, grouped "
                     "GEMMs, SwiGLU backward) are custom ops only on CUDA, where a break could come (run on the GPU "
                     "machine: docs/performance.md)")
