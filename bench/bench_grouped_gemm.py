@@ -188,8 +188,26 @@ def tma(geo, tokens, d, f, e, k, device, log, configs):
          lambda c: G.launch_weight_grad_mm(x, dh, offs, config=c[:6], warp_specialize=c[6])),
         ("wgrad w2", 2 * n * f * d, lambda: gm(h.t(), dy, offs=offs),
          lambda c: G.launch_weight_grad_mm(h, dy, offs, config=c[:6], warp_specialize=c[6])),
+        # the uncut weight gradient as one flat loop over each program's k-steps (grouped_gemm.WGRAD_FLAT)
+        ("wgrad w1 flat", 2 * n * d * 2 * f, lambda: gm(x.t(), dh, offs=offs),
+         flat(lambda c: G.launch_weight_grad_mm(x, dh, offs, config=c[:6], warp_specialize=c[6]))),
+        ("wgrad w2 flat", 2 * n * f * d, lambda: gm(h.t(), dy, offs=offs),
+         flat(lambda c: G.launch_weight_grad_mm(h, dy, offs, config=c[:6], warp_specialize=c[6]))),
     ]
     sweep(geo, rows, configs, log, "tma")
+
+
+def flat(launch):
+    """`launch` with grouped_gemm.WGRAD_FLAT set for the call."""
+    from megamoe.moe import grouped_gemm as G
+
+    def run(config):
+        saved, G.WGRAD_FLAT = G.WGRAD_FLAT, True
+        try:
+            return launch(config)
+        finally:
+            G.WGRAD_FLAT = saved
+    return run
 
 
 def skewed_counts(rows, experts, skew, cap, device):

@@ -50,6 +50,13 @@ for counts in %r:
     G.LONGEST_FIRST = False  # expert after expert
     got.append(G.launch_weight_grad_mm(a, dy, offs, config=(32, 64, 16, 4, 2, 2), cut=(0, 0)))
     G.LONGEST_FIRST = True
+    G.WGRAD_FLAT = True  # one loop over each program's k-steps: several tiles a program, one a program
+    got.append(G.launch_weight_grad_mm(a, dy, offs, config=(32, 64, 16, 4, 2, 2), cut=(0, 0)))
+    got.append(G.launch_weight_grad_mm(a, dy, offs, config=(64, 128, 16, 4, 2, 1), cut=(0, 0)))
+    G.LONGEST_FIRST = False
+    got.append(G.launch_weight_grad_mm(a, dy, offs, config=(16, 128, 32, 4, 2, 1), cut=(0, 0)))
+    G.LONGEST_FIRST = True
+    G.WGRAD_FLAT = False
     G.ROWS_TMA_STORE = False  # masked stores from registers
     got.append(G.launch_rows_mm(a, b, offs, config=(16, 32, 16, 4, 2)))
     G.ROWS_TMA_STORE = True
@@ -68,7 +75,8 @@ def test_the_triton_kernels_compute_each_experts_product():
     pieces of 16 (100 rows in 7, the last short; 33 in 3; 32 uncut) and past 20 in pieces of 32 (32
     rows: one piece through the second pass), beside uncut and empty experts, each piece summed once;
     and uncut, the tiles of the longest experts first, dealt back and forth over the programs (a last
-    partial round forwards), or expert after expert."""
+    partial round forwards), or expert after expert; and the uncut schedule as one flat loop over each
+    program's k-steps (`WGRAD_FLAT`: an empty expert's tile is one step of zeros, stored)."""
     from pip_cache import run_interpreted
     runs = run_interpreted(INTERPRETED % (COUNTS,))
     for counts, run in zip(COUNTS, runs):
@@ -146,9 +154,13 @@ def test_the_kernels_are_switched_off_by_the_environment(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="TMA kernels run on Hopper or later; CI has no GPU and checks them under the interpreter")
-def test_the_kernels_equal_torchs_grouped_gemm_on_cuda():
+@pytest.mark.parametrize("flat", [False, True])
+def test_the_kernels_equal_torchs_grouped_gemm_on_cuda(monkeypatch, flat):
     """bf16, OLMoE's expert shapes at a few hundred tokens, random top-8 routing with empty experts:
-    eager and compiled (the custom ops) against torch._grouped_mm (fp32 accumulation both)."""
+    eager and compiled (the custom ops) against torch._grouped_mm (fp32 accumulation both); the
+    uncut weight gradient's nested and flat loops (`WGRAD_FLAT`)."""
+    monkeypatch.setattr(G, "WGRAD_FLAT", flat)
+    torch._dynamo.reset()
     g = torch.Generator(device="cuda").manual_seed(0)
     bf = dict(device="cuda", dtype=torch.bfloat16)
     counts = torch.zeros(64, dtype=torch.int64, device="cuda")

@@ -101,6 +101,13 @@ CUT_LARGE_EXPERTS = True  # False: one program per output tile for all of its ex
 # rows, so with OLMoE's w2 (64 tiles an expert, 132 programs) the programs holding the busiest
 # expert's tiles ran ~27% past the rest at a model's routing (a schedule model, session 13).
 LONGEST_FIRST = True
+# The weight gradient's uncut schedule as one flat loop over each program's k-steps (True), or a loop over
+# its tiles with each tile's k-steps inside (False). Triton flattens a nested loop for its pipeliner only
+# where the inner bounds do not change with the outer loop; a tile's k-steps follow its expert's rows, so
+# the nested form (compiled for sm_90: two `scf.for`) starts the load pipeline again at every tile and
+# waits for a tile's stores before the next tile's first loads; the flat form (one `scf.for`, as the
+# row-grouped products compile) does not. Interpreter-tested; not yet timed on a GPU (off until it is).
+WGRAD_FLAT = False
 # The row-grouped product's output tiles leave by TMA through a ragged descriptor (True: asynchronous,
 # rows past the expert's end dropped by the copy engine), or by masked stores from registers (False)
 ROWS_TMA_STORE = True
@@ -240,11 +247,30 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _uncut_item(t, pid, place, es, per: tl.constexpr, E: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                    LONGEST_FIRST: tl.constexpr):
+        """The uncut schedule's t-th item: (s, e), the output tile s of expert e. With LONGEST_FIRST the
+        items of the longest experts come first (`place`: each expert's place when sorted by rows) and are
+        dealt to the programs back and forth: round r goes to programs 0.. in even rounds and ..0 in odd
+        ones (a whole odd round only: a last partial round runs forwards so that its items all have
+        programs); else expert by expert."""
+        if LONGEST_FIRST:
+            rnd = t // NUM_PROGRAMS
+            back = (rnd % 2 == 1) & ((rnd + 1) * NUM_PROGRAMS <= E * per)
+            s = tl.where(back, t + NUM_PROGRAMS - 1 - 2 * pid, t)
+            e = tl.sum(tl.where(place == s // per, es, 0))
+        else:
+            s = t
+            e = t // per
+        return s, e
+
+    @triton.jit
     def _weight_grad_kernel(a_ptr, b_ptr, c_ptr, part_ptr, offs_ptr, next_ptr,
                             M: tl.constexpr, N: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                             NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, SLICES: tl.constexpr,
-                            CUT: tl.constexpr, PIECE: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+                            CUT: tl.constexpr, PIECE: tl.constexpr, LONGEST_FIRST: tl.constexpr,
+                            FLAT: tl.constexpr):
         """PIECE = 0: a work item is one output tile of one expert; with LONGEST_FIRST the items of the
         longest experts come first and each round of NUM_PROGRAMS items is dealt in the opposite
         direction to the one before, else expert by expert in turn.
@@ -260,25 +286,50 @@ if triton is not None:
         b_desc = _ragged_descriptor(b_ptr, N, BK, BN)
         c_desc = tl.make_tensor_descriptor(c_ptr, shape=[E * M, N], strides=[N, 1], block_shape=[BM, BN // SLICES])
         if PIECE == 0:
+            es, gstart, gend = _groups(offs_ptr, E, E_P2)
+            place = es
             if LONGEST_FIRST:  # each expert's place when sorted by rows, longest first
-                es, gstart, gend = _groups(offs_ptr, E, E_P2)
                 place = tl.sum(_ahead(tl.where(es < E, gend - gstart, -1), es).to(tl.int32), 1)
-            for t in tl.range(pid, E * per, NUM_PROGRAMS, flatten=True, warp_specialize=WS):
-                if LONGEST_FIRST:
-                    # items in that order, dealt to the programs back and forth: round r goes to programs
-                    # 0.. in even rounds and ..0 in odd ones (a whole odd round only: a last partial
-                    # round runs forwards so that its items all have programs)
-                    rnd = t // NUM_PROGRAMS
-                    back = (rnd % 2 == 1) & ((rnd + 1) * NUM_PROGRAMS <= E * per)
-                    s = tl.where(back, t + NUM_PROGRAMS - 1 - 2 * pid, t)
-                    e = tl.sum(tl.where(place == s // per, es, 0))
-                else:
-                    s = t
-                    e = t // per
-                row0 = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
-                rows = tl.load(offs_ptr + e) - row0
-                acc = _wgrad_tile(a_desc, b_desc, row0, rows, (s % per) // num_n, s % num_n, BM, BN, BK)
-                _store_tile(c_desc, acc, e, (s % per) // num_n, s % num_n, M, BM, BN, SLICES)
+            if FLAT:
+                # this program's k-steps, max(1, ⌈rows / BK⌉) an item (an empty expert's tile: one step
+                # of zeros, stored), counted first so that one loop of fixed length runs them all
+                total = pid * 0
+                for t in range(pid, E * per, NUM_PROGRAMS):
+                    s, e = _uncut_item(t, pid, place, es, per, E, NUM_PROGRAMS, LONGEST_FIRST)
+                    rows = tl.sum(tl.where(es == e, gend - gstart, 0))
+                    total += tl.maximum(tl.cdiv(rows, BK), 1)
+                t = pid - NUM_PROGRAMS
+                kk = pid * 0
+                steps = pid * 0
+                s = pid * 0
+                e = pid * 0
+                row0 = pid * 0
+                rows = pid * 0
+                acc = tl.zeros([BM, BN], dtype=tl.float32)
+                for _ in tl.range(0, total, warp_specialize=WS):
+                    if kk == 0:  # the next item
+                        t += NUM_PROGRAMS
+                        s, e = _uncut_item(t, pid, place, es, per, E, NUM_PROGRAMS, LONGEST_FIRST)
+                        row0 = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+                        rows = tl.load(offs_ptr + e) - row0
+                        steps = tl.maximum(tl.cdiv(rows, BK), 1)
+                    tm = (s % per) // num_n
+                    tn = s % num_n
+                    at = _ragged_load(a_desc, row0, rows, kk * BK, tm * BM, BK, BM)  # zeros past the rows
+                    b = _ragged_load(b_desc, row0, rows, kk * BK, tn * BN, BK, BN)
+                    acc = tl.dot(at.T, b, acc)
+                    kk += 1
+                    if kk == steps:
+                        _store_tile(c_desc, acc, e, tm, tn, M, BM, BN, SLICES)
+                        acc = tl.zeros([BM, BN], dtype=tl.float32)
+                        kk = pid * 0
+            else:
+                for t in tl.range(pid, E * per, NUM_PROGRAMS, flatten=True, warp_specialize=WS):
+                    s, e = _uncut_item(t, pid, place, es, per, E, NUM_PROGRAMS, LONGEST_FIRST)
+                    row0 = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+                    rows = tl.load(offs_ptr + e) - row0
+                    acc = _wgrad_tile(a_desc, b_desc, row0, rows, (s % per) // num_n, s % num_n, BM, BN, BK)
+                    _store_tile(c_desc, acc, e, (s % per) // num_n, s % num_n, M, BM, BN, SLICES)
         else:
             es, gstart, gend, cut, pieces = _pieces(offs_ptr, E, E_P2, CUT, PIECE)
             slot_end = tl.cumsum(tl.where(cut, pieces, 0), 0)  # partial slots up to e's end
@@ -402,7 +453,7 @@ if triton is not None:
         _launch(_weight_grad_kernel, wrap)[(programs,)](
             a, b, out, part, offs, counter, M=M, N=N, E=E, E_P2=e_p2, BM=bm, BN=bn, BK=bk,
             NUM_PROGRAMS=programs, WS=warp_specialize, SLICES=slices, CUT=longer, PIECE=piece,
-            LONGEST_FIRST=LONGEST_FIRST, num_warps=warps, num_stages=stages)
+            LONGEST_FIRST=LONGEST_FIRST, FLAT=WGRAD_FLAT and not piece, num_warps=warps, num_stages=stages)
         if piece:
             sbm, sbn = min(bm, 64), min(bn, 128)
             _launch(_sum_pieces_kernel, wrap)[(E, (M // sbm) * (N // sbn))](
