@@ -265,12 +265,26 @@ if triton is not None:
         return s, e
 
     @triton.jit
+    def _uncut_items(ts, pid, place, es, per: tl.constexpr, E: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                     LONGEST_FIRST: tl.constexpr):
+        """`_uncut_item` for a vector of items ts at once: ([T] s, [T] e)."""
+        if LONGEST_FIRST:
+            rnd = ts // NUM_PROGRAMS
+            back = (rnd % 2 == 1) & ((rnd + 1) * NUM_PROGRAMS <= E * per)
+            s = tl.where(back, ts + NUM_PROGRAMS - 1 - 2 * pid, ts)
+            e = tl.sum(tl.where(place[None, :] == (s // per)[:, None], es[None, :], 0), 1)
+        else:
+            s = ts
+            e = ts // per
+        return s, e
+
+    @triton.jit
     def _weight_grad_kernel(a_ptr, b_ptr, c_ptr, part_ptr, offs_ptr, next_ptr,
                             M: tl.constexpr, N: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                             NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, SLICES: tl.constexpr,
                             CUT: tl.constexpr, PIECE: tl.constexpr, LONGEST_FIRST: tl.constexpr,
-                            FLAT: tl.constexpr):
+                            FLAT: tl.constexpr, ITEMS_P2: tl.constexpr):
         """PIECE = 0: a work item is one output tile of one expert; with LONGEST_FIRST the items of the
         longest experts come first and each round of NUM_PROGRAMS items is dealt in the opposite
         direction to the one before, else expert by expert in turn.
@@ -292,12 +306,12 @@ if triton is not None:
                 place = tl.sum(_ahead(tl.where(es < E, gend - gstart, -1), es).to(tl.int32), 1)
             if FLAT:
                 # this program's k-steps, max(1, ⌈rows / BK⌉) an item (an empty expert's tile: one step
-                # of zeros, stored), counted first so that one loop of fixed length runs them all
-                total = pid * 0
-                for t in range(pid, E * per, NUM_PROGRAMS):
-                    s, e = _uncut_item(t, pid, place, es, per, E, NUM_PROGRAMS, LONGEST_FIRST)
-                    rows = tl.sum(tl.where(es == e, gend - gstart, 0))
-                    total += tl.maximum(tl.cdiv(rows, BK), 1)
+                # of zeros, stored), counted first (its ≤ ITEMS_P2 items at once) so that one loop of
+                # fixed length runs them all
+                ts = pid + tl.arange(0, ITEMS_P2) * NUM_PROGRAMS
+                s, e = _uncut_items(ts, pid, place, es, per, E, NUM_PROGRAMS, LONGEST_FIRST)
+                rows = tl.sum(tl.where(es[None, :] == e[:, None], (gend - gstart)[None, :], 0), 1)
+                total = tl.sum(tl.where(ts < E * per, tl.maximum(tl.cdiv(rows, BK), 1), 0))
                 t = pid - NUM_PROGRAMS
                 kk = pid * 0
                 steps = pid * 0
@@ -453,7 +467,8 @@ if triton is not None:
         _launch(_weight_grad_kernel, wrap)[(programs,)](
             a, b, out, part, offs, counter, M=M, N=N, E=E, E_P2=e_p2, BM=bm, BN=bn, BK=bk,
             NUM_PROGRAMS=programs, WS=warp_specialize, SLICES=slices, CUT=longer, PIECE=piece,
-            LONGEST_FIRST=LONGEST_FIRST, FLAT=WGRAD_FLAT and not piece, num_warps=warps, num_stages=stages)
+            LONGEST_FIRST=LONGEST_FIRST, FLAT=WGRAD_FLAT and not piece,
+            ITEMS_P2=triton.next_power_of_2(triton.cdiv(E * per, programs)), num_warps=warps, num_stages=stages)
         if piece:
             sbm, sbn = min(bm, 64), min(bn, 128)
             _launch(_sum_pieces_kernel, wrap)[(E, (M // sbm) * (N // sbn))](
