@@ -464,11 +464,14 @@ if triton is not None:
             programs = _programs(a.device, (E + triton.cdiv(R, piece)) * per)
         else:
             part, counter, programs = out, offs, _programs(a.device, E * per)
+        # the flat loop counts a program's items against every expert at once: [ITEMS_P2, E_P2] in registers
+        items_p2 = triton.next_power_of_2(triton.cdiv(E * per, programs))
+        flat = WGRAD_FLAT and not piece and items_p2 * e_p2 <= 16384
         _launch(_weight_grad_kernel, wrap)[(programs,)](
             a, b, out, part, offs, counter, M=M, N=N, E=E, E_P2=e_p2, BM=bm, BN=bn, BK=bk,
             NUM_PROGRAMS=programs, WS=warp_specialize, SLICES=slices, CUT=longer, PIECE=piece,
-            LONGEST_FIRST=LONGEST_FIRST, FLAT=WGRAD_FLAT and not piece,
-            ITEMS_P2=triton.next_power_of_2(triton.cdiv(E * per, programs)), num_warps=warps, num_stages=stages)
+            LONGEST_FIRST=LONGEST_FIRST, FLAT=flat, ITEMS_P2=items_p2 if flat else 1, num_warps=warps,
+            num_stages=stages)
         if piece:
             sbm, sbn = min(bm, 64), min(bn, 128)
             _launch(_sum_pieces_kernel, wrap)[(E, (M // sbm) * (N // sbn))](
