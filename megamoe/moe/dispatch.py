@@ -151,13 +151,13 @@ class Dispatcher:
     def run(self, x: torch.Tensor, routing: Routing, experts, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: [T, d] → Σ_assignments weight · expert(x[token]) per token, [T, d]; plus `residual` [T, d]
         when given (added to the sum rounded to x's dtype: in the sum's own pass on dropless top-k)."""
-        y = self._run(x, routing, experts, residual)
-        return y if residual is None or self._fuses_residual(routing, experts) else residual + y
+        plain_sum = bool(routing.top_k) and self.ep_size == 1 and not getattr(experts, "fp8", False)
+        y = self._run(x, routing, experts, plain_sum, residual if plain_sum else None)
+        return y if residual is None or plain_sum else residual + y
 
-    def _fuses_residual(self, routing: Routing, experts) -> bool:
-        return bool(routing.top_k) and self.ep_size == 1 and not getattr(experts, "fp8", False)
-
-    def _run(self, x, routing, experts, residual):
+    def _run(self, x, routing, experts, plain_sum: bool, residual):
+        """plain_sum: the routing weights scale the experts' activations and the combine is a plain
+        sum (dropless top-k, no expert parallelism, no FP8), whose pass adds `residual`."""
         k = routing.top_k
         counts = routing.expert_load  # [E] rows per expert
         if k and fused_sort.available(routing.expert_idx) and self.num_experts <= fused_sort.MAX_EXPERTS:
@@ -174,7 +174,7 @@ class Dispatcher:
             rows = _GatherTokens.apply(x, token_of_row, inverse, k)  # [N, d] sorted by global expert id
         else:
             rows = x[token_of_row]
-        if self._fuses_residual(routing, experts):
+        if plain_sum:
             # The routing weight scales each row's SwiGLU activation, before the second GEMM, and
             # the combine is a plain sum: the experts' outputs [N, d] need not be kept for the
             # weights' gradient (268 MB a layer at OLMoE's 8,192 tokens) nor read again for it.
