@@ -38,6 +38,7 @@ for counts in %r:
     a, dy = torch.randn(R, K, generator=gen), torch.randn(R, N, generator=gen)
     b, bt = torch.randn(E, K, N, generator=gen), torch.randn(E, N, K, generator=gen)
     # small tiles (16 or 32 rows, 32 to 128 columns; the gradient's output whole or in two slices)
+    G.WGRAD_FLAT = False  # the uncut weight gradient's nested loop first
     got = [G.launch_rows_mm(a, b, offs, config=(16, 32, 16, 4, 2)),
            G.launch_rows_mm(a, bt, offs, trans_b=True, config=(32, 64, 16, 4, 2)),
            G.launch_weight_grad_mm(a, dy, offs, config=(32, 64, 16, 4, 2, 2)),
@@ -154,12 +155,14 @@ def test_the_kernels_are_switched_off_by_the_environment(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="TMA kernels run on Hopper or later; CI has no GPU and checks them under the interpreter")
-@pytest.mark.parametrize("flat", [False, True])
-def test_the_kernels_equal_torchs_grouped_gemm_on_cuda(monkeypatch, flat):
+@pytest.mark.parametrize("flat,retuned", [(False, False), (True, False), (True, True)])
+def test_the_kernels_equal_torchs_grouped_gemm_on_cuda(monkeypatch, flat, retuned):
     """bf16, OLMoE's expert shapes at a few hundred tokens, random top-8 routing with empty experts:
     eager and compiled (the custom ops) against torch._grouped_mm (fp32 accumulation both); the
-    uncut weight gradient's nested and flat loops (`WGRAD_FLAT`)."""
+    uncut weight gradient's nested and flat loops (`WGRAD_FLAT`), and session 16's configs (`RETUNED`:
+    the flat loop warp-specialised)."""
     monkeypatch.setattr(G, "WGRAD_FLAT", flat)
+    monkeypatch.setattr(G, "RETUNED", retuned)
     torch._dynamo.reset()
     g = torch.Generator(device="cuda").manual_seed(0)
     bf = dict(device="cuda", dtype=torch.bfloat16)

@@ -44,6 +44,12 @@ except ImportError:  # CPU installs: torch's grouped GEMM
 BIG = 0x40000000  # 2**30: the ragged descriptor's row extent
 # (BM, BN, BK, warps, stages, the output's column slices); warp specialisation off
 WGRAD_CONFIG = (128, 256, 64, 8, 3, 2)
+# Session 16's sweep (H100, `bench_grouped_gemm.py --tma`, random top-8 loads; c1) against session 9's: the
+# row-grouped products in three stages from K = 1024 (OLMoE's second projection) and without warp
+# specialisation for the wide input gradient; the flat weight-gradient loop in four stages, warp-specialised.
+# Each ≤ 2% on its product, within a sweep's repeat spread: on only if the model's step shows it (off: not
+# yet timed in the model).
+RETUNED = False
 
 
 def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
@@ -51,6 +57,8 @@ def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
     the fastest of `bench_grouped_gemm.py --tma`'s sweep on OLMoE's and the small model's shapes
     (H100, docs/performance.md session 9): 128×256×64 tiles; three stages for long reductions, four
     for short ones; warp specialisation only for the input gradient of a wide first projection."""
+    if RETUNED:
+        return (128, 256, 64, 8, 3 if k >= 1024 else 4), False
     if trans_b and n >= 2048 and k >= 2048:
         return (128, 256, 64, 8, 4), True
     return (128, 256, 64, 8, 3 if k >= 2048 else 4), False
@@ -106,8 +114,10 @@ LONGEST_FIRST = True
 # where the inner bounds do not change with the outer loop; a tile's k-steps follow its expert's rows, so
 # the nested form (compiled for sm_90: two `scf.for`) starts the load pipeline again at every tile and
 # waits for a tile's stores before the next tile's first loads; the flat form (one `scf.for`, as the
-# row-grouped products compile) does not. Interpreter-tested; not yet timed on a GPU (off until it is).
-WGRAD_FLAT = False
+# row-grouped products compile) does not. H100, session 16 (c1): OLMoE's w1 / w2 weight gradients 0.883 /
+# 0.443 ms flat against 0.928 / 0.474 nested at random top-8 loads (the small model's: equal); the model's
+# forward+backward 133.84 / 134.22 ms against 134.67 / 135.16 (`bench_ab.py WGRAD_FLAT=False,True`).
+WGRAD_FLAT = True
 # The row-grouped product's output tiles leave by TMA through a ragged descriptor (True: asynchronous,
 # rows past the expert's end dropped by the copy engine), or by masked stores from registers (False)
 ROWS_TMA_STORE = True
@@ -247,36 +257,37 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _uncut_item(t, pid, place, es, per: tl.constexpr, E: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    def _uncut_tile(t, pid, per: tl.constexpr, E: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                     LONGEST_FIRST: tl.constexpr):
-        """The uncut schedule's t-th item: (s, e), the output tile s of expert e. With LONGEST_FIRST the
-        items of the longest experts come first (`place`: each expert's place when sorted by rows) and are
-        dealt to the programs back and forth: round r goes to programs 0.. in even rounds and ..0 in odd
-        ones (a whole odd round only: a last partial round runs forwards so that its items all have
-        programs); else expert by expert."""
+        """The uncut schedule's t-th item's place s (t a scalar or a vector): with LONGEST_FIRST the items
+        of the longest experts come first and are dealt to the programs back and forth: round r goes to
+        programs 0.. in even rounds and ..0 in odd ones (a whole odd round only: a last partial round runs
+        forwards so that its items all have programs); else expert by expert. s // per is the expert's place
+        in that order, s % per its output tile."""
         if LONGEST_FIRST:
             rnd = t // NUM_PROGRAMS
             back = (rnd % 2 == 1) & ((rnd + 1) * NUM_PROGRAMS <= E * per)
-            s = tl.where(back, t + NUM_PROGRAMS - 1 - 2 * pid, t)
-            e = tl.sum(tl.where(place == s // per, es, 0))
-        else:
-            s = t
-            e = t // per
-        return s, e
+            return tl.where(back, t + NUM_PROGRAMS - 1 - 2 * pid, t)
+        return t
+
+    @triton.jit
+    def _uncut_item(t, pid, place, es, per: tl.constexpr, E: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                    LONGEST_FIRST: tl.constexpr):
+        """The uncut schedule's t-th item: (s, e), the output tile s of expert e (`place`: each expert's
+        place when sorted by rows, with LONGEST_FIRST)."""
+        s = _uncut_tile(t, pid, per, E, NUM_PROGRAMS, LONGEST_FIRST)
+        if LONGEST_FIRST:
+            return s, tl.sum(tl.where(place == s // per, es, 0))
+        return s, s // per
 
     @triton.jit
     def _uncut_items(ts, pid, place, es, per: tl.constexpr, E: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                      LONGEST_FIRST: tl.constexpr):
         """`_uncut_item` for a vector of items ts at once: ([T] s, [T] e)."""
+        s = _uncut_tile(ts, pid, per, E, NUM_PROGRAMS, LONGEST_FIRST)
         if LONGEST_FIRST:
-            rnd = ts // NUM_PROGRAMS
-            back = (rnd % 2 == 1) & ((rnd + 1) * NUM_PROGRAMS <= E * per)
-            s = tl.where(back, ts + NUM_PROGRAMS - 1 - 2 * pid, ts)
-            e = tl.sum(tl.where(place[None, :] == (s // per)[:, None], es[None, :], 0), 1)
-        else:
-            s = ts
-            e = ts // per
-        return s, e
+            return s, tl.sum(tl.where(place[None, :] == (s // per)[:, None], es[None, :], 0), 1)
+        return s, s // per
 
     @triton.jit
     def _weight_grad_kernel(a_ptr, b_ptr, c_ptr, part_ptr, offs_ptr, next_ptr,
@@ -441,12 +452,14 @@ if triton is not None:
         return out
 
     def launch_weight_grad_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, config=None,
-                              warp_specialize: bool = False, cut: tuple[int, int] | None = None,
+                              warp_specialize: bool | None = None, cut: tuple[int, int] | None = None,
                               wrap=_plain) -> torch.Tensor:
         """The kernel itself: a [R, M], b [R, N], offs [E] int32 → [E, M, N] (zeros for an empty expert).
         `cut`: (cut, piece), experts longer than `cut` rows in pieces of `piece` (None: `wgrad_cut`;
         (0, 0): none)."""
         bm, bn, bk, warps, stages, slices = config or WGRAD_CONFIG
+        tuned = config is None and warp_specialize is None and RETUNED
+        warp_specialize = bool(warp_specialize)
         a, b = a.contiguous(), b.contiguous()
         R, M, N, E = a.shape[0], a.shape[1], b.shape[1], offs.numel()
         assert M % bm == 0 and N % bn == 0, (M, N, bm, bn)
@@ -467,6 +480,8 @@ if triton is not None:
         # the flat loop counts a program's items against every expert at once: [ITEMS_P2, E_P2] in registers
         items_p2 = triton.next_power_of_2(triton.cdiv(E * per, programs))
         flat = WGRAD_FLAT and not piece and items_p2 * e_p2 <= 16384
+        if flat and tuned:
+            stages, warp_specialize = 4, True
         _launch(_weight_grad_kernel, wrap)[(programs,)](
             a, b, out, part, offs, counter, M=M, N=N, E=E, E_P2=e_p2, BM=bm, BN=bn, BK=bk,
             NUM_PROGRAMS=programs, WS=warp_specialize, SLICES=slices, CUT=longer, PIECE=piece,
