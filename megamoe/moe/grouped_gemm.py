@@ -44,12 +44,6 @@ except ImportError:  # CPU installs: torch's grouped GEMM
 BIG = 0x40000000  # 2**30: the ragged descriptor's row extent
 # (BM, BN, BK, warps, stages, the output's column slices); warp specialisation off
 WGRAD_CONFIG = (128, 256, 64, 8, 3, 2)
-# Session 16's sweep (H100, `bench_grouped_gemm.py --tma`, random top-8 loads; c1) against session 9's: the
-# row-grouped products in three stages from K = 1024 (OLMoE's second projection) and without warp
-# specialisation for the wide input gradient; the flat weight-gradient loop in four stages, warp-specialised.
-# Each ≤ 2% on its product, within a sweep's repeat spread: on only if the model's step shows it (off: not
-# yet timed in the model).
-RETUNED = False
 
 
 def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
@@ -57,8 +51,6 @@ def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
     the fastest of `bench_grouped_gemm.py --tma`'s sweep on OLMoE's and the small model's shapes
     (H100, docs/performance.md session 9): 128×256×64 tiles; three stages for long reductions, four
     for short ones; warp specialisation only for the input gradient of a wide first projection."""
-    if RETUNED:
-        return (128, 256, 64, 8, 3 if k >= 1024 else 4), False
     if trans_b and n >= 2048 and k >= 2048:
         return (128, 256, 64, 8, 4), True
     return (128, 256, 64, 8, 3 if k >= 2048 else 4), False
@@ -452,14 +444,12 @@ if triton is not None:
         return out
 
     def launch_weight_grad_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, config=None,
-                              warp_specialize: bool | None = None, cut: tuple[int, int] | None = None,
+                              warp_specialize: bool = False, cut: tuple[int, int] | None = None,
                               wrap=_plain) -> torch.Tensor:
         """The kernel itself: a [R, M], b [R, N], offs [E] int32 → [E, M, N] (zeros for an empty expert).
         `cut`: (cut, piece), experts longer than `cut` rows in pieces of `piece` (None: `wgrad_cut`;
         (0, 0): none)."""
         bm, bn, bk, warps, stages, slices = config or WGRAD_CONFIG
-        tuned = config is None and warp_specialize is None and RETUNED
-        warp_specialize = bool(warp_specialize)
         a, b = a.contiguous(), b.contiguous()
         R, M, N, E = a.shape[0], a.shape[1], b.shape[1], offs.numel()
         assert M % bm == 0 and N % bn == 0, (M, N, bm, bn)
@@ -480,8 +470,6 @@ if triton is not None:
         # the flat loop counts a program's items against every expert at once: [ITEMS_P2, E_P2] in registers
         items_p2 = triton.next_power_of_2(triton.cdiv(E * per, programs))
         flat = WGRAD_FLAT and not piece and items_p2 * e_p2 <= 16384
-        if flat and tuned:
-            stages, warp_specialize = 4, True
         _launch(_weight_grad_kernel, wrap)[(programs,)](
             a, b, out, part, offs, counter, M=M, N=N, E=E, E_P2=e_p2, BM=bm, BN=bn, BK=bk,
             NUM_PROGRAMS=programs, WS=warp_specialize, SLICES=slices, CUT=longer, PIECE=piece,
