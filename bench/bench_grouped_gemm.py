@@ -88,7 +88,7 @@ def sweep(geo, rows, configs, log, label):
     total_torch, total_best = 0.0, 0.0
     for name, flops, ref_fn, our_fn in rows:
         ref = ref_fn()
-        row = {"geometry": geo, "gemm": name, "torch": bench(ref_fn)}
+        row = {"geometry": geo, "gemm": name, "label": label, "torch": bench(ref_fn)}
         for c in configs:
             try:
                 got = our_fn(c)
@@ -161,6 +161,7 @@ TMA_CONFIGS = [
     (128, 256, 64, 8, 3, 2, False), (128, 256, 64, 8, 4, 2, False), (128, 256, 64, 8, 3, 2, True),
     (128, 256, 64, 8, 4, 2, True), (128, 128, 64, 4, 4, 1, False), (128, 128, 128, 8, 3, 1, False),
     (256, 128, 64, 8, 3, 2, False), (64, 256, 64, 4, 4, 2, False),
+    (128, 256, 64, 8, 3, 1, False),  # the weight gradient's tile in one store (the row products: as the first)
 ]
 
 
@@ -194,7 +195,7 @@ def tma(geo, tokens, d, f, e, k, device, log, configs):
         ("wgrad w2 flat", 2 * n * f * d, lambda: gm(h.t(), dy, offs=offs),
          flat(lambda c: G.launch_weight_grad_mm(h, dy, offs, config=c[:6], warp_specialize=c[6]))),
     ]
-    sweep(geo, rows, configs, log, "tma")
+    sweep(geo, rows, configs, log, "tma whole-tile stores" if G.WHOLE_TILE_STORES else "tma")
 
 
 def flat(launch):
@@ -321,7 +322,13 @@ def main():
     ap.add_argument("--loads", default=None, metavar="BENCH_MODEL_JSONL",
                     help="time the six products of each layer at the expert loads bench_model.py recorded, "
                          "in the first geometry of --geometries (d, F, E)")
+    ap.add_argument("--whole-tile-stores", action="store_true",
+                    help="megamoe's kernels store each output tile whole where it fits (grouped_gemm.WHOLE_TILE_STORES)")
     args = ap.parse_args()
+    if args.whole_tile_stores:
+        from megamoe.moe import grouped_gemm as G
+        G.WHOLE_TILE_STORES = True
+        print("grouped_gemm.WHOLE_TILE_STORES = True", flush=True)
     if not torch.cuda.is_available():
         sys.exit("bench_grouped_gemm.py: needs a CUDA GPU (torch._grouped_mm times nothing on CPU)")
     device = torch.device("cuda")
