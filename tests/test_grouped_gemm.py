@@ -171,14 +171,15 @@ def test_the_kernels_are_switched_off_by_the_environment(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="TMA kernels run on Hopper or later; CI has no GPU and checks them under the interpreter")
-@pytest.mark.parametrize("flat,whole", [(False, False), (True, False), (True, True)])
-def test_the_kernels_equal_torchs_grouped_gemm_on_cuda(monkeypatch, flat, whole):
+@pytest.mark.parametrize("flat,whole,short_stages", [(False, False, 4), (True, False, 4), (True, True, 4), (True, True, 3)])
+def test_the_kernels_equal_torchs_grouped_gemm_on_cuda(monkeypatch, flat, whole, short_stages):
     """bf16, OLMoE's expert shapes at a few hundred tokens, random top-8 routing with empty experts:
     eager and compiled (the custom ops) against torch._grouped_mm (fp32 accumulation both); the
     uncut weight gradient's nested and flat loops (`WGRAD_FLAT`); output tiles in two halves or whole
-    (`WHOLE_TILE_STORES`)."""
+    (`WHOLE_TILE_STORES`), the short reductions' row-grouped products in four or three load stages."""
     monkeypatch.setattr(G, "WGRAD_FLAT", flat)
     monkeypatch.setattr(G, "WHOLE_TILE_STORES", whole)
+    monkeypatch.setattr(G, "ROWS_SHORT_STAGES", short_stages)
     torch._dynamo.reset()
     g = torch.Generator(device="cuda").manual_seed(0)
     bf = dict(device="cuda", dtype=torch.bfloat16)
@@ -192,6 +193,9 @@ def test_the_kernels_equal_torchs_grouped_gemm_on_cuda(monkeypatch, flat, whole)
     checks = [(lambda: G.rows_mm(dh, w1, offs, trans_b=True), torch._grouped_mm(dh, w1.transpose(1, 2), offs=offs)),
               (lambda: G.rows_mm(x, w1, offs), torch._grouped_mm(x, w1, offs=offs)),
               (lambda: G.weight_grad_mm(x, dh, offs), torch._grouped_mm(x.t(), dh, offs=offs))]
+    h, w2 = torch.randn(R, 1024, generator=g, **bf), torch.randn(64, 1024, 2048, generator=g, **bf) / 32
+    assert G.rows_config(1024, 2048, False)[0][4] == short_stages  # the second projection's short reduction
+    checks.append((lambda: G.rows_mm(h, w2, offs), torch._grouped_mm(h, w2, offs=offs)))
     # the small model's shapes with one expert at 3,000 of ~4,200 rows: cut into pieces (wgrad_cut)
     skewed = counts.clone()
     skewed[40] = 3000
