@@ -161,7 +161,6 @@ TMA_CONFIGS = [
     (128, 256, 64, 8, 3, 2, False), (128, 256, 64, 8, 4, 2, False), (128, 256, 64, 8, 3, 2, True),
     (128, 256, 64, 8, 4, 2, True), (128, 128, 64, 4, 4, 1, False), (128, 128, 128, 8, 3, 1, False),
     (256, 128, 64, 8, 3, 2, False), (64, 256, 64, 4, 4, 2, False),
-    (128, 256, 64, 8, 3, 1, False),  # the weight gradient's tile in one store (the row products: as the first)
 ]
 
 
@@ -189,21 +188,22 @@ def tma(geo, tokens, d, f, e, k, device, log, configs):
          lambda c: G.launch_weight_grad_mm(x, dh, offs, config=c[:6], warp_specialize=c[6])),
         ("wgrad w2", 2 * n * f * d, lambda: gm(h.t(), dy, offs=offs),
          lambda c: G.launch_weight_grad_mm(h, dy, offs, config=c[:6], warp_specialize=c[6])),
-        # the uncut weight gradient as one flat loop over each program's k-steps (grouped_gemm.WGRAD_FLAT)
-        ("wgrad w1 flat", 2 * n * d * 2 * f, lambda: gm(x.t(), dh, offs=offs),
-         flat(lambda c: G.launch_weight_grad_mm(x, dh, offs, config=c[:6], warp_specialize=c[6]))),
-        ("wgrad w2 flat", 2 * n * f * d, lambda: gm(h.t(), dy, offs=offs),
-         flat(lambda c: G.launch_weight_grad_mm(h, dy, offs, config=c[:6], warp_specialize=c[6]))),
+        # the uncut weight gradient's loop over tiles with each tile's k-steps inside (grouped_gemm.WGRAD_FLAT
+        # off; the rows above run the default, one flat loop over each program's k-steps, since session 16)
+        ("wgrad w1 nested", 2 * n * d * 2 * f, lambda: gm(x.t(), dh, offs=offs),
+         nested(lambda c: G.launch_weight_grad_mm(x, dh, offs, config=c[:6], warp_specialize=c[6]))),
+        ("wgrad w2 nested", 2 * n * f * d, lambda: gm(h.t(), dy, offs=offs),
+         nested(lambda c: G.launch_weight_grad_mm(h, dy, offs, config=c[:6], warp_specialize=c[6]))),
     ]
-    sweep(geo, rows, configs, log, "tma whole-tile stores" if G.WHOLE_TILE_STORES else "tma")
+    sweep(geo, rows, configs, log, "tma")
 
 
-def flat(launch):
-    """`launch` with grouped_gemm.WGRAD_FLAT set for the call."""
+def nested(launch):
+    """`launch` with grouped_gemm.WGRAD_FLAT off for the call."""
     from megamoe.moe import grouped_gemm as G
 
     def run(config):
-        saved, G.WGRAD_FLAT = G.WGRAD_FLAT, True
+        saved, G.WGRAD_FLAT = G.WGRAD_FLAT, False
         try:
             return launch(config)
         finally:
@@ -322,13 +322,7 @@ def main():
     ap.add_argument("--loads", default=None, metavar="BENCH_MODEL_JSONL",
                     help="time the six products of each layer at the expert loads bench_model.py recorded, "
                          "in the first geometry of --geometries (d, F, E)")
-    ap.add_argument("--whole-tile-stores", action="store_true",
-                    help="megamoe's kernels store each output tile whole where it fits (grouped_gemm.WHOLE_TILE_STORES)")
     args = ap.parse_args()
-    if args.whole_tile_stores:
-        from megamoe.moe import grouped_gemm as G
-        G.WHOLE_TILE_STORES = True
-        print("grouped_gemm.WHOLE_TILE_STORES = True", flush=True)
     if not torch.cuda.is_available():
         sys.exit("bench_grouped_gemm.py: needs a CUDA GPU (torch._grouped_mm times nothing on CPU)")
     device = torch.device("cuda")

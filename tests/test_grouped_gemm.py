@@ -58,10 +58,6 @@ for counts in %r:
     got.append(G.launch_weight_grad_mm(a, dy, offs, config=(16, 128, 32, 4, 2, 1), cut=(0, 0)))
     G.LONGEST_FIRST = True
     G.WGRAD_FLAT = False
-    G.WHOLE_TILE_STORES = True  # each output tile in one store (store_slices: 1 at these tiles)
-    got.append(G.launch_rows_mm(a, b, offs, config=(16, 32, 16, 4, 2)))
-    got.append(G.launch_rows_mm(a, bt, offs, trans_b=True, config=(32, 64, 16, 4, 2)))
-    G.WHOLE_TILE_STORES = False
     G.ROWS_TMA_STORE = False  # masked stores from registers
     got.append(G.launch_rows_mm(a, b, offs, config=(16, 32, 16, 4, 2)))
     G.ROWS_TMA_STORE = True
@@ -72,8 +68,7 @@ print(out)
 
 def test_the_triton_kernels_compute_each_experts_product():
     """Under Triton's interpreter (fp32): the row-grouped product (weight read as stored and as its
-    transpose; its tiles stored by TMA through ragged descriptors, in two column halves or whole, or masked)
-    and the weight gradient
+    transpose; its tiles stored by TMA through ragged descriptors, or masked) and the weight gradient
     equal the per-expert loop; an empty expert's gradient is 0,
     no tile writes rows of a neighbouring expert (masked stores) and no expert's gradient sums a
     neighbour's rows (ragged loads read zeros past each expert's end). The weight gradient also with
@@ -86,8 +81,8 @@ def test_the_triton_kernels_compute_each_experts_product():
     from pip_cache import run_interpreted
     runs = run_interpreted(INTERPRETED % (COUNTS,))
     for counts, run in zip(COUNTS, runs):
-        a, dy, b, bt, rows, rows_t, *wgrads, rows_whole, rows_t_whole, rows_masked = map(torch.tensor, run)
-        for got, t in ((rows, False), (rows_t, True), (rows_whole, False), (rows_t_whole, True), (rows_masked, False)):
+        a, dy, b, bt, rows, rows_t, *wgrads, rows_masked = map(torch.tensor, run)
+        for got, t in ((rows, False), (rows_t, True), (rows_masked, False)):
             torch.testing.assert_close(got, rows_ref(a, bt if t else b, counts, trans_b=t), rtol=1e-5, atol=1e-4)
         want = wgrad_ref(a, dy, counts)
         for wgrad in wgrads:
@@ -151,17 +146,6 @@ def test_long_experts_are_cut_only_where_one_could_be_the_weight_gradients_tail(
     assert G.wgrad_cut(262144, 64, 512, 512, 8, 64, 132) == (0, 0)
 
 
-def test_whole_tile_stores_only_where_the_buffer_fits_beside_the_load_stages(monkeypatch):
-    """store_slices: with the switch, one store of the whole 128×256 tile at three load stages of 128×64
-    and 64×256 (208 KiB in all), two halves at four (256 KiB would pass an H100's 227 KiB); without it,
-    the slices asked for."""
-    monkeypatch.setattr(G, "WHOLE_TILE_STORES", True)
-    assert G.store_slices(128, 256, 64, 3) == 1 and G.store_slices(128, 256, 64, 4) == 2
-    assert G.store_slices(128, 128, 64, 4) == 1 and G.store_slices(128, 256, 64, 4, slices=4) == 4
-    monkeypatch.setattr(G, "WHOLE_TILE_STORES", False)
-    assert G.store_slices(128, 256, 64, 3) == 2 and G.store_slices(16, 32, 16, 2, slices=1) == 1
-
-
 def test_the_kernels_are_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("MEGAMOE_GROUPED_GEMM", "torch")
     assert not G.enabled()
@@ -171,15 +155,12 @@ def test_the_kernels_are_switched_off_by_the_environment(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="TMA kernels run on Hopper or later; CI has no GPU and checks them under the interpreter")
-@pytest.mark.parametrize("flat,whole,short_stages", [(False, False, 4), (True, False, 4), (True, True, 4), (True, True, 3)])
-def test_the_kernels_equal_torchs_grouped_gemm_on_cuda(monkeypatch, flat, whole, short_stages):
+@pytest.mark.parametrize("flat", [False, True])
+def test_the_kernels_equal_torchs_grouped_gemm_on_cuda(monkeypatch, flat):
     """bf16, OLMoE's expert shapes at a few hundred tokens, random top-8 routing with empty experts:
     eager and compiled (the custom ops) against torch._grouped_mm (fp32 accumulation both); the
-    uncut weight gradient's nested and flat loops (`WGRAD_FLAT`); output tiles in two halves or whole
-    (`WHOLE_TILE_STORES`), the short reductions' row-grouped products in four or three load stages."""
+    uncut weight gradient's nested and flat loops (`WGRAD_FLAT`)."""
     monkeypatch.setattr(G, "WGRAD_FLAT", flat)
-    monkeypatch.setattr(G, "WHOLE_TILE_STORES", whole)
-    monkeypatch.setattr(G, "ROWS_SHORT_STAGES", short_stages)
     torch._dynamo.reset()
     g = torch.Generator(device="cuda").manual_seed(0)
     bf = dict(device="cuda", dtype=torch.bfloat16)
@@ -193,9 +174,6 @@ def test_the_kernels_equal_torchs_grouped_gemm_on_cuda(monkeypatch, flat, whole,
     checks = [(lambda: G.rows_mm(dh, w1, offs, trans_b=True), torch._grouped_mm(dh, w1.transpose(1, 2), offs=offs)),
               (lambda: G.rows_mm(x, w1, offs), torch._grouped_mm(x, w1, offs=offs)),
               (lambda: G.weight_grad_mm(x, dh, offs), torch._grouped_mm(x.t(), dh, offs=offs))]
-    h, w2 = torch.randn(R, 1024, generator=g, **bf), torch.randn(64, 1024, 2048, generator=g, **bf) / 32
-    assert G.rows_config(1024, 2048, False)[0][4] == short_stages  # the second projection's short reduction
-    checks.append((lambda: G.rows_mm(h, w2, offs), torch._grouped_mm(h, w2, offs=offs)))
     # the small model's shapes with one expert at 3,000 of ~4,200 rows: cut into pieces (wgrad_cut)
     skewed = counts.clone()
     skewed[40] = 3000

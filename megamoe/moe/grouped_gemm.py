@@ -53,12 +53,7 @@ def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
     for short ones; warp specialisation only for the input gradient of a wide first projection."""
     if trans_b and n >= 2048 and k >= 2048:
         return (128, 256, 64, 8, 4), True
-    return (128, 256, 64, 8, 3 if k >= 2048 else ROWS_SHORT_STAGES), False
-
-
-# load stages of the row-grouped products with short reductions (k < 2,048): four measured fastest with half-tile
-# stores (session 9); three leave room for `WHOLE_TILE_STORES`' whole-tile buffer (for A/B runs)
-ROWS_SHORT_STAGES = 4
+    return (128, 256, 64, 8, 3 if k >= 2048 else 4), False
 
 
 CHOICES = ("triton", "torch")
@@ -118,20 +113,6 @@ WGRAD_FLAT = True
 # The row-grouped product's output tiles leave by TMA through a ragged descriptor (True: asynchronous,
 # rows past the expert's end dropped by the copy engine), or by masked stores from registers (False)
 ROWS_TMA_STORE = True
-# Output tiles leave through a shared-memory buffer of the whole tile where it fits beside the load stages
-# (True; three stages of 128×256×64: 208 KiB), or through half a tile twice (False). Compiled for sm_90, the
-# two halves share one buffer, so the second waits for the copy engine to have read the first before it is
-# written (`cp.async.bulk.wait_group.read 0` within every tile's epilogue); one whole-tile store waits only at
-# the next tile's epilogue, for a copy issued a main loop earlier. Interpreter-tested; not yet timed.
-WHOLE_TILE_STORES = False
-SMEM_BYTES = 227 * 1024  # an H100 block's shared memory at most
-
-
-def store_slices(bm: int, bn: int, bk: int, stages: int, slices: int = 2) -> int:
-    """1 (the whole tile a store) with `WHOLE_TILE_STORES` where `stages` load stages of bf16 [bm, bk] and
-    [bk, bn] tiles and a [bm, bn] buffer fit SMEM_BYTES (with 1 KiB spare for barriers), else `slices`."""
-    whole = (stages * (bm * bk + bk * bn) + bm * bn) * 2 <= SMEM_BYTES - 1024
-    return 1 if WHOLE_TILE_STORES and whole else slices
 
 
 def wgrad_cut(rows: int, experts: int, m: int, n: int, tiles: int, bk: int, programs: int) -> tuple[int, int]:
@@ -199,12 +180,11 @@ if triton is not None:
     def _rows_mm_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, R,
                         N: tl.constexpr, K: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr,
                         TRANS_B: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, TMA_STORE: tl.constexpr,
-                        SLICES: tl.constexpr):
+                        NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, TMA_STORE: tl.constexpr):
         pid = tl.program_id(0)
         num_n: tl.constexpr = N // BN
-        if TMA_STORE:  # SLICES = 2: two column slices, through a buffer of half the tile
-            c_desc = _ragged_descriptor(c_ptr, N, BM, BN // SLICES)
+        if TMA_STORE:
+            c_desc = _ragged_descriptor(c_ptr, N, BM, BN // 2)  # two column slices: half the tile's buffer
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[K, 1], block_shape=[BM, BK])
         if TRANS_B:
             b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * N, K], strides=[K, 1], block_shape=[BN, BK])
@@ -229,13 +209,9 @@ if triton is not None:
                     b = b_desc.load([e * K + kk * BK, tn * BN])
                 acc = tl.dot(a, b, acc)
             if TMA_STORE:  # rows past the expert's end fall outside the ragged window: not written
-                out = acc.to(c_ptr.dtype.element_ty)
-                if SLICES == 1:
-                    _ragged_store(c_desc, start, rows, 0, tn * BN, out, BM, BN)
-                else:
-                    lo, hi = _halves(out, BM, BN)
-                    _ragged_store(c_desc, start, rows, 0, tn * BN, lo, BM, BN // 2)
-                    _ragged_store(c_desc, start, rows, 0, tn * BN + BN // 2, hi, BM, BN // 2)
+                lo, hi = _halves(acc.to(c_ptr.dtype.element_ty), BM, BN)
+                _ragged_store(c_desc, start, rows, 0, tn * BN, lo, BM, BN // 2)
+                _ragged_store(c_desc, start, rows, 0, tn * BN + BN // 2, hi, BM, BN // 2)
             else:
                 r = tl.arange(0, BM)
                 ptrs = c_ptr + (start + r).to(tl.int64)[:, None] * N + (tn * BN + tl.arange(0, BN))[None, :]
@@ -464,7 +440,7 @@ if triton is not None:
         _launch(_rows_mm_kernel, wrap)[(programs,)](
             a, b, out, offs, R, N=N, K=K, E=E, E_P2=triton.next_power_of_2(E), TRANS_B=trans_b,
             BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, WS=ws, TMA_STORE=ROWS_TMA_STORE,
-            SLICES=store_slices(bm, bn, bk, stages), num_warps=warps, num_stages=stages)
+            num_warps=warps, num_stages=stages)
         return out
 
     def launch_weight_grad_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, config=None,
@@ -474,8 +450,6 @@ if triton is not None:
         `cut`: (cut, piece), experts longer than `cut` rows in pieces of `piece` (None: `wgrad_cut`;
         (0, 0): none)."""
         bm, bn, bk, warps, stages, slices = config or WGRAD_CONFIG
-        if config is None:
-            slices = store_slices(bm, bn, bk, stages, slices)
         a, b = a.contiguous(), b.contiguous()
         R, M, N, E = a.shape[0], a.shape[1], b.shape[1], offs.numel()
         assert M % bm == 0 and N % bn == 0, (M, N, bm, bn)
