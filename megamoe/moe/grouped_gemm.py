@@ -168,7 +168,9 @@ if triton is not None:
 
     @triton.jit
     def _halves(out, BM: tl.constexpr, BN: tl.constexpr):
-        """A [BM, BN] tile's two [BM, BN / 2] column halves (stores through half-width buffers)."""
+        """A [BM, BN] tile's two [BM, BN / 2] column halves (stores through half-width buffers). One store of
+        the whole tile, where its buffer fits beside three load stages, was slower in the model (H100, session 17:
+        docs/performance.md)."""
         return tl.split(tl.reshape(out, (BM, 2, BN // 2)).permute(0, 2, 1))
 
     @triton.jit
