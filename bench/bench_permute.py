@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from megamoe.moe import dispatch, fused_permute  # noqa: E402
+from megamoe.moe import fused_permute  # noqa: E402
 
 GEOMETRIES = {"olmoe": (8192, 2048, 8), "small": (32768, 512, 8)}  # tokens, d, k
 SWEEP = [(4096, 1024, 4), (8192, 1024, 8), (4096, 512, 4), (8192, 512, 8), (2048, 256, 4), (4096, 256, 4), (8192, 256, 8),
@@ -43,7 +43,7 @@ def main():
         inverse = torch.randperm(t * k, device="cuda").view(t, k)
         nbytes = (t * k + t) * d * 2
         compiled_gather = torch.compile(lambda s, i: s[i])
-        compiled_sum = torch.compile(lambda s, i: dispatch._sum_rows(s, i))
+        compiled_sum = torch.compile(lambda s, i: fused_permute.torch_sum_rows(s, i))
         cases = {
             "copy (same bytes)": lambda: torch.empty(t * k + t, d, device="cuda", dtype=torch.bfloat16).copy_(
                 torch.empty(t * k + t, d, device="cuda", dtype=torch.bfloat16)),

@@ -236,3 +236,39 @@ def test_swiglu_down_has_the_gradients_of_the_plain_form():
     torch.testing.assert_close(fused, plain, rtol=0, atol=0)
     for a, b in zip(torch.autograd.grad(fused, (h, w, w2), dy), torch.autograd.grad(plain, (h, w, w2), dy)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens_in_place,gradient_in_place", [(True, True), (True, False), (False, True), (False, False)])
+def test_the_experts_on_tokens_equal_the_gathered_rows(monkeypatch, tokens_in_place, gradient_in_place):
+    """Given the tokens and their rows (`TokenRows`), the experts return each token's sum of its k weighted
+    rows plus the residual: the grouped path, with the token rows and the output gradient read in place
+    (`READ_TOKENS_IN_PLACE`, `READ_GRADIENT_IN_PLACE`) or gathered into copies, equals gathering the rows
+    by hand, running the per-expert loop and summing (fp32 on the CPU, torch's grouped GEMM): output and
+    the gradients of the tokens, both projections, the routing weights and the residual; with an empty
+    expert and tokens that chose one expert twice."""
+    from megamoe.moe import fused_permute
+    monkeypatch.setattr(experts, "READ_TOKENS_IN_PLACE", tokens_in_place)
+    monkeypatch.setattr(experts, "READ_GRADIENT_IN_PLACE", gradient_in_place)
+    g = torch.Generator().manual_seed(5)
+    T, k, E, d, f = 9, 3, 5, 16, 8
+    ex = SwiGLUExperts(E, d, f)
+    with torch.no_grad():
+        ex.w1.copy_(torch.randn(ex.w1.shape, generator=g) * 0.2)
+        ex.w2.copy_(torch.randn(ex.w2.shape, generator=g) * 0.2)
+    expert_idx = torch.randint(0, E - 1, (T * k,), generator=g)  # expert E - 1 empty; repeats within a token
+    order = torch.argsort(expert_idx, stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T * k))
+    token_of_row = torch.arange(T).repeat_interleave(k)[order]
+    counts = torch.bincount(expert_idx, minlength=E)
+    x = torch.randn(T, d, generator=g, requires_grad=True)
+    weight = torch.rand(T * k, generator=g, requires_grad=True)
+    residual = torch.randn(T, d, generator=g, requires_grad=True)
+    dy = torch.randn(T, d, generator=g)
+    got = ex(x, counts, grouped=True, row_weight=weight[order],
+             tokens=experts.TokenRows(token_of_row, inverse, k, residual))
+    rows = ex(x[token_of_row], counts, grouped=False, row_weight=weight[order])
+    want = residual + fused_permute.torch_sum_rows(rows, inverse.view(T, k))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    params = (x, ex.w1, ex.w2, weight, residual)
+    for a, b in zip(torch.autograd.grad(got, params, dy), torch.autograd.grad(want, params, dy)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -35,7 +35,10 @@ E, K, N = 7, 64, 128
 for counts in %r:
     offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
     R = int(offs[-1])
-    a, dy = torch.randn(R, K, generator=gen), torch.randn(R, N, generator=gen)
+    # the rows: of R // 2 tokens, each in several rows (read in place by the kernels' gathering loads too)
+    index = torch.randint(0, R // 2, (R,), generator=gen)
+    a_src, dy_src = torch.randn(R // 2, K, generator=gen), torch.randn(R // 2, N, generator=gen)
+    a, dy = a_src[index], dy_src[index]
     b, bt = torch.randn(E, K, N, generator=gen), torch.randn(E, N, K, generator=gen)
     # small tiles (16 or 32 rows, 32 to 128 columns; the gradient's output whole or in two slices)
     G.WGRAD_FLAT = False  # the uncut weight gradient's nested loop first
@@ -57,11 +60,18 @@ for counts in %r:
     G.LONGEST_FIRST = False
     got.append(G.launch_weight_grad_mm(a, dy, offs, config=(16, 128, 32, 4, 2, 1), cut=(0, 0)))
     G.LONGEST_FIRST = True
+    # the rows read through the index: the weight gradient's flat loop, its nested loop and its cut experts
+    got.append(G.launch_weight_grad_mm(a_src, dy, offs, config=(32, 64, 16, 4, 2, 2), cut=(0, 0), a_index=index))
     G.WGRAD_FLAT = False
+    got.append(G.launch_weight_grad_mm(a, dy_src, offs, config=(16, 128, 32, 4, 2, 1), cut=(0, 0), b_index=index))
+    got.append(G.launch_weight_grad_mm(a_src, dy_src, offs, config=(32, 64, 16, 4, 2, 2), cut=(32, 16),
+                                       a_index=index, b_index=index))
+    rows = [G.launch_rows_mm(a_src, b, offs, config=(16, 32, 16, 4, 2), a_index=index),
+            G.launch_rows_mm(a_src, bt, offs, trans_b=True, config=(32, 64, 16, 4, 2), a_index=index)]
     G.ROWS_TMA_STORE = False  # masked stores from registers
-    got.append(G.launch_rows_mm(a, b, offs, config=(16, 32, 16, 4, 2)))
+    rows.append(G.launch_rows_mm(a, b, offs, config=(16, 32, 16, 4, 2)))
     G.ROWS_TMA_STORE = True
-    out.append([t.tolist() for t in (a, dy, b, bt, *got)])
+    out.append([t.tolist() for t in (a, dy, b, bt, *rows, *got)])
 print(out)
 """
 
@@ -77,12 +87,16 @@ def test_the_triton_kernels_compute_each_experts_product():
     rows: one piece through the second pass), beside uncut and empty experts, each piece summed once;
     and uncut, the tiles of the longest experts first, dealt back and forth over the programs (a last
     partial round forwards), or expert after expert; and the uncut schedule as one flat loop over each
-    program's k-steps (`WGRAD_FLAT`: an empty expert's tile is one step of zeros, stored)."""
+    program's k-steps (`WGRAD_FLAT`: an empty expert's tile is one step of zeros, stored). Every product
+    also with its token rows read in place through an index with repeats (`a_index`, `b_index`: the
+    experts' gathered operands) in place of a gathered copy."""
     from pip_cache import run_interpreted
     runs = run_interpreted(INTERPRETED % (COUNTS,))
     for counts, run in zip(COUNTS, runs):
-        a, dy, b, bt, rows, rows_t, *wgrads, rows_masked = map(torch.tensor, run)
-        for got, t in ((rows, False), (rows_t, True), (rows_masked, False)):
+        a, dy, b, bt, rows_gathered, rows_t_gathered, rows_masked, rows, rows_t, *wgrads = map(torch.tensor, run)
+        assert len(wgrads) == 12
+        for got, t in ((rows, False), (rows_t, True), (rows_masked, False), (rows_gathered, False),
+                       (rows_t_gathered, True)):
             torch.testing.assert_close(got, rows_ref(a, bt if t else b, counts, trans_b=t), rtol=1e-5, atol=1e-4)
         want = wgrad_ref(a, dy, counts)
         for wgrad in wgrads:
@@ -159,7 +173,7 @@ def test_the_kernels_are_switched_off_by_the_environment(monkeypatch):
 def test_the_kernels_equal_torchs_grouped_gemm_on_cuda(monkeypatch, flat):
     """bf16, OLMoE's expert shapes at a few hundred tokens, random top-8 routing with empty experts:
     eager and compiled (the custom ops) against torch._grouped_mm (fp32 accumulation both); the
-    uncut weight gradient's nested and flat loops (`WGRAD_FLAT`)."""
+    uncut weight gradient's nested and flat loops (`WGRAD_FLAT`); operands read through a row index."""
     monkeypatch.setattr(G, "WGRAD_FLAT", flat)
     torch._dynamo.reset()
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -181,6 +195,16 @@ def test_the_kernels_equal_torchs_grouped_gemm_on_cuda(monkeypatch, flat):
     xs, dys = torch.randn(int(offs_s[-1]), 512, generator=g, **bf), torch.randn(int(offs_s[-1]), 512, generator=g, **bf)
     assert G.wgrad_cut(xs.shape[0], 64, 512, 512, 8, 64, torch.cuda.get_device_properties(0).multi_processor_count)[0] > 0
     checks.append((lambda: G.weight_grad_mm(xs, dys, offs_s), torch._grouped_mm(xs.t(), dys, offs=offs_s)))
+    # token rows read in place through an index with repeats (the experts' gathered operands), cut and not
+    tokens = torch.randn(R // 4 + 1, 2048, generator=g, **bf)
+    index = torch.randint(0, tokens.shape[0], (R,), generator=g, device="cuda")
+    index_s = torch.randint(0, xs.shape[0], (xs.shape[0],), generator=g, device="cuda")
+    checks += [(lambda: G.rows_mm(tokens, w1, offs, a_index=index), torch._grouped_mm(tokens[index], w1, offs=offs)),
+               (lambda: G.rows_mm(tokens, w1, offs, trans_b=True, a_index=index),
+                torch._grouped_mm(tokens[index], w1.transpose(1, 2), offs=offs)),
+               (lambda: G.weight_grad_mm(tokens, dh, offs, a_index=index), torch._grouped_mm(tokens[index].t(), dh, offs=offs)),
+               (lambda: G.weight_grad_mm(xs, dys, offs_s, b_index=index_s),
+                torch._grouped_mm(xs.t(), dys[index_s], offs=offs_s))]
     for fn, want in checks:
         for got in (fn(), torch.compile(fn, fullgraph=True)()):
             err = ((got.float() - want.float()).norm() / want.float().norm()).item()

@@ -72,15 +72,15 @@ def test_capacity_routing_is_not_dense():
 
 
 def test_sum_rows_compiled_form_equals_eager_form(monkeypatch):
-    """_sum_rows has a second formulation for torch.compile (k gathers added one by one)."""
-    from megamoe.moe import dispatch
+    """torch_sum_rows has a second formulation for torch.compile (k gathers added one by one)."""
+    from megamoe.moe import fused_permute
     g = torch.Generator().manual_seed(0)
     src = torch.randn(30, 5, generator=g, dtype=torch.float64)
     index = torch.randperm(30, generator=g).view(10, 3)
     weight = torch.rand(10, 3, generator=g, dtype=torch.float64)
-    eager = [dispatch._sum_rows(src, index), dispatch._sum_rows(src, index, weight)]
+    eager = [fused_permute.torch_sum_rows(src, index), fused_permute.torch_sum_rows(src, index, weight)]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    compiled_form = [dispatch._sum_rows(src, index), dispatch._sum_rows(src, index, weight)]
+    compiled_form = [fused_permute.torch_sum_rows(src, index), fused_permute.torch_sum_rows(src, index, weight)]
     for a, b in zip(eager, compiled_form):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 

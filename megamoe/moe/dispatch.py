@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from . import fused_permute, fused_sort
+from .experts import TokenRows
 from .router import Routing
 
 
@@ -41,79 +42,12 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
-def _sum_rows(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """out[t] = Σ_j weight[t, j] · src[index[t, j]] (weight 1 if None).
-    src: [N, d]; index, weight: [T, k] → [T, d].
-
-    Eager: one gather and a sum over k. Under torch.compile: k gathers added one by one in
-    fp32, which inductor makes one pointwise kernel with k row loads; the sum over a middle
-    dimension becomes a reduction kernel about 3× slower (H100, docs/performance.md)."""
-    if not torch.compiler.is_compiling():
-        rows = src[index]  # [T, k, d]
-        if weight is not None:
-            rows = rows * weight.unsqueeze(-1).to(rows.dtype)
-        return rows.sum(1)
-    acc_dtype = torch.promote_types(src.dtype, torch.float32)
-    acc = None
-    for j in range(index.shape[1]):
-        term = src[index[:, j]].to(acc_dtype)
-        if weight is not None:
-            term = term * weight[:, j:j + 1].to(acc_dtype)
-        acc = term if acc is None else acc + term
-    return acc.to(src.dtype)
-
-
 def sort_keys(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Expert ids in the narrowest integer type that holds them: a radix sort makes one pass per
     key byte, so uint8 keys sort in 1 pass where int64 take 8 (same stable order)."""
     if num_experts <= 256:
         return expert_idx.to(torch.uint8)
     return expert_idx.to(torch.int16 if num_experts <= 2**15 else torch.int32)
-
-
-def _gather(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """src[index]: a row-tiled kernel on CUDA (`fused_permute`), torch's indexing elsewhere."""
-    return fused_permute.gather_rows(src, index) if fused_permute.available(src) else src[index]
-
-
-def _sum(src: torch.Tensor, index: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """_sum_rows without weights (plus `residual`, after the sum's rounding): a row-tiled kernel on CUDA
-    (`fused_permute`), torch elsewhere."""
-    if fused_permute.available(src):
-        return fused_permute.sum_rows(src, index, residual)
-    out = _sum_rows(src, index)
-    return out if residual is None else residual + out
-
-
-class _GatherTokens(torch.autograd.Function):
-    """rows = x[token_of_row] when each token has exactly k rows; `inverse[t·k + j]` is the row
-    holding token t's j-th copy. Backward sums each token's k row gradients."""
-
-    @staticmethod
-    def forward(ctx, x, token_of_row, inverse, k: int):
-        ctx.save_for_backward(inverse)
-        ctx.k = k
-        return _gather(x, token_of_row)  # [N, d]
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return _sum(grad, inverse.view(-1, ctx.k)), None, None, None
-
-
-class _SumTokens(torch.autograd.Function):
-    """y[t] = Σ_j out[inverse[t·k + j]] (+ residual[t]): each token's sum of its k (already weighted)
-    expert outputs, the mirror of _GatherTokens. Backward hands each row its token's gradient."""
-
-    @staticmethod
-    def forward(ctx, out, token_of_row, inverse, k: int, residual=None):
-        ctx.save_for_backward(token_of_row)
-        return _sum(out, inverse.view(-1, k), residual)  # [T, d]
-
-    @staticmethod
-    def backward(ctx, grad):
-        (token_of_row,) = ctx.saved_tensors
-        return _gather(grad, token_of_row), None, None, None, grad if ctx.needs_input_grad[4] else None
 
 
 class _CombineTokens(torch.autograd.Function):
@@ -124,7 +58,7 @@ class _CombineTokens(torch.autograd.Function):
     def forward(ctx, out, weight, token_of_row, order, inverse):
         T, k = weight.shape
         ctx.save_for_backward(out, weight, token_of_row, order)
-        return _sum_rows(out, inverse.view(T, k), weight)  # [T, d]
+        return fused_permute.torch_sum_rows(out, inverse.view(T, k), weight)  # [T, d]
 
     @staticmethod
     def backward(ctx, grad):
@@ -170,18 +104,20 @@ class Dispatcher:
             if k:
                 inverse = torch.empty_like(order).scatter_(
                     0, order, torch.arange(order.numel(), device=order.device))  # [N] row of each assignment
-        if k:
-            rows = _GatherTokens.apply(x, token_of_row, inverse, k)  # [N, d] sorted by global expert id
-        else:
-            rows = x[token_of_row]
         if plain_sum:
             # The routing weight scales each row's SwiGLU activation, before the second GEMM, and
             # the combine is a plain sum: the experts' outputs [N, d] need not be kept for the
             # weights' gradient (268 MB a layer at OLMoE's 8,192 tokens) nor read again for it.
             # Not with FP8 experts: e4m3 would round the weighted activation differently from
-            # the unweighted one that expert parallelism sends, and layouts must agree.
-            out = experts(rows, counts, row_weight=routing.weight[order])
-            return _SumTokens.apply(out, token_of_row, inverse, k, residual).to(x.dtype)
+            # the unweighted one that expert parallelism sends, and layouts must agree. The
+            # experts take the tokens and return their sums: where their kernels run they read
+            # token rows in place instead of a gathered copy (`experts.TokenRows`).
+            tokens = TokenRows(token_of_row, inverse, k, residual)
+            return experts(x, counts, row_weight=routing.weight[order], tokens=tokens).to(x.dtype)
+        if k:
+            rows = fused_permute.gather_tokens(x, token_of_row, inverse, k)  # [N, d] sorted by global expert id
+        else:
+            rows = x[token_of_row]
         if self.ep_size == 1:
             out = experts(rows, counts)
         else:  # the weights stay on this rank and scale the rows when they come back

@@ -4,14 +4,36 @@ w1: [E, d, 2F] (gate and up projections side by side), w2: [E, F, d]. On CUDA on
 GEMM per projection runs all experts, forward and backward (`grouped_gemm`: Triton kernels on
 Hopper, `torch._grouped_mm` elsewhere); on CPU a per-expert loop computes the same thing from the
 same weights. With `fp8=True` both projections run through `fp8.grouped_mm` (e4m3, rowwise scales).
+
+Given `TokenRows` (dropless top-k on one rank), the experts take the tokens [T, d] and return each
+token's sum of its k weighted outputs. Where the grouped products run, the token rows are then read
+in place by the kernels instead of through a gathered [T·k, d] copy: the first projection and its
+weight gradient read x's rows (`READ_TOKENS_IN_PLACE`), the second projection's input and weight
+gradients read the output gradient's (`READ_GRADIENT_IN_PLACE`); elsewhere the rows are gathered.
 """
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import fp8 as fp8_mm
-from . import fused_swiglu, grouped_gemm
+from . import fused_permute, fused_swiglu, grouped_gemm
+
+# The token rows read in place by the first projection and its weight gradient (True), or gathered into a
+# copy first (False, for A/B runs); the same for the output gradient in the second projection's backward
+READ_TOKENS_IN_PLACE = False
+READ_GRADIENT_IN_PLACE = False
+
+
+class TokenRows(NamedTuple):
+    """Dropless top-k's rows of the tokens: row r (in expert order) is token token_of_row[r], token t's
+    j-th copy is row inverse[t·k + j]; `residual` [T, d] (or None) is added to the tokens' sums."""
+    token_of_row: torch.Tensor
+    inverse: torch.Tensor
+    k: int
+    residual: torch.Tensor | None = None
 
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
@@ -41,12 +63,18 @@ class SwiGLUExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden, d_model))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, grouped: bool | None = None,
-                row_weight: torch.Tensor | None = None) -> torch.Tensor:
+                row_weight: torch.Tensor | None = None, tokens: TokenRows | None = None) -> torch.Tensor:
         """x: [N, d] rows sorted by expert; counts: [E] rows per expert; row_weight: [N] scales
         each row's activation before the second projection (expert(x) · weight, as one pass
-        with SwiGLU). Returns [N, d]."""
+        with SwiGLU). Returns [N, d]. With `tokens`: x [T, d] tokens whose rows these are, and
+        returns each token's sum of its rows' outputs (+ tokens.residual), [T, d]."""
         if grouped is None:
             grouped = grouped_mm_available(x)
+        if tokens is not None:
+            return self._tokens(x, counts, grouped, row_weight, tokens)
+        return self._rows(x, counts, grouped, row_weight)
+
+    def _rows(self, x, counts, grouped: bool, row_weight) -> torch.Tensor:
         if self.fp8:
             offs = group_offsets(counts) if grouped and fp8_mm.kernel_available(x) else None
             h = fp8_mm.grouped_mm(x, self.w1, counts, offs)  # [N, 2F]
@@ -62,6 +90,21 @@ class SwiGLUExperts(nn.Module):
         outs = [_act(rows @ self.w1[e], w) @ self.w2[e]
                 for e, (rows, w) in enumerate(zip(torch.split(x, sizes), weights))]
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+
+    def _tokens(self, x, counts, grouped, row_weight, tokens: TokenRows) -> torch.Tensor:
+        index, inverse, k, residual = tokens
+        if not (grouped and row_weight is not None and not self.fp8):
+            rows = fused_permute.gather_tokens(x, index, inverse, k)
+            return fused_permute.sum_tokens(self._rows(rows, counts, grouped, row_weight), index, inverse, k, residual)
+        offs = group_offsets(counts)
+        if READ_TOKENS_IN_PLACE:
+            h = grouped_gemm.gathered_linear(x, self.w1, offs, index, inverse, k)  # [N, 2F]
+        else:
+            h = grouped_gemm.linear(fused_permute.gather_tokens(x, index, inverse, k), self.w1, offs)
+        if READ_GRADIENT_IN_PLACE:
+            return fused_swiglu.swiglu_down_sum(h, row_weight, self.w2, offs, tokens)  # [T, d]
+        out = fused_swiglu.swiglu_down(h, row_weight, self.w2, offs)
+        return fused_permute.sum_tokens(out, index, inverse, k, residual)
 
 
 class SwiGLU(nn.Module):

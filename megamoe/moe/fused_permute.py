@@ -11,8 +11,8 @@ element loads, behind a loaded row index, it cannot prove contiguous: 2-byte loa
 call on an H100 where the bytes take ~0.09 (docs/performance.md). Here one program moves a tile
 of whole rows: the row index is loaded once per row and each row is read in 16-byte vectors.
 Exposed to torch.compile as `triton_op`s (no graph break). The sum adds the k rows in the order
-j = 0..k-1 in fp32, as the compiled torch form of `dispatch._sum_rows` does. Elsewhere (CPU, no
-Triton) dispatch uses the torch forms; the kernels are checked against them under Triton's
+j = 0..k-1 in fp32, as the compiled torch form `torch_sum_rows` does. Elsewhere (CPU, no
+Triton) `gather_rows` and `sum_rows` are the torch forms; the kernels are checked against them under Triton's
 interpreter on the CPU (tests/test_kernels.py). The residual form adds the block's residual stream
 in the same pass (the sum rounded to src's dtype first, then added in fp32 and rounded: the bits of
 the sum followed by the block's own `h + y`), which saves the block a kernel that read both [T, d]
@@ -106,18 +106,88 @@ if triton is not None:
         return launch_sum(src, index, residual, torch.library.wrap_triton)
 
 
+def torch_sum_rows(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """out[t] = Σ_j weight[t, j] · src[index[t, j]] (weight 1 if None) in torch.
+    src: [N, d]; index, weight: [T, k] → [T, d].
+
+    Eager: one gather and a sum over k. Under torch.compile: k gathers added one by one in
+    fp32, which inductor makes one pointwise kernel with k row loads; the sum over a middle
+    dimension becomes a reduction kernel about 3× slower (H100, docs/performance.md)."""
+    if not torch.compiler.is_compiling():
+        rows = src[index]  # [T, k, d]
+        if weight is not None:
+            rows = rows * weight.unsqueeze(-1).to(rows.dtype)
+        return rows.sum(1)
+    acc_dtype = torch.promote_types(src.dtype, torch.float32)
+    acc = None
+    for j in range(index.shape[1]):
+        term = src[index[:, j]].to(acc_dtype)
+        if weight is not None:
+            term = term * weight[:, j:j + 1].to(acc_dtype)
+        acc = term if acc is None else acc + term
+    return acc.to(src.dtype)
+
+
 def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """src[index] for src [T, d] and index [N] (not differentiable: dispatch's autograd
-    Functions call it). Compiled code calls the custom op (inductor launches the kernel from its
-    own code); eager code launches the kernel itself, without the op's Python dispatch (~75 µs a call)."""
+    """src[index] for src [T, d] and index [N] (not differentiable: the autograd Functions below call it).
+    On CUDA the kernel: compiled code calls the custom op (inductor launches the kernel from its own
+    code); eager code launches the kernel itself, without the op's Python dispatch (~75 µs a call)."""
+    if not available(src):
+        return src[index]
     if torch.compiler.is_compiling():
         return torch.ops.megamoe.gather_rows(src, index)
     return launch_gather(src, index)
 
 
 def sum_rows(src: torch.Tensor, index: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ_j src[index[:, j]] for src [N, d] and index [T, k], summed in fp32 in j's order, rounded to
-    src's dtype; with `residual` [T, d] (src's dtype) residual + that, added in fp32 and rounded."""
+    """Σ_j src[index[:, j]] for src [N, d] and index [T, k], summed in fp32 in j's order (torch's form
+    elsewhere), rounded to src's dtype; with `residual` [T, d] (src's dtype) residual + that, added in
+    fp32 and rounded (torch: after the sum's rounding)."""
+    if not available(src):
+        out = torch_sum_rows(src, index)
+        return out if residual is None else residual + out
     if torch.compiler.is_compiling():
         return torch.ops.megamoe.sum_rows(src, index, residual)
     return launch_sum(src, index, residual)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """rows = x[token_of_row] when each token has exactly k rows; `inverse[t·k + j]` is the row
+    holding token t's j-th copy. Backward sums each token's k row gradients."""
+
+    @staticmethod
+    def forward(ctx, x, token_of_row, inverse, k: int):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return gather_rows(x, token_of_row)  # [N, d]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return sum_rows(grad, inverse.view(-1, ctx.k)), None, None, None
+
+
+class _SumTokens(torch.autograd.Function):
+    """y[t] = Σ_j out[inverse[t·k + j]] (+ residual[t]): each token's sum of its k (already weighted)
+    expert outputs, the mirror of _GatherTokens. Backward hands each row its token's gradient."""
+
+    @staticmethod
+    def forward(ctx, out, token_of_row, inverse, k: int, residual=None):
+        ctx.save_for_backward(token_of_row)
+        return sum_rows(out, inverse.view(-1, k), residual)  # [T, d]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (token_of_row,) = ctx.saved_tensors
+        return gather_rows(grad, token_of_row), None, None, None, grad if ctx.needs_input_grad[4] else None
+
+
+def gather_tokens(x: torch.Tensor, token_of_row: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+    """x [T, d] → its rows [T·k, d] in expert order (row r is token token_of_row[r]), differentiable."""
+    return _GatherTokens.apply(x, token_of_row, inverse, k)
+
+
+def sum_tokens(out: torch.Tensor, token_of_row: torch.Tensor, inverse: torch.Tensor, k: int,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The rows [T·k, d] → each token's sum of its k rows [T, d] (+ residual), differentiable."""
+    return _SumTokens.apply(out, token_of_row, inverse, k, residual)

@@ -21,7 +21,7 @@ interpreter on the CPU (tests/test_experts.py). d w comes out in w's dtype, summ
 import torch
 import torch.nn.functional as F
 
-from . import grouped_gemm
+from . import fused_permute, grouped_gemm
 
 try:
     import triton
@@ -94,6 +94,19 @@ if triton is not None:
         return launch_backward(h, w, g, torch.library.wrap_triton)
 
 
+def _backward(h, w, w2, offs, grad_out, index, needs_w2: bool):
+    """(d h, d w, d w2) of rows_mm(reference(h, w), w2, offs) for the gradient grad_out of its rows (with
+    `index`: row r's gradient is grad_out[index[r]], read in place)."""
+    g = grouped_gemm.rows_mm(grad_out, w2, offs, trans_b=True, a_index=index)  # [N, F]: the gradient of a
+    if available(h):  # compiled code calls the custom op; eager code the kernel, without the op's dispatch
+        dh, dw, a = (torch.ops.megamoe.weighted_swiglu_backward(h, w, g) if torch.compiler.is_compiling()
+                     else launch_backward(h, w, g))
+    else:
+        dh, dw, a = backward_reference(h, w, g)
+    grad_w2 = grouped_gemm.weight_grad_mm(a, grad_out, offs, b_index=index) if needs_w2 else None
+    return dh, dw, grad_w2
+
+
 class _SwiGLUDown(torch.autograd.Function):
     """grouped_mm(silu(gate) · up · w, w2): keeps h and w, recomputes `a` in the backward's one pass."""
 
@@ -105,18 +118,33 @@ class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         h, w, w2, offs = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        g = grouped_gemm.rows_mm(grad_out, w2, offs, trans_b=True)  # [N, F]: the gradient of a
-        if available(h):  # compiled code calls the custom op; eager code the kernel, without the op's dispatch
-            dh, dw, a = (torch.ops.megamoe.weighted_swiglu_backward(h, w, g) if torch.compiler.is_compiling()
-                         else launch_backward(h, w, g))
-        else:
-            dh, dw, a = backward_reference(h, w, g)
-        grad_w2 = grouped_gemm.weight_grad_mm(a, grad_out, offs) if ctx.needs_input_grad[2] else None
-        return dh, dw, grad_w2, None
+        return *_backward(h, w, w2, offs, grad_out.contiguous(), None, ctx.needs_input_grad[2]), None
+
+
+class _SwiGLUDownSum(torch.autograd.Function):
+    """_SwiGLUDown's rows summed into their tokens (+ residual); the backward's products read each row's
+    token gradient in place (no [N, d] gathered copy)."""
+
+    @staticmethod
+    def forward(ctx, h, w, w2, offs, token_of_row, inverse, k: int, residual):
+        ctx.save_for_backward(h, w, w2, offs, token_of_row)
+        out = grouped_gemm.rows_mm(reference(h, w), w2, offs)  # [N, d]
+        return fused_permute.sum_rows(out, inverse.view(-1, k), residual)  # [T, d]
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w, w2, offs, token_of_row = ctx.saved_tensors
+        grad = grad.contiguous()
+        dh, dw, grad_w2 = _backward(h, w, w2, offs, grad, token_of_row, ctx.needs_input_grad[2])
+        return dh, dw, grad_w2, None, None, None, None, grad if ctx.needs_input_grad[7] else None
 
 
 def swiglu_down(h: torch.Tensor, w: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """torch._grouped_mm(silu(gate) · up · w, w2, offs=offs) for h [N, 2F], w [N], w2 [E, F, d]: the
     activation is not kept for the backward, which differentiates it and recomputes it in one pass."""
     return _SwiGLUDown.apply(h, w, w2, offs)
+
+
+def swiglu_down_sum(h: torch.Tensor, w: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor, tokens) -> torch.Tensor:
+    """swiglu_down's rows summed into their tokens, [T, d], plus tokens.residual (`experts.TokenRows`)."""
+    return _SwiGLUDownSum.apply(h, w, w2, offs, tokens.token_of_row, tokens.inverse, tokens.k, tokens.residual)

@@ -35,6 +35,8 @@ import os
 
 import torch
 
+from . import fused_permute
+
 try:
     import triton
     import triton.language as tl
@@ -179,15 +181,18 @@ if triton is not None:
         desc.store([_BIG, start + rows, _BIG - rows + row, col], tl.reshape(data, [1, 1, BR, BC]))
 
     @triton.jit
-    def _rows_mm_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, R,
+    def _rows_mm_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, index_ptr, R,
                         N: tl.constexpr, K: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr,
                         TRANS_B: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, TMA_STORE: tl.constexpr):
+                        NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, TMA_STORE: tl.constexpr,
+                        GATHER: tl.constexpr):
+        """GATHER: row r of a is a_ptr's row index[r] (pointer loads; TMA cannot gather on Hopper)."""
         pid = tl.program_id(0)
         num_n: tl.constexpr = N // BN
         if TMA_STORE:
             c_desc = _ragged_descriptor(c_ptr, N, BM, BN // 2)  # two column slices: half the tile's buffer
-        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[K, 1], block_shape=[BM, BK])
+        if not GATHER:
+            a_desc = tl.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[K, 1], block_shape=[BM, BK])
         if TRANS_B:
             b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * N, K], strides=[K, 1], block_shape=[BN, BK])
         else:
@@ -203,8 +208,14 @@ if triton is not None:
             start = tl.sum(tl.where(mine, gstart, 0)) + (tm - tl.sum(tl.where(es == e - 1, tile_end, 0))) * BM
             rows = tl.sum(tl.where(mine, gend, 0)) - start
             acc = tl.zeros([BM, BN], dtype=tl.float32)
+            if GATHER:  # rows past R read row 0: like the rows past the expert's end, they are not stored
+                r = start + tl.arange(0, BM)
+                src = tl.load(index_ptr + r, mask=r < R, other=0).to(tl.int64)
             for kk in range(K // BK):
-                a = a_desc.load([start, kk * BK])  # rows past the expert's feed rows not stored
+                if GATHER:
+                    a = tl.load(a_ptr + src[:, None] * K + (kk * BK + tl.arange(0, BK))[None, :])
+                else:
+                    a = a_desc.load([start, kk * BK])  # rows past the expert's feed rows not stored
                 if TRANS_B:
                     b = b_desc.load([e * N + tn * BN, kk * BK]).T
                 else:
@@ -241,12 +252,25 @@ if triton is not None:
             c_desc.store([e * M + tm * BM, tn * BN + BN // 2], hi)
 
     @triton.jit
-    def _wgrad_tile(a_desc, b_desc, row0, rows, tm, tn, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    def _rows_load(desc, ptr, index_ptr, start, rows, row, col, COLS: tl.constexpr, BR: tl.constexpr,
+                   BC: tl.constexpr, GATHER: tl.constexpr):
+        """`_ragged_load`; with GATHER, row r is ptr's row index[r] (a [*, COLS] tensor), by pointer loads."""
+        if GATHER:
+            r = row + tl.arange(0, BR)
+            src = tl.load(index_ptr + start + r, mask=r < rows, other=0).to(tl.int64)
+            return tl.load(ptr + src[:, None] * COLS + (col + tl.arange(0, BC))[None, :], mask=(r < rows)[:, None],
+                           other=0.0)
+        return _ragged_load(desc, start, rows, row, col, BR, BC)
+
+    @triton.jit
+    def _wgrad_tile(a_desc, b_desc, a_ptr, b_ptr, a_index_ptr, b_index_ptr, row0, rows, tm, tn,
+                    M: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr):
         """Σ over rows row0.. row0 + rows of a[r, tile m]ᵀ b[r, tile n], fp32 [BM, BN]."""
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for kk in range(tl.cdiv(rows, BK)):
-            at = _ragged_load(a_desc, row0, rows, kk * BK, tm * BM, BK, BM)  # zeros past the rows
-            b = _ragged_load(b_desc, row0, rows, kk * BK, tn * BN, BK, BN)
+        for kk in range(tl.cdiv(rows, BK)):  # zeros past the rows
+            at = _rows_load(a_desc, a_ptr, a_index_ptr, row0, rows, kk * BK, tm * BM, M, BK, BM, GATHER_A)
+            b = _rows_load(b_desc, b_ptr, b_index_ptr, row0, rows, kk * BK, tn * BN, N, BK, BN, GATHER_B)
             acc = tl.dot(at.T, b, acc)
         return acc
 
@@ -284,12 +308,13 @@ if triton is not None:
         return s, s // per
 
     @triton.jit
-    def _weight_grad_kernel(a_ptr, b_ptr, c_ptr, part_ptr, offs_ptr, next_ptr,
+    def _weight_grad_kernel(a_ptr, b_ptr, c_ptr, part_ptr, offs_ptr, next_ptr, a_index_ptr, b_index_ptr,
                             M: tl.constexpr, N: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                             NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, SLICES: tl.constexpr,
                             CUT: tl.constexpr, PIECE: tl.constexpr, LONGEST_FIRST: tl.constexpr,
-                            FLAT: tl.constexpr, ITEMS_P2: tl.constexpr):
+                            FLAT: tl.constexpr, ITEMS_P2: tl.constexpr, GATHER_A: tl.constexpr,
+                            GATHER_B: tl.constexpr):
         """PIECE = 0: a work item is one output tile of one expert; with LONGEST_FIRST the items of the
         longest experts come first and each round of NUM_PROGRAMS items is dealt in the opposite
         direction to the one before, else expert by expert in turn.
@@ -297,7 +322,8 @@ if triton is not None:
         tile of one piece, items go largest piece first, and each program takes the next item left
         when it is done (a counter at `next_ptr`: the longest items start first and the rest fill in).
         Cut pieces' tiles go to fp32 `part` (slot: the cut experts' pieces before it in expert order,
-        then the piece) and `_sum_pieces_kernel` adds them in order; uncut experts are stored here."""
+        then the piece) and `_sum_pieces_kernel` adds them in order; uncut experts are stored here.
+        GATHER_A / GATHER_B: row r of a / b is its tensor's row a_index[r] / b_index[r]."""
         pid = tl.program_id(0)
         num_n: tl.constexpr = N // BN
         per: tl.constexpr = (M // BM) * num_n
@@ -334,8 +360,9 @@ if triton is not None:
                         steps = tl.maximum(tl.cdiv(rows, BK), 1)
                     tm = (s % per) // num_n
                     tn = s % num_n
-                    at = _ragged_load(a_desc, row0, rows, kk * BK, tm * BM, BK, BM)  # zeros past the rows
-                    b = _ragged_load(b_desc, row0, rows, kk * BK, tn * BN, BK, BN)
+                    at = _rows_load(a_desc, a_ptr, a_index_ptr, row0, rows, kk * BK, tm * BM, M, BK, BM,
+                                    GATHER_A)  # zeros past the rows
+                    b = _rows_load(b_desc, b_ptr, b_index_ptr, row0, rows, kk * BK, tn * BN, N, BK, BN, GATHER_B)
                     acc = tl.dot(at.T, b, acc)
                     kk += 1
                     if kk == steps:
@@ -347,7 +374,8 @@ if triton is not None:
                     s, e = _uncut_item(t, pid, place, es, per, E, NUM_PROGRAMS, LONGEST_FIRST)
                     row0 = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
                     rows = tl.load(offs_ptr + e) - row0
-                    acc = _wgrad_tile(a_desc, b_desc, row0, rows, (s % per) // num_n, s % num_n, BM, BN, BK)
+                    acc = _wgrad_tile(a_desc, b_desc, a_ptr, b_ptr, a_index_ptr, b_index_ptr, row0, rows,
+                                      (s % per) // num_n, s % num_n, M, N, BM, BN, BK, GATHER_A, GATHER_B)
                     _store_tile(c_desc, acc, e, (s % per) // num_n, s % num_n, M, BM, BN, SLICES)
         else:
             es, gstart, gend, cut, pieces = _pieces(offs_ptr, E, E_P2, CUT, PIECE)
@@ -368,7 +396,8 @@ if triton is not None:
                 rows = tl.where(is_cut, tl.minimum(rows, PIECE), rows)
                 tm = (t % per) // num_n
                 tn = t % num_n
-                acc = _wgrad_tile(a_desc, b_desc, row0, rows, tm, tn, BM, BN, BK)
+                acc = _wgrad_tile(a_desc, b_desc, a_ptr, b_ptr, a_index_ptr, b_index_ptr, row0, rows, tm, tn,
+                                  M, N, BM, BN, BK, GATHER_A, GATHER_B)
                 if is_cut:  # fp32, summed by the second pass
                     slot = tl.sum(tl.where(es == e - 1, slot_end, 0)) + k
                     ptrs = (part_ptr + slot.to(tl.int64) * (M * N) + (tm * BM + tl.arange(0, BM))[:, None] * N
@@ -423,12 +452,14 @@ if triton is not None:
         return kernel
 
     def launch_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, trans_b: bool = False,
-                       config=None, warp_specialize: bool | None = None, wrap=_plain) -> torch.Tensor:
+                       config=None, warp_specialize: bool | None = None, wrap=_plain,
+                       a_index: torch.Tensor | None = None) -> torch.Tensor:
         """The kernel itself (any device Triton runs on, the interpreter included): a [R, K],
-        b [E, K, N] (trans_b: [E, N, K]), offs [E] int32 → [R, N]. `wrap` is torch.compile's
-        `wrap_triton` under the custom op."""
+        b [E, K, N] (trans_b: [E, N, K]), offs [E] int32 → [R, N]; with `a_index` [R], a[a_index]
+        read in place (a: [T, K]). `wrap` is torch.compile's `wrap_triton` under the custom op."""
         a, b = a.contiguous(), b.contiguous()
-        R, K = a.shape
+        K = a.shape[1]
+        R = a.shape[0] if a_index is None else a_index.numel()
         E = b.shape[0]
         N = b.shape[1] if trans_b else b.shape[2]
         default, ws = rows_config(K, N, trans_b)
@@ -440,20 +471,22 @@ if triton is not None:
             return out
         programs = _programs(a.device, (triton.cdiv(R, bm) + E) * (N // bn))
         _launch(_rows_mm_kernel, wrap)[(programs,)](
-            a, b, out, offs, R, N=N, K=K, E=E, E_P2=triton.next_power_of_2(E), TRANS_B=trans_b,
-            BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, WS=ws, TMA_STORE=ROWS_TMA_STORE,
-            num_warps=warps, num_stages=stages)
+            a, b, out, offs, offs if a_index is None else a_index.contiguous(), R, N=N, K=K, E=E,
+            E_P2=triton.next_power_of_2(E), TRANS_B=trans_b, BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, WS=ws,
+            TMA_STORE=ROWS_TMA_STORE, GATHER=a_index is not None, num_warps=warps, num_stages=stages)
         return out
 
     def launch_weight_grad_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, config=None,
                               warp_specialize: bool = False, cut: tuple[int, int] | None = None,
-                              wrap=_plain) -> torch.Tensor:
+                              wrap=_plain, a_index: torch.Tensor | None = None,
+                              b_index: torch.Tensor | None = None) -> torch.Tensor:
         """The kernel itself: a [R, M], b [R, N], offs [E] int32 → [E, M, N] (zeros for an empty expert).
         `cut`: (cut, piece), experts longer than `cut` rows in pieces of `piece` (None: `wgrad_cut`;
-        (0, 0): none)."""
+        (0, 0): none). With `a_index` / `b_index` [R], a[a_index] / b[b_index] read in place."""
         bm, bn, bk, warps, stages, slices = config or WGRAD_CONFIG
         a, b = a.contiguous(), b.contiguous()
-        R, M, N, E = a.shape[0], a.shape[1], b.shape[1], offs.numel()
+        M, N, E = a.shape[1], b.shape[1], offs.numel()
+        R = next((i.numel() for i in (a_index, b_index) if i is not None), a.shape[0])
         assert M % bm == 0 and N % bn == 0, (M, N, bm, bn)
         out = a.new_empty(E, M, N)
         if R == 0:
@@ -473,10 +506,11 @@ if triton is not None:
         items_p2 = triton.next_power_of_2(triton.cdiv(E * per, programs))
         flat = WGRAD_FLAT and not piece and items_p2 * e_p2 <= 16384
         _launch(_weight_grad_kernel, wrap)[(programs,)](
-            a, b, out, part, offs, counter, M=M, N=N, E=E, E_P2=e_p2, BM=bm, BN=bn, BK=bk,
+            a, b, out, part, offs, counter, offs if a_index is None else a_index.contiguous(),
+            offs if b_index is None else b_index.contiguous(), M=M, N=N, E=E, E_P2=e_p2, BM=bm, BN=bn, BK=bk,
             NUM_PROGRAMS=programs, WS=warp_specialize, SLICES=slices, CUT=longer, PIECE=piece,
-            LONGEST_FIRST=LONGEST_FIRST, FLAT=flat, ITEMS_P2=items_p2 if flat else 1, num_warps=warps,
-            num_stages=stages)
+            LONGEST_FIRST=LONGEST_FIRST, FLAT=flat, ITEMS_P2=items_p2 if flat else 1, GATHER_A=a_index is not None,
+            GATHER_B=b_index is not None, num_warps=warps, num_stages=stages)
         if piece:
             sbm, sbn = min(bm, 64), min(bn, 128)
             _launch(_sum_pieces_kernel, wrap)[(E, (M // sbm) * (N // sbn))](
@@ -484,28 +518,38 @@ if triton is not None:
         return out
 
     @torch.library.triton_op("megamoe::grouped_rows_mm", mutates_args=())
-    def _rows_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, trans_b: bool) -> torch.Tensor:
-        return launch_rows_mm(a, b, offs, trans_b, wrap=torch.library.wrap_triton)
+    def _rows_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, trans_b: bool,
+                    a_index: torch.Tensor | None = None) -> torch.Tensor:
+        return launch_rows_mm(a, b, offs, trans_b, wrap=torch.library.wrap_triton, a_index=a_index)
 
     @torch.library.triton_op("megamoe::grouped_weight_grad_mm", mutates_args=())
-    def _weight_grad_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        return launch_weight_grad_mm(a, b, offs, wrap=torch.library.wrap_triton)
+    def _weight_grad_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, a_index: torch.Tensor | None = None,
+                        b_index: torch.Tensor | None = None) -> torch.Tensor:
+        return launch_weight_grad_mm(a, b, offs, wrap=torch.library.wrap_triton, a_index=a_index, b_index=b_index)
 
 
-def rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, trans_b: bool = False) -> torch.Tensor:
-    """out[r] = a[r] @ b[e(r)] (b[e(r)]ᵀ with trans_b) for rows sorted by expert: [R, N]."""
+def _rows(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return t if index is None else t[index]
+
+
+def rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, trans_b: bool = False,
+            a_index: torch.Tensor | None = None) -> torch.Tensor:
+    """out[r] = a[r] @ b[e(r)] (b[e(r)]ᵀ with trans_b) for rows sorted by expert: [R, N]. With `a_index`
+    [R], row r is a[a_index[r]] (the kernel reads it in place; torch's path gathers a copy)."""
     if rows_available(a, b, trans_b):
-        return (torch.ops.megamoe.grouped_rows_mm(a, b, offs, trans_b) if torch.compiler.is_compiling()
-                else launch_rows_mm(a, b, offs, trans_b))
-    return torch._grouped_mm(a, b.transpose(-2, -1) if trans_b else b, offs=offs)
+        return (torch.ops.megamoe.grouped_rows_mm(a, b, offs, trans_b, a_index) if torch.compiler.is_compiling()
+                else launch_rows_mm(a, b, offs, trans_b, a_index=a_index))
+    return torch._grouped_mm(_rows(a, a_index), b.transpose(-2, -1) if trans_b else b, offs=offs)
 
 
-def weight_grad_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """out[e] = a_eᵀ b_e over each expert's rows: [E, M, N] (an expert without rows gets zeros)."""
+def weight_grad_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, a_index: torch.Tensor | None = None,
+                   b_index: torch.Tensor | None = None) -> torch.Tensor:
+    """out[e] = a_eᵀ b_e over each expert's rows: [E, M, N] (an expert without rows gets zeros). With
+    `a_index` / `b_index`, row r of a / b is a[a_index[r]] / b[b_index[r]]."""
     if wgrad_available(a, b):
-        return (torch.ops.megamoe.grouped_weight_grad_mm(a, b, offs) if torch.compiler.is_compiling()
-                else launch_weight_grad_mm(a, b, offs))
-    return torch._grouped_mm(a.transpose(-2, -1), b, offs=offs)
+        return (torch.ops.megamoe.grouped_weight_grad_mm(a, b, offs, a_index, b_index) if torch.compiler.is_compiling()
+                else launch_weight_grad_mm(a, b, offs, a_index=a_index, b_index=b_index))
+    return torch._grouped_mm(_rows(a, a_index).transpose(-2, -1), _rows(b, b_index), offs=offs)
 
 
 class _Linear(torch.autograd.Function):
@@ -528,3 +572,32 @@ class _Linear(torch.autograd.Function):
 def linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """torch._grouped_mm(x, w, offs=offs) for x [R, K], w [E, K, N], differentiable."""
     return _Linear.apply(x, w, offs)
+
+
+class _GatheredLinear(torch.autograd.Function):
+    """x[index[r]] @ w[e(r)] per row r, the token rows read in place by the forward and the weight
+    gradient; the rows' input gradients are summed into their tokens (each token has k rows)."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs, index, inverse, k: int):
+        ctx.save_for_backward(x, w, offs, index, inverse)
+        ctx.k = k
+        return rows_mm(x, w, offs, a_index=index)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w, offs, index, inverse = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = fused_permute.sum_rows(rows_mm(grad_out, w, offs, trans_b=True), inverse.view(-1, ctx.k))
+        if ctx.needs_input_grad[1]:
+            dw = weight_grad_mm(x, grad_out, offs, a_index=index)
+        return dx, dw, None, None, None, None
+
+
+def gathered_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, index: torch.Tensor,
+                    inverse: torch.Tensor, k: int) -> torch.Tensor:
+    """linear(x[index], w, offs) for tokens x [T, d] with k rows each (`inverse`: token t's j-th row is
+    inverse[t·k + j]), differentiable, without the [T·k, d] copy where the kernels run."""
+    return _GatheredLinear.apply(x, w, offs, index, inverse, k)
