@@ -38,10 +38,10 @@ _interp._patch_lang_tensor = _patch_with_index
 """
 
 
-def run_interpreted(code: str):
-    """Runs `code` with Triton's interpreter on the CPU (TRITON_INTERPRET=1, Triton 3.6.0 as installed
-    or from `pip_target`, the repository on PYTHONPATH) in a subprocess; returns the value its last printed
-    line holds (a Python literal)."""
+def run_interpreted(code: str, interpret: bool = True):
+    """Runs `code` with Triton's interpreter on the CPU (TRITON_INTERPRET=1; `interpret=False`: without it,
+    e.g. to compile kernels for a GPU target), Triton 3.6.0 as installed or from `pip_target`, the repository
+    on PYTHONPATH, in a subprocess; returns the value its last printed line holds (a Python literal)."""
     import importlib.metadata
     import os
     try:  # a GPU machine has it already (and may reach no package index)
@@ -49,7 +49,7 @@ def run_interpreted(code: str):
     except importlib.metadata.PackageNotFoundError:
         installed = False
     path = f"{REPO}" if installed else f"{REPO}:{pip_target(['triton==3.6.0'])}"  # no dependencies: numpy runs it
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    env = dict(os.environ, TRITON_INTERPRET="1" if interpret else "0", PYTHONPATH=path)
     out = subprocess.run([sys.executable, "-c", INTERPRETER_FIX + code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return eval(out.stdout.strip().splitlines()[-1])

@@ -104,6 +104,51 @@ def test_the_triton_kernels_compute_each_experts_product():
             assert all(wgrad[i].abs().max() == 0 for i, c in enumerate(counts) if c == 0)
 
 
+SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from megamoe.moe import grouped_gemm as G
+
+def ttgir(kernel, pointers, scalars, consts, warps, stages):
+    names = list(kernel.arg_names)
+    signature = {**{n: t for n, t in pointers.items()}, **scalars, **{n: "constexpr" for n in consts}}
+    # a launch specializes 16-byte-aligned pointers: so does this compile
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in pointers}
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+    text = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages}).asm["ttgir"]
+    return [text.count("ttg.async_copy_global_to_local"), text.count("async_tma_copy_global_to_local"),
+            "pendings = 1" in text]
+
+out = {}
+rows = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "offs_ptr": "*i32", "index_ptr": "*i64"}
+for gather in (False, True):  # OLMoE's second projection's input gradient: 128x256x64 tiles, four stages
+    consts = dict(N=1024, K=2048, E=64, E_P2=64, TRANS_B=True, BM=128, BN=256, BK=64, NUM_PROGRAMS=132, WS=False,
+                  TMA_STORE=True, GATHER=gather)
+    out[f"rows {gather}"] = ttgir(G._rows_mm_kernel, rows, {"R": "i32"}, consts, 8, 4)
+wgrad = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "part_ptr": "*fp32", "offs_ptr": "*i32",
+         "next_ptr": "*i32", "a_index_ptr": "*i64", "b_index_ptr": "*i64"}
+for ga, gb in ((False, False), (True, False), (False, True)):  # the flat loop, OLMoE's w2
+    consts = dict(M=1024, N=2048, E=64, E_P2=64, BM=128, BN=256, BK=64, NUM_PROGRAMS=132, WS=False, SLICES=2, CUT=0,
+                  PIECE=0, LONGEST_FIRST=True, FLAT=True, ITEMS_P2=1, GATHER_A=ga, GATHER_B=gb)
+    out[f"wgrad {ga} {gb}"] = ttgir(G._weight_grad_kernel, wgrad, {}, consts, 8, 3)
+print(out)
+"""
+
+
+def test_the_gathering_loads_are_pipelined_for_hopper():
+    """Compiled for sm_90 on the CPU (Triton 3.6, as a launch specializes aligned pointers): the products that
+    read token rows through an index load them by asynchronous copies in the software pipeline (the MMA waits
+    for one group less than it issued), beside the weights' TMA loads, as the TMA-only forms do; a form Triton's
+    pipeliner cannot take would load synchronously at every k-step."""
+    from pip_cache import run_interpreted
+    got = run_interpreted(SM90, interpret=False)
+    assert got["rows False"][0] == 0 and got["rows False"][1] > 0 and got["rows False"][2], got
+    assert got["wgrad False False"][0] == 0 and got["wgrad False False"][2], got
+    for name in ("rows True", "wgrad True False", "wgrad False True"):
+        copies, tma, overlapped = got[name]
+        assert copies > 0 and tma > 0 and overlapped, (name, got)
+
+
 def test_the_products_fall_back_to_torch_where_the_kernels_do_not_run():
     """On CPU (and wherever the kernels do not apply) rows_mm, weight_grad_mm and linear are torch's
     grouped GEMM: the per-expert products, and linear's gradients those of torch._grouped_mm."""
