@@ -5,6 +5,7 @@ the same FLOPs: which weight layout and which kernel run them fastest.
     python3 bench/bench_grouped_gemm.py --triton        # also inductor's Triton grouped-GEMM template
     python3 bench/bench_grouped_gemm.py --ours          # bench/triton_grouped_gemm.py's kernels (an experiment), a config sweep
     python3 bench/bench_grouped_gemm.py --tma           # megamoe/moe/grouped_gemm.py's persistent TMA kernels, a config sweep
+                                                        # (with their token rows read in place: the "+gather" rows)
     python3 bench/bench_grouped_gemm.py --skew 1,4,8    # the weight gradients under imbalanced loads, long experts cut or not
     python3 bench/bench_grouped_gemm.py --loads bench_out/bench_model.jsonl   # the six at the loads bench_model.py's model routed
 
@@ -194,6 +195,23 @@ def tma(geo, tokens, d, f, e, k, device, log, configs):
          nested(lambda c: G.launch_weight_grad_mm(x, dh, offs, config=c[:6], warp_specialize=c[6]))),
         ("wgrad w2 nested", 2 * n * f * d, lambda: gm(h.t(), dy, offs=offs),
          nested(lambda c: G.launch_weight_grad_mm(h, dy, offs, config=c[:6], warp_specialize=c[6]))),
+    ]
+    # the products that read token rows in place through the row index (experts.READ_TOKENS_IN_PLACE,
+    # READ_GRADIENT_IN_PLACE), against the gather kernel and torch._grouped_mm on its copy (each row counts the
+    # gather; in the model one copy serves two products: x the forward and w1's gradient, dy w2's two gradients)
+    from megamoe.moe import fused_permute
+    index = torch.randint(0, tokens, (n,), device=device)
+    xt, dyt = x[:tokens].contiguous(), dy[:tokens].contiguous()
+    gather = fused_permute.launch_gather
+    rows += [
+        ("fwd w1 +gather", 2 * n * d * 2 * f, lambda: gm(gather(xt, index), w1, offs=offs),
+         lambda c: G.launch_rows_mm(xt, w1, offs, config=c[:5], warp_specialize=c[6], a_index=index)),
+        ("dgrad w2 +gather", 2 * n * f * d, lambda: gm(gather(dyt, index), w2.transpose(-2, -1), offs=offs),
+         lambda c: G.launch_rows_mm(dyt, w2, offs, trans_b=True, config=c[:5], warp_specialize=c[6], a_index=index)),
+        ("wgrad w1 +gather", 2 * n * d * 2 * f, lambda: gm(gather(xt, index).t(), dh, offs=offs),
+         lambda c: G.launch_weight_grad_mm(xt, dh, offs, config=c[:6], warp_specialize=c[6], a_index=index)),
+        ("wgrad w2 +gather", 2 * n * f * d, lambda: gm(h.t(), gather(dyt, index), offs=offs),
+         lambda c: G.launch_weight_grad_mm(h, dyt, offs, config=c[:6], warp_specialize=c[6], b_index=index)),
     ]
     sweep(geo, rows, configs, log, "tma")
 
