@@ -3,6 +3,10 @@
     rows_mm(a, b, offs, trans_b=False)   out[r] = a[r] @ b[e(r)]        b [E, K, N]; trans_b: b [E, N, K], its transpose used
     weight_grad_mm(a, b, offs)           out[e] = Σ_{r in e} a[r]ᵀ b[r]  [E, M, N]
     linear(x, w, offs)                   x @ w[e(r)] per row, forward and backward through the two above
+    gathered_linear(x, w, offs, index, inverse, k)   the same for x[index] (token rows read in place)
+
+`a_index` / `b_index` (rows_mm, weight_grad_mm): row r of the operand is its tensor's row index[r], read by
+pointer loads through the index instead of from a gathered copy (Hopper's TMA cannot gather rows).
 
 `offs` [E] int32 holds each expert's end row (as `torch._grouped_mm`); rows are sorted by expert.
 `torch._grouped_mm` runs one CUTLASS configuration for every shape; these kernels ran each of the
