@@ -111,7 +111,7 @@ from megamoe.moe import grouped_gemm as G
 
 def ttgir(kernel, pointers, scalars, consts, warps, stages):
     names = list(kernel.arg_names)
-    signature = {**{n: t for n, t in pointers.items()}, **scalars, **{n: "constexpr" for n in consts}}
+    signature = {**pointers, **scalars, **{n: "constexpr" for n in consts}}
     # a launch specializes 16-byte-aligned pointers: so does this compile
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in pointers}
     src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)

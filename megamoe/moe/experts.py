@@ -93,15 +93,17 @@ class SwiGLUExperts(nn.Module):
 
     def _tokens(self, x, counts, grouped, row_weight, tokens: TokenRows) -> torch.Tensor:
         index, inverse, k, residual = tokens
-        if not (grouped and row_weight is not None and not self.fp8):
+        fused = grouped and row_weight is not None and not self.fp8  # the grouped products with weighted rows
+        tokens_in_place, gradient_in_place = fused and READ_TOKENS_IN_PLACE, fused and READ_GRADIENT_IN_PLACE
+        if not (tokens_in_place or gradient_in_place):  # the rows gathered, run, summed
             rows = fused_permute.gather_tokens(x, index, inverse, k)
             return fused_permute.sum_tokens(self._rows(rows, counts, grouped, row_weight), index, inverse, k, residual)
         offs = group_offsets(counts)
-        if READ_TOKENS_IN_PLACE:
+        if tokens_in_place:
             h = grouped_gemm.gathered_linear(x, self.w1, offs, index, inverse, k)  # [N, 2F]
         else:
             h = grouped_gemm.linear(fused_permute.gather_tokens(x, index, inverse, k), self.w1, offs)
-        if READ_GRADIENT_IN_PLACE:
+        if gradient_in_place:
             return fused_swiglu.swiglu_down_sum(h, row_weight, self.w2, offs, tokens)  # [T, d]
         out = fused_swiglu.swiglu_down(h, row_weight, self.w2, offs)
         return fused_permute.sum_tokens(out, index, inverse, k, residual)
