@@ -4,7 +4,8 @@
 # usage: bash bench/train_device.sh [n_layers to try, largest first (default "8 6")]
 #        SKIP_LAYER_BENCH=1 EAGER_ONLY=1 STEPS=10 bash bench/train_device.sh "10 9"   (sizing only)
 #        COMPILE_ONLY=1: the compiled run only; EXTRA="key=value ...": more trainer overrides (they win);
-#        TAG=name-: prefix of the run names (runs/ and $OUT)
+#        TAG=name-: prefix of the run names (runs/ and $OUT); PATCH="python statements": run before the trainer
+#        (A/B of a module switch, e.g. PATCH="import megamoe.moe.experts as X; X.IN_PLACE_MAX_FFN = 0")
 # Data: an indexed dataset + tokenizer in .devdata/ (data.paths); checkpoint writing is
 # switched off (Trainer.save) so a 3B-parameter run does not write ~45 GB at its last step.
 export PYTHONUNBUFFERED=1 OUT=${OUT:-bench_out}
@@ -17,6 +18,7 @@ train() {  # $1 = n_layers, $2 = compile, $3 = run name (prefixed with $TAG; a f
     set -- "$1" "$2" "${TAG:-}$3"
     rm -rf runs/$3
     python3 -c "import sys, megamoe.train.loop as L; L.Trainer.save = lambda self: None
+${PATCH:-}
 from megamoe.train.__main__ import main; import torch; rc = main(sys.argv[1:])
 import resource; print('peak GiB', torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0,
       'host peak GiB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20); sys.exit(rc)" \

@@ -274,11 +274,14 @@ def test_the_experts_on_tokens_equal_the_gathered_rows(monkeypatch, tokens_in_pl
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("in_place", [True, False])
-def test_reading_tokens_in_place_keeps_no_copy_of_the_rows_for_the_backward(monkeypatch, in_place):
+@pytest.mark.parametrize("switch,max_ffn,in_place", [(True, 256, True), (False, 256, False), (None, 12, True),
+                                                     (None, 11, False)])
+def test_reading_tokens_in_place_keeps_no_copy_of_the_rows_for_the_backward(monkeypatch, switch, max_ffn, in_place):
     """What the experts on tokens keep for their backward: with `READ_TOKENS_IN_PLACE` the tokens [T, d] and
-    no [T·k, d] copy of their rows (268 MB a layer at OLMoE-1B-7B's micro-batch 2); gathered, the copy."""
-    monkeypatch.setattr(experts, "READ_TOKENS_IN_PLACE", in_place)
+    no [T·k, d] copy of their rows (268 MB a layer at OLMoE-1B-7B's micro-batch 2); gathered, the copy. Left
+    to choose (None), the experts read in place where their hidden size is at most `IN_PLACE_MAX_FFN`."""
+    monkeypatch.setattr(experts, "READ_TOKENS_IN_PLACE", switch)
+    monkeypatch.setattr(experts, "IN_PLACE_MAX_FFN", max_ffn)
     g = torch.Generator().manual_seed(6)
     T, k, E, d, f = 12, 4, 6, 16, 12  # h is [T·k, 2f]: not the rows' shape
     ex = SwiGLUExperts(E, d, f)

@@ -7,9 +7,10 @@ same weights. With `fp8=True` both projections run through `fp8.grouped_mm` (e4m
 
 Given `TokenRows` (dropless top-k on one rank), the experts take the tokens [T, d] and return each
 token's sum of its k weighted outputs. Where the grouped products run, the token rows are then read
-in place by the kernels instead of through a gathered [T·k, d] copy: the first projection and its
-weight gradient read x's rows (`READ_TOKENS_IN_PLACE`), the second projection's input and weight
-gradients read the output gradient's (`READ_GRADIENT_IN_PLACE`); elsewhere the rows are gathered.
+in place by the kernels instead of through a gathered [T·k, d] copy where the experts are narrow
+(hidden size ≤ `IN_PLACE_MAX_FFN`): the first projection and its weight gradient read x's rows
+(`READ_TOKENS_IN_PLACE`), the second projection's input and weight gradients read the output
+gradient's (`READ_GRADIENT_IN_PLACE`); elsewhere the rows are gathered.
 """
 
 from typing import NamedTuple
@@ -22,9 +23,18 @@ from . import fp8 as fp8_mm
 from . import fused_permute, fused_swiglu, grouped_gemm
 
 # The token rows read in place by the first projection and its weight gradient (True), or gathered into a
-# copy first (False, for A/B runs); the same for the output gradient in the second projection's backward
-READ_TOKENS_IN_PLACE = False
-READ_GRADIENT_IN_PLACE = False
+# copy first (False); the same for the output gradient in the second projection's backward. None: in place
+# where the experts' hidden size is at most IN_PLACE_MAX_FFN. The indexed loads (pointer loads, not TMA) slow
+# the products' main loop, a cost that grows with the hidden size, while the copy they save does not: on one
+# H100 (2026-12-07, docs/performance.md, session 19) both reads in place made OLMoE's forward+backward (F 1024)
+# 8.7% slower and the small MoE's (d 512, F 256) 2.8% faster.
+READ_TOKENS_IN_PLACE: bool | None = None
+READ_GRADIENT_IN_PLACE: bool | None = None
+IN_PLACE_MAX_FFN = 256
+
+
+def _in_place(switch: bool | None, ffn_hidden: int) -> bool:
+    return ffn_hidden <= IN_PLACE_MAX_FFN if switch is None else switch
 
 
 class TokenRows(NamedTuple):
@@ -94,7 +104,8 @@ class SwiGLUExperts(nn.Module):
     def _tokens(self, x, counts, grouped, row_weight, tokens: TokenRows) -> torch.Tensor:
         index, inverse, k, residual = tokens
         fused = grouped and row_weight is not None and not self.fp8  # the grouped products with weighted rows
-        tokens_in_place, gradient_in_place = fused and READ_TOKENS_IN_PLACE, fused and READ_GRADIENT_IN_PLACE
+        tokens_in_place = fused and _in_place(READ_TOKENS_IN_PLACE, self.ffn_hidden)
+        gradient_in_place = fused and _in_place(READ_GRADIENT_IN_PLACE, self.ffn_hidden)
         if not (tokens_in_place or gradient_in_place):  # the rows gathered, run, summed
             rows = fused_permute.gather_tokens(x, index, inverse, k)
             return fused_permute.sum_tokens(self._rows(rows, counts, grouped, row_weight), index, inverse, k, residual)
