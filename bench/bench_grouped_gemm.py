@@ -6,6 +6,7 @@ the same FLOPs: which weight layout and which kernel run them fastest.
     python3 bench/bench_grouped_gemm.py --ours          # bench/triton_grouped_gemm.py's kernels (an experiment), a config sweep
     python3 bench/bench_grouped_gemm.py --tma           # megamoe/moe/grouped_gemm.py's persistent TMA kernels, a config sweep
                                                         # (with their token rows read in place: the "+gather" rows)
+    python3 bench/bench_grouped_gemm.py --tma --only "fwd w1,fwd w1 +gather"   # some products only
     python3 bench/bench_grouped_gemm.py --skew 1,4,8    # the weight gradients under imbalanced loads, long experts cut or not
     python3 bench/bench_grouped_gemm.py --loads bench_out/bench_model.jsonl   # the six at the loads bench_model.py's model routed
 
@@ -82,11 +83,15 @@ def cases(tokens, d, f, e, k, device):
     return out, dense, (x, h, dy, dh, w1, w2, offs)
 
 
+ONLY = None  # --only: the products to time, by name (all when None)
+
+
 def sweep(geo, rows, configs, log, label):
     """Times torch._grouped_mm and each config of ours per GEMM (rows: name, flops, torch fn,
     ours(config) fn), checks ours against torch (relative error), logs a JSON row per GEMM and
     prints the best config that agrees (error < 1e-2) and the configs that failed or disagreed."""
     total_torch, total_best = 0.0, 0.0
+    rows = [r for r in rows if ONLY is None or r[0] in ONLY]
     for name, flops, ref_fn, our_fn in rows:
         ref = ref_fn()
         row = {"geometry": geo, "gemm": name, "label": label, "torch": bench(ref_fn)}
@@ -340,7 +345,12 @@ def main():
     ap.add_argument("--loads", default=None, metavar="BENCH_MODEL_JSONL",
                     help="time the six products of each layer at the expert loads bench_model.py recorded, "
                          "in the first geometry of --geometries (d, F, E)")
+    ap.add_argument("--only", default=None, help="comma-separated product names of --ours / --tma to time, "
+                    "e.g. 'fwd w1,fwd w1 +gather'")
     args = ap.parse_args()
+    if args.only:
+        global ONLY
+        ONLY = set(args.only.split(","))
     if not torch.cuda.is_available():
         sys.exit("bench_grouped_gemm.py: needs a CUDA GPU (torch._grouped_mm times nothing on CPU)")
     device = torch.device("cuda")
