@@ -167,6 +167,9 @@ TMA_CONFIGS = [
     (128, 256, 64, 8, 3, 2, False), (128, 256, 64, 8, 4, 2, False), (128, 256, 64, 8, 3, 2, True),
     (128, 256, 64, 8, 4, 2, True), (128, 128, 64, 4, 4, 1, False), (128, 128, 128, 8, 3, 1, False),
     (256, 128, 64, 8, 3, 2, False), (64, 256, 64, 4, 4, 2, False),
+    # five stages: the weight gradient's gathering forms (grouped_gemm.WGRAD_GATHER_STAGES; too much shared
+    # memory for the row-grouped products' tiles)
+    (128, 256, 64, 8, 5, 2, False), (256, 128, 64, 8, 5, 2, False),
 ]
 
 

@@ -50,6 +50,11 @@ except ImportError:  # CPU installs: torch's grouped GEMM
 BIG = 0x40000000  # 2**30: the ragged descriptor's row extent
 # (BM, BN, BK, warps, stages, the output's column slices); warp specialisation off
 WGRAD_CONFIG = (128, 256, 64, 8, 3, 2)
+# The weight gradient's stages where an operand's rows are read through the row index: the index's load takes
+# a stage of Triton's pipeline ahead of the rows it addresses, so three stages kept two buffers an operand and
+# waited for every copy at each k-step (0.38 of the TMA form's rate at OLMoE's shapes, H100, session 19's c3);
+# five keep three buffers in flight as the TMA form's three stages do (sm_90 TTGIR, Triton 3.6)
+WGRAD_GATHER_STAGES = 5
 
 
 def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
@@ -488,6 +493,8 @@ if triton is not None:
         `cut`: (cut, piece), experts longer than `cut` rows in pieces of `piece` (None: `wgrad_cut`;
         (0, 0): none). With `a_index` / `b_index` [R], a[a_index] / b[b_index] read in place."""
         bm, bn, bk, warps, stages, slices = config or WGRAD_CONFIG
+        if config is None and (a_index is not None or b_index is not None):
+            stages = WGRAD_GATHER_STAGES
         a, b = a.contiguous(), b.contiguous()
         M, N, E = a.shape[1], b.shape[1], offs.numel()
         R = next((i.numel() for i in (a_index, b_index) if i is not None), a.shape[0])
