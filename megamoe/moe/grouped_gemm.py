@@ -50,11 +50,13 @@ except ImportError:  # CPU installs: torch's grouped GEMM
 BIG = 0x40000000  # 2**30: the ragged descriptor's row extent
 # (BM, BN, BK, warps, stages, the output's column slices); warp specialisation off
 WGRAD_CONFIG = (128, 256, 64, 8, 3, 2)
-# The weight gradient's stages where an operand's rows are read through the row index: the index's load takes
-# a stage of Triton's pipeline ahead of the rows it addresses, so three stages kept two buffers an operand and
-# waited for every copy at each k-step (0.38 of the TMA form's rate at OLMoE's shapes, H100, session 19's c3);
-# five keep three buffers in flight as the TMA form's three stages do (sm_90 TTGIR, Triton 3.6)
-WGRAD_GATHER_STAGES = 5
+# The weight gradient's stages where an operand's rows are read through the row index. The index's load takes
+# a stage of Triton's pipeline ahead of the rows it addresses: at three stages (WGRAD_CONFIG's, timed) the
+# gathering forms keep two buffers an operand and wait for every copy in flight at each k-step (0.59 of the TMA
+# form's rate at OLMoE's shapes, H100, docs/performance.md session 19); at five, three buffers an operand as
+# the TMA form's three stages keep, in the same shared memory (181 KB; sm_90 TTGIR, Triton 3.6). Five is not
+# timed yet (no device time left in session 19): `bench_ab.py megamoe.moe.grouped_gemm.WGRAD_GATHER_STAGES=3,5`.
+WGRAD_GATHER_STAGES = 3
 
 
 def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
