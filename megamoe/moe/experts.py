@@ -27,7 +27,7 @@ from . import fused_permute, fused_swiglu, grouped_gemm
 # where the experts' hidden size is at most IN_PLACE_MAX_FFN. The indexed loads (pointer loads, not TMA) slow
 # the products' main loop, a cost that grows with the hidden size, while the copy they save does not: on one
 # H100 (2026-12-07, docs/performance.md, session 19) both reads in place made OLMoE's forward+backward (F 1024)
-# 8.7% slower and the small MoE's (d 512, F 256) 2.8% faster.
+# 9.0% slower and the small MoE's (d 512, F 256) 2.8% faster.
 READ_TOKENS_IN_PLACE: bool | None = None
 READ_GRADIENT_IN_PLACE: bool | None = None
 IN_PLACE_MAX_FFN = 256
