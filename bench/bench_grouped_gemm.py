@@ -91,6 +91,9 @@ def sweep(geo, rows, configs, log, label):
     ours(config) fn), checks ours against torch (relative error), logs a JSON row per GEMM and
     prints the best config that agrees (error < 1e-2) and the configs that failed or disagreed."""
     total_torch, total_best = 0.0, 0.0
+    if ONLY is not None and ONLY - {r[0] for r in rows}:
+        sys.exit(f"bench_grouped_gemm: error: --only names no product of this mode: "
+                 f"{', '.join(sorted(ONLY - {r[0] for r in rows}))}; the products are: {', '.join(r[0] for r in rows)}")
     rows = [r for r in rows if ONLY is None or r[0] in ONLY]
     for name, flops, ref_fn, our_fn in rows:
         ref = ref_fn()
