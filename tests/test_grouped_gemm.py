@@ -133,7 +133,7 @@ wgrad = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "part_ptr": "*fp3
 for ga, gb in ((False, False), (True, False), (False, True)):  # the flat loop, OLMoE's w2
     consts = dict(M=1024, N=2048, E=64, E_P2=64, BM=128, BN=256, BK=64, NUM_PROGRAMS=132, WS=False, SLICES=2, CUT=0,
                   PIECE=0, LONGEST_FIRST=True, FLAT=True, ITEMS_P2=1, GATHER_A=ga, GATHER_B=gb)
-    stages = G.WGRAD_CONFIG[4] if not (ga or gb) else 5  # the gathering forms at five stages
+    stages = G.WGRAD_CONFIG[4] if not (ga or gb) else G.WGRAD_GATHER_STAGES  # what a launch takes
     out[f"wgrad {ga} {gb}"] = ttgir(G._weight_grad_kernel, wgrad, {}, consts, 8, stages)
 print(out)
 """

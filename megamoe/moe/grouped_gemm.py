@@ -51,12 +51,13 @@ BIG = 0x40000000  # 2**30: the ragged descriptor's row extent
 # (BM, BN, BK, warps, stages, the output's column slices); warp specialisation off
 WGRAD_CONFIG = (128, 256, 64, 8, 3, 2)
 # The weight gradient's stages where an operand's rows are read through the row index. The index's load takes
-# a stage of Triton's pipeline ahead of the rows it addresses: at three stages (WGRAD_CONFIG's, timed) the
-# gathering forms keep two buffers an operand and wait for every copy in flight at each k-step (0.59 of the TMA
-# form's rate at OLMoE's shapes, H100, docs/performance.md session 19); at five, three buffers an operand as
-# the TMA form's three stages keep, in the same shared memory (181 KB; sm_90 TTGIR, Triton 3.6). Five is not
-# timed yet (no device time left in session 19): `bench_ab.py megamoe.moe.grouped_gemm.WGRAD_GATHER_STAGES=3,5`.
-WGRAD_GATHER_STAGES = 3
+# a stage of Triton's pipeline ahead of the rows it addresses: at three stages (WGRAD_CONFIG's) the gathering
+# forms keep two buffers an operand and wait for every copy in flight at each k-step; at five, three buffers an
+# operand as the TMA form's three stages keep, in the same shared memory (181 KB; sm_90 TTGIR, Triton 3.6).
+# Timed (H100, docs/performance.md session 20): five against three, the small MoE's forward+backward with the
+# rows read in place 39.78 / 39.89 ms against 40.76 / 40.93; OLMoE's w1 gradient gathering 1.079 ms against
+# 1.471 (its TMA form on a gathered copy: 0.864, which OLMoE's default path runs).
+WGRAD_GATHER_STAGES = 5
 
 
 def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
