@@ -58,6 +58,10 @@ WGRAD_CONFIG = (128, 256, 64, 8, 3, 2)
 # rows read in place 39.78 / 39.89 ms against 40.76 / 40.93; OLMoE's w1 gradient gathering 1.079 ms against
 # 1.471 (its TMA form on a gathered copy: 0.864, which OLMoE's default path runs).
 WGRAD_GATHER_STAGES = 5
+# The row-grouped products reading rows through the index load a tile's BM indices at the tile's start, and its
+# first k-step's loads wait for them; with this on, each tile's indices are loaded while the tile before it runs.
+# Not timed yet (session 20): off until `bench_ab.py megamoe.moe.grouped_gemm.ROWS_PREFETCH_INDEX=False,True`.
+ROWS_PREFETCH_INDEX = False
 
 
 def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
@@ -193,12 +197,29 @@ if triton is not None:
         desc.store([_BIG, start + rows, _BIG - rows + row, col], tl.reshape(data, [1, 1, BR, BC]))
 
     @triton.jit
+    def _row_tile(t, tile_end, es, gstart, gend, num_n: tl.constexpr, BM: tl.constexpr):
+        """Row-grouped tile t: (its column tile, its expert, its first row, the expert's rows from there)."""
+        tm = t // num_n
+        e = tl.sum((tile_end <= tm).to(tl.int32))  # tm's expert
+        mine = es == e
+        start = tl.sum(tl.where(mine, gstart, 0)) + (tm - tl.sum(tl.where(es == e - 1, tile_end, 0))) * BM
+        return t % num_n, e, start, tl.sum(tl.where(mine, gend, 0)) - start
+
+    @triton.jit
+    def _tile_index(index_ptr, t, tiles, R, tile_end, es, gstart, gend, num_n: tl.constexpr, BM: tl.constexpr):
+        """The row index of tile t's BM rows (zeros past R, and for t past the last tile)."""
+        _, _, start, _ = _row_tile(t, tile_end, es, gstart, gend, num_n, BM)
+        r = start + tl.arange(0, BM)
+        return tl.load(index_ptr + r, mask=(r < R) & (t < tiles), other=0)
+
+    @triton.jit
     def _rows_mm_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, index_ptr, R,
                         N: tl.constexpr, K: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr,
                         TRANS_B: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                         NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, TMA_STORE: tl.constexpr,
-                        GATHER: tl.constexpr):
-        """GATHER: row r of a is a_ptr's row index[r] (pointer loads; TMA cannot gather on Hopper)."""
+                        GATHER: tl.constexpr, PREFETCH: tl.constexpr = False):
+        """GATHER: row r of a is a_ptr's row index[r] (pointer loads; TMA cannot gather on Hopper); with
+        PREFETCH a tile's row index is loaded while the tile before it runs."""
         pid = tl.program_id(0)
         num_n: tl.constexpr = N // BN
         if TMA_STORE:
@@ -212,17 +233,19 @@ if triton is not None:
         es, gstart, gend = _groups(offs_ptr, E, E_P2)
         tile_end = tl.cumsum(tl.where(es < E, (gend - gstart + BM - 1) // BM, 0), 0)  # BM-row tiles up to e's end
         tiles = tl.max(tile_end) * num_n
+        if GATHER and PREFETCH:  # the first tile's row index
+            src_next = _tile_index(index_ptr, pid, tiles, R, tile_end, es, gstart, gend, num_n, BM)
         for t in tl.range(pid, tiles, NUM_PROGRAMS, flatten=True, warp_specialize=WS):
-            tm = t // num_n
-            tn = t % num_n
-            e = tl.sum((tile_end <= tm).to(tl.int32))  # tm's expert
-            mine = es == e
-            start = tl.sum(tl.where(mine, gstart, 0)) + (tm - tl.sum(tl.where(es == e - 1, tile_end, 0))) * BM
-            rows = tl.sum(tl.where(mine, gend, 0)) - start
+            tn, e, start, rows = _row_tile(t, tile_end, es, gstart, gend, num_n, BM)
             acc = tl.zeros([BM, BN], dtype=tl.float32)
             if GATHER:  # rows past R read row 0: like the rows past the expert's end, they are not stored
-                r = start + tl.arange(0, BM)
-                src = tl.load(index_ptr + r, mask=r < R, other=0).to(tl.int64)
+                if PREFETCH:  # this tile's index, loaded a tile ago; the next tile's, used a tile from now
+                    src = src_next.to(tl.int64)
+                    src_next = _tile_index(index_ptr, t + NUM_PROGRAMS, tiles, R, tile_end, es, gstart, gend,
+                                           num_n, BM)
+                else:
+                    r = start + tl.arange(0, BM)
+                    src = tl.load(index_ptr + r, mask=r < R, other=0).to(tl.int64)
             for kk in range(K // BK):
                 if GATHER:
                     a = tl.load(a_ptr + src[:, None] * K + (kk * BK + tl.arange(0, BK))[None, :])
@@ -485,7 +508,8 @@ if triton is not None:
         _launch(_rows_mm_kernel, wrap)[(programs,)](
             a, b, out, offs, offs if a_index is None else a_index.contiguous(), R, N=N, K=K, E=E,
             E_P2=triton.next_power_of_2(E), TRANS_B=trans_b, BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, WS=ws,
-            TMA_STORE=ROWS_TMA_STORE, GATHER=a_index is not None, num_warps=warps, num_stages=stages)
+            TMA_STORE=ROWS_TMA_STORE, GATHER=a_index is not None,
+            PREFETCH=ROWS_PREFETCH_INDEX, num_warps=warps, num_stages=stages)
         return out
 
     def launch_weight_grad_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, config=None,
