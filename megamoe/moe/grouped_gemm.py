@@ -58,10 +58,6 @@ WGRAD_CONFIG = (128, 256, 64, 8, 3, 2)
 # rows read in place 39.78 / 39.89 ms against 40.76 / 40.93; OLMoE's w1 gradient gathering 1.079 ms against
 # 1.471 (its TMA form on a gathered copy: 0.864, which OLMoE's default path runs).
 WGRAD_GATHER_STAGES = 5
-# The row-grouped products reading rows through the index load a tile's BM indices at the tile's start, and its
-# first k-step's loads wait for them; with this on, each tile's indices are loaded while the tile before it runs.
-# Not timed yet (session 20): off until `bench_ab.py megamoe.moe.grouped_gemm.ROWS_PREFETCH_INDEX=False,True`.
-ROWS_PREFETCH_INDEX = False
 
 
 def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
@@ -72,6 +68,14 @@ def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
     if trans_b and n >= 2048 and k >= 2048:
         return (128, 256, 64, 8, 4), True
     return (128, 256, 64, 8, 3 if k >= 2048 else 4), False
+
+
+# The row-grouped products with reductions at most this long store each output tile whole (one buffer of the
+# tile beside three load stages: 208 KiB), not in two column halves through one buffer of half the tile, whose
+# second half waits within the epilogue for the copy engine to have read the first. Where a tile's main loop is
+# short (the small model's K of 256-512: 4-8 k-steps) the epilogue is a large share of it. Whole tiles everywhere
+# were not faster on OLMoE's shapes (session 17). 0: halves everywhere; not timed yet (session 20).
+ROWS_WHOLE_TILE_MAX_K = 0
 
 
 CHOICES = ("triton", "torch")
@@ -197,33 +201,16 @@ if triton is not None:
         desc.store([_BIG, start + rows, _BIG - rows + row, col], tl.reshape(data, [1, 1, BR, BC]))
 
     @triton.jit
-    def _row_tile(t, tile_end, es, gstart, gend, num_n: tl.constexpr, BM: tl.constexpr):
-        """Row-grouped tile t: (its column tile, its expert, its first row, the expert's rows from there)."""
-        tm = t // num_n
-        e = tl.sum((tile_end <= tm).to(tl.int32))  # tm's expert
-        mine = es == e
-        start = tl.sum(tl.where(mine, gstart, 0)) + (tm - tl.sum(tl.where(es == e - 1, tile_end, 0))) * BM
-        return t % num_n, e, start, tl.sum(tl.where(mine, gend, 0)) - start
-
-    @triton.jit
-    def _tile_index(index_ptr, t, tiles, R, tile_end, es, gstart, gend, num_n: tl.constexpr, BM: tl.constexpr):
-        """The row index of tile t's BM rows (zeros past R, and for t past the last tile)."""
-        _, _, start, _ = _row_tile(t, tile_end, es, gstart, gend, num_n, BM)
-        r = start + tl.arange(0, BM)
-        return tl.load(index_ptr + r, mask=(r < R) & (t < tiles), other=0)
-
-    @triton.jit
     def _rows_mm_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, index_ptr, R,
                         N: tl.constexpr, K: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr,
                         TRANS_B: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                         NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, TMA_STORE: tl.constexpr,
-                        GATHER: tl.constexpr, PREFETCH: tl.constexpr = False):
-        """GATHER: row r of a is a_ptr's row index[r] (pointer loads; TMA cannot gather on Hopper); with
-        PREFETCH a tile's row index is loaded while the tile before it runs."""
+                        GATHER: tl.constexpr, SLICES: tl.constexpr = 2):
+        """GATHER: row r of a is a_ptr's row index[r] (pointer loads; TMA cannot gather on Hopper)."""
         pid = tl.program_id(0)
         num_n: tl.constexpr = N // BN
         if TMA_STORE:
-            c_desc = _ragged_descriptor(c_ptr, N, BM, BN // 2)  # two column slices: half the tile's buffer
+            c_desc = _ragged_descriptor(c_ptr, N, BM, BN // SLICES)  # 2: two column slices, half the tile's buffer
         if not GATHER:
             a_desc = tl.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[K, 1], block_shape=[BM, BK])
         if TRANS_B:
@@ -233,19 +220,17 @@ if triton is not None:
         es, gstart, gend = _groups(offs_ptr, E, E_P2)
         tile_end = tl.cumsum(tl.where(es < E, (gend - gstart + BM - 1) // BM, 0), 0)  # BM-row tiles up to e's end
         tiles = tl.max(tile_end) * num_n
-        if GATHER and PREFETCH:  # the first tile's row index
-            src_next = _tile_index(index_ptr, pid, tiles, R, tile_end, es, gstart, gend, num_n, BM)
         for t in tl.range(pid, tiles, NUM_PROGRAMS, flatten=True, warp_specialize=WS):
-            tn, e, start, rows = _row_tile(t, tile_end, es, gstart, gend, num_n, BM)
+            tm = t // num_n
+            tn = t % num_n
+            e = tl.sum((tile_end <= tm).to(tl.int32))  # tm's expert
+            mine = es == e
+            start = tl.sum(tl.where(mine, gstart, 0)) + (tm - tl.sum(tl.where(es == e - 1, tile_end, 0))) * BM
+            rows = tl.sum(tl.where(mine, gend, 0)) - start
             acc = tl.zeros([BM, BN], dtype=tl.float32)
             if GATHER:  # rows past R read row 0: like the rows past the expert's end, they are not stored
-                if PREFETCH:  # this tile's index, loaded a tile ago; the next tile's, used a tile from now
-                    src = src_next.to(tl.int64)
-                    src_next = _tile_index(index_ptr, t + NUM_PROGRAMS, tiles, R, tile_end, es, gstart, gend,
-                                           num_n, BM)
-                else:
-                    r = start + tl.arange(0, BM)
-                    src = tl.load(index_ptr + r, mask=r < R, other=0).to(tl.int64)
+                r = start + tl.arange(0, BM)
+                src = tl.load(index_ptr + r, mask=r < R, other=0).to(tl.int64)
             for kk in range(K // BK):
                 if GATHER:
                     a = tl.load(a_ptr + src[:, None] * K + (kk * BK + tl.arange(0, BK))[None, :])
@@ -257,9 +242,13 @@ if triton is not None:
                     b = b_desc.load([e * K + kk * BK, tn * BN])
                 acc = tl.dot(a, b, acc)
             if TMA_STORE:  # rows past the expert's end fall outside the ragged window: not written
-                lo, hi = _halves(acc.to(c_ptr.dtype.element_ty), BM, BN)
-                _ragged_store(c_desc, start, rows, 0, tn * BN, lo, BM, BN // 2)
-                _ragged_store(c_desc, start, rows, 0, tn * BN + BN // 2, hi, BM, BN // 2)
+                out = acc.to(c_ptr.dtype.element_ty)
+                if SLICES == 1:  # the copy engine reads the buffer while the next tile's main loop runs
+                    _ragged_store(c_desc, start, rows, 0, tn * BN, out, BM, BN)
+                else:
+                    lo, hi = _halves(out, BM, BN)
+                    _ragged_store(c_desc, start, rows, 0, tn * BN, lo, BM, BN // 2)
+                    _ragged_store(c_desc, start, rows, 0, tn * BN + BN // 2, hi, BM, BN // 2)
             else:
                 r = tl.arange(0, BM)
                 ptrs = c_ptr + (start + r).to(tl.int64)[:, None] * N + (tn * BN + tl.arange(0, BN))[None, :]
@@ -499,6 +488,9 @@ if triton is not None:
         N = b.shape[1] if trans_b else b.shape[2]
         default, ws = rows_config(K, N, trans_b)
         bm, bn, bk, warps, stages = config or default
+        slices = 1 if K <= ROWS_WHOLE_TILE_MAX_K else 2
+        if slices == 1 and config is None:  # three stages leave room for the whole tile's buffer
+            stages = min(stages, 3)
         ws = ws if warp_specialize is None else warp_specialize
         assert (b.shape[2] if trans_b else b.shape[1]) == K and K % bk == 0 and N % bn == 0, (a.shape, b.shape, trans_b)
         out = a.new_empty(R, N)
@@ -508,8 +500,8 @@ if triton is not None:
         _launch(_rows_mm_kernel, wrap)[(programs,)](
             a, b, out, offs, offs if a_index is None else a_index.contiguous(), R, N=N, K=K, E=E,
             E_P2=triton.next_power_of_2(E), TRANS_B=trans_b, BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, WS=ws,
-            TMA_STORE=ROWS_TMA_STORE, GATHER=a_index is not None,
-            PREFETCH=ROWS_PREFETCH_INDEX, num_warps=warps, num_stages=stages)
+            TMA_STORE=ROWS_TMA_STORE, GATHER=a_index is not None, SLICES=slices,
+            num_warps=warps, num_stages=stages)
         return out
 
     def launch_weight_grad_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, config=None,
