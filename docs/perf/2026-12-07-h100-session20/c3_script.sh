@@ -13,6 +13,6 @@ grep -E "medians|Error|error" $OUT/ab_small.log; date -u
 (cd bench && PYTHONPATH=/tmp/site:$PWD/.. OUT=$OUT/olmoe timeout 150 python3 bench_ab.py $W=0,1024 --rounds 2 --back-to-back) > $OUT/ab_olmoe.log 2>&1; echo "olmoe rc $?"
 grep -E "medians|Error|error" $OUT/ab_olmoe.log; date -u
 SMALL="model.d_model=512 model.n_heads=8 moe.ffn_hidden=256 data.seq_length=1024 train.micro_batch_size=32 train.global_batch_size=32"
-for v in 512 0; do [ $SECONDS -gt 330 ] && break
+for v in 512 0; do [ $SECONDS -gt 250 ] && break
   TAG=s20c3-small-w$v- EXTRA="$SMALL" PATCH="import megamoe.moe.grouped_gemm as G; G.ROWS_WHOLE_TILE_MAX_K = $v" COMPILE_ONLY=1 SKIP_LAYER_BENCH=1 STEPS=30 timeout 55 bash bench/train_device.sh 8 2>&1 | grep -v "^name"; done; date -u
 (cd $OUT && tar czf c3_logs.tgz s20c3-* 2>/dev/null; rm -f s20c3-*)
