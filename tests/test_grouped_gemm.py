@@ -71,10 +71,6 @@ for counts in %r:
     G.ROWS_TMA_STORE = False  # masked stores from registers
     rows.append(G.launch_rows_mm(a, b, offs, config=(16, 32, 16, 4, 2)))
     G.ROWS_TMA_STORE = True
-    G.ROWS_WHOLE_TILE_MAX_K = K  # each output tile in one store
-    rows += [G.launch_rows_mm(a_src, b, offs, config=(16, 32, 16, 4, 2), a_index=index),
-             G.launch_rows_mm(a, bt, offs, trans_b=True, config=(32, 64, 16, 4, 2))]
-    G.ROWS_WHOLE_TILE_MAX_K = 0
     out.append([t.tolist() for t in (a, dy, b, bt, *rows, *got)])
 print(out)
 """
@@ -93,16 +89,14 @@ def test_the_triton_kernels_compute_each_experts_product():
     partial round forwards), or expert after expert; and the uncut schedule as one flat loop over each
     program's k-steps (`WGRAD_FLAT`: an empty expert's tile is one step of zeros, stored). Every product
     also with its token rows read in place through an index with repeats (`a_index`, `b_index`: the
-    experts' gathered operands) in place of a gathered copy; the row-grouped ones also storing each output
-    tile whole (`ROWS_WHOLE_TILE_MAX_K`)."""
+    experts' gathered operands) in place of a gathered copy."""
     from pip_cache import run_interpreted
     runs = run_interpreted(INTERPRETED % (COUNTS,))
     for counts, run in zip(COUNTS, runs):
-        a, dy, b, bt, rows_gathered, rows_t_gathered, rows_masked, rows_whole, rows_t_whole, rows, rows_t, *wgrads = \
-            map(torch.tensor, run)
+        a, dy, b, bt, rows_gathered, rows_t_gathered, rows_masked, rows, rows_t, *wgrads = map(torch.tensor, run)
         assert len(wgrads) == 12
         for got, t in ((rows, False), (rows_t, True), (rows_masked, False), (rows_gathered, False),
-                       (rows_t_gathered, True), (rows_whole, False), (rows_t_whole, True)):
+                       (rows_t_gathered, True)):
             torch.testing.assert_close(got, rows_ref(a, bt if t else b, counts, trans_b=t), rtol=1e-5, atol=1e-4)
         want = wgrad_ref(a, dy, counts)
         for wgrad in wgrads:

@@ -70,14 +70,6 @@ def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
     return (128, 256, 64, 8, 3 if k >= 2048 else 4), False
 
 
-# The row-grouped products with reductions at most this long store each output tile whole (one buffer of the
-# tile beside three load stages: 208 KiB), not in two column halves through one buffer of half the tile, whose
-# second half waits within the epilogue for the copy engine to have read the first. Where a tile's main loop is
-# short (the small model's K of 256-512: 4-8 k-steps) the epilogue is a large share of it. Whole tiles everywhere
-# were not faster on OLMoE's shapes (session 17). 0: halves everywhere; not timed yet (session 20).
-ROWS_WHOLE_TILE_MAX_K = 0
-
-
 CHOICES = ("triton", "torch")
 
 
@@ -205,12 +197,12 @@ if triton is not None:
                         N: tl.constexpr, K: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr,
                         TRANS_B: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                         NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, TMA_STORE: tl.constexpr,
-                        GATHER: tl.constexpr, SLICES: tl.constexpr = 2):
+                        GATHER: tl.constexpr):
         """GATHER: row r of a is a_ptr's row index[r] (pointer loads; TMA cannot gather on Hopper)."""
         pid = tl.program_id(0)
         num_n: tl.constexpr = N // BN
         if TMA_STORE:
-            c_desc = _ragged_descriptor(c_ptr, N, BM, BN // SLICES)  # 2: two column slices, half the tile's buffer
+            c_desc = _ragged_descriptor(c_ptr, N, BM, BN // 2)  # two column slices: half the tile's buffer
         if not GATHER:
             a_desc = tl.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[K, 1], block_shape=[BM, BK])
         if TRANS_B:
@@ -242,13 +234,9 @@ if triton is not None:
                     b = b_desc.load([e * K + kk * BK, tn * BN])
                 acc = tl.dot(a, b, acc)
             if TMA_STORE:  # rows past the expert's end fall outside the ragged window: not written
-                out = acc.to(c_ptr.dtype.element_ty)
-                if SLICES == 1:  # the copy engine reads the buffer while the next tile's main loop runs
-                    _ragged_store(c_desc, start, rows, 0, tn * BN, out, BM, BN)
-                else:
-                    lo, hi = _halves(out, BM, BN)
-                    _ragged_store(c_desc, start, rows, 0, tn * BN, lo, BM, BN // 2)
-                    _ragged_store(c_desc, start, rows, 0, tn * BN + BN // 2, hi, BM, BN // 2)
+                lo, hi = _halves(acc.to(c_ptr.dtype.element_ty), BM, BN)
+                _ragged_store(c_desc, start, rows, 0, tn * BN, lo, BM, BN // 2)
+                _ragged_store(c_desc, start, rows, 0, tn * BN + BN // 2, hi, BM, BN // 2)
             else:
                 r = tl.arange(0, BM)
                 ptrs = c_ptr + (start + r).to(tl.int64)[:, None] * N + (tn * BN + tl.arange(0, BN))[None, :]
@@ -488,9 +476,6 @@ if triton is not None:
         N = b.shape[1] if trans_b else b.shape[2]
         default, ws = rows_config(K, N, trans_b)
         bm, bn, bk, warps, stages = config or default
-        slices = 1 if K <= ROWS_WHOLE_TILE_MAX_K else 2
-        if slices == 1 and config is None:  # three stages leave room for the whole tile's buffer
-            stages = min(stages, 3)
         ws = ws if warp_specialize is None else warp_specialize
         assert (b.shape[2] if trans_b else b.shape[1]) == K and K % bk == 0 and N % bn == 0, (a.shape, b.shape, trans_b)
         out = a.new_empty(R, N)
@@ -500,8 +485,7 @@ if triton is not None:
         _launch(_rows_mm_kernel, wrap)[(programs,)](
             a, b, out, offs, offs if a_index is None else a_index.contiguous(), R, N=N, K=K, E=E,
             E_P2=triton.next_power_of_2(E), TRANS_B=trans_b, BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, WS=ws,
-            TMA_STORE=ROWS_TMA_STORE, GATHER=a_index is not None, SLICES=slices,
-            num_warps=warps, num_stages=stages)
+            TMA_STORE=ROWS_TMA_STORE, GATHER=a_index is not None, num_warps=warps, num_stages=stages)
         return out
 
     def launch_weight_grad_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, config=None,
