@@ -390,7 +390,7 @@ def main():
     if args.programs_per_sm > 1:  # every launch of the kernels takes that many programs an SM (at most one a tile)
         from megamoe.moe import grouped_gemm as G
         one_per_sm, per_sm = G._programs, args.programs_per_sm
-        G._programs = lambda dev, tiles: max(1, min(per_sm * one_per_sm(dev, 1 << 30), tiles))
+        G._programs = lambda dev, tiles, _=1: max(1, min(per_sm * one_per_sm(dev, 1 << 30), tiles))
     for geo in args.geometries.split(","):
         tokens, d, f, e, k = GEOMETRIES[geo]
         print(f"\n{geo}: tokens {tokens}, d {d}, F {f}, E {e}, top-{k}", flush=True)

@@ -70,6 +70,16 @@ def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
     return (128, 256, 64, 8, 3 if k >= 2048 else 4), False
 
 
+# The row-grouped products with reductions at most this long (0: none) run ROWS_TWO_PER_SM_CONFIG's tiles with two
+# persistent programs an SM, each in 82 KB of shared memory (sm_90), so that one program's epilogue (its output
+# tile's store) runs beside the other's main loop, as CUTLASS's ping-pong kernels do by warp groups. The small
+# MoE's products (K 256-512: 4-8 k-steps a tile) spend as long storing a tile as multiplying it (docs/performance.md,
+# session 20). Written in session 20, not timed: `bench_grouped_gemm.py --tma --programs-per-sm 2` sweeps the
+# tiles, `bench_ab.py megamoe.moe.grouped_gemm.ROWS_TWO_PER_SM_MAX_K=0,512` the model.
+ROWS_TWO_PER_SM_MAX_K = 0
+ROWS_TWO_PER_SM_CONFIG = (128, 128, 64, 4, 2)  # BM, BN, BK, warps, stages
+
+
 CHOICES = ("triton", "torch")
 
 
@@ -441,14 +451,14 @@ if triton is not None:
 
     _SMS: dict[int, int] = {}
 
-    def _programs(device: torch.device, tiles: int) -> int:
-        """One program per SM (4 under the interpreter), fewer when there are fewer tiles."""
+    def _programs(device: torch.device, tiles: int, per_sm: int = 1) -> int:
+        """`per_sm` programs per SM (4 under the interpreter), fewer when there are fewer tiles."""
         if device.type != "cuda":
-            return max(1, min(4, tiles))
+            return max(1, min(4 * per_sm, tiles))
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in _SMS:
             _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        return max(1, min(_SMS[index], tiles))
+        return max(1, min(per_sm * _SMS[index], tiles))
 
     def _scratch(size: int, alignment: int, stream):
         """Global memory for the descriptors the kernels build (Triton asks through `set_allocator`;
@@ -475,13 +485,16 @@ if triton is not None:
         E = b.shape[0]
         N = b.shape[1] if trans_b else b.shape[2]
         default, ws = rows_config(K, N, trans_b)
+        per_sm = 1
+        if config is None and K <= ROWS_TWO_PER_SM_MAX_K:
+            (default, ws), per_sm = (ROWS_TWO_PER_SM_CONFIG, False), 2
         bm, bn, bk, warps, stages = config or default
         ws = ws if warp_specialize is None else warp_specialize
         assert (b.shape[2] if trans_b else b.shape[1]) == K and K % bk == 0 and N % bn == 0, (a.shape, b.shape, trans_b)
         out = a.new_empty(R, N)
         if R == 0:
             return out
-        programs = _programs(a.device, (triton.cdiv(R, bm) + E) * (N // bn))
+        programs = _programs(a.device, (triton.cdiv(R, bm) + E) * (N // bn), per_sm)
         _launch(_rows_mm_kernel, wrap)[(programs,)](
             a, b, out, offs, offs if a_index is None else a_index.contiguous(), R, N=N, K=K, E=E,
             E_P2=triton.next_power_of_2(E), TRANS_B=trans_b, BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, WS=ws,
