@@ -14,7 +14,7 @@ W=megamoe.moe.grouped_gemm.ROWS_TWO_PER_SM_MAX_K
 mkdir -p $OUT/small $OUT/olmoe
 (cd bench && PYTHONPATH=$PWD/.. OUT=$OUT/small timeout 100 python3 bench_ab.py $W=0,512 --rounds 2 --back-to-back --seq 1024 --mb 32 --set model.d_model=512 model.n_heads=8 model.n_layers=8 moe.ffn_hidden=256) > $OUT/ab_small.log 2>&1; echo "small rc $?"
 grep -E "medians|Error|error" $OUT/ab_small.log; date -u
-(cd bench && PYTHONPATH=$PWD/.. OUT=$OUT/olmoe timeout 170 python3 bench_ab.py $W=0,1024,2048 --rounds 2 --back-to-back) > $OUT/ab_olmoe.log 2>&1; echo "olmoe rc $?"
+(cd bench && PYTHONPATH=$PWD/.. OUT=$OUT/olmoe timeout 200 python3 bench_ab.py $W=0,1024,2048 --rounds 2 --back-to-back) > $OUT/ab_olmoe.log 2>&1; echo "olmoe rc $?"
 grep -E "medians|Error|error" $OUT/ab_olmoe.log; date -u
 left=$((590 - SECONDS)); echo "peers: ${left} s left"
 OUT=$OUT/peers BENCH_DEADLINE_S=$((left - 15)) timeout $left bash .peers/run.sh --mbs 2 --runs torchtitan:sdpa_compile,olmo_core:v2_compile; date -u
