@@ -115,13 +115,16 @@ import triton
 from triton.backends.compiler import GPUTarget
 from megamoe.moe import grouped_gemm as G
 
-def ttgir(kernel, pointers, scalars, consts, warps, stages):
+def compiled(kernel, pointers, scalars, consts, warps, stages):
     names = list(kernel.arg_names)
     signature = {**pointers, **scalars, **{n: "constexpr" for n in consts}}
     # a launch specializes 16-byte-aligned pointers: so does this compile
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in pointers}
     src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
-    text = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages}).asm["ttgir"]
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+def ttgir(kernel, pointers, scalars, consts, warps, stages):
+    text = compiled(kernel, pointers, scalars, consts, warps, stages).asm["ttgir"]
     allocs = " ".join(line for line in text.splitlines() if "local_alloc" in line)
     return [text.count("ttg.async_copy_global_to_local"), text.count("async_tma_copy_global_to_local"),
             "pendings = 1" in text, [int(n) for n in re.findall(r"memdesc<(\d+)x64x(?:128|256)xbf16", allocs)],
@@ -136,11 +139,7 @@ for gather in (False, True):  # OLMoE's second projection's input gradient: 128x
 bm, bn, bk, warps, stages = G.ROWS_TWO_PER_SM_CONFIG  # the small model's first projection, its rows read in place
 consts = dict(N=512, K=512, E=64, E_P2=64, TRANS_B=False, BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=264, WS=False,
               TMA_STORE=True, GATHER=True)
-names = list(G._rows_mm_kernel.arg_names)
-src = triton.compiler.ASTSource(fn=G._rows_mm_kernel, signature={**rows, "R": "i32", **{n: "constexpr" for n in consts}},
-                                constexprs=consts, attrs={(names.index(n),): [["tt.divisibility", 16]] for n in rows})
-out["two per SM shared"] = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                          options={"num_warps": warps, "num_stages": stages}).metadata.shared
+out["two per SM shared"] = compiled(G._rows_mm_kernel, rows, {"R": "i32"}, consts, warps, stages).metadata.shared
 wgrad = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "part_ptr": "*fp32", "offs_ptr": "*i32",
          "next_ptr": "*i32", "a_index_ptr": "*i64", "b_index_ptr": "*i64"}
 for ga, gb in ((False, False), (True, False), (False, True)):  # the flat loop, OLMoE's w2

@@ -74,8 +74,9 @@ def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
 # persistent programs an SM, each in 82 KB of shared memory (sm_90), so that one program's epilogue (its output
 # tile's store) runs beside the other's main loop, as CUTLASS's ping-pong kernels do by warp groups. The small
 # MoE's products (K 256-512: 4-8 k-steps a tile) may spend as long storing a tile as multiplying it (by arithmetic;
-# they ran at 521 TFLOP/s in its profile: docs/performance.md, session 20). Written in session 20, not timed: `bench_grouped_gemm.py --tma --programs-per-sm 2` sweeps the
-# tiles, `bench_ab.py megamoe.moe.grouped_gemm.ROWS_TWO_PER_SM_MAX_K=0,512` the model.
+# they ran at 521 TFLOP/s in its profile: docs/performance.md, session 20). Written in session 20, not timed:
+# `bench_grouped_gemm.py --tma --programs-per-sm 2` sweeps the tiles, `bench_ab.py
+# megamoe.moe.grouped_gemm.ROWS_TWO_PER_SM_MAX_K=0,512` the model.
 ROWS_TWO_PER_SM_MAX_K = 0
 ROWS_TWO_PER_SM_CONFIG = (128, 128, 64, 4, 2)  # BM, BN, BK, warps, stages
 
