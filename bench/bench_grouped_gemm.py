@@ -166,13 +166,6 @@ def ours(geo, tokens, d, f, e, k, device, log, configs):
 
 # (BM, BN, BK, warps, stages, the gradient's output column slices, warp_specialize); 128×256×128 tiles in two
 # stages ran 25-40% slower on every product (session 15's c4)
-# --programs-per-sm 2: tiles small enough that two programs share an SM, so that one's epilogue runs beside the
-# other's main loop (CUTLASS's ping-pong, by occupancy): 82-98 KB of shared memory each, compiled for sm_90 (three
-# stages of 128 x 128 x 64 take 115 KB: two do not fit an SM's 228 KB)
-TWO_PER_SM_CONFIGS = [
-    (128, 128, 64, 4, 2, 1, False), (128, 128, 64, 8, 2, 1, False), (64, 256, 64, 4, 2, 2, False),
-    (128, 128, 32, 4, 4, 1, False), (128, 128, 32, 8, 4, 1, False),
-]
 TMA_CONFIGS = [
     (128, 256, 64, 8, 3, 2, False), (128, 256, 64, 8, 4, 2, False), (128, 256, 64, 8, 3, 2, True),
     (128, 256, 64, 8, 4, 2, True), (128, 128, 64, 4, 4, 1, False), (128, 128, 128, 8, 3, 1, False),
@@ -183,7 +176,7 @@ TMA_CONFIGS = [
 ]
 
 
-def tma(geo, tokens, d, f, e, k, device, log, configs, label="tma"):
+def tma(geo, tokens, d, f, e, k, device, log, configs):
     """The persistent TMA kernels per GEMM and config, checked against torch._grouped_mm."""
     from megamoe.moe import grouped_gemm as G
     n = tokens * k
@@ -231,7 +224,7 @@ def tma(geo, tokens, d, f, e, k, device, log, configs, label="tma"):
         ("wgrad w2 +gather", 2 * n * f * d, lambda: gm(h.t(), gather(dyt, index), offs=offs),
          lambda c: G.launch_weight_grad_mm(h, dyt, offs, config=c[:6], warp_specialize=c[6], b_index=index)),
     ]
-    sweep(geo, rows, configs, log, label)
+    sweep(geo, rows, configs, log, "tma")
 
 
 def nested(launch):
@@ -358,16 +351,12 @@ def main():
     ap.add_argument("--loads", default=None, metavar="BENCH_MODEL_JSONL",
                     help="time the six products of each layer at the expert loads bench_model.py recorded, "
                          "in the first geometry of --geometries (d, F, E)")
-    ap.add_argument("--programs-per-sm", type=int, default=1, help="--tma: launch this many persistent programs "
-                    "per SM (megamoe launches one) and sweep tiles that fit that many to an SM")
     ap.add_argument("--only", default=None, help="comma-separated product names of --ours / --tma to time, "
                     "e.g. 'fwd w1,fwd w1 +gather'")
     args = ap.parse_args()
     if args.only:
         global ONLY
         ONLY = set(args.only.split(","))
-    if args.programs_per_sm < 1 or (args.programs_per_sm > 1 and not args.tma):
-        sys.exit("bench_grouped_gemm: error: --programs-per-sm takes a count ≥ 1 and applies to --tma")
     if not torch.cuda.is_available():
         sys.exit("bench_grouped_gemm.py: needs a CUDA GPU (torch._grouped_mm times nothing on CPU)")
     device = torch.device("cuda")
@@ -387,10 +376,6 @@ def main():
         _, d, f, e, _ = GEOMETRIES[geo]
         at_model_loads(args.loads, geo, d, f, e, device, log)
         return
-    if args.programs_per_sm > 1:  # every launch of the kernels takes that many programs an SM (at most one a tile)
-        from megamoe.moe import grouped_gemm as G
-        one_per_sm, per_sm = G._programs, args.programs_per_sm
-        G._programs = lambda dev, tiles, _=1: max(1, min(per_sm * one_per_sm(dev, 1 << 30), tiles))
     for geo in args.geometries.split(","):
         tokens, d, f, e, k = GEOMETRIES[geo]
         print(f"\n{geo}: tokens {tokens}, d {d}, F {f}, E {e}, top-{k}", flush=True)
@@ -401,9 +386,7 @@ def main():
             skew(geo, tokens, d, f, e, k, device, log, [float(v) for v in args.skew.split(",")])
             continue
         if args.tma:
-            per_sm = args.programs_per_sm
-            tma(geo, tokens, d, f, e, k, device, log, TWO_PER_SM_CONFIGS if per_sm > 1 else TMA_CONFIGS,
-                f"tma {per_sm}/SM" if per_sm > 1 else "tma")
+            tma(geo, tokens, d, f, e, k, device, log, TMA_CONFIGS)
             continue
         gemms, dense, (x, h, dy, dh, w1, w2, offs) = cases(tokens, d, f, e, k, device)
         totals = {}

@@ -71,9 +71,6 @@ for counts in %r:
     G.ROWS_TMA_STORE = False  # masked stores from registers
     rows.append(G.launch_rows_mm(a, b, offs, config=(16, 32, 16, 4, 2)))
     G.ROWS_TMA_STORE = True
-    G.ROWS_TWO_PER_SM_MAX_K, G.ROWS_TWO_PER_SM_CONFIG = K, (16, 64, 32, 4, 2)  # 8 programs for 4 "SMs"
-    rows += [G.launch_rows_mm(a_src, b, offs, a_index=index), G.launch_rows_mm(a, bt, offs, trans_b=True)]
-    G.ROWS_TWO_PER_SM_MAX_K = 0
     out.append([t.tolist() for t in (a, dy, b, bt, *rows, *got)])
 print(out)
 """
@@ -92,16 +89,14 @@ def test_the_triton_kernels_compute_each_experts_product():
     partial round forwards), or expert after expert; and the uncut schedule as one flat loop over each
     program's k-steps (`WGRAD_FLAT`: an empty expert's tile is one step of zeros, stored). Every product
     also with its token rows read in place through an index with repeats (`a_index`, `b_index`: the
-    experts' gathered operands) in place of a gathered copy; the row-grouped ones also with two programs a
-    "SM" (`ROWS_TWO_PER_SM_MAX_K`: eight programs over the tiles)."""
+    experts' gathered operands) in place of a gathered copy."""
     from pip_cache import run_interpreted
     runs = run_interpreted(INTERPRETED % (COUNTS,))
     for counts, run in zip(COUNTS, runs):
-        a, dy, b, bt, rows_gathered, rows_t_gathered, rows_masked, rows_two, rows_t_two, rows, rows_t, *wgrads = \
-            map(torch.tensor, run)
+        a, dy, b, bt, rows_gathered, rows_t_gathered, rows_masked, rows, rows_t, *wgrads = map(torch.tensor, run)
         assert len(wgrads) == 12
         for got, t in ((rows, False), (rows_t, True), (rows_masked, False), (rows_gathered, False),
-                       (rows_t_gathered, True), (rows_two, False), (rows_t_two, True)):
+                       (rows_t_gathered, True)):
             torch.testing.assert_close(got, rows_ref(a, bt if t else b, counts, trans_b=t), rtol=1e-5, atol=1e-4)
         want = wgrad_ref(a, dy, counts)
         for wgrad in wgrads:
@@ -136,10 +131,6 @@ for gather in (False, True):  # OLMoE's second projection's input gradient: 128x
     consts = dict(N=1024, K=2048, E=64, E_P2=64, TRANS_B=True, BM=128, BN=256, BK=64, NUM_PROGRAMS=132, WS=False,
                   TMA_STORE=True, GATHER=gather)
     out[f"rows {gather}"] = ttgir(G._rows_mm_kernel, rows, {"R": "i32"}, consts, 8, 4)
-bm, bn, bk, warps, stages = G.ROWS_TWO_PER_SM_CONFIG  # the small model's first projection, its rows read in place
-consts = dict(N=512, K=512, E=64, E_P2=64, TRANS_B=False, BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=264, WS=False,
-              TMA_STORE=True, GATHER=True)
-out["two per SM shared"] = compiled(G._rows_mm_kernel, rows, {"R": "i32"}, consts, warps, stages).metadata.shared
 wgrad = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "part_ptr": "*fp32", "offs_ptr": "*i32",
          "next_ptr": "*i32", "a_index_ptr": "*i64", "b_index_ptr": "*i64"}
 for ga, gb in ((False, False), (True, False), (False, True)):  # the flat loop, OLMoE's w2
@@ -156,8 +147,7 @@ def test_the_gathering_loads_are_pipelined_for_hopper():
     read token rows through an index load them by asynchronous copies in the software pipeline (the MMA waits
     for one group less than it issued), beside the weights' TMA loads, as the TMA-only forms do; a form Triton's
     pipeliner cannot take would load synchronously at every k-step. At five stages the weight gradient keeps
-    as many buffers in flight gathering as it does by TMA alone at three. The tiles of two programs an SM
-    (`ROWS_TWO_PER_SM_CONFIG`) fit two to an SM's shared memory."""
+    as many buffers in flight gathering as it does by TMA alone at three."""
     from pip_cache import run_interpreted
     got = run_interpreted(SM90, interpret=False)
     assert got["rows False"][0] == 0 and got["rows False"][1] > 0 and got["rows False"][2], got
@@ -171,8 +161,6 @@ def test_the_gathering_loads_are_pipelined_for_hopper():
     assert got["wgrad False False"][3] == [3, 3], got
     for name in ("wgrad True False", "wgrad False True"):
         assert got[name][3] == [3, 3] and got[name][4] >= 2, (name, got)
-    # ROWS_TWO_PER_SM_CONFIG's programs fit two to an SM (228 KiB of shared memory, 1 KiB of it reserved a block)
-    assert 2 * (got["two per SM shared"] + 1024) <= 228 * 1024, got
 
 
 def test_the_products_fall_back_to_torch_where_the_kernels_do_not_run():

@@ -60,29 +60,17 @@ WGRAD_CONFIG = (128, 256, 64, 8, 3, 2)
 WGRAD_GATHER_STAGES = 5
 
 
-# The row-grouped products with reductions at most this long (0: none) run ROWS_TWO_PER_SM_CONFIG's tiles with two
-# persistent programs an SM, each in 82 KB of shared memory (sm_90), so that one program's epilogue (its output
-# tile's store) runs beside the other's main loop, as CUTLASS's ping-pong kernels do by warp groups. The small
-# MoE's products (K 256-512: 4-8 k-steps a tile) may spend as long storing a tile as multiplying it (by arithmetic;
-# they ran at 521 TFLOP/s in its profile: docs/performance.md, session 20). Written in session 20, not timed yet
-# (no machine in session 21): `bench_grouped_gemm.py --tma --programs-per-sm 2` sweeps the tiles, `bench_ab.py
-# megamoe.moe.grouped_gemm.ROWS_TWO_PER_SM_MAX_K=0,512` the model.
-ROWS_TWO_PER_SM_MAX_K = 0
-ROWS_TWO_PER_SM_CONFIG = (128, 128, 64, 4, 2)  # BM, BN, BK, warps, stages
 
-
-def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool, int]:
-    """(BM, BN, BK, warps, stages), warp specialisation and persistent programs an SM for a [R, k] × [k, n]
-    row-grouped product: the fastest of `bench_grouped_gemm.py --tma`'s sweep on OLMoE's and the small
-    model's shapes (H100, docs/performance.md session 9): 128×256×64 tiles; three stages for long
-    reductions, four for short ones; warp specialisation only for the input gradient of a wide first
-    projection; one program an SM, but ROWS_TWO_PER_SM_CONFIG's two for reductions of at most
-    ROWS_TWO_PER_SM_MAX_K (none by default)."""
-    if k <= ROWS_TWO_PER_SM_MAX_K:
-        return ROWS_TWO_PER_SM_CONFIG, False, 2
+def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
+    """(BM, BN, BK, warps, stages) and warp specialisation for a [R, k] × [k, n] row-grouped product:
+    the fastest of `bench_grouped_gemm.py --tma`'s sweep on OLMoE's and the small model's shapes
+    (H100, docs/performance.md session 9): 128×256×64 tiles; three stages for long reductions, four
+    for short ones; warp specialisation only for the input gradient of a wide first projection. One
+    persistent program an SM: two an SM on 128×128×64 tiles at two stages (one's epilogue beside the
+    other's main loop) made both models slower (H100, docs/performance.md session 22)."""
     if trans_b and n >= 2048 and k >= 2048:
-        return (128, 256, 64, 8, 4), True, 1
-    return (128, 256, 64, 8, 3 if k >= 2048 else 4), False, 1
+        return (128, 256, 64, 8, 4), True
+    return (128, 256, 64, 8, 3 if k >= 2048 else 4), False
 
 
 CHOICES = ("triton", "torch")
@@ -456,14 +444,14 @@ if triton is not None:
 
     _SMS: dict[int, int] = {}
 
-    def _programs(device: torch.device, tiles: int, per_sm: int = 1) -> int:
-        """`per_sm` programs per SM (4 under the interpreter), fewer when there are fewer tiles."""
+    def _programs(device: torch.device, tiles: int) -> int:
+        """One program per SM (4 under the interpreter), fewer when there are fewer tiles."""
         if device.type != "cuda":
-            return max(1, min(4 * per_sm, tiles))
+            return max(1, min(4, tiles))
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in _SMS:
             _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        return max(1, min(per_sm * _SMS[index], tiles))
+        return max(1, min(_SMS[index], tiles))
 
     def _scratch(size: int, alignment: int, stream):
         """Global memory for the descriptors the kernels build (Triton asks through `set_allocator`;
@@ -489,16 +477,14 @@ if triton is not None:
         R = a.shape[0] if a_index is None else a_index.numel()
         E = b.shape[0]
         N = b.shape[1] if trans_b else b.shape[2]
-        default, ws, per_sm = rows_config(K, N, trans_b)
-        if config is not None:  # a caller's tiles (the benchmark's sweep) run one program an SM
-            per_sm = 1
+        default, ws = rows_config(K, N, trans_b)
         bm, bn, bk, warps, stages = config or default
         ws = ws if warp_specialize is None else warp_specialize
         assert (b.shape[2] if trans_b else b.shape[1]) == K and K % bk == 0 and N % bn == 0, (a.shape, b.shape, trans_b)
         out = a.new_empty(R, N)
         if R == 0:
             return out
-        programs = _programs(a.device, (triton.cdiv(R, bm) + E) * (N // bn), per_sm)
+        programs = _programs(a.device, (triton.cdiv(R, bm) + E) * (N // bn))
         _launch(_rows_mm_kernel, wrap)[(programs,)](
             a, b, out, offs, offs if a_index is None else a_index.contiguous(), R, N=N, K=K, E=E,
             E_P2=triton.next_power_of_2(E), TRANS_B=trans_b, BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, WS=ws,
