@@ -1,0 +1,3 @@
+# session 22, call 3 (carry .whl .devdata; kind nvidia-h200): the full OLMoE-1B-7B through the trainer. It ran on the H100 held
+# from c1/c2 and stopped at the trainer's memory check (c3/); the same call with needs_h200 got no machine.
+export PYTHONUNBUFFERED=1; date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1; PYTHONPATH=/tmp/site:$PWD OUT=$OUT/t3 TAG=s22c3-h200- COMPILE_ONLY=1 SKIP_LAYER_BENCH=1 STEPS=12 timeout 370 bash bench/train_device.sh 16 2>&1 | grep -v "^name"; date -u; rm -rf runs
