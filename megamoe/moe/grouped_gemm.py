@@ -60,7 +60,6 @@ WGRAD_CONFIG = (128, 256, 64, 8, 3, 2)
 WGRAD_GATHER_STAGES = 5
 
 
-
 def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
     """(BM, BN, BK, warps, stages) and warp specialisation for a [R, k] × [k, n] row-grouped product:
     the fastest of `bench_grouped_gemm.py --tma`'s sweep on OLMoE's and the small model's shapes
