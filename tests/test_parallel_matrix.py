@@ -144,8 +144,9 @@ def test_fp8_experts_in_every_layout(tmp_path, references, nproc, overrides):
     differ in their last bits after the first step; rounding to e4m3 turns those into a few flipped fp8
     values, which lr 1e-2 Adam carries into the experts' weights (EP2 on a 2-core AMD EPYC, 2026-12-07:
     203 of w1's 16,384 elements past the matrix's rtol 1e-3, where the loss curve agreed to 1e-7; the
-    same test had passed in earlier sessions' CI). The first step's loss stays within 1e-5 of the 1-rank fp8 run's (same weights, same
-    fp8 rows) and routes as it did, the loss curve and the eval loss within 1e-3."""
+    same test had passed in earlier sessions' CI). The first step's loss stays within 1e-5 of the 1-rank
+    fp8 run's (same weights, same fp8 rows) and routes as it did, the loss curve and the eval loss within
+    1e-3."""
     ref = references(FP8)
     run = tmp_path / "run"
     launch(run, nproc, [*FP8, *overrides, *EVAL])
