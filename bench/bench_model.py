@@ -30,7 +30,7 @@ from common import (build_hf_like, build_megamoe, env_info, matmul_ceiling_tflop
 from megamoe.model.flops import flops_per_token
 from megamoe.model.compile import apply_compile
 from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig
-from megamoe.moe.experts import SwiGLUExperts
+from megamoe.moe.experts import SwiGLUExperts, cache_fp8_weights, release_fp8_weights
 from megamoe.moe.layer import MoELayer
 from megamoe.train.loss import cross_entropy, linear_cross_entropy
 
@@ -194,6 +194,8 @@ def main():
                     help="queue the timed steps without waiting for each (as ../shared/peers times its steps)")
     ap.add_argument("--systems", default="megamoe,megamoe-compile,megamoe-compile-cudagraphs,hf-grouped_mm",
                     help="comma list of megamoe, megamoe-compile, megamoe-compile-fp8 (moe.expert_precision=fp8), "
+                         "megamoe-compile-fp8-cached (fp8, the weights quantized once before the timed steps, as "
+                         "the trainer does once a step for its micro-batches), "
                          "megamoe-compile-cudagraphs, megamoe-compile-model (one graph), hf-grouped_mm, "
                          "hf-eager")
     ap.add_argument("--profile", action="store_true", help="kernel-time tables of the megamoe variants")
@@ -231,13 +233,24 @@ def main():
         logits["megamoe"] = logits_of(ours, check, hf=False)
         if args.profile:
             profile(ours, cfg, args, device, os.path.join(out_dir(), "profile_megamoe.txt"))
-    for name, mode in (("megamoe-compile", None), ("megamoe-compile-fp8", None),
+    for name, mode in (("megamoe-compile", None), ("megamoe-compile-fp8", None), ("megamoe-compile-fp8-cached", None),
                        ("megamoe-compile-cudagraphs", "reduce-overhead"), ("megamoe-compile-model", None)):
         if name not in systems or device.type != "cuda":
             continue
         for m in ours.modules():  # moe.expert_precision: fp8 for this variant only
             if isinstance(m, SwiGLUExperts):
-                m.fp8 = name.endswith("fp8")
+                m.fp8 = "fp8" in name
+        release_fp8_weights(ours)
+        if name.endswith("cached"):  # what one optimizer step's quantization of the weights costs
+            times = []
+            for _ in range(5):
+                sync(device)
+                t0 = time.perf_counter()
+                cache_fp8_weights(ours)
+                sync(device)
+                times.append((time.perf_counter() - t0) * 1e3)
+            print(f"{name}: the weights quantized in {sorted(times)[2]:.2f} ms (median of 5; first "
+                  f"{times[0]:.0f} ms with compilation), once an optimizer step", flush=True)
         if name == "megamoe-compile-model":  # the whole model as one graph instead of each block
             torch._dynamo.reset()
             for m in ours.modules():

@@ -122,6 +122,79 @@ def test_fp8_experts_compute_the_quantized_products():
     torch.testing.assert_close(w.grad, want_w, rtol=1e-5, atol=1e-6)
 
 
+def fp8_tokens_case(device, dtype, k=3):
+    """FP8 experts, tokens [T, d] with k distinct experts each (dispatch's order: rows sorted by expert)
+    and their routing weights, residual and output gradient."""
+    g = torch.Generator().manual_seed(5)
+    ex, _, _ = experts_and_rows("cpu", torch.float32)
+    ex.fp8 = True
+    tokens = 11
+    choice = torch.stack([torch.randperm(ex.num_experts, generator=g)[:k] for _ in range(tokens)])  # [T, k]
+    order = torch.sort(choice.view(-1), stable=True).indices  # row r is the flat (token, j) order[r]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    counts = torch.bincount(choice.view(-1), minlength=ex.num_experts)
+    x = torch.randn(tokens, ex.w1.shape[1], generator=g)
+    weight = torch.rand(order.numel(), generator=g)
+    residual, dy = torch.randn(tokens, x.shape[1], generator=g), torch.randn(tokens, x.shape[1], generator=g)
+    ex = ex.to(device, dtype)
+    index = (order // k).to(device)
+    to = lambda t: t.to(device, dtype).requires_grad_()  # noqa: E731
+    return ex, to(x), counts.to(device), index, inverse.to(device), k, to(weight), to(residual), dy.to(device, dtype)
+
+
+def fp8_tokens_run(ex, x, counts, index, inverse, k, weight, residual, dy, gathered: bool, grouped=None):
+    """Output and gradients (x, w1, w2, weight, residual) of the experts over the tokens' rows: through
+    the tokens path (each token quantized once) or the rows gathered first, run, summed."""
+    from megamoe.moe import fused_permute
+    if gathered:
+        rows = fused_permute.gather_tokens(x, index, inverse, k)
+        out = fused_permute.sum_tokens(ex(rows, counts, grouped, row_weight=weight), index, inverse, k, residual)
+    else:
+        out = ex(x, counts, grouped, row_weight=weight, tokens=experts.TokenRows(index, inverse, k, residual))
+    return [out, *torch.autograd.grad(out, (x, ex.w1, ex.w2, weight, residual), dy)]
+
+
+def test_fp8_tokens_quantized_once_are_the_rows_quantized_each():
+    """The tokens path (`fp8.gathered_grouped_mm`, `fp8.grouped_mm_sum`: each token's row and each
+    token's output gradient quantized once, the e4m3 rows gathered) computes exactly what quantizing
+    every gathered row computes: output and all five gradients bit for bit (CPU, fp32)."""
+    case = fp8_tokens_case("cpu", torch.float32)
+    got, want = fp8_tokens_run(*case, gathered=False), fp8_tokens_run(*case, gathered=True)
+    for name, a, b in zip(("out", "x", "w1", "w2", "weight", "residual"), got, want):
+        assert torch.equal(a, b), name
+    assert float(got[1].norm()) > 0 and float(got[4].norm()) > 0
+
+
+def test_fp8_weight_cache_is_the_per_call_quantization_until_released():
+    """`cache_fp8_weights` quantizes the weights once; while cached, forward and backward equal the
+    per-call quantization bit for bit (rows path and tokens path). Changed weights are not seen
+    until the next cache (what the trainer's release before each optimizer step is for); once
+    released, the layer quantizes per call again."""
+    ex, x, counts, index, inverse, k, weight, residual, dy = fp8_tokens_case("cpu", torch.float32)
+    model = torch.nn.Sequential(ex)
+    runs = lambda: (fp8_tokens_run(ex, x, counts, index, inverse, k, weight, residual, dy, gathered=False)  # noqa: E731
+                    + fp8_tokens_run(ex, x, counts, index, inverse, k, weight, residual, dy, gathered=True))
+    fresh = runs()
+    assert experts.cache_fp8_weights(model) and ex.fp8_cache_valid
+    cached = runs()
+    for a, b in zip(cached, fresh):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        ex.w1.mul_(1.5)  # an optimizer step taken without releasing the cache
+    stale = runs()
+    assert torch.equal(stale[0], cached[0])  # the cached forms still stand for the old weights
+    experts.release_fp8_weights(model)
+    moved = runs()
+    assert not ex.fp8_cache_valid and not torch.equal(moved[0], cached[0])
+    buffers = [t.data_ptr() for forms in ex.fp8_cache for t in forms]
+    assert experts.cache_fp8_weights(model)  # refilled in place: compiled graphs keep reading them
+    assert [t.data_ptr() for forms in ex.fp8_cache for t in forms] == buffers
+    for a, b in zip(runs(), moved):
+        assert torch.equal(a, b)
+    assert not experts.cache_fp8_weights(torch.nn.Sequential(SwiGLUExperts(2, 16, 16)))  # bf16 experts: none
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._scaled_grouped_mm runs on Hopper GPUs only; "
                     "CI covers the same function's CPU path above (run on the GPU machine: docs/performance.md)")
 def test_fp8_kernels_equal_the_cpu_path_on_cuda():
@@ -136,6 +209,16 @@ def test_fp8_kernels_equal_the_cpu_path_on_cuda():
     # (bench/fp8_check.py: one GEMM agrees to 9e-4 forward, 7e-4 input gradient, exactly weight gradient)
     for a, b in zip(*runs):
         assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2
+    # the tokens path (each token quantized once, its e4m3 row gathered by the kernel), cached or not
+    case = fp8_tokens_case("cuda", torch.bfloat16)
+    want = fp8_tokens_run(*case, gathered=True, grouped=False)
+    for cached in (False, True):
+        if cached:
+            experts.cache_fp8_weights(torch.nn.Sequential(case[0]))
+        for gathered in (False, True):
+            for name, a, b in zip(("out", "x", "w1", "w2", "weight", "residual"),
+                                  fp8_tokens_run(*case, gathered=gathered, grouped=True), want):
+                assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2, (cached, gathered, name)
 
 
 ROUTINGS = {"token_choice": {}, "capacity": {"capacity_factor": 1.0}, "expert_choice": {"routing": "expert_choice"},

@@ -385,3 +385,54 @@ def test_each_step_logs_its_own_time_when_read_after_the_next_is_queued(tmp_path
     rates = {r["step"]: r["tokens_per_sec"] for r in metrics(run)}
     typical = sorted(rates[s] for s in range(2, 7))[2]
     assert all(typical / 5 < rates[s] < typical * 5 for s in range(2, 7)), rates
+
+
+FP8_CACHE = """
+import sys
+import megamoe.train.loop as loop
+from megamoe.moe.experts import SwiGLUExperts
+from megamoe.train.__main__ import main
+caches, uses = [], []
+if sys.argv[1] == "off":  # quantize the weights in every forward and backward
+    loop.cache_fp8_weights = lambda model: False
+real_cache, real_weights = loop.cache_fp8_weights, SwiGLUExperts._fp8_weights
+def cache(model):
+    caches.append(1)
+    return real_cache(model)
+def weights(self):  # each FP8 experts forward: did it read cached forms?
+    uses.append(self.fp8_cache_valid)
+    return real_weights(self)
+loop.cache_fp8_weights, SwiGLUExperts._fp8_weights = cache, weights
+rc = main(sys.argv[2:])
+print(f"fp8 caches {len(caches)} cached forwards {sum(uses)} per call {len(uses) - sum(uses)}")
+sys.exit(rc)
+"""
+
+
+def test_fp8_weights_quantized_once_a_step_train_as_quantized_each_forward(tmp_path):
+    """FP8 experts with 4 micro-batches a step: the trainer quantizes the weights once a step
+    (`cache_fp8_weights`) for its 4 forwards and backwards, and the run is the run that quantizes them
+    in every forward and backward: losses, gradient norms, eval loss and final weights bit for bit.
+    The evaluation after the last step reads no cached forms (they stood for the weights before the
+    step's update)."""
+    script = tmp_path / "fp8_cache.py"
+    script.write_text(FP8_CACHE)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    runs = {}
+    for mode in ("on", "off"):
+        runs[mode] = tmp_path / mode
+        proc = subprocess.run([sys.executable, str(script), mode, *TINY, "moe.expert_precision=fp8",
+                               "train.eval_interval=4", f"run.dir={runs[mode]}"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        counts = proc.stdout.strip().splitlines()[-1]
+        # 4 steps × 4 micro-batches × 2 layers cached; the eval's 1 batch × 4 micro-batches × 2 layers not
+        assert counts == ("fp8 caches 4 cached forwards 32 per call 8" if mode == "on" else
+                          "fp8 caches 4 cached forwards 0 per call 40"), counts
+    got, want = metrics(runs["on"]), metrics(runs["off"])
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4]
+    for r, w in zip(got, want):
+        assert r["loss"] == w["loss"] and r["grad_norm"] == w["grad_norm"], r["step"]
+    assert got[-1]["eval_loss"] == want[-1]["eval_loss"]
+    a, b = final_weights(runs["on"]), final_weights(runs["off"])
+    assert all(torch.equal(a[k], b[k]) for k in b)

@@ -3,7 +3,9 @@
 w1: [E, d, 2F] (gate and up projections side by side), w2: [E, F, d]. On CUDA one grouped
 GEMM per projection runs all experts, forward and backward (`grouped_gemm`: Triton kernels on
 Hopper, `torch._grouped_mm` elsewhere); on CPU a per-expert loop computes the same thing from the
-same weights. With `fp8=True` both projections run through `fp8.grouped_mm` (e4m3, rowwise scales).
+same weights. With `fp8=True` both projections run in e4m3 with rowwise scales (`fp8`); the weights'
+quantized forms are made each call, or once for an optimizer step's micro-batches between
+`cache_fp8_weights` and `release_fp8_weights` (the trainer's loop, when it runs several a step).
 
 Given `TokenRows` (dropless top-k on one rank), the experts take the tokens [T, d] and return each
 token's sum of its k weighted outputs. Where the grouped products run, the token rows are then read
@@ -71,6 +73,24 @@ class SwiGLUExperts(nn.Module):
         self.num_experts, self.ffn_hidden, self.fp8 = num_experts, ffn_hidden, fp8
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, 2 * ffn_hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden, d_model))
+        # fp8: w1's and w2's `fp8.quantize_weight` forms, used while fp8_cache_valid (plain attributes, not
+        # buffers: no state dict, no dtype cast, no broadcast; refilled in place so compiled graphs keep them)
+        self.fp8_cache: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None
+        self.fp8_cache_valid = False
+
+    def _fp8_weights(self) -> tuple[tuple, tuple]:
+        return self.fp8_cache if self.fp8_cache_valid else (fp8_mm.NO_CACHE, fp8_mm.NO_CACHE)
+
+    @torch.no_grad()
+    def refresh_fp8_cache(self) -> None:
+        """Quantize w1 and w2 now, for every forward and backward until `fp8_cache_valid` is cleared."""
+        fresh = tuple(fp8_mm.quantize_weight_once(w) for w in (self.w1, self.w2))
+        if self.fp8_cache is None or any(a.shape != b.shape or a.device != b.device
+                                         for old, new in zip(self.fp8_cache, fresh) for a, b in zip(old, new)):
+            self.fp8_cache = fresh
+        else:
+            torch._foreach_copy_([a for old in self.fp8_cache for a in old], [b for new in fresh for b in new])
+        self.fp8_cache_valid = True
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, grouped: bool | None = None,
                 row_weight: torch.Tensor | None = None, tokens: TokenRows | None = None) -> torch.Tensor:
@@ -87,8 +107,9 @@ class SwiGLUExperts(nn.Module):
     def _rows(self, x, counts, grouped: bool, row_weight) -> torch.Tensor:
         if self.fp8:
             offs = group_offsets(counts) if grouped and fp8_mm.kernel_available(x) else None
-            h = fp8_mm.grouped_mm(x, self.w1, counts, offs)  # [N, 2F]
-            return fp8_mm.grouped_mm(_act(h, row_weight), self.w2, counts, offs)  # [N, d]
+            q1, q2 = self._fp8_weights()
+            h = fp8_mm.grouped_mm(x, self.w1, counts, offs, q1)  # [N, 2F]
+            return fp8_mm.grouped_mm(_act(h, row_weight), self.w2, counts, offs, q2)  # [N, d]
         if grouped:
             offs = group_offsets(counts)
             h = grouped_gemm.linear(x, self.w1, offs)  # [N, 2F]
@@ -103,7 +124,12 @@ class SwiGLUExperts(nn.Module):
 
     def _tokens(self, x, counts, grouped, row_weight, tokens: TokenRows) -> torch.Tensor:
         index, inverse, k, residual = tokens
-        fused = grouped and row_weight is not None and not self.fp8  # the grouped products with weighted rows
+        if self.fp8:  # each token's rows quantized once (fp8.gathered_grouped_mm, fp8.grouped_mm_sum)
+            offs = group_offsets(counts) if grouped and fp8_mm.kernel_available(x) else None
+            q1, q2 = self._fp8_weights()
+            h = fp8_mm.gathered_grouped_mm(x, self.w1, counts, offs, index, inverse, k, q1)  # [N, 2F]
+            return fp8_mm.grouped_mm_sum(_act(h, row_weight), self.w2, counts, offs, index, inverse, k, residual, q2)
+        fused = grouped and row_weight is not None  # the grouped products with weighted rows
         tokens_in_place = fused and _in_place(READ_TOKENS_IN_PLACE, self.ffn_hidden)
         gradient_in_place = fused and _in_place(READ_GRADIENT_IN_PLACE, self.ffn_hidden)
         if not (tokens_in_place or gradient_in_place):  # the rows gathered, run, summed
@@ -118,6 +144,25 @@ class SwiGLUExperts(nn.Module):
             return fused_swiglu.swiglu_down_sum(h, row_weight, self.w2, offs, tokens)  # [T, d]
         out = fused_swiglu.swiglu_down(h, row_weight, self.w2, offs)
         return fused_permute.sum_tokens(out, index, inverse, k, residual)
+
+
+def cache_fp8_weights(model: nn.Module) -> bool:
+    """Quantize the weights of `model`'s FP8 experts once, for the forwards and backwards until
+    `release_fp8_weights` (an optimizer step's micro-batches: the weights do not change between them).
+    Costs two bytes an expert parameter of device memory, kept between steps. Returns whether any."""
+    found = False
+    for m in model.modules():
+        if isinstance(m, SwiGLUExperts) and m.fp8:
+            m.refresh_fp8_cache()
+            found = True
+    return found
+
+
+def release_fp8_weights(model: nn.Module) -> None:
+    """The cached forms stale from here (the optimizer is about to change the weights): quantize per call."""
+    for m in model.modules():
+        if isinstance(m, SwiGLUExperts):
+            m.fp8_cache_valid = False
 
 
 class SwiGLU(nn.Module):

@@ -10,11 +10,19 @@ slice's largest magnitude to at most 448 (powers of two: the scaling itself is e
 two FP8 products are `torch._scaled_grouped_mm` (Hopper and later); elsewhere they are computed
 from the same quantized values, dequantized, one expert at a time — the same function, which the
 CPU tests check against an explicit quantize-dequantize reference.
+
+Dropless top-k gives each token k rows, copies of it (the first projection's input) or of its
+output gradient (the second projection's output gradient). `gathered_grouped_mm` and
+`grouped_mm_sum` quantize those per token, once, and gather the e4m3 rows with their scales: the
+same values as quantizing each row (a row's scale is its token's), in an eighth of the passes at
+top-8, and the gathered copies are 1 byte an element instead of 2. The weights' two quantized forms
+(`quantize_weight`) are made per call, or once per optimizer step where the trainer keeps them
+across its micro-batches (`SwiGLUExperts.fp8_cache`, `experts.cache_fp8_weights`).
 """
 
 import torch
 
-from . import grouped_gemm
+from . import fused_permute, grouped_gemm
 
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
@@ -34,6 +42,37 @@ def quantize(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.reciprocal()
 
 
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [E, K, M] → (wf [E, M, K], wf_inv [E, M, 1], wb [E, K, M], wb_inv [E, K, 1]): the forward's
+    operand, scaled per (expert, output column) and stored column-major as the kernel wants it, and
+    the input gradient's (wᵀ), scaled per (expert, input row); w row-major is wᵀ column-major."""
+    wf, wf_inv = quantize(w.transpose(1, 2).contiguous(), -1)
+    wb, wb_inv = quantize(w, -1)
+    return wf, wf_inv, wb, wb_inv
+
+
+_compiled_quantize_weight = None
+
+
+@torch.no_grad()
+def quantize_weight_once(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`quantize_weight` outside the model's graphs (the weight cache): compiled on CUDA, so each
+    form is one fused reduction and one fused cast instead of eager's pass per operation."""
+    global _compiled_quantize_weight
+    if not w.is_cuda:
+        return quantize_weight(w.detach())
+    if _compiled_quantize_weight is None:
+        _compiled_quantize_weight = torch.compile(quantize_weight, dynamic=False)
+    return _compiled_quantize_weight(w.detach())
+
+
+def _gather(q: torch.Tensor, inv: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows index[r] of per-token e4m3 values [T, K] and their scales [T, 1]: [N, K], [N, 1]
+    (moved as bytes: the gather kernel and every device's indexing take uint8)."""
+    rows = fused_permute.gather_rows(q.view(torch.uint8), index).view(torch.float8_e4m3fn)
+    return rows, inv[index]
+
+
 def _scaled_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
                counts: torch.Tensor, offs: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """[N, K] fp8 rows (scales [N, 1]) @ per-expert [E, K, M] fp8 (scales [E, 1, M]) → [N, M]."""
@@ -43,6 +82,19 @@ def _scaled_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: tor
     outs = [(rows.float() * s) @ (b[e].float() * b_inv[e])
             for e, (rows, s) in enumerate(zip(torch.split(a, counts.tolist()), torch.split(a_inv, counts.tolist())))]
     return torch.cat(outs).to(out_dtype) if outs else a.new_zeros(0, b.shape[-1], dtype=out_dtype)
+
+
+def _forward_mm(aq, a_inv, w, wq, counts, offs, dtype) -> torch.Tensor:
+    """q(a) @ q(w): w's forward form from the cache `wq` (four tensors or Nones) or made here."""
+    wf, wf_inv = (wq[0], wq[1]) if wq[0] is not None else quantize(w.transpose(1, 2).contiguous(), -1)
+    return _scaled_mm(aq, a_inv, wf.transpose(1, 2), wf_inv.transpose(1, 2), counts, offs, dtype)
+
+
+def _input_grad_mm(gq, g_inv, w, wb, wb_inv, counts, offs, dtype) -> torch.Tensor:
+    """q(g) @ q(w)ᵀ: w's input-gradient form as saved from the cache, or made here."""
+    if wb is None:
+        wb, wb_inv = quantize(w, -1)  # [E, K, M], [E, K, 1]
+    return _scaled_mm(gq, g_inv, wb.transpose(1, 2), wb_inv.transpose(1, 2), counts, offs, dtype)
 
 
 def _weight_grad(x: torch.Tensor, g: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor | None,
@@ -56,25 +108,87 @@ def _weight_grad(x: torch.Tensor, g: torch.Tensor, counts: torch.Tensor, offs: t
 
 class _FP8GroupedMM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, counts, offs):
+    def forward(ctx, x, w, counts, offs, wf, wf_inv, wb, wb_inv):
         xq, x_inv = quantize(x, -1)  # [N, K], scale per row
-        # w [E, K, M]: scale per (expert, column) over K; the kernel wants it column-major
-        wq, w_inv = quantize(w.transpose(1, 2).contiguous(), -1)  # [E, M, K], [E, M, 1]
-        ctx.save_for_backward(x, w, counts, offs)
-        return _scaled_mm(xq, x_inv, wq.transpose(1, 2), w_inv.transpose(1, 2), counts, offs, x.dtype)
+        ctx.save_for_backward(x, w, counts, offs, wb, wb_inv)
+        return _forward_mm(xq, x_inv, w, (wf, wf_inv), counts, offs, x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, w, counts, offs = ctx.saved_tensors
+        x, w, counts, offs, wb, wb_inv = ctx.saved_tensors
         gq, g_inv = quantize(grad.contiguous(), -1)  # [N, M], scale per row
-        # wᵀ [E, M, K]: scale per (expert, row of w) over M; w row-major is wᵀ column-major
-        wq, w_inv = quantize(w, -1)  # [E, K, M], [E, K, 1]
-        grad_x = _scaled_mm(gq, g_inv, wq.transpose(1, 2), w_inv.transpose(1, 2), counts, offs, grad.dtype)
+        grad_x = _input_grad_mm(gq, g_inv, w, wb, wb_inv, counts, offs, grad.dtype)
         grad_w = _weight_grad(x, grad, counts, offs, w.shape[0])
-        return grad_x, grad_w.to(w.dtype), None, None
+        return grad_x, grad_w.to(w.dtype), None, None, None, None, None, None
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
+class _FP8GatheredMM(torch.autograd.Function):
+    """x[index] @ w[e] for tokens x [T, K] with k rows each (row r is token index[r]; token t's j-th
+    row is inverse[t·k + j]): each token quantized once and its e4m3 row gathered. Backward: the rows'
+    input gradients summed into their tokens; the weight gradient from the tokens' bf16 rows."""
+
+    @staticmethod
+    def forward(ctx, x, w, counts, offs, index, inverse, k: int, wf, wf_inv, wb, wb_inv):
+        xq, x_inv = quantize(x, -1)  # [T, K]: a row's scale is its token's
+        rows, rows_inv = _gather(xq, x_inv, index)
+        ctx.save_for_backward(x, w, counts, offs, index, inverse, wb, wb_inv)
+        ctx.k = k
+        return _forward_mm(rows, rows_inv, w, (wf, wf_inv), counts, offs, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, counts, offs, index, inverse, wb, wb_inv = ctx.saved_tensors
+        grad = grad.contiguous()
+        gq, g_inv = quantize(grad, -1)  # [N, M]: the rows' gradients differ, scaled per row
+        grad_rows = _input_grad_mm(gq, g_inv, w, wb, wb_inv, counts, offs, grad.dtype)
+        grad_x = fused_permute.sum_rows(grad_rows, inverse.view(-1, ctx.k))
+        grad_w = _weight_grad(fused_permute.gather_rows(x, index), grad, counts, offs, w.shape[0])
+        return grad_x, grad_w.to(w.dtype), None, None, None, None, None, None, None, None, None
+
+
+class _FP8GroupedMMSum(torch.autograd.Function):
+    """y[t] = Σ_j (a @ w[e])[inverse[t·k + j]] (+ residual[t]): the rows' products summed into their
+    tokens. Backward: each row's output gradient is its token's, so the tokens' gradients are
+    quantized once and their e4m3 rows gathered; the weight gradient reads the bf16 rows."""
+
+    @staticmethod
+    def forward(ctx, a, w, counts, offs, index, inverse, k: int, residual, wf, wf_inv, wb, wb_inv):
+        aq, a_inv = quantize(a, -1)  # [N, K], scale per row
+        out = _forward_mm(aq, a_inv, w, (wf, wf_inv), counts, offs, a.dtype)
+        ctx.save_for_backward(a, w, counts, offs, index, wb, wb_inv)
+        return fused_permute.sum_rows(out, inverse.view(-1, k), residual)  # [T, M]
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, w, counts, offs, index, wb, wb_inv = ctx.saved_tensors
+        grad = grad.contiguous()
+        gq, g_inv = quantize(grad, -1)  # [T, M]: once a token
+        rows, rows_inv = _gather(gq, g_inv, index)
+        grad_a = _input_grad_mm(rows, rows_inv, w, wb, wb_inv, counts, offs, grad.dtype)
+        grad_w = _weight_grad(a, fused_permute.gather_rows(grad, index), counts, offs, w.shape[0])
+        grad_residual = grad if ctx.needs_input_grad[7] else None
+        return grad_a, grad_w.to(w.dtype), None, None, None, None, None, grad_residual, None, None, None, None
+
+
+NO_CACHE = (None, None, None, None)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor | None,
+               wq: tuple = NO_CACHE) -> torch.Tensor:
     """x [N, K] rows sorted by expert, w [E, K, M], counts [E]; offs (int32 group ends) selects the
-    CUDA kernels, None the per-expert path. Returns [N, M] in x's dtype."""
-    return _FP8GroupedMM.apply(x, w, counts, offs)
+    CUDA kernels, None the per-expert path; wq: `quantize_weight(w)` made earlier, or Nones.
+    Returns [N, M] in x's dtype."""
+    return _FP8GroupedMM.apply(x, w, counts, offs, *wq)
+
+
+def gathered_grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor | None,
+                        index: torch.Tensor, inverse: torch.Tensor, k: int, wq: tuple = NO_CACHE) -> torch.Tensor:
+    """grouped_mm(x[index], w, ...) for tokens x [T, K] with k rows each: [T·k, M]."""
+    return _FP8GatheredMM.apply(x, w, counts, offs, index, inverse, k, *wq)
+
+
+def grouped_mm_sum(a: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor | None,
+                   index: torch.Tensor, inverse: torch.Tensor, k: int, residual: torch.Tensor | None = None,
+                   wq: tuple = NO_CACHE) -> torch.Tensor:
+    """Each token's sum of its k rows of grouped_mm(a, w, ...) (+ residual): [T, M]."""
+    return _FP8GroupedMMSum.apply(a, w, counts, offs, index, inverse, k, residual, *wq)

@@ -23,6 +23,7 @@ from ..data.dataset import build_datasets, check_data, get_batch
 from ..distributed import discover_env, init_distributed
 from ..eval.training import TrainingEvaluator, load_tasks
 from ..model.flops import flops_per_token, peak_flops
+from ..moe.experts import cache_fp8_weights, release_fp8_weights
 from ..moe.router import update_expert_bias
 from ..parallel import comm, pipeline_schedule
 from ..parallel.state import ParallelState
@@ -72,6 +73,9 @@ class Trainer:
         # aux-loss-free biases then move on the device, each step's update gated by its finite flag
         self.biases_on_device = self.overlap and bool(cfg.moe.bias_update_rate and cfg.moe_layer_ids())
         self.stop_requested = False  # a rank was signalled to stop (read with a step's statistics)
+        # FP8 experts over several micro-batches a step: each weight quantized once a step, not once a
+        # micro-batch's forward and again in its backward (two bytes an expert parameter kept on the device)
+        self.fp8_cache = cfg.moe.expert_precision == "fp8" and self.gas > 1
         # the loss of the model's output: vocab-parallel under TP; without TP and PP the model
         # returns its final hidden states and the loss projects them chunk by chunk
         self.project = self.state.tp > 1 or self.state.pp > 1
@@ -139,11 +143,16 @@ class Trainer:
             group["lr"] = lr
         stats = StepStats(self.cfg, self.model, self.device)
         lm_loss = partial(self._lm_loss, targets=self._targets(self.train_data, self.step))
-        if self.state.pp > 1:  # 1F1B over the micro-batches
-            pipeline_schedule.train_step(self.engine, self.state, self.cfg,
-                                         partial(self._micro_batch, self.train_data, self.step), lm_loss, stats)
-        else:
-            self._accumulate(lm_loss, stats)
+        cached = self.fp8_cache and cache_fp8_weights(self.model)  # the weights as this step's micro-batches see them
+        try:
+            if self.state.pp > 1:  # 1F1B over the micro-batches
+                pipeline_schedule.train_step(self.engine, self.state, self.cfg,
+                                             partial(self._micro_batch, self.train_data, self.step), lm_loss, stats)
+            else:
+                self._accumulate(lm_loss, stats)
+        finally:
+            if cached:  # the update is queued: evaluation and the next step must not see this step's forms
+                release_fp8_weights(self.model)
         if self.cfg.train.gc_interval and (self.step + 1) % self.cfg.train.gc_interval == 0:
             gc.collect(1)  # the young objects, here where the step is queued and the host has time to spare
         # the preemption flag, agreed by every rank (MAX), travels with the statistics: no read of its own
