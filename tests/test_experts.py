@@ -123,8 +123,8 @@ def test_fp8_experts_compute_the_quantized_products():
 
 
 def fp8_tokens_case(device, dtype, k=3):
-    """FP8 experts, tokens [T, d] with k distinct experts each (dispatch's order: rows sorted by expert)
-    and their routing weights, residual and output gradient."""
+    """FP8 experts, tokens [T, d] with k distinct experts each (dispatch's order: rows sorted by expert),
+    and an output gradient for their rows."""
     g = torch.Generator().manual_seed(5)
     ex, _, _ = experts_and_rows("cpu", torch.float32)
     ex.fp8 = True
@@ -135,46 +135,42 @@ def fp8_tokens_case(device, dtype, k=3):
     inverse[order] = torch.arange(order.numel())
     counts = torch.bincount(choice.view(-1), minlength=ex.num_experts)
     x = torch.randn(tokens, ex.w1.shape[1], generator=g)
-    weight = torch.rand(order.numel(), generator=g)
-    residual, dy = torch.randn(tokens, x.shape[1], generator=g), torch.randn(tokens, x.shape[1], generator=g)
-    ex = ex.to(device, dtype)
-    index = (order // k).to(device)
-    to = lambda t: t.to(device, dtype).requires_grad_()  # noqa: E731
-    return ex, to(x), counts.to(device), index, inverse.to(device), k, to(weight), to(residual), dy.to(device, dtype)
+    dy = torch.randn(order.numel(), x.shape[1], generator=g)
+    rows = experts.TokenRows((order // k).to(device), inverse.to(device), k)
+    return ex.to(device, dtype), x.to(device, dtype).requires_grad_(), counts.to(device), rows, dy.to(device, dtype)
 
 
-def fp8_tokens_run(ex, x, counts, index, inverse, k, weight, residual, dy, gathered: bool, grouped=None):
-    """Output and gradients (x, w1, w2, weight, residual) of the experts over the tokens' rows: through
-    the tokens path (each token quantized once) or the rows gathered first, run, summed."""
+def fp8_tokens_run(ex, x, counts, rows, dy, gathered: bool, grouped=None):
+    """Output rows and gradients (x, w1, w2): the tokens' rows quantized once a token (`token_rows`)
+    or the rows gathered first, then run."""
     from megamoe.moe import fused_permute
     if gathered:
-        rows = fused_permute.gather_tokens(x, index, inverse, k)
-        out = fused_permute.sum_tokens(ex(rows, counts, grouped, row_weight=weight), index, inverse, k, residual)
+        out = ex(fused_permute.gather_tokens(x, rows.token_of_row, rows.inverse, rows.k), counts, grouped)
     else:
-        out = ex(x, counts, grouped, row_weight=weight, tokens=experts.TokenRows(index, inverse, k, residual))
-    return [out, *torch.autograd.grad(out, (x, ex.w1, ex.w2, weight, residual), dy)]
+        out = ex.token_rows(x, counts, rows, grouped)
+    return [out, *torch.autograd.grad(out, (x, ex.w1, ex.w2), dy)]
 
 
 def test_fp8_tokens_quantized_once_are_the_rows_quantized_each():
-    """The tokens path (`fp8.gathered_grouped_mm`, `fp8.grouped_mm_sum`: each token's row and each
-    token's output gradient quantized once, the e4m3 rows gathered) computes exactly what quantizing
-    every gathered row computes: output and all five gradients bit for bit (CPU, fp32)."""
+    """FP8 experts over the tokens' rows (`token_rows`, `fp8.gathered_grouped_mm`: each token quantized
+    once, its e4m3 row gathered) compute exactly what quantizing every gathered row computes: output
+    and the gradients of the tokens and both weights bit for bit (CPU, fp32)."""
     case = fp8_tokens_case("cpu", torch.float32)
     got, want = fp8_tokens_run(*case, gathered=False), fp8_tokens_run(*case, gathered=True)
-    for name, a, b in zip(("out", "x", "w1", "w2", "weight", "residual"), got, want):
+    for name, a, b in zip(("out", "x", "w1", "w2"), got, want):
         assert torch.equal(a, b), name
-    assert float(got[1].norm()) > 0 and float(got[4].norm()) > 0
+    assert float(got[1].norm()) > 0
 
 
 def test_fp8_weight_cache_is_the_per_call_quantization_until_released():
     """`cache_fp8_weights` quantizes the weights once; while cached, forward and backward equal the
-    per-call quantization bit for bit (rows path and tokens path). Changed weights are not seen
-    until the next cache (what the trainer's release before each optimizer step is for); once
-    released, the layer quantizes per call again."""
-    ex, x, counts, index, inverse, k, weight, residual, dy = fp8_tokens_case("cpu", torch.float32)
+    per-call quantization bit for bit (rows and tokens). Changed weights are not seen until the next
+    cache (what the trainer's release before each optimizer step is for); once released, the layer
+    quantizes per call again."""
+    ex, x, counts, rows, dy = fp8_tokens_case("cpu", torch.float32)
     model = torch.nn.Sequential(ex)
-    runs = lambda: (fp8_tokens_run(ex, x, counts, index, inverse, k, weight, residual, dy, gathered=False)  # noqa: E731
-                    + fp8_tokens_run(ex, x, counts, index, inverse, k, weight, residual, dy, gathered=True))
+    runs = lambda: (fp8_tokens_run(ex, x, counts, rows, dy, gathered=False)  # noqa: E731
+                    + fp8_tokens_run(ex, x, counts, rows, dy, gathered=True))
     fresh = runs()
     assert experts.cache_fp8_weights(model) and ex.fp8_cache_valid
     cached = runs()
@@ -216,8 +212,7 @@ def test_fp8_kernels_equal_the_cpu_path_on_cuda():
         if cached:
             experts.cache_fp8_weights(torch.nn.Sequential(case[0]))
         for gathered in (False, True):
-            for name, a, b in zip(("out", "x", "w1", "w2", "weight", "residual"),
-                                  fp8_tokens_run(*case, gathered=gathered, grouped=True), want):
+            for name, a, b in zip(("out", "x", "w1", "w2"), fp8_tokens_run(*case, gathered=gathered, grouped=True), want):
                 assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2, (cached, gathered, name)
 
 

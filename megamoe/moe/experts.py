@@ -122,14 +122,24 @@ class SwiGLUExperts(nn.Module):
                 for e, (rows, w) in enumerate(zip(torch.split(x, sizes), weights))]
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
 
+    def token_rows(self, x: torch.Tensor, counts: torch.Tensor, tokens: TokenRows,
+                   grouped: bool | None = None) -> torch.Tensor:
+        """The outputs [T·k, d] of the tokens' rows (row r is token tokens.token_of_row[r]), unweighted:
+        `forward(gather(x), counts)`. FP8 experts quantize each token once and gather its e4m3 rows
+        (`fp8.gathered_grouped_mm`); the others gather the rows first."""
+        if grouped is None:
+            grouped = grouped_mm_available(x)
+        index, inverse, k, _ = tokens
+        if not self.fp8:
+            return self._rows(fused_permute.gather_tokens(x, index, inverse, k), counts, grouped, None)
+        offs = group_offsets(counts) if grouped and fp8_mm.kernel_available(x) else None
+        q1, q2 = self._fp8_weights()
+        h = fp8_mm.gathered_grouped_mm(x, self.w1, counts, offs, index, inverse, k, q1)  # [N, 2F]
+        return fp8_mm.grouped_mm(_act(h, None), self.w2, counts, offs, q2)  # [N, d]
+
     def _tokens(self, x, counts, grouped, row_weight, tokens: TokenRows) -> torch.Tensor:
         index, inverse, k, residual = tokens
-        if self.fp8:  # each token's rows quantized once (fp8.gathered_grouped_mm, fp8.grouped_mm_sum)
-            offs = group_offsets(counts) if grouped and fp8_mm.kernel_available(x) else None
-            q1, q2 = self._fp8_weights()
-            h = fp8_mm.gathered_grouped_mm(x, self.w1, counts, offs, index, inverse, k, q1)  # [N, 2F]
-            return fp8_mm.grouped_mm_sum(_act(h, row_weight), self.w2, counts, offs, index, inverse, k, residual, q2)
-        fused = grouped and row_weight is not None  # the grouped products with weighted rows
+        fused = grouped and row_weight is not None and not self.fp8  # the grouped products with weighted rows
         tokens_in_place = fused and _in_place(READ_TOKENS_IN_PLACE, self.ffn_hidden)
         gradient_in_place = fused and _in_place(READ_GRADIENT_IN_PLACE, self.ffn_hidden)
         if not (tokens_in_place or gradient_in_place):  # the rows gathered, run, summed

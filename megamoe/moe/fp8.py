@@ -11,11 +11,13 @@ two FP8 products are `torch._scaled_grouped_mm` (Hopper and later); elsewhere th
 from the same quantized values, dequantized, one expert at a time — the same function, which the
 CPU tests check against an explicit quantize-dequantize reference.
 
-Dropless top-k gives each token k rows, copies of it (the first projection's input) or of its
-output gradient (the second projection's output gradient). `gathered_grouped_mm` and
-`grouped_mm_sum` quantize those per token, once, and gather the e4m3 rows with their scales: the
-same values as quantizing each row (a row's scale is its token's), in an eighth of the passes at
-top-8, and the gathered copies are 1 byte an element instead of 2. The weights' two quantized forms
+Dropless top-k gives each token k rows, copies of it, as the first projection's input.
+`gathered_grouped_mm` quantizes each token once and gathers the e4m3 rows with their scales: the
+same values as quantizing each row (a row's scale is its token's; so expert parallelism, which
+quantizes the rows it receives, agrees), in an eighth of the quantizing pass at top-8, a gathered
+copy of 1 byte an element instead of 2, and no [T·k, d] copy kept for the backward (its weight
+gradient gathers the bf16 rows again). The second projection's output gradient is not a copy of
+its token's: the combine weights each row (`dispatch`). The weights' two quantized forms
 (`quantize_weight`) are made per call, or once per optimizer step where the trainer keeps them
 across its micro-batches (`SwiGLUExperts.fp8_cache`, `experts.cache_fp8_weights`).
 """
@@ -146,30 +148,6 @@ class _FP8GatheredMM(torch.autograd.Function):
         return grad_x, grad_w.to(w.dtype), None, None, None, None, None, None, None, None, None
 
 
-class _FP8GroupedMMSum(torch.autograd.Function):
-    """y[t] = Σ_j (a @ w[e])[inverse[t·k + j]] (+ residual[t]): the rows' products summed into their
-    tokens. Backward: each row's output gradient is its token's, so the tokens' gradients are
-    quantized once and their e4m3 rows gathered; the weight gradient reads the bf16 rows."""
-
-    @staticmethod
-    def forward(ctx, a, w, counts, offs, index, inverse, k: int, residual, wf, wf_inv, wb, wb_inv):
-        aq, a_inv = quantize(a, -1)  # [N, K], scale per row
-        out = _forward_mm(aq, a_inv, w, (wf, wf_inv), counts, offs, a.dtype)
-        ctx.save_for_backward(a, w, counts, offs, index, wb, wb_inv)
-        return fused_permute.sum_rows(out, inverse.view(-1, k), residual)  # [T, M]
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, w, counts, offs, index, wb, wb_inv = ctx.saved_tensors
-        grad = grad.contiguous()
-        gq, g_inv = quantize(grad, -1)  # [T, M]: once a token
-        rows, rows_inv = _gather(gq, g_inv, index)
-        grad_a = _input_grad_mm(rows, rows_inv, w, wb, wb_inv, counts, offs, grad.dtype)
-        grad_w = _weight_grad(a, fused_permute.gather_rows(grad, index), counts, offs, w.shape[0])
-        grad_residual = grad if ctx.needs_input_grad[7] else None
-        return grad_a, grad_w.to(w.dtype), None, None, None, None, None, grad_residual, None, None, None, None
-
-
 NO_CACHE = (None, None, None, None)
 
 
@@ -185,10 +163,3 @@ def gathered_grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, 
                         index: torch.Tensor, inverse: torch.Tensor, k: int, wq: tuple = NO_CACHE) -> torch.Tensor:
     """grouped_mm(x[index], w, ...) for tokens x [T, K] with k rows each: [T·k, M]."""
     return _FP8GatheredMM.apply(x, w, counts, offs, index, inverse, k, *wq)
-
-
-def grouped_mm_sum(a: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor | None,
-                   index: torch.Tensor, inverse: torch.Tensor, k: int, residual: torch.Tensor | None = None,
-                   wq: tuple = NO_CACHE) -> torch.Tensor:
-    """Each token's sum of its k rows of grouped_mm(a, w, ...) (+ residual): [T, M]."""
-    return _FP8GroupedMMSum.apply(a, w, counts, offs, index, inverse, k, residual, *wq)
