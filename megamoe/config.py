@@ -79,6 +79,9 @@ class TrainConfig:
     max_skipped_steps: int = 10  # stop after this many steps in a row with a non-finite grad norm/loss
     gc_interval: int = 50  # Python's garbage collector off in the loop, run every N steps (0 = automatic)
     overlap_read: bool = True  # read a step's statistics once the next step is queued (same results)
+    # FP8 experts with several micro-batches a step: quantize the weights once a step, not in every forward and
+    # backward (same results; two bytes an expert parameter of GPU memory kept)
+    fp8_weight_cache: bool = True
 
 
 @dataclass

@@ -393,8 +393,6 @@ import megamoe.train.loop as loop
 from megamoe.moe.experts import SwiGLUExperts
 from megamoe.train.__main__ import main
 caches, uses = [], []
-if sys.argv[1] == "off":  # quantize the weights in every forward and backward
-    loop.cache_fp8_weights = lambda model: False
 real_cache, real_weights = loop.cache_fp8_weights, SwiGLUExperts._fp8_weights
 def cache(model):
     caches.append(1)
@@ -403,7 +401,7 @@ def weights(self):  # each FP8 experts forward: did it read cached forms?
     uses.append(self.fp8_cache_valid)
     return real_weights(self)
 loop.cache_fp8_weights, SwiGLUExperts._fp8_weights = cache, weights
-rc = main(sys.argv[2:])
+rc = main(sys.argv[1:])
 print(f"fp8 caches {len(caches)} cached forwards {sum(uses)} per call {len(uses) - sum(uses)}")
 sys.exit(rc)
 """
@@ -412,7 +410,8 @@ sys.exit(rc)
 def test_fp8_weights_quantized_once_a_step_train_as_quantized_each_forward(tmp_path):
     """FP8 experts with 4 micro-batches a step: the trainer quantizes the weights once a step
     (`cache_fp8_weights`) for its 4 forwards and backwards, and the run is the run that quantizes them
-    in every forward and backward: losses, gradient norms, eval loss and final weights bit for bit.
+    in every forward and backward (`train.fp8_weight_cache=false`): losses, gradient norms, eval loss
+    and final weights bit for bit.
     The evaluation after the last step reads no cached forms (they stood for the weights before the
     step's update)."""
     script = tmp_path / "fp8_cache.py"
@@ -421,14 +420,14 @@ def test_fp8_weights_quantized_once_a_step_train_as_quantized_each_forward(tmp_p
     runs = {}
     for mode in ("on", "off"):
         runs[mode] = tmp_path / mode
-        proc = subprocess.run([sys.executable, str(script), mode, *TINY, "moe.expert_precision=fp8",
-                               "train.eval_interval=4", f"run.dir={runs[mode]}"],
+        proc = subprocess.run([sys.executable, str(script), *TINY, "moe.expert_precision=fp8", "train.eval_interval=4",
+                               f"train.fp8_weight_cache={mode == 'on'}", f"run.dir={runs[mode]}"],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         counts = proc.stdout.strip().splitlines()[-1]
         # 4 steps × 4 micro-batches × 2 layers cached; the eval's 1 batch × 4 micro-batches × 2 layers not
         assert counts == ("fp8 caches 4 cached forwards 32 per call 8" if mode == "on" else
-                          "fp8 caches 4 cached forwards 0 per call 40"), counts
+                          "fp8 caches 0 cached forwards 0 per call 40"), counts
     got, want = metrics(runs["on"]), metrics(runs["off"])
     assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4]
     for r, w in zip(got, want):

@@ -75,7 +75,7 @@ class Trainer:
         self.stop_requested = False  # a rank was signalled to stop (read with a step's statistics)
         # FP8 experts over several micro-batches a step: each weight quantized once a step, not once a
         # micro-batch's forward and again in its backward (two bytes an expert parameter kept on the device)
-        self.fp8_cache = cfg.moe.expert_precision == "fp8" and self.gas > 1
+        self.fp8_cache = cfg.moe.expert_precision == "fp8" and t.fp8_weight_cache and self.gas > 1
         # the loss of the model's output: vocab-parallel under TP; without TP and PP the model
         # returns its final hidden states and the loss projects them chunk by chunk
         self.project = self.state.tp > 1 or self.state.pp > 1
