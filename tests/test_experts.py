@@ -160,6 +160,10 @@ def test_fp8_tokens_quantized_once_are_the_rows_quantized_each():
     for name, a, b in zip(("out", "x", "w1", "w2"), got, want):
         assert torch.equal(a, b), name
     assert float(got[1].norm()) > 0
+    case[0].fp8 = False  # other experts gather the rows themselves: the same products
+    for name, a, b in zip(("out", "x", "w1", "w2"), fp8_tokens_run(*case, gathered=False),
+                          fp8_tokens_run(*case, gathered=True)):
+        assert torch.equal(a, b), name
 
 
 def test_fp8_weight_cache_is_the_per_call_quantization_until_released():
