@@ -207,6 +207,19 @@ def test_the_memory_check_counts_ranks_precision_and_offload():
     check_memory(offload, 1, 1, gpu, available=need / 4 * 1.01)
     with pytest.raises(ConfigError):
         check_memory(offload, 1, 1, gpu, available=need / 4 * 0.99)
+    # FP8 experts over 8 micro-batches a step keep their weights quantized: 2 bytes an expert parameter more,
+    # and a card that holds the rest but not that is told to turn the cache off
+    fp8 = load_config(None, ["parallel.expert=1", "moe.expert_precision=fp8"])
+    assert fp8.grad_accumulation_steps(1) == 8
+    cache = 2 * cfg.model.param_counts(cfg.moe)["experts"]
+    check_memory(fp8, 1, 1, gpu, available=(need + cache) * 1.01)
+    with pytest.raises(ConfigError, match=r"^train.fp8_weight_cache: .* GiB of it\), .*train.fp8_weight_cache=false"):
+        check_memory(fp8, 1, 1, gpu, available=need * 1.01)
+    for fits in (["train.fp8_weight_cache=false"], ["train.global_batch_size=1"]):  # no cache kept
+        check_memory(load_config(None, ["parallel.expert=1", "moe.expert_precision=fp8", *fits]), 1, 1, gpu,
+                     available=need * 1.01)
+    with pytest.raises(ConfigError, match="this host's memory"):  # on the CPU the cache is host memory
+        check_memory(fp8, 1, 1, cpu, available=need * 1.01)
 
 
 def test_changed_model_cannot_resume(tmp_path):

@@ -44,19 +44,27 @@ def check_memory(cfg: Config, world_size: int, local_ranks: int, device: torch.d
     cannot fit where it will live, before anything is set up or written. On the CPU that is the
     host's available memory for all of its ranks: past it the kernel kills the job without a word,
     after pressing every other process on the host. On a GPU it is one card's memory (with
-    `optim.offload: cpu` the weights and gradients only, the rest on the host). Activations come on
+    `optim.offload: cpu` the weights and gradients only, the rest on the host), plus the FP8 experts'
+    quantized weights where the trainer keeps them across micro-batches. Activations come on
     top, so a run that passes may still not fit; one that fails cannot. `available`: bytes (tests)."""
     from ..config import ConfigError
-    from ..parallel.plan import rank_state_bytes
+    from ..parallel.plan import fp8_cache_bytes, rank_state_bytes
     bf16 = resolve_dtype(cfg, device) != torch.float32
     state = rank_state_bytes(cfg, world_size, bf16)
+    cache = fp8_cache_bytes(cfg, world_size)  # kept on the weights' device, offloaded or not
     gib = 2**30
     params = cfg.model.param_counts(cfg.moe)
     size = f"{sum(params.values()) / 1e9:.2f}B parameters"
     if device.type == "cuda":
         # offloaded: weights + gradients stay (bf16 2 + 2 of 16 bytes a parameter; fp32 4 + 4 of 16)
-        on_gpu = state * ((4 if bf16 else 8) / 16 if cfg.optim.offload == "cpu" else 1)
+        on_gpu = state * ((4 if bf16 else 8) / 16 if cfg.optim.offload == "cpu" else 1) + cache
         have = available if available is not None else torch.cuda.get_device_properties(device).total_memory
+        if on_gpu > have >= on_gpu - cache:
+            raise ConfigError(
+                f"train.fp8_weight_cache: {size} need {on_gpu / gib:.1f} GiB on each GPU with the FP8 experts' weights "
+                f"kept quantized across a step's micro-batches ({cache / gib:.1f} GiB of it), and the GPU has "
+                f"{have / gib:.1f} GiB: set train.fp8_weight_cache=false (quantized in every forward and backward "
+                f"instead, slower) or spread the model over more GPUs (parallel.*; `megamoe-plan --gpu-gib`)")
         if on_gpu > have:
             raise ConfigError(
                 f"model: {size} need {on_gpu / gib:.1f} GiB on each GPU for their weights, gradients and "
@@ -64,6 +72,7 @@ def check_memory(cfg: Config, world_size: int, local_ranks: int, device: torch.d
                 f"GPUs (parallel.expert / tensor / pipeline; `megamoe-plan --gpu-gib` lists layouts), keep the "
                 f"optimizer in host memory (optim.offload=cpu, parallel.zero_stage=0) or train fewer model.n_layers")
         return
+    state += cache
     have = available if available is not None else host_available_bytes()
     if have is not None and state * local_ranks > have:
         ranks = f"{local_ranks} ranks × {state / gib:.1f} GiB" if local_ranks > 1 else "one rank"
