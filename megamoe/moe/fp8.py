@@ -87,7 +87,7 @@ def _scaled_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: tor
 
 
 def _forward_mm(aq, a_inv, w, wq, counts, offs, dtype) -> torch.Tensor:
-    """q(a) @ q(w): w's forward form from the cache `wq` (four tensors or Nones) or made here."""
+    """q(a) @ q(w): w's forward form `wq` (wf, wf_inv) from the cache, or made here when it is (None, None)."""
     wf, wf_inv = (wq[0], wq[1]) if wq[0] is not None else quantize(w.transpose(1, 2).contiguous(), -1)
     return _scaled_mm(aq, a_inv, wf.transpose(1, 2), wf_inv.transpose(1, 2), counts, offs, dtype)
 
