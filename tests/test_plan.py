@@ -9,7 +9,7 @@ import torch
 
 from distributed import run_ranks
 from megamoe.config import Config, ConfigError, DataConfig, ModelConfig, MoEConfig, load_config
-from megamoe.parallel.plan import params_per_stage, plan_layouts
+from megamoe.parallel.plan import params_per_stage, plan_layouts, stage_param_counts
 from megamoe.parallel.state import ParallelState
 from megamoe.train.engine import build_model
 
@@ -83,6 +83,26 @@ def test_cli_lists_olmoe_layouts_and_marks_what_does_not_fit():
     assert rows[("8", "1", "1", "1")].endswith("96.9  (does not fit)")
     assert rows[("4", "1", "1", "2")].endswith("61.1  (tight: activations get < 1/4)")
     assert rows[("1", "1", "8", "8")].endswith("14.4")
+
+
+def test_fp8_weight_cache_is_counted_per_layout():
+    """FP8 experts over several micro-batches a step keep their weights quantized: 2 bytes a rank's expert
+    parameter on top of the bf16 state, in every layout whose step has more than one micro-batch; none
+    with `train.fp8_weight_cache=false` or one micro-batch a step (here at data parallelism 8)."""
+    base = load_config("olmoe-1b-7b", ["train.global_batch_size=32", "train.micro_batch_size=4"])
+    fp8 = load_config("olmoe-1b-7b", ["train.global_batch_size=32", "train.micro_batch_size=4",
+                                      "moe.expert_precision=fp8"])
+    off = load_config("olmoe-1b-7b", ["train.global_batch_size=32", "train.micro_batch_size=4",
+                                      "moe.expert_precision=fp8", "train.fp8_weight_cache=false"])
+    plain = {(p.tp, p.pp, p.ep): p.state_gib for p in plan_layouts(base, 8)}
+    assert {(p.tp, p.pp, p.ep): p.state_gib for p in plan_layouts(off, 8)} == plain
+    seen = set()
+    for p in plan_layouts(fp8, 8):
+        experts = max(c["experts"] for c in stage_param_counts(fp8, p.tp, p.pp, p.ep))
+        cache = 2 * experts / 2**30 if 32 // (4 * p.dp) > 1 else 0.0
+        assert p.state_gib == pytest.approx(plain[(p.tp, p.pp, p.ep)] + cache, rel=1e-12), (p.tp, p.pp, p.ep)
+        seen.add(cache > 0)
+    assert seen == {True, False}  # dp 8 runs one micro-batch a step: no cache
 
 
 def test_no_valid_layout_says_why_each_failed():

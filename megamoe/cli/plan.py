@@ -29,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"megamoe-plan: error: {e}", file=sys.stderr)
         return 2
+    cache = ("; FP8 weight cache included" if cfg.moe.expert_precision == "fp8" and cfg.train.fp8_weight_cache
+             else "")
     print(f"{'tensor':>6} {'pipeline':>8} {'expert':>6} {'data':>5} {'params/rank':>12} "
-          f"{'state GiB/rank':>14}  (ZeRO {cfg.parallel.zero_stage}; activations not included)")
+          f"{'state GiB/rank':>14}  (ZeRO {cfg.parallel.zero_stage}{cache}; activations not included)")
     for pl in plans:
         print(f"{pl.tp:>6} {pl.pp:>8} {pl.ep:>6} {pl.dp:>5} {pl.params_per_rank / 1e9:>11.3f}B "
               f"{pl.state_gib:>14.1f}" + _fit(pl.state_gib, args.gpu_gib))

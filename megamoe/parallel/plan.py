@@ -3,7 +3,8 @@ rank then holds — parameters and the bytes of weights, gradients and optimizer
 
 Parameter counts are exact (they follow the cuts `apply_pipeline`, `apply_tensor_parallel`
 and `apply_expert_parallel` make; a test builds the layouts and counts). Memory is the model
-state only — activations come on top and depend on micro-batch size, sequence length and
+state only (with the FP8 experts' weights the trainer keeps quantized across a step's
+micro-batches) — activations come on top and depend on micro-batch size, sequence length and
 activation checkpointing.
 """
 
@@ -21,7 +22,7 @@ class Plan:
     ep: int
     dp: int
     params_per_rank: int  # the largest over pipeline stages
-    state_gib: float      # weights + gradients + optimizer state on that rank
+    state_gib: float      # weights + gradients + optimizer state on that rank (+ FP8's weight cache)
 
 
 def stage_param_counts(cfg: Config, tp: int, pp: int, ep: int) -> list[dict[str, int]]:
@@ -87,7 +88,7 @@ def plan_layouts(cfg: Config, world_size: int, bf16: bool = True) -> list[Plan]:
                     continue
                 dp = world_size // (tp * pp)
                 per_stage = params_per_stage(c, tp, pp, ep)
-                state = max(_state_bytes(c, tp, pp, ep, dp, s, bf16) for s in range(pp))
+                state = max(_state_bytes(c, tp, pp, ep, dp, s, bf16) for s in range(pp)) + fp8_cache_bytes(c, world_size)
                 plans.append(Plan(tp, pp, ep, dp, max(per_stage), state / 2**30))
     if not plans:
         raise ConfigError(f"no layout of {world_size} ranks is valid for this config: "
