@@ -86,9 +86,10 @@ def _scaled_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: tor
     return torch.cat(outs).to(out_dtype) if outs else a.new_zeros(0, b.shape[-1], dtype=out_dtype)
 
 
-def _forward_mm(aq, a_inv, w, wq, counts, offs, dtype) -> torch.Tensor:
-    """q(a) @ q(w): w's forward form `wq` (wf, wf_inv) from the cache, or made here when it is (None, None)."""
-    wf, wf_inv = (wq[0], wq[1]) if wq[0] is not None else quantize(w.transpose(1, 2).contiguous(), -1)
+def _forward_mm(aq, a_inv, w, wf, wf_inv, counts, offs, dtype) -> torch.Tensor:
+    """q(a) @ q(w): w's forward form from the cache, or made here."""
+    if wf is None:
+        wf, wf_inv = quantize(w.transpose(1, 2).contiguous(), -1)  # [E, M, K], [E, M, 1]
     return _scaled_mm(aq, a_inv, wf.transpose(1, 2), wf_inv.transpose(1, 2), counts, offs, dtype)
 
 
@@ -113,7 +114,7 @@ class _FP8GroupedMM(torch.autograd.Function):
     def forward(ctx, x, w, counts, offs, wf, wf_inv, wb, wb_inv):
         xq, x_inv = quantize(x, -1)  # [N, K], scale per row
         ctx.save_for_backward(x, w, counts, offs, wb, wb_inv)
-        return _forward_mm(xq, x_inv, w, (wf, wf_inv), counts, offs, x.dtype)
+        return _forward_mm(xq, x_inv, w, wf, wf_inv, counts, offs, x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -135,7 +136,7 @@ class _FP8GatheredMM(torch.autograd.Function):
         rows, rows_inv = _gather(xq, x_inv, index)
         ctx.save_for_backward(x, w, counts, offs, index, inverse, wb, wb_inv)
         ctx.k = k
-        return _forward_mm(rows, rows_inv, w, (wf, wf_inv), counts, offs, x.dtype)
+        return _forward_mm(rows, rows_inv, w, wf, wf_inv, counts, offs, x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
