@@ -7,6 +7,7 @@ the same FLOPs: which weight layout and which kernel run them fastest.
     python3 bench/bench_grouped_gemm.py --tma           # megamoe/moe/grouped_gemm.py's persistent TMA kernels, a config sweep
                                                         # (with their token rows read in place: the "+gather" rows)
     python3 bench/bench_grouped_gemm.py --tma --only "fwd w1,fwd w1 +gather"   # some products only
+    python3 bench/bench_grouped_gemm.py --fp8           # the FP8 products: megamoe's kernel (a config sweep) against torch's
     python3 bench/bench_grouped_gemm.py --skew 1,4,8    # the weight gradients under imbalanced loads, long experts cut or not
     python3 bench/bench_grouped_gemm.py --loads bench_out/bench_model.jsonl   # the six at the loads bench_model.py's model routed
 
@@ -227,6 +228,40 @@ def tma(geo, tokens, d, f, e, k, device, log, configs):
     sweep(geo, rows, configs, log, "tma")
 
 
+# (BM, BN, BK, warps, stages, warp_specialize) for the e4m3 products
+FP8_CONFIGS = [
+    (128, 256, 128, 8, 3, False), (128, 256, 128, 8, 4, False), (128, 256, 128, 8, 3, True),
+    (128, 256, 64, 8, 4, False), (128, 256, 64, 8, 5, False), (128, 128, 128, 8, 4, False),
+    (256, 128, 128, 8, 3, False), (128, 128, 128, 4, 5, False), (64, 256, 128, 4, 4, False),
+]
+
+
+def fp8(geo, tokens, d, f, e, k, device, log, configs):
+    """The FP8 experts' four row-grouped products (e4m3, rowwise scales, as `moe.fp8` quantizes them):
+    megamoe's kernel (`grouped_gemm.launch_scaled_rows_mm`) per config against `torch._scaled_grouped_mm`
+    (CUTLASS, fast accumulation), and megamoe's bf16 kernel on the same shapes beside them."""
+    from megamoe.moe import fp8 as F8, grouped_gemm as G
+    n = tokens * k
+    x, h, dy, dh, w1, w2, offs = operands(tokens, d, f, e, k, device)
+    products = [  # name, rows [n, K], weight as the products take it: K-major [E, out, K]
+        ("fwd w1", x, w1.transpose(1, 2).contiguous()), ("fwd w2", h, w2.transpose(1, 2).contiguous()),
+        ("dgrad w2", dy, w2), ("dgrad w1", dh, w1)]
+    rows = []
+    for name, a, bt in products:
+        aq, a_inv = F8.quantize(a, -1)
+        bq, b_inv = F8.quantize(bt, -1)  # [E, M, K], [E, M, 1]
+        flops = 2 * n * a.shape[1] * bt.shape[1]
+        rows.append((name, flops,
+                     lambda aq=aq, a_inv=a_inv, bq=bq, b_inv=b_inv: torch._scaled_grouped_mm(
+                         aq, bq.transpose(1, 2), a_inv.squeeze(-1), b_inv.squeeze(-1), offs=offs,
+                         out_dtype=torch.bfloat16, use_fast_accum=True),
+                     lambda c, aq=aq, a_inv=a_inv, bq=bq, b_inv=b_inv: G.launch_scaled_rows_mm(
+                         aq, a_inv, bq, b_inv, offs, config=c[:5], warp_specialize=c[5])))
+        ms = bench(lambda a=a, bt=bt: G.rows_mm(a, bt, offs, trans_b=True))
+        print(f"  {name:<18} megamoe bf16 {ms:.3f} ms {flops / ms / 1e9:4.0f} TF/s", flush=True)
+    sweep(geo, rows, configs, log, "fp8")
+
+
 def nested(launch):
     """`launch` with grouped_gemm.WGRAD_FLAT off for the call."""
     from megamoe.moe import grouped_gemm as G
@@ -346,6 +381,8 @@ def main():
     ap.add_argument("--triton", action="store_true", help="also time inductor's Triton template (autotuned)")
     ap.add_argument("--ours", action="store_true", help="time the Triton grouped GEMMs of bench/triton_grouped_gemm.py (config sweep)")
     ap.add_argument("--tma", action="store_true", help="time the persistent TMA kernels of megamoe/moe/grouped_gemm.py (config sweep)")
+    ap.add_argument("--fp8", action="store_true", help="time megamoe's FP8 kernel (config sweep) against "
+                    "torch._scaled_grouped_mm on the four FP8 products")
     ap.add_argument("--skew", default=None, help="comma-separated largest-load / mean ratios: time the weight "
                     "gradients with and without cutting long experts (1: random top-k routing)")
     ap.add_argument("--loads", default=None, metavar="BENCH_MODEL_JSONL",
@@ -384,6 +421,9 @@ def main():
             continue
         if args.skew:
             skew(geo, tokens, d, f, e, k, device, log, [float(v) for v in args.skew.split(",")])
+            continue
+        if args.fp8:
+            fp8(geo, tokens, d, f, e, k, device, log, FP8_CONFIGS)
             continue
         if args.tma:
             tma(geo, tokens, d, f, e, k, device, log, TMA_CONFIGS)

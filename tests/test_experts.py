@@ -123,8 +123,8 @@ def test_fp8_experts_compute_the_quantized_products():
 
 
 def fp8_tokens_case(device, dtype, k=3):
-    """FP8 experts, tokens [T, d] with k distinct experts each (dispatch's order: rows sorted by expert),
-    and an output gradient for their rows."""
+    """FP8 experts, tokens [T, d] with k distinct experts each (dispatch's order: rows sorted by expert), their
+    routing weights [T, k] and an output gradient for the tokens' sums."""
     g = torch.Generator().manual_seed(5)
     ex, _, _ = experts_and_rows("cpu", torch.float32)
     ex.fp8 = True
@@ -135,35 +135,38 @@ def fp8_tokens_case(device, dtype, k=3):
     inverse[order] = torch.arange(order.numel())
     counts = torch.bincount(choice.view(-1), minlength=ex.num_experts)
     x = torch.randn(tokens, ex.w1.shape[1], generator=g)
-    dy = torch.randn(order.numel(), x.shape[1], generator=g)
+    weight = torch.rand(tokens, k, generator=g)
+    dy = torch.randn(tokens, x.shape[1], generator=g)
     rows = experts.TokenRows((order // k).to(device), inverse.to(device), k)
-    return ex.to(device, dtype), x.to(device, dtype).requires_grad_(), counts.to(device), rows, dy.to(device, dtype)
+    return (ex.to(device, dtype), x.to(device, dtype).requires_grad_(), counts.to(device), rows,
+            weight.to(device).requires_grad_(), dy.to(device, dtype))
 
 
-def fp8_tokens_run(ex, x, counts, rows, dy, gathered: bool, grouped=None):
-    """Output rows and gradients (x, w1, w2): the tokens' rows quantized once a token (`token_rows`)
-    or the rows gathered first, then run."""
+def fp8_tokens_run(ex, x, counts, rows, weight, dy, separate: bool, grouped=None):
+    """Each token's weighted sum of its rows' outputs and the gradients (x, w1, w2, weight): the FP8 expert
+    block as one Function (`fp8_token_sums`), or (`separate`) as expert parallelism runs it: the rows
+    gathered, each quantized, the experts' products, then the weighted sum, differentiated by autograd."""
     from megamoe.moe import fused_permute
-    if gathered:
+    if separate:
         out = ex(fused_permute.gather_tokens(x, rows.token_of_row, rows.inverse, rows.k), counts, grouped)
+        y = fused_permute.torch_sum_rows(out, rows.inverse.view(-1, rows.k), weight)
     else:
-        out = ex.token_rows(x, counts, rows, grouped)
-    return [out, *torch.autograd.grad(out, (x, ex.w1, ex.w2), dy)]
+        y = ex.fp8_token_sums(x, counts, rows, weight, grouped)
+    return [y, *torch.autograd.grad(y, (x, ex.w1, ex.w2, weight), dy)]
 
 
-def test_fp8_tokens_quantized_once_are_the_rows_quantized_each():
-    """FP8 experts over the tokens' rows (`token_rows`, `fp8.gathered_grouped_mm`: each token quantized
-    once, its e4m3 row gathered) compute exactly what quantizing every gathered row computes: output
-    and the gradients of the tokens and both weights bit for bit (CPU, fp32)."""
+def test_fp8_token_sums_are_the_rows_run_and_summed():
+    """The FP8 expert block as one Function (each token quantized once and its e4m3 row gathered; the
+    backward's gradients quantized in `fp8_fused`'s passes, SwiGLU's gradient and activation computed in
+    fp32 and rounded once) computes what the separate pieces compute (every gathered row quantized, autograd
+    through SwiGLU and the weighted sum): the forward bit for bit, the gradients of the tokens, both weights
+    and the routing weights to fp32 rounding (CPU, fp32)."""
     case = fp8_tokens_case("cpu", torch.float32)
-    got, want = fp8_tokens_run(*case, gathered=False), fp8_tokens_run(*case, gathered=True)
-    for name, a, b in zip(("out", "x", "w1", "w2"), got, want):
-        assert torch.equal(a, b), name
-    assert float(got[1].norm()) > 0
-    case[0].fp8 = False  # other experts gather the rows themselves: the same products
-    for name, a, b in zip(("out", "x", "w1", "w2"), fp8_tokens_run(*case, gathered=False),
-                          fp8_tokens_run(*case, gathered=True)):
-        assert torch.equal(a, b), name
+    got, want = fp8_tokens_run(*case, separate=False), fp8_tokens_run(*case, separate=True)
+    assert torch.equal(got[0], want[0])
+    for name, a, b in zip(("x", "w1", "w2", "weight"), got[1:], want[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        assert float(a.norm()) > 0, name
 
 
 def test_fp8_weight_cache_is_the_per_call_quantization_until_released():
@@ -171,10 +174,9 @@ def test_fp8_weight_cache_is_the_per_call_quantization_until_released():
     per-call quantization bit for bit (rows and tokens). Changed weights are not seen until the next
     cache (what the trainer's release before each optimizer step is for); once released, the layer
     quantizes per call again."""
-    ex, x, counts, rows, dy = fp8_tokens_case("cpu", torch.float32)
-    model = torch.nn.Sequential(ex)
-    runs = lambda: (fp8_tokens_run(ex, x, counts, rows, dy, gathered=False)  # noqa: E731
-                    + fp8_tokens_run(ex, x, counts, rows, dy, gathered=True))
+    case = fp8_tokens_case("cpu", torch.float32)
+    ex, model = case[0], torch.nn.Sequential(case[0])
+    runs = lambda: (fp8_tokens_run(*case, separate=False) + fp8_tokens_run(*case, separate=True))  # noqa: E731
     fresh = runs()
     assert experts.cache_fp8_weights(model) and ex.fp8_cache_valid
     cached = runs()
@@ -209,15 +211,16 @@ def test_fp8_kernels_equal_the_cpu_path_on_cuda():
     # (bench/fp8_check.py: one GEMM agrees to 9e-4 forward, 7e-4 input gradient, exactly weight gradient)
     for a, b in zip(*runs):
         assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2
-    # the tokens path (each token quantized once, its e4m3 row gathered by the kernel), cached or not
+    # the expert block as one Function (its fused quantizing kernels) and as the pieces, cached or not
     case = fp8_tokens_case("cuda", torch.bfloat16)
-    want = fp8_tokens_run(*case, gathered=True, grouped=False)
+    want = fp8_tokens_run(*case, separate=True, grouped=False)
     for cached in (False, True):
         if cached:
             experts.cache_fp8_weights(torch.nn.Sequential(case[0]))
-        for gathered in (False, True):
-            for name, a, b in zip(("out", "x", "w1", "w2"), fp8_tokens_run(*case, gathered=gathered, grouped=True), want):
-                assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2, (cached, gathered, name)
+        for separate in (False, True):
+            got = fp8_tokens_run(*case, separate=separate, grouped=True)
+            for name, a, b in zip(("out", "x", "w1", "w2", "weight"), got, want):
+                assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2, (cached, separate, name)
 
 
 ROUTINGS = {"token_choice": {}, "capacity": {"capacity_factor": 1.0}, "expert_choice": {"routing": "expert_choice"},

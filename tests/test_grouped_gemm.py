@@ -104,6 +104,46 @@ def test_the_triton_kernels_compute_each_experts_product():
             assert all(wgrad[i].abs().max() == 0 for i, c in enumerate(counts) if c == 0)
 
 
+SCALED_INTERPRETED = """
+import torch
+from megamoe.moe import grouped_gemm as G
+gen = torch.Generator().manual_seed(3)
+out = []
+E, K, N = 7, 64, 128
+for counts in %r:
+    offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    R = int(offs[-1])
+    index = torch.randint(0, R // 2 + 1, (R,), generator=gen)
+    a_src = (4 * torch.randn(R // 2 + 1, K, generator=gen)).to(torch.float8_e4m3fn)
+    b = (4 * torch.randn(E, N, K, generator=gen)).to(torch.float8_e4m3fn)  # [E, N, K]: K-major
+    a_scale = torch.exp2(torch.randint(-8, 8, (R // 2 + 1,), generator=gen).float())
+    b_scale = torch.exp2(torch.randint(-8, 8, (E, N), generator=gen).float())
+    a = a_src[index]
+    got = [G.launch_scaled_rows_mm(a, a_scale[index], b, b_scale, offs, out_dtype=torch.float32, config=(16, 32, 32, 4, 2)),
+           G.launch_scaled_rows_mm(a_src, a_scale, b, b_scale, offs, out_dtype=torch.float32, config=(32, 64, 32, 4, 2),
+                                   a_index=index),
+           G.launch_scaled_rows_mm(a, a_scale[index], b, b_scale, offs, config=(16, 64, 64, 4, 2))]
+    out.append([t.float().tolist() for t in (a.float(), a_scale[index], b.float(), b_scale, *got)])
+print(out)
+"""
+
+
+def test_the_fp8_kernel_computes_each_experts_scaled_product():
+    """Under Triton's interpreter: the e4m3 row-grouped product (`launch_scaled_rows_mm`, the FP8 experts'
+    forward and input-gradient products) equals the per-expert product of the dequantized operands,
+    (a[r] · a_scale[r]) @ (b[e] · b_scale[e])ᵀ, for experts empty, short and past a tile, with the rows
+    read from a copy or through an index (each row's scale through the same index), out in fp32 and in
+    bf16; no tile writes another expert's rows."""
+    from pip_cache import run_interpreted
+    runs = run_interpreted(SCALED_INTERPRETED % (COUNTS,))
+    for counts, run in zip(COUNTS, runs):
+        a, a_scale, b, b_scale, copy, gathered, bf16 = map(torch.tensor, run)
+        want = rows_ref(a * a_scale[:, None], b * b_scale[:, :, None], counts, trans_b=True)
+        torch.testing.assert_close(copy, want, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(gathered, want, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(bf16, want.bfloat16().float(), rtol=8e-3, atol=1e-2)
+
+
 SM90 = """
 import re
 import triton
@@ -126,11 +166,20 @@ def ttgir(kernel, pointers, scalars, consts, warps, stages):
             max([int(n) for n in re.findall(r"async_wait [^{]*[{]num = (\d+)", text)] or [0])]
 
 out = {}
-rows = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "offs_ptr": "*i32", "index_ptr": "*i64"}
+rows = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "offs_ptr": "*i32", "index_ptr": "*i64",
+        "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32"}
 for gather in (False, True):  # OLMoE's second projection's input gradient: 128x256x64 tiles, four stages
     consts = dict(N=1024, K=2048, E=64, E_P2=64, TRANS_B=True, BM=128, BN=256, BK=64, NUM_PROGRAMS=132, WS=False,
-                  TMA_STORE=True, GATHER=gather)
+                  TMA_STORE=True, GATHER=gather, SCALED=False)
     out[f"rows {gather}"] = ttgir(G._rows_mm_kernel, rows, {"R": "i32"}, consts, 8, 4)
+# the FP8 form: OLMoE's first projection, e4m3 operands at SCALED_ROWS_CONFIG's tiles
+bm, bn, bk, warps, stages = G.SCALED_ROWS_CONFIG
+consts = dict(N=2048, K=2048, E=64, E_P2=64, TRANS_B=True, BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=132, WS=False,
+              TMA_STORE=True, GATHER=False, SCALED=True)
+text = compiled(G._rows_mm_kernel, {**rows, "a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv"}, {"R": "i32"}, consts, warps,
+                stages).asm["ttgir"]
+out["scaled"] = [text.count("async_tma_copy_global_to_local"), "pendings = 1" in text,
+                 len(re.findall(r"warp_group_dot .*f8E4M3FN", text))]
 wgrad = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "part_ptr": "*fp32", "offs_ptr": "*i32",
          "next_ptr": "*i32", "a_index_ptr": "*i64", "b_index_ptr": "*i64"}
 for ga, gb in ((False, False), (True, False), (False, True)):  # the flat loop, OLMoE's w2
@@ -143,7 +192,8 @@ print(out)
 
 
 def test_the_gathering_loads_are_pipelined_for_hopper():
-    """Compiled for sm_90 on the CPU (Triton 3.6, as a launch specializes aligned pointers): the products that
+    """Compiled for sm_90 on the CPU (Triton 3.6, as a launch specializes aligned pointers): the FP8 product
+    compiles to FP8 warp-group MMAs fed by pipelined TMA loads; the products that
     read token rows through an index load them by asynchronous copies in the software pipeline (the MMA waits
     for one group less than it issued), beside the weights' TMA loads, as the TMA-only forms do; a form Triton's
     pipeliner cannot take would load synchronously at every k-step. At five stages the weight gradient keeps
@@ -152,6 +202,8 @@ def test_the_gathering_loads_are_pipelined_for_hopper():
     got = run_interpreted(SM90, interpret=False)
     assert got["rows False"][0] == 0 and got["rows False"][1] > 0 and got["rows False"][2], got
     assert got["wgrad False False"][0] == 0 and got["wgrad False False"][2], got
+    # the FP8 product: both e4m3 operands by TMA into one FP8 warp-group MMA, overlapped with the next loads
+    assert got["scaled"][0] > 0 and got["scaled"][1] and got["scaled"][2] == 1, got
     for name in ("rows True", "wgrad True False", "wgrad False True"):
         copies, tma, overlapped, _, _ = got[name]
         assert copies > 0 and tma > 0 and overlapped, (name, got)
@@ -268,3 +320,27 @@ def test_the_kernels_equal_torchs_grouped_gemm_on_cuda(monkeypatch, flat):
         for got in (fn(), torch.compile(fn, fullgraph=True)()):
             err = ((got.float() - want.float()).norm() / want.float().norm()).item()
             assert err < 1e-2, err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="FP8 tensor cores: Hopper or later; CI has no GPU and checks the kernel under the interpreter")
+def test_the_fp8_kernel_equals_torchs_scaled_grouped_gemm_on_cuda():
+    """e4m3 rows and weights with rowwise scales (as `moe.fp8` quantizes them), OLMoE's first projection at a
+    few hundred rows with empty experts: megamoe's kernel, eager and compiled (its custom op), against
+    `torch._scaled_grouped_mm` (both accumulate in fp32 without promotion: fast accumulation)."""
+    from megamoe.moe import fp8
+    torch._dynamo.reset()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    counts = torch.zeros(64, dtype=torch.int64, device="cuda")
+    counts[: 40] = torch.randint(0, 60, (40,), generator=g, device="cuda")
+    offs = experts.group_offsets(counts)
+    x = torch.randn(int(offs[-1]), 2048, generator=g, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(64, 2048, 2048, generator=g, device="cuda", dtype=torch.bfloat16) / 45  # [E, out, in]
+    (xq, x_inv), (wq, w_inv) = fp8.quantize(x, -1), fp8.quantize(w, -1)
+    assert G.scaled_rows_available(xq, wq)
+    want = torch._scaled_grouped_mm(xq, wq.transpose(1, 2), x_inv.squeeze(-1), w_inv.squeeze(-1), offs=offs,
+                                    out_dtype=torch.bfloat16, use_fast_accum=True).float()
+    fn = lambda: G.scaled_rows_mm(xq, x_inv, wq, w_inv, offs)  # noqa: E731
+    for got in (fn(), torch.compile(fn, fullgraph=True)()):
+        assert got.dtype == torch.bfloat16
+        assert ((got.float() - want).norm() / want.norm()).item() < 1e-2

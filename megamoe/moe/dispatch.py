@@ -114,9 +114,10 @@ class Dispatcher:
             # token rows in place instead of a gathered copy (`experts.TokenRows`).
             tokens = TokenRows(token_of_row, inverse, k, residual)
             return experts(x, counts, row_weight=routing.weight[order], tokens=tokens).to(x.dtype)
-        if k and self.ep_size == 1 and getattr(experts, "fp8", False):  # each token quantized once, not k times
-            out = experts.token_rows(x, counts, TokenRows(token_of_row, inverse, k))
-        elif self.ep_size == 1:
+        if k and self.ep_size == 1 and getattr(experts, "fp8", False):  # the experts and the weighted sum, one Function
+            weight = routing.weight.view(-1, k)  # [T, k]
+            return experts.fp8_token_sums(x, counts, TokenRows(token_of_row, inverse, k), weight).to(x.dtype)
+        if self.ep_size == 1:
             out = experts(fused_permute.gather_tokens(x, token_of_row, inverse, k) if k else x[token_of_row], counts)
         else:  # rows sorted by global expert; the weights stay on this rank and scale the rows when they come back
             rows = fused_permute.gather_tokens(x, token_of_row, inverse, k) if k else x[token_of_row]

@@ -122,20 +122,17 @@ class SwiGLUExperts(nn.Module):
                 for e, (rows, w) in enumerate(zip(torch.split(x, sizes), weights))]
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
 
-    def token_rows(self, x: torch.Tensor, counts: torch.Tensor, tokens: TokenRows,
-                   grouped: bool | None = None) -> torch.Tensor:
-        """The outputs [T·k, d] of the tokens' rows (row r is token tokens.token_of_row[r]), unweighted:
-        `forward(gather(x), counts)`. FP8 experts quantize each token once and gather its e4m3 rows
-        (`fp8.gathered_grouped_mm`); the others gather the rows first."""
+    def fp8_token_sums(self, x: torch.Tensor, counts: torch.Tensor, tokens: TokenRows, weight: torch.Tensor,
+                       grouped: bool | None = None) -> torch.Tensor:
+        """FP8 experts over tokens x [T, d] whose rows these are (every expert on this rank): each token's k
+        outputs weighted by weight [T, k] and summed, [T, d] (`fp8.token_sums`: each token quantized once,
+        its e4m3 row gathered; the backward's gradients quantized in the kernels that make them)."""
         if grouped is None:
             grouped = grouped_mm_available(x)
-        index, inverse, k, _ = tokens
-        if not self.fp8:
-            return self._rows(fused_permute.gather_tokens(x, index, inverse, k), counts, grouped, None)
         offs = group_offsets(counts) if grouped and fp8_mm.kernel_available(x) else None
         q1, q2 = self._fp8_weights()
-        h = fp8_mm.gathered_grouped_mm(x, self.w1, counts, offs, index, inverse, k, q1)  # [N, 2F]
-        return fp8_mm.grouped_mm(_act(h, None), self.w2, counts, offs, q2)  # [N, d]
+        return fp8_mm.token_sums(x, self.w1, self.w2, counts, offs, tokens.token_of_row, tokens.inverse, weight,
+                                 tokens.k, q1, q2)
 
     def _tokens(self, x, counts, grouped, row_weight, tokens: TokenRows) -> torch.Tensor:
         index, inverse, k, residual = tokens

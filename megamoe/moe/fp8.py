@@ -7,24 +7,26 @@
                                               torchao keep the reduction over tokens
 where q() rounds to float8_e4m3fn after multiplying by a power-of-two scale that maps the
 slice's largest magnitude to at most 448 (powers of two: the scaling itself is exact). On CUDA the
-two FP8 products are `torch._scaled_grouped_mm` (Hopper and later); elsewhere they are computed
-from the same quantized values, dequantized, one expert at a time — the same function, which the
-CPU tests check against an explicit quantize-dequantize reference.
+two FP8 products are `grouped_gemm.scaled_rows_mm` (megamoe's kernel, Hopper and later) or
+`torch._scaled_grouped_mm`; elsewhere they are computed from the same quantized values, dequantized,
+one expert at a time — the same function, which the CPU tests check against an explicit
+quantize-dequantize reference.
 
-Dropless top-k gives each token k rows, copies of it, as the first projection's input.
-`gathered_grouped_mm` quantizes each token once and gathers the e4m3 rows with their scales: the
-same values as quantizing each row (a row's scale is its token's; so expert parallelism, which
-quantizes the rows it receives, agrees), in an eighth of the quantizing pass at top-8, a gathered
-copy of 1 byte an element instead of 2, and no [T·k, d] copy kept for the backward (its weight
-gradient gathers the bf16 rows again). The second projection's output gradient is not a copy of
-its token's: the combine weights each row (`dispatch`). The weights' two quantized forms
-(`quantize_weight`) are made per call, or once per optimizer step where the trainer keeps them
-across its micro-batches (`SwiGLUExperts.fp8_cache`, `experts.cache_fp8_weights`).
+`token_sums` is the whole expert block where every expert is on this rank (dropless top-k): tokens in,
+each token's weighted sum of its k expert outputs out, one autograd Function. Its first projection
+quantizes each token once and gathers the e4m3 rows with their scales: the same values as quantizing
+each of the token's k copies (a row's scale is its token's; so expert parallelism, which quantizes the
+rows it receives through `grouped_mm`, agrees). Its backward makes each quantized gradient in the
+kernel that makes the gradient (`fp8_fused`) instead of in a pass of its own: the weighted rows of
+the output gradient, and SwiGLU's gradient; the activation is made again there for w2's gradient, not
+kept. The weights' two quantized forms (`quantize_weight`) are made per call, or once per optimizer
+step where the trainer keeps them across its micro-batches (`SwiGLUExperts.fp8_cache`,
+`experts.cache_fp8_weights`).
 """
 
 import torch
 
-from . import fused_permute, grouped_gemm
+from . import fp8_fused, fused_permute, grouped_gemm
 
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
@@ -75,29 +77,33 @@ def _gather(q: torch.Tensor, inv: torch.Tensor, index: torch.Tensor) -> tuple[to
     return rows, inv[index]
 
 
-def _scaled_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
+def _scaled_mm(a: torch.Tensor, a_inv: torch.Tensor, bt: torch.Tensor, bt_inv: torch.Tensor,
                counts: torch.Tensor, offs: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """[N, K] fp8 rows (scales [N, 1]) @ per-expert [E, K, M] fp8 (scales [E, 1, M]) → [N, M]."""
+    """[N, K] fp8 rows (scales [N, 1]) @ bt[e]ᵀ for per-expert bt [E, M, K] fp8 (K-major, as FP8 tensor
+    cores take it; scales [E, M, 1]) → [N, M]. On CUDA `grouped_gemm`'s kernel where it runs, else
+    `torch._scaled_grouped_mm`."""
     if offs is not None:
-        return torch._scaled_grouped_mm(a, b, a_inv.squeeze(-1), b_inv.squeeze(1), offs=offs,
+        if out_dtype == torch.bfloat16 and grouped_gemm.scaled_rows_available(a, bt):
+            return grouped_gemm.scaled_rows_mm(a, a_inv, bt, bt_inv, offs)
+        return torch._scaled_grouped_mm(a, bt.transpose(1, 2), a_inv.squeeze(-1), bt_inv.squeeze(-1), offs=offs,
                                         out_dtype=out_dtype, use_fast_accum=True)
-    outs = [(rows.float() * s) @ (b[e].float() * b_inv[e])
+    outs = [(rows.float() * s) @ (bt[e].float() * bt_inv[e]).T
             for e, (rows, s) in enumerate(zip(torch.split(a, counts.tolist()), torch.split(a_inv, counts.tolist())))]
-    return torch.cat(outs).to(out_dtype) if outs else a.new_zeros(0, b.shape[-1], dtype=out_dtype)
+    return torch.cat(outs).to(out_dtype) if outs else a.new_zeros(0, bt.shape[1], dtype=out_dtype)
 
 
 def _forward_mm(aq, a_inv, w, wf, wf_inv, counts, offs, dtype) -> torch.Tensor:
     """q(a) @ q(w): w's forward form from the cache, or made here."""
     if wf is None:
         wf, wf_inv = quantize(w.transpose(1, 2).contiguous(), -1)  # [E, M, K], [E, M, 1]
-    return _scaled_mm(aq, a_inv, wf.transpose(1, 2), wf_inv.transpose(1, 2), counts, offs, dtype)
+    return _scaled_mm(aq, a_inv, wf, wf_inv, counts, offs, dtype)
 
 
 def _input_grad_mm(gq, g_inv, w, wb, wb_inv, counts, offs, dtype) -> torch.Tensor:
     """q(g) @ q(w)ᵀ: w's input-gradient form as saved from the cache, or made here."""
     if wb is None:
         wb, wb_inv = quantize(w, -1)  # [E, K, M], [E, K, 1]
-    return _scaled_mm(gq, g_inv, wb.transpose(1, 2), wb_inv.transpose(1, 2), counts, offs, dtype)
+    return _scaled_mm(gq, g_inv, wb, wb_inv, counts, offs, dtype)
 
 
 def _weight_grad(x: torch.Tensor, g: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor | None,
@@ -125,28 +131,43 @@ class _FP8GroupedMM(torch.autograd.Function):
         return grad_x, grad_w.to(w.dtype), None, None, None, None, None, None
 
 
-class _FP8GatheredMM(torch.autograd.Function):
-    """x[index] @ w[e] for tokens x [T, K] with k rows each (row r is token index[r]; token t's j-th
-    row is inverse[t·k + j]): each token quantized once and its e4m3 row gathered. Backward: the rows'
-    input gradients summed into their tokens; the weight gradient from the tokens' bf16 rows."""
+class _FP8TokenSums(torch.autograd.Function):
+    """y[t] = Σ_j weight[t, j] · (q(silu(gate) · up) @ q(w2[e]))  with  [gate | up] = q(x[t]) @ q(w1[e]), the
+    experts' rows of token t being rows inverse[t·k + j] (every expert on this rank). The forward is the
+    pieces above (the tokens' e4m3 rows gathered, SwiGLU, the weighted sum) and keeps the tokens, h and
+    the experts' output rows, not the activation. The backward makes each quantized gradient in the kernel
+    that makes the gradient (`fp8_fused`): the weighted output gradient of each row with its e4m3 form and
+    the routing weights' gradient in one pass, then SwiGLU's gradient with its e4m3 form and the activation
+    again for w2's weight gradient in another."""
 
     @staticmethod
-    def forward(ctx, x, w, counts, offs, index, inverse, k: int, wf, wf_inv, wb, wb_inv):
-        xq, x_inv = quantize(x, -1)  # [T, K]: a row's scale is its token's
+    def forward(ctx, x, w1, w2, counts, offs, index, inverse, weight, k: int, wf1, wf1_inv, wb1, wb1_inv,
+                wf2, wf2_inv, wb2, wb2_inv):
+        xq, x_inv = quantize(x, -1)  # [T, d]: a row's scale is its token's
         rows, rows_inv = _gather(xq, x_inv, index)
-        ctx.save_for_backward(x, w, counts, offs, index, inverse, wb, wb_inv)
+        h = _forward_mm(rows, rows_inv, w1, wf1, wf1_inv, counts, offs, x.dtype)  # [N, 2F]
+        gate, up = h.chunk(2, dim=-1)
+        aq, a_inv = quantize(torch.nn.functional.silu(gate) * up, -1)  # [N, F]
+        out = _forward_mm(aq, a_inv, w2, wf2, wf2_inv, counts, offs, x.dtype)  # [N, d]
+        ctx.save_for_backward(x, w1, w2, counts, offs, index, inverse, weight, h, out, wb1, wb1_inv, wb2, wb2_inv)
         ctx.k = k
-        return _forward_mm(rows, rows_inv, w, wf, wf_inv, counts, offs, x.dtype)
+        return fused_permute.torch_sum_rows(out, inverse.view(-1, k), weight)  # [T, d]
 
     @staticmethod
     def backward(ctx, grad):
-        x, w, counts, offs, index, inverse, wb, wb_inv = ctx.saved_tensors
-        grad = grad.contiguous()
-        gq, g_inv = quantize(grad, -1)  # [N, M]: the rows' gradients differ, scaled per row
-        grad_rows = _input_grad_mm(gq, g_inv, w, wb, wb_inv, counts, offs, grad.dtype)
-        grad_x = fused_permute.sum_rows(grad_rows, inverse.view(-1, ctx.k))
-        grad_w = _weight_grad(fused_permute.gather_rows(x, index), grad, counts, offs, w.shape[0])
-        return grad_x, grad_w.to(w.dtype), None, None, None, None, None, None, None, None, None
+        x, w1, w2, counts, offs, index, inverse, weight, h, out, wb1, wb1_inv, wb2, wb2_inv = ctx.saved_tensors
+        w_rows = torch.empty(index.numel(), dtype=weight.dtype, device=weight.device).scatter_(
+            0, inverse, weight.reshape(-1))  # [N] each row's routing weight
+        g, gq, g_inv, grad_w_rows = fp8_fused.combine_backward_quantized(grad.contiguous(), out, w_rows, index)
+        g_a = _input_grad_mm(gq, g_inv, w2, wb2, wb2_inv, counts, offs, g.dtype)  # [N, F]
+        dh, dhq, dh_inv, a = fp8_fused.swiglu_backward_quantized(h, g_a)  # [N, 2F] ×2, [N, 1], [N, F]
+        grad_w2 = _weight_grad(a, g, counts, offs, w2.shape[0])
+        grad_x = fused_permute.sum_rows(_input_grad_mm(dhq, dh_inv, w1, wb1, wb1_inv, counts, offs, g.dtype),
+                                        inverse.view(-1, ctx.k))  # [T, d]
+        grad_w1 = _weight_grad(fused_permute.gather_rows(x, index), dh, counts, offs, w1.shape[0])
+        grad_weight = grad_w_rows[inverse].view_as(weight).to(weight.dtype)  # [T, k]
+        return (grad_x, grad_w1.to(w1.dtype), grad_w2.to(w2.dtype), None, None, None, None, grad_weight,
+                *[None] * 9)
 
 
 NO_CACHE = (None, None, None, None)
@@ -160,7 +181,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: tor
     return _FP8GroupedMM.apply(x, w, counts, offs, *wq)
 
 
-def gathered_grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor | None,
-                        index: torch.Tensor, inverse: torch.Tensor, k: int, wq: tuple = NO_CACHE) -> torch.Tensor:
-    """grouped_mm(x[index], w, ...) for tokens x [T, K] with k rows each: [T·k, M]."""
-    return _FP8GatheredMM.apply(x, w, counts, offs, index, inverse, k, *wq)
+def token_sums(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor | None,
+               index: torch.Tensor, inverse: torch.Tensor, weight: torch.Tensor, k: int, wq1: tuple = NO_CACHE,
+               wq2: tuple = NO_CACHE) -> torch.Tensor:
+    """The FP8 SwiGLU experts over tokens x [T, d] with k rows each (row r is token index[r], token t's j-th
+    row is inverse[t·k + j]), each token's rows weighted by weight [T, k] and summed: [T, d]."""
+    return _FP8TokenSums.apply(x, w1, w2, counts, offs, index, inverse, weight, k, *wq1, *wq2)

@@ -72,6 +72,17 @@ def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
     return (128, 256, 64, 8, 3 if k >= 2048 else 4), False
 
 
+# The FP8 row-grouped product (`scaled_rows_mm`): (BM, BN, BK, warps, stages), not yet timed on a GPU
+SCALED_ROWS_CONFIG = (128, 256, 128, 8, 3)
+# FP8 experts' products through this module's kernel (True) or `torch._scaled_grouped_mm` (False, for A/B runs)
+FP8_KERNEL = True
+
+
+def scaled_rows_config(k: int, n: int) -> tuple[tuple[int, ...], bool]:
+    """(BM, BN, BK, warps, stages) and warp specialisation of an e4m3 [R, k] × [k, n] row-grouped product."""
+    return SCALED_ROWS_CONFIG, False
+
+
 CHOICES = ("triton", "torch")
 
 
@@ -101,6 +112,13 @@ def rows_available(a: torch.Tensor, b: torch.Tensor, trans_b: bool = False) -> b
     """The kernel runs a [R, K] × b: bf16 on Hopper or later, K and N multiples of the tile."""
     k, n = (b.shape[2], b.shape[1]) if trans_b else (b.shape[1], b.shape[2])
     return enabled() and a.dtype == b.dtype == torch.bfloat16 and k % 64 == 0 and n % 256 == 0 and _on_hopper(a)
+
+
+def scaled_rows_available(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The kernel runs e4m3 a [R, K] × b [E, N, K]ᵀ: on Hopper or later, K and N multiples of the tile."""
+    bk, bn = SCALED_ROWS_CONFIG[2], SCALED_ROWS_CONFIG[1]
+    return (enabled() and FP8_KERNEL and a.dtype == b.dtype == torch.float8_e4m3fn and a.shape[1] % bk == 0
+            and b.shape[1] % bn == 0 and _on_hopper(a))
 
 
 def wgrad_available(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -195,12 +213,13 @@ if triton is not None:
         desc.store([_BIG, start + rows, _BIG - rows + row, col], tl.reshape(data, [1, 1, BR, BC]))
 
     @triton.jit
-    def _rows_mm_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, index_ptr, R,
+    def _rows_mm_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, index_ptr, a_scale_ptr, b_scale_ptr, R,
                         N: tl.constexpr, K: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr,
                         TRANS_B: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                         NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, TMA_STORE: tl.constexpr,
-                        GATHER: tl.constexpr):
-        """GATHER: row r of a is a_ptr's row index[r] (pointer loads; TMA cannot gather on Hopper)."""
+                        GATHER: tl.constexpr, SCALED: tl.constexpr):
+        """GATHER: row r of a is a_ptr's row index[r] (pointer loads; TMA cannot gather on Hopper).
+        SCALED: a and b in e4m3, the product times a_scale[row of a] and b_scale[e, column] (fp32)."""
         pid = tl.program_id(0)
         num_n: tl.constexpr = N // BN
         if TMA_STORE:
@@ -235,6 +254,11 @@ if triton is not None:
                 else:
                     b = b_desc.load([e * K + kk * BK, tn * BN])
                 acc = tl.dot(a, b, acc)
+            if SCALED:  # rows past R (read as row 0 or zeros) are not stored
+                r = start + tl.arange(0, BM)
+                a_scale = tl.load(a_scale_ptr + (src if GATHER else r), mask=r < R, other=0.0)
+                b_scale = tl.load(b_scale_ptr + e * N + tn * BN + tl.arange(0, BN))
+                acc = acc * a_scale[:, None] * b_scale[None, :]
             if TMA_STORE:  # rows past the expert's end fall outside the ragged window: not written
                 lo, hi = _halves(acc.to(c_ptr.dtype.element_ty), BM, BN)
                 _ragged_store(c_desc, start, rows, 0, tn * BN, lo, BM, BN // 2)
@@ -471,23 +495,40 @@ if triton is not None:
         """The kernel itself (any device Triton runs on, the interpreter included): a [R, K],
         b [E, K, N] (trans_b: [E, N, K]), offs [E] int32 → [R, N]; with `a_index` [R], a[a_index]
         read in place (a: [T, K]). `wrap` is torch.compile's `wrap_triton` under the custom op."""
+        default, ws = rows_config(a.shape[1], b.shape[1] if trans_b else b.shape[2], trans_b)
+        return _launch_rows(a, b, offs, trans_b, None, a.dtype, config or default,
+                            ws if warp_specialize is None else warp_specialize, wrap, a_index)
+
+    def launch_scaled_rows_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                              offs: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, config=None,
+                              warp_specialize: bool | None = None, wrap=_plain,
+                              a_index: torch.Tensor | None = None) -> torch.Tensor:
+        """out[r] = (a[r] @ b[e(r)]ᵀ) · a_scale[r] · b_scale[e(r)] for e4m3 a [R, K] and b [E, N, K] (each
+        row of b an output column, K-major as FP8 tensor cores take both operands), fp32 scales a_scale
+        [R] and b_scale [E, N]: [R, N] in out_dtype. With `a_index`, row r is a[a_index[r]] and its
+        scale a_scale[a_index[r]]."""
+        default, ws = scaled_rows_config(a.shape[1], b.shape[1])
+        return _launch_rows(a, b, offs, True, (a_scale.reshape(-1).contiguous(), b_scale.contiguous()), out_dtype,
+                            config or default, ws if warp_specialize is None else warp_specialize, wrap, a_index)
+
+    def _launch_rows(a, b, offs, trans_b: bool, scales, out_dtype, config, ws: bool, wrap, a_index):
         a, b = a.contiguous(), b.contiguous()
         K = a.shape[1]
         R = a.shape[0] if a_index is None else a_index.numel()
         E = b.shape[0]
         N = b.shape[1] if trans_b else b.shape[2]
-        default, ws = rows_config(K, N, trans_b)
-        bm, bn, bk, warps, stages = config or default
-        ws = ws if warp_specialize is None else warp_specialize
+        bm, bn, bk, warps, stages = config
         assert (b.shape[2] if trans_b else b.shape[1]) == K and K % bk == 0 and N % bn == 0, (a.shape, b.shape, trans_b)
-        out = a.new_empty(R, N)
+        out = a.new_empty(R, N, dtype=out_dtype)
         if R == 0:
             return out
         programs = _programs(a.device, (triton.cdiv(R, bm) + E) * (N // bn))
+        a_scale, b_scale = scales if scales is not None else (offs, offs)
         _launch(_rows_mm_kernel, wrap)[(programs,)](
-            a, b, out, offs, offs if a_index is None else a_index.contiguous(), R, N=N, K=K, E=E,
+            a, b, out, offs, offs if a_index is None else a_index.contiguous(), a_scale, b_scale, R, N=N, K=K, E=E,
             E_P2=triton.next_power_of_2(E), TRANS_B=trans_b, BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, WS=ws,
-            TMA_STORE=ROWS_TMA_STORE, GATHER=a_index is not None, num_warps=warps, num_stages=stages)
+            TMA_STORE=ROWS_TMA_STORE, GATHER=a_index is not None, SCALED=scales is not None, num_warps=warps,
+            num_stages=stages)
         return out
 
     def launch_weight_grad_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, config=None,
@@ -538,6 +579,11 @@ if triton is not None:
                     a_index: torch.Tensor | None = None) -> torch.Tensor:
         return launch_rows_mm(a, b, offs, trans_b, wrap=torch.library.wrap_triton, a_index=a_index)
 
+    @torch.library.triton_op("megamoe::grouped_scaled_rows_mm", mutates_args=())
+    def _scaled_rows_mm_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                           offs: torch.Tensor, a_index: torch.Tensor | None = None) -> torch.Tensor:
+        return launch_scaled_rows_mm(a, a_scale, b, b_scale, offs, wrap=torch.library.wrap_triton, a_index=a_index)
+
     @torch.library.triton_op("megamoe::grouped_weight_grad_mm", mutates_args=())
     def _weight_grad_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, a_index: torch.Tensor | None = None,
                         b_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -556,6 +602,15 @@ def rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, trans_b: bool 
         return (torch.ops.megamoe.grouped_rows_mm(a, b, offs, trans_b, a_index) if torch.compiler.is_compiling()
                 else launch_rows_mm(a, b, offs, trans_b, a_index=a_index))
     return torch._grouped_mm(_rows(a, a_index), b.transpose(-2, -1) if trans_b else b, offs=offs)
+
+
+def scaled_rows_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                   offs: torch.Tensor) -> torch.Tensor:
+    """(a[r] @ b[e(r)]ᵀ) · a_scale[r] · b_scale[e(r)] in bf16 for e4m3 a [R, K], b [E, N, K] and fp32
+    scales [R] and [E, N] (`scaled_rows_available`: the caller has `torch._scaled_grouped_mm` otherwise)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.megamoe.grouped_scaled_rows_mm(a, a_scale, b, b_scale, offs)
+    return launch_scaled_rows_mm(a, a_scale, b, b_scale, offs)
 
 
 def weight_grad_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, a_index: torch.Tensor | None = None,
