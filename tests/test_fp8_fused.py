@@ -1,6 +1,7 @@
 """`fp8_fused`: the FP8 experts' backward kernels that quantize what they compute (SwiGLU's gradient,
 the combine's row gradients), against their torch references and autograd."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -217,3 +218,31 @@ def test_the_kernels_compile_for_hopper_with_rounding_casts_and_no_spills():
     got = run_interpreted(SM90, interpret=False)
     for name, (fp8_casts, log2, vector_stores, spills) in got.items():
         assert fp8_casts > 0 and not log2 and vector_stores >= 3 and spills == ["0"], (name, got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="e4m3 conversion: sm_89 or later; CI has no GPU and runs the kernels under the interpreter")
+def test_the_kernels_on_cuda_quantize_their_own_output_and_agree_with_the_references():
+    """On the GPU at OLMoE's widths (2F = d = 2,048), eager and compiled (the custom ops): the quantized forms
+    are `fp8.quantize` of each kernel's own bf16 output bit for bit; dh, a and g are the references' to one bf16
+    rounding (the GPU's fused multiply-adds and exp), grad_w to fp32 summation order."""
+    K = fp8_fused
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    n, f, t, k = 3000, 1024, 400, 8
+    h, gr = 3 * torch.randn(n, 2 * f, generator=g, **bf), torch.randn(n, f, generator=g, **bf)
+    grad, out = torch.randn(t, 2 * f, generator=g, **bf), torch.randn(t * k, 2 * f, generator=g, **bf)
+    w_rows = torch.rand(t * k, generator=g, device="cuda")
+    token_of_row = torch.randint(0, t, (t * k,), generator=g, device="cuda")
+    assert K.available(h)
+    for run in (lambda fn, *a: fn(*a), lambda fn, *a: torch.compile(fn, fullgraph=True)(*a)):
+        for fn, ref, args in ((K.swiglu_backward_quantized, K.swiglu_backward_reference, (h, gr)),
+                              (K.combine_backward_quantized, K.combine_backward_reference,
+                               (grad, out, w_rows, token_of_row))):
+            got, want = run(fn, *args), ref(*args)
+            q, inv = fp8.quantize(got[0], -1)
+            assert torch.equal(got[1].view(torch.uint8), q.view(torch.uint8)) and torch.equal(got[2], inv)
+            assert [(x.shape, x.dtype) for x in got] == [(x.shape, x.dtype) for x in want]
+            for x, y in ((got[0], want[0]), (got[3], want[3])):
+                ulp = y.float().abs() * (2 ** -8 if y.dtype == torch.bfloat16 else 1e-5) + 1e-6
+                assert bool(((x.float() - y.float()).abs() <= ulp).all())

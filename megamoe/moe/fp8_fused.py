@@ -37,9 +37,15 @@ except ImportError:  # CPU installs: the torch references
     triton = None
 
 
+@torch.compiler.assume_constant_result
+def _converts_e4m3(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 9)
+
+
 def available(t: torch.Tensor) -> bool:
     """The kernels run here: Triton and a CUDA device that converts to e4m3 (sm_89 and later)."""
-    return triton is not None and t.is_cuda and torch.cuda.get_device_capability(t.device) >= (8, 9)
+    return triton is not None and t.is_cuda and _converts_e4m3(
+        t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 def swiglu_backward_reference(h: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
