@@ -230,7 +230,7 @@ def test_the_sum_kernels_residual_add_is_the_blocks_on_cuda(monkeypatch):
     from megamoe.model.rope import rope_cos_sin
     torch.manual_seed(0)
     block = olmoe.Block(ModelConfig(vocab_size=64, d_model=256, n_layers=1, n_heads=4, max_seq_len=128),
-                        MoEConfig(num_experts=8, top_k=2, ffn_hidden=256), 0).cuda().bfloat16()
+                        MoEConfig(num_experts=8, top_k=2, ffn_hidden=256, expert_precision=precision), 0).cuda().bfloat16()
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.05)
     h = torch.randn(2, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -251,12 +251,14 @@ def test_the_sum_kernels_residual_add_is_the_blocks_on_cuda(monkeypatch):
 
 AVAILABILITY_TRACED = """
 import torch
-from megamoe.moe import experts, fp8, fused_permute, fused_sort, fused_swiglu, grouped_gemm
+from megamoe.moe import experts, fp8, fp8_fused, fused_permute, fused_sort, fused_swiglu, grouped_gemm
 
 def checks(x, w):
+    xq, wq = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
     return (fused_sort.available(x), fused_permute.available(x), fused_swiglu.available(x),
             grouped_gemm.rows_available(x, w), grouped_gemm.rows_available(x, w, True),
-            grouped_gemm.wgrad_available(x, x), experts.grouped_mm_available(x), fp8.kernel_available(x))
+            grouped_gemm.wgrad_available(x, x), experts.grouped_mm_available(x), fp8.kernel_available(x),
+            fp8_fused.available(x), grouped_gemm.scaled_rows_available(xq, wq))
 
 x, w = torch.zeros(4, 256, dtype=torch.bfloat16), torch.zeros(2, 256, 256, dtype=torch.bfloat16)
 print(torch.compile(checks, fullgraph=True, backend="eager")(x, w) == checks(x, w))
@@ -274,15 +276,16 @@ def test_the_kernels_availability_checks_trace_without_a_graph_break():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the MoE block's CUDA kernels (sort, permutations, grouped "
                     "GEMMs, SwiGLU backward) are custom ops only on CUDA, where a break could come (run on the GPU "
                     "machine: docs/performance.md)")
-def test_a_moe_block_compiles_to_one_graph_on_cuda():
-    """The compiled MoE block as the trainer compiles it, on CUDA with every kernel on: one graph, no
-    break (a break at dispatch split each block in two and left the GPU waiting for the host: session
-    14's c1 profile)."""
+@pytest.mark.parametrize("precision", ["model", "fp8"])
+def test_a_moe_block_compiles_to_one_graph_on_cuda(precision):
+    """The compiled MoE block as the trainer compiles it, on CUDA with every kernel on (bf16 experts, and
+    FP8 experts: megamoe's FP8 product and `fp8_fused`'s kernels): one graph, no break (a break at dispatch
+    split each block in two and left the GPU waiting for the host: session 14's c1 profile)."""
     from megamoe.config import ModelConfig, MoEConfig
     from megamoe.model import olmoe
     from megamoe.model.rope import rope_cos_sin
     block = olmoe.Block(ModelConfig(vocab_size=64, d_model=256, n_layers=1, n_heads=4, max_seq_len=128),
-                        MoEConfig(num_experts=8, top_k=2, ffn_hidden=256), 0).cuda().bfloat16()
+                        MoEConfig(num_experts=8, top_k=2, ffn_hidden=256, expert_precision=precision), 0).cuda().bfloat16()
     h = torch.randn(2, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     cos, sin = rope_cos_sin(128, 64, 10000.0, "cuda", torch.bfloat16)
     torch._dynamo.reset()

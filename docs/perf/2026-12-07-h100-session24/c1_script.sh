@@ -4,7 +4,7 @@
 # bf16 against FP8 (weights cached), forward+backward, 16 layers, mb 2, back to back, one process.
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-timeout 200 python3 -m pytest -q -x tests/test_fp8_fused.py tests/test_grouped_gemm.py tests/test_experts.py -k "fp8 or cuda" 2>&1 | tail -4; date -u
+timeout 200 python3 -m pytest -q -x tests/test_fp8_fused.py tests/test_grouped_gemm.py tests/test_experts.py tests/test_kernels.py -k "fp8 or cuda" 2>&1 | tail -4; date -u
 timeout 200 python3 bench/bench_grouped_gemm.py --fp8 --geometries olmoe > $OUT/gemm.log 2>&1; echo "gemm rc $?"
 grep -v "^    (" $OUT/gemm.log | cut -c1-230 | tail -12; date -u
 left=$((590 - SECONDS)); [ $left -ge 150 ] && timeout $left python3 bench/bench_model.py --mb 2 --back-to-back --systems megamoe-compile,megamoe-compile-fp8-cached > $OUT/model.log 2>&1; echo "model rc $?"
