@@ -243,6 +243,8 @@ def test_the_kernels_on_cuda_quantize_their_own_output_and_agree_with_the_refere
             q, inv = fp8.quantize(got[0], -1)
             assert torch.equal(got[1].view(torch.uint8), q.view(torch.uint8)) and torch.equal(got[2], inv)
             assert [(x.shape, x.dtype) for x in got] == [(x.shape, x.dtype) for x in want]
-            for x, y in ((got[0], want[0]), (got[3], want[3])):
-                ulp = y.float().abs() * (2 ** -8 if y.dtype == torch.bfloat16 else 1e-5) + 1e-6
-                assert bool(((x.float() - y.float()).abs() <= ulp).all())
+            step = want[0].float().abs() * 2 ** -7 + 1e-6  # one bf16 rounding step
+            assert bool(((got[0].float() - want[0].float()).abs() <= step).all())
+            # a: one bf16 step; grad_w: 2,048 fp32 products summed in another order (against the largest sum)
+            torch.testing.assert_close(got[3].float(), want[3].float(), rtol=2 ** -7 if want[3].dtype == torch.bfloat16
+                                       else 1e-5, atol=1e-6 * float(want[3].abs().max()) + 1e-6)

@@ -72,15 +72,20 @@ def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
     return (128, 256, 64, 8, 3 if k >= 2048 else 4), False
 
 
-# The FP8 row-grouped product (`scaled_rows_mm`): (BM, BN, BK, warps, stages), not yet timed on a GPU
+# The FP8 row-grouped product (`scaled_rows_mm`): (BM, BN, BK, warps, stages); four stages where the
+# reduction or the output is at most 1024 wide (`scaled_rows_config`)
 SCALED_ROWS_CONFIG = (128, 256, 128, 8, 3)
 # FP8 experts' products through this module's kernel (True) or `torch._scaled_grouped_mm` (False, for A/B runs)
 FP8_KERNEL = True
 
 
 def scaled_rows_config(k: int, n: int) -> tuple[tuple[int, ...], bool]:
-    """(BM, BN, BK, warps, stages) and warp specialisation of an e4m3 [R, k] × [k, n] row-grouped product."""
-    return SCALED_ROWS_CONFIG, False
+    """(BM, BN, BK, warps, stages) and warp specialisation of an e4m3 [R, k] × [k, n] row-grouped product:
+    the fastest of `bench_grouped_gemm.py --fp8`'s sweep on OLMoE's four products (H100, docs/performance.md
+    session 24): 128×256×128 tiles, three stages at k = n = 2048 (the first projection's two products), four
+    where either is 1024 (the second's: 3.4% and 1.5% faster than three); warp specialisation gained ≤ 1%."""
+    bm, bn, bk, warps, stages = SCALED_ROWS_CONFIG
+    return (bm, bn, bk, warps, stages if min(k, n) > 1024 else stages + 1), False
 
 
 CHOICES = ("triton", "torch")
