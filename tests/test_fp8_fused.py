@@ -59,6 +59,12 @@ res["swiglu"] = dict(
     special_inv=[float(dh_inv[3]), float(dh_inv[11]), float(dh.float()[11].abs().max())],
     same_types=types((dh, dhq, dh_inv, a)) == types(ref))
 res["swiglu_empty"] = types(Q.launch_swiglu_backward(h[:0], g[:0])) == types(Q.swiglu_backward_reference(h[:0], g[:0]))
+# the forward's kernel: the same activation (fp32, rounded once), quantized
+aq, a_inv = Q.launch_swiglu_quantized(h)
+q, inv = fp8.quantize(a, -1)
+res["forward"] = dict(q_is_quantize=torch.equal(bits(aq), bits(q)), inv_is_quantize=torch.equal(a_inv, inv),
+                      same_types=types((aq, a_inv)) == types(Q.swiglu_quantized_reference(h)),
+                      empty=types(Q.launch_swiglu_quantized(h[:0])) == types(Q.swiglu_quantized_reference(h[:0])))
 
 t, k, d = 11, 3, 300  # 33 rows: off the row block (8 rows at d = 300) and the column block (512)
 grad = torch.randn(t, d, generator=gen).bfloat16()
@@ -92,7 +98,8 @@ print(res)
 
 
 def test_the_kernels_quantize_their_own_bf16_output_and_equal_the_references():
-    """Both kernels under Triton's interpreter on the CPU (its float casts rounding to nearest, as the
+    """The forward's SwiGLU kernel quantizes exactly the activation the backward's kernel makes again. Both
+    backward kernels under Triton's interpreter on the CPU (its float casts rounding to nearest, as the
     GPU's: `CASTS_TO_NEAREST`), for sizes off their blocks, with an all-zero row (amax at quantize's
     1e-12 floor: inv 2^-48), a huge value (3e4), a tiny row (1e-8), and rows whose amax is 1.75 · 2^e
     (448 / amax exactly a power of two: the scale's one delicate case) or the bf16 value above it.
@@ -109,6 +116,7 @@ def test_the_kernels_quantize_their_own_bf16_output_and_equal_the_references():
     assert s["q_is_quantize"] and s["inv_is_quantize"] and s["same_types"] and res["swiglu_empty"], s
     assert s["dh_exact"] and s["a_exact"] and s["q_is_reference"] and s["inv_is_reference"], s
     assert s["special_inv"] == [2.0 ** -48, 2.0 ** -8, 1.75], s  # 1.75 · 2^8 = 448: scale 2^8, not 2^7
+    assert all(res["forward"].values()), res["forward"]  # the forward's quantized activation: the backward's a
     assert c["q_is_quantize"] and c["inv_is_quantize"] and c["same_types"] and res["combine_empty"], c
     assert c["g_exact"] and c["q_is_reference"] and c["inv_is_reference"], c
     assert c["grad_w"] < 1e-5, c
@@ -223,7 +231,8 @@ def test_the_kernels_compile_for_hopper_with_rounding_casts_and_no_spills():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="e4m3 conversion: sm_89 or later; CI has no GPU and runs the kernels under the interpreter")
 def test_the_kernels_on_cuda_quantize_their_own_output_and_agree_with_the_references():
-    """On the GPU at OLMoE's widths (2F = d = 2,048), eager and compiled (the custom ops): the quantized forms
+    """On the GPU at OLMoE's widths (2F = d = 2,048), eager and compiled (the custom ops): the forward's quantized
+    activation is that of the backward's kernel bit for bit; the quantized forms
     are `fp8.quantize` of each kernel's own bf16 output bit for bit; dh, a and g are the references' to one bf16
     rounding (the GPU's fused multiply-adds and exp), grad_w to fp32 summation order."""
     K = fp8_fused
@@ -235,6 +244,10 @@ def test_the_kernels_on_cuda_quantize_their_own_output_and_agree_with_the_refere
     w_rows = torch.rand(t * k, generator=g, device="cuda")
     token_of_row = torch.randint(0, t, (t * k,), generator=g, device="cuda")
     assert K.available(h)
+    # the forward's kernel quantizes the activation the backward's kernel makes again, eager and compiled
+    want_q, want_inv = fp8.quantize(K.swiglu_backward_quantized(h, gr)[3], -1)
+    for aq, a_inv in (K.swiglu_quantized(h), torch.compile(K.swiglu_quantized, fullgraph=True)(h)):
+        assert torch.equal(aq.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(a_inv, want_inv)
     for run in (lambda fn, *a: fn(*a), lambda fn, *a: torch.compile(fn, fullgraph=True)(*a)):
         for fn, ref, args in ((K.swiglu_backward_quantized, K.swiglu_backward_reference, (h, gr)),
                               (K.combine_backward_quantized, K.combine_backward_reference,

@@ -230,7 +230,7 @@ def test_the_sum_kernels_residual_add_is_the_blocks_on_cuda(monkeypatch):
     from megamoe.model.rope import rope_cos_sin
     torch.manual_seed(0)
     block = olmoe.Block(ModelConfig(vocab_size=64, d_model=256, n_layers=1, n_heads=4, max_seq_len=128),
-                        MoEConfig(num_experts=8, top_k=2, ffn_hidden=256, expert_precision=precision), 0).cuda().bfloat16()
+                        MoEConfig(num_experts=8, top_k=2, ffn_hidden=256), 0).cuda().bfloat16()
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.05)
     h = torch.randn(2, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -146,8 +146,7 @@ class _FP8TokenSums(torch.autograd.Function):
         xq, x_inv = quantize(x, -1)  # [T, d]: a row's scale is its token's
         rows, rows_inv = _gather(xq, x_inv, index)
         h = _forward_mm(rows, rows_inv, w1, wf1, wf1_inv, counts, offs, x.dtype)  # [N, 2F]
-        gate, up = h.chunk(2, dim=-1)
-        aq, a_inv = quantize(torch.nn.functional.silu(gate) * up, -1)  # [N, F]
+        aq, a_inv = fp8_fused.swiglu_quantized(h)  # [N, F]: silu(gate) · up, quantized
         out = _forward_mm(aq, a_inv, w2, wf2, wf2_inv, counts, offs, x.dtype)  # [N, d]
         ctx.save_for_backward(x, w1, w2, counts, offs, index, inverse, weight, h, out, wb1, wb1_inv, wb2, wb2_inv)
         ctx.k = k

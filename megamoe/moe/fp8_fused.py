@@ -1,5 +1,8 @@
-"""The FP8 experts' backward passes that end in a rowwise quantization, each one Triton kernel.
+"""The FP8 experts' passes that end in a rowwise quantization, each one Triton kernel.
 
+    swiglu_quantized(h [N, 2F]) -> aq [N, F] e4m3, a_inv [N, 1] fp32
+        the forward's activation a = silu(gate) · up (fp32, rounded once to h's dtype) quantized for
+        the second projection, in one pass over h (inductor's code of the torch form read h twice)
     swiglu_backward_quantized(h [N, 2F], g [N, F])
         -> dh [N, 2F], dhq [N, 2F] e4m3, dh_inv [N, 1] fp32, a [N, F]
         h = [gate | up], g the gradient of a = silu(gate) · up:
@@ -15,15 +18,16 @@ quantized operand of the next FP8 product (grad input of w1, of w2) is the bf16 
 the kernels inductor makes of the torch forms, which write the bf16 rows and read them again to
 quantize: here one program holds whole rows in registers (F = 1,024 and d = 2,048 at OLMoE-1B-7B: a
 row of 2,048 values), rounds them to bf16, takes the amax of the rounded values and writes both forms.
-Everything is computed in fp32 from the inputs and rounded once, as in the torch references
-(`*_reference`: the CPU path, and wherever Triton is missing); grad_w is summed in fp32 in the
-kernel's order. The scale is derived from amax's exponent bits, not
+Everything is computed in fp32 from the inputs and rounded once, as in the backward's torch references
+(`*_reference`: the CPU path, and wherever Triton is missing; the forward's reference is the torch form
+in h's dtype, as the CPU path computed it before); grad_w is summed in fp32 in the kernel's order. The scale is derived from amax's exponent bits, not
 log2 / exp2 (approximate on the GPU): the largest power of two p with amax · p ≤ 448, which is what
 `quantize`'s exp2(floor(log2(448 / amax))) gives for every bf16 amax and its 1e-12 floor (for fp32
 rows the two can differ where 448 / amax is within an fp32 rounding of a power of two).
 
-Checked against the references under Triton's interpreter on the CPU (tests/test_fp8_fused.py);
-the block sizes (whole rows, 2 rows a program at width 2,048, 8 warps) are untested on a GPU.
+Checked against the references under Triton's interpreter on the CPU and on an H100
+(tests/test_fp8_fused.py); the backward's two ran at 4.98 and 4.94 ms a step of OLMoE-1B-7B at mb 2
+(docs/performance.md, session 24), where inductor's code had taken 7.8 and 5.7.
 """
 
 import torch
@@ -42,6 +46,11 @@ def _converts_e4m3(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (8, 9)
 
 
+# The forward's SwiGLU and its quantization by `swiglu_quantized`'s kernel (True) or inductor's code of the torch
+# form (False, for A/B runs: it compiles them as a reduction that reads h twice, persistent rows stopping at 1024)
+FUSED_FORWARD = True
+
+
 def available(t: torch.Tensor) -> bool:
     """The kernels run here: Triton and a CUDA device that converts to e4m3 (sm_89 and later)."""
     return triton is not None and t.is_cuda and _converts_e4m3(
@@ -58,6 +67,12 @@ def swiglu_backward_reference(h: torch.Tensor, g: torch.Tensor) -> tuple[torch.T
     dh = torch.cat([gf * up * sig * (1 + gate * (1 - sig)), gf * silu], dim=-1).to(h.dtype)  # [N, 2F]
     dhq, dh_inv = fp8.quantize(dh, -1)  # one scale a row over both halves
     return dh, dhq, dh_inv, (silu * up).to(h.dtype)
+
+
+def swiglu_quantized_reference(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(aq, a_inv) = `fp8.quantize(silu(gate) · up, -1)` for h = [gate | up], in torch (in h's dtype)."""
+    gate, up = h.chunk(2, dim=-1)
+    return fp8.quantize(torch.nn.functional.silu(gate) * up, -1)
 
 
 def combine_backward_reference(grad: torch.Tensor, out: torch.Tensor, weight_rows: torch.Tensor,
@@ -117,6 +132,22 @@ if triton is not None:
         tl.store(a_ptr + frow, (silu * up).to(a_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _swiglu_quantized_kernel(h_ptr, aq_ptr, inv_ptr, n_rows, F: tl.constexpr, BLOCK_R: tl.constexpr,
+                                 BLOCK_F: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_F)
+        row_ok = rows < n_rows
+        ok = row_ok[:, None] & (cols < F)[None, :]
+        hrow = rows[:, None] * (2 * F) + cols[None, :]
+        gate = tl.load(h_ptr + hrow, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(h_ptr + hrow + F, mask=ok, other=0.0).to(tl.float32)
+        a = (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty).to(tl.float32)  # the activation, rounded
+        scale, inv = _quantize_scale(tl.maximum(tl.max(tl.abs(a), axis=1), 1e-12))
+        tl.store(aq_ptr + rows[:, None] * F + cols[None, :],
+                 tl.clamp(a * scale[:, None], -448.0, 448.0).to(aq_ptr.dtype.element_ty), mask=ok)
+        tl.store(inv_ptr + rows, inv, mask=row_ok)
+
+    @triton.jit
     def _combine_backward_kernel(grad_ptr, out_ptr, w_ptr, tok_ptr, g_ptr, gq_ptr, inv_ptr, gw_ptr, n_rows,
                                  D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -153,6 +184,19 @@ if triton is not None:
                 h, g, dh, dhq, dh_inv, a, n, f, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=8)
         return dh, dhq, dh_inv, a
 
+    def launch_swiglu_quantized(h: torch.Tensor, wrap=lambda kernel: kernel):
+        """(aq, a_inv) as `swiglu_quantized_reference`, the activation computed in fp32 and rounded once."""
+        n, f = h.shape[0], h.shape[1] // 2
+        h = h.contiguous()
+        aq = torch.empty(n, f, dtype=torch.float8_e4m3fn, device=h.device)
+        a_inv = torch.empty(n, 1, dtype=torch.float32, device=h.device)
+        block_f = triton.next_power_of_2(f)
+        block_r = _rows_per_program(block_f)
+        if n:
+            wrap(_swiglu_quantized_kernel)[(triton.cdiv(n, block_r),)](
+                h, aq, a_inv, n, f, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=8)
+        return aq, a_inv
+
     def launch_combine_backward(grad: torch.Tensor, out: torch.Tensor, weight_rows: torch.Tensor,
                                 token_of_row: torch.Tensor, wrap=lambda kernel: kernel):
         """(g, gq, g_inv, grad_w) as `combine_backward_reference`; `wrap` as in `launch_swiglu_backward`."""
@@ -176,6 +220,10 @@ if triton is not None:
                                                                       torch.Tensor]:
         return launch_swiglu_backward(h, g, torch.library.wrap_triton)
 
+    @torch.library.triton_op("megamoe::swiglu_quantized", mutates_args=())
+    def _swiglu_quantized_op(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return launch_swiglu_quantized(h, torch.library.wrap_triton)
+
     @torch.library.triton_op("megamoe::combine_backward_quantized", mutates_args=())
     def _combine_backward_op(grad: torch.Tensor, out: torch.Tensor, weight_rows: torch.Tensor,
                              token_of_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -192,6 +240,16 @@ def swiglu_backward_quantized(h: torch.Tensor, g: torch.Tensor) -> tuple[torch.T
     if torch.compiler.is_compiling():
         return torch.ops.megamoe.swiglu_backward_quantized(h, g)
     return launch_swiglu_backward(h, g)
+
+
+def swiglu_quantized(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(aq [N, F] e4m3, a_inv [N, 1] fp32): silu(gate) · up for h = [gate | up] [N, 2F], quantized per row
+    (the forward's second operand) in one pass over h. On CUDA the kernel, else the reference."""
+    if not (FUSED_FORWARD and available(h)):
+        return swiglu_quantized_reference(h)
+    if torch.compiler.is_compiling():
+        return torch.ops.megamoe.swiglu_quantized(h)
+    return launch_swiglu_quantized(h)
 
 
 def combine_backward_quantized(grad: torch.Tensor, out: torch.Tensor, weight_rows: torch.Tensor,
