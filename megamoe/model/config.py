@@ -39,7 +39,7 @@ class MoEConfig:
     #                              (moe.backend=deepspeed: always fp32, its gate's own choice)
     backend: str = "megamoe"  # megamoe (own dispatch, grouped GEMM) | deepspeed (deepspeed.moe)
     # model (the training dtype) | fp8: the expert GEMMs' forward and input-gradient products in
-    # float8 e4m3 with rowwise power-of-two scales (torch._scaled_grouped_mm on Hopper+); weight
+    # float8 e4m3 with rowwise power-of-two scales (megamoe's FP8 kernel on Hopper+); weight
     # gradients stay in the training dtype
     expert_precision: str = "model"
 

@@ -32,7 +32,8 @@ E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 
 def kernel_available(x: torch.Tensor) -> bool:
-    """`torch._scaled_grouped_mm` runs here: bf16 rows on a Hopper-or-later GPU."""
+    """The FP8 products' CUDA kernels run here (megamoe's, or `torch._scaled_grouped_mm` where it does not
+    apply): bf16 rows on a Hopper-or-later GPU."""
     return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_scaled_grouped_mm")
             and torch.cuda.get_device_capability(x.device) >= (9, 0))
 

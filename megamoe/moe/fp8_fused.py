@@ -20,10 +20,11 @@ quantize: here one program holds whole rows in registers (F = 1,024 and d = 2,04
 row of 2,048 values), rounds them to bf16, takes the amax of the rounded values and writes both forms.
 Everything is computed in fp32 from the inputs and rounded once, as in the backward's torch references
 (`*_reference`: the CPU path, and wherever Triton is missing; the forward's reference is the torch form
-in h's dtype, as the CPU path computed it before); grad_w is summed in fp32 in the kernel's order. The scale is derived from amax's exponent bits, not
-log2 / exp2 (approximate on the GPU): the largest power of two p with amax · p ≤ 448, which is what
-`quantize`'s exp2(floor(log2(448 / amax))) gives for every bf16 amax and its 1e-12 floor (for fp32
-rows the two can differ where 448 / amax is within an fp32 rounding of a power of two).
+in h's dtype, as the CPU path computed it before); grad_w is summed in fp32 in the kernel's order.
+The scale is derived from amax's exponent bits, not log2 / exp2 (approximate on the GPU): the largest
+power of two p with amax · p ≤ 448, which is what `quantize`'s exp2(floor(log2(448 / amax))) gives for
+every bf16 amax and its 1e-12 floor (for fp32 rows the two can differ where 448 / amax is within an
+fp32 rounding of a power of two).
 
 Checked against the references under Triton's interpreter on the CPU and on an H100
 (tests/test_fp8_fused.py); the backward's two ran at 4.98 and 4.94 ms a step of OLMoE-1B-7B at mb 2
