@@ -169,9 +169,10 @@ if triton is not None:
         tl.store(gq_ptr + drow, tl.clamp(g_f * scale[:, None], -448.0, 448.0).to(gq_ptr.dtype.element_ty), mask=ok)
         tl.store(inv_ptr + rows, inv, mask=row_ok)
 
-    def launch_swiglu_backward(h: torch.Tensor, g: torch.Tensor, wrap=lambda kernel: kernel):
+    def launch_swiglu_backward(h: torch.Tensor, g: torch.Tensor, wrap=lambda kernel: kernel, config=None):
         """(dh, dhq, dh_inv, a) as `swiglu_backward_reference`; `wrap` is torch.compile's `wrap_triton`
-        under the custom op, the plain kernel otherwise (the interpreter test)."""
+        under the custom op, the plain kernel otherwise (the interpreter test); `config`: (rows a
+        program, warps), for `bench/bench_fp8_fused.py`'s sweep."""
         n, f = g.shape
         h, g = h.contiguous(), g.contiguous()
         dh = torch.empty_like(h)
@@ -179,27 +180,27 @@ if triton is not None:
         dh_inv = torch.empty(n, 1, dtype=torch.float32, device=h.device)
         a = torch.empty_like(g, dtype=h.dtype)
         block_f = triton.next_power_of_2(f)
-        block_r = _rows_per_program(2 * block_f)
+        block_r, warps = config or (_rows_per_program(2 * block_f), 8)
         if n:
             wrap(_swiglu_backward_kernel)[(triton.cdiv(n, block_r),)](
-                h, g, dh, dhq, dh_inv, a, n, f, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=8)
+                h, g, dh, dhq, dh_inv, a, n, f, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=warps)
         return dh, dhq, dh_inv, a
 
-    def launch_swiglu_quantized(h: torch.Tensor, wrap=lambda kernel: kernel):
+    def launch_swiglu_quantized(h: torch.Tensor, wrap=lambda kernel: kernel, config=None):
         """(aq, a_inv) as `swiglu_quantized_reference`, the activation computed in fp32 and rounded once."""
         n, f = h.shape[0], h.shape[1] // 2
         h = h.contiguous()
         aq = torch.empty(n, f, dtype=torch.float8_e4m3fn, device=h.device)
         a_inv = torch.empty(n, 1, dtype=torch.float32, device=h.device)
         block_f = triton.next_power_of_2(f)
-        block_r = _rows_per_program(block_f)
+        block_r, warps = config or (_rows_per_program(block_f), 8)
         if n:
             wrap(_swiglu_quantized_kernel)[(triton.cdiv(n, block_r),)](
-                h, aq, a_inv, n, f, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=8)
+                h, aq, a_inv, n, f, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=warps)
         return aq, a_inv
 
     def launch_combine_backward(grad: torch.Tensor, out: torch.Tensor, weight_rows: torch.Tensor,
-                                token_of_row: torch.Tensor, wrap=lambda kernel: kernel):
+                                token_of_row: torch.Tensor, wrap=lambda kernel: kernel, config=None):
         """(g, gq, g_inv, grad_w) as `combine_backward_reference`; `wrap` as in `launch_swiglu_backward`."""
         n, d = out.shape
         grad, out = grad.contiguous(), out.contiguous()
@@ -209,11 +210,11 @@ if triton is not None:
         g_inv = torch.empty(n, 1, dtype=torch.float32, device=grad.device)
         grad_w = torch.empty(n, dtype=torch.float32, device=grad.device)
         block_d = triton.next_power_of_2(d)
-        block_r = _rows_per_program(block_d)
+        block_r, warps = config or (_rows_per_program(block_d), 8)
         if n:
             wrap(_combine_backward_kernel)[(triton.cdiv(n, block_r),)](
                 grad, out, weight_rows, token_of_row, g, gq, g_inv, grad_w, n, d, BLOCK_R=block_r,
-                BLOCK_D=block_d, num_warps=8)
+                BLOCK_D=block_d, num_warps=warps)
         return g, gq, g_inv, grad_w
 
     @torch.library.triton_op("megamoe::swiglu_backward_quantized", mutates_args=())
