@@ -25,13 +25,19 @@ def wgrad_ref(a, b, counts):
 COUNTS = [[0, 5, 0, 37, 20, 1, 0], [0, 0, 0, 0, 0, 0, 50], [16, 16, 16, 16, 16, 16, 16],
           [70, 0, 33, 3, 100, 32, 0]]
 
-INTERPRETED = """
+def interpreted_header(seed: int) -> str:
+    """The interpreter scripts' start: the kernels' module, a generator, 7 experts of [64, 128] products."""
+    return f"""
 import torch
 from megamoe.moe import grouped_gemm as G
 assert G.triton is not None
-gen = torch.Generator().manual_seed(0)
+gen = torch.Generator().manual_seed({seed})
 out = []
 E, K, N = 7, 64, 128
+"""
+
+
+INTERPRETED = interpreted_header(0) + """
 for counts in %r:
     offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
     R = int(offs[-1])
@@ -104,12 +110,7 @@ def test_the_triton_kernels_compute_each_experts_product():
             assert all(wgrad[i].abs().max() == 0 for i, c in enumerate(counts) if c == 0)
 
 
-SCALED_INTERPRETED = """
-import torch
-from megamoe.moe import grouped_gemm as G
-gen = torch.Generator().manual_seed(3)
-out = []
-E, K, N = 7, 64, 128
+SCALED_INTERPRETED = interpreted_header(3) + """
 for counts in %r:
     offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
     R = int(offs[-1])
