@@ -222,6 +222,23 @@ def test_the_memory_check_counts_ranks_precision_and_offload():
         check_memory(fp8, 1, 1, cpu, available=need * 1.01)
 
 
+def test_fp8_experts_are_refused_on_a_gpu_before_hopper():
+    """FP8 experts on a GPU without the FP8 tensor cores megamoe's products use (before sm_90, e.g. an A100)
+    are refused with the key and the fix, before anything is set up; Hopper and later, the CPU (the
+    reference path, which the tests run) and bf16 experts anywhere pass."""
+    from megamoe.config import ConfigError
+    from megamoe.train.engine import check_fp8_device
+    fp8, bf16 = load_config(None, ["moe.expert_precision=fp8"]), load_config(None, [])
+    gpu = torch.device("cuda", 0)
+    with pytest.raises(ConfigError, match=r"^moe.expert_precision: fp8 needs .* is sm_80, .* set moe.expert_precision=model"):
+        check_fp8_device(fp8, gpu, capability=(8, 0))
+    with pytest.raises(ConfigError, match="sm_89"):  # Ada converts to e4m3, but megamoe's kernels are Hopper's
+        check_fp8_device(fp8, gpu, capability=(8, 9))
+    for cfg, device, capability in ((fp8, gpu, (9, 0)), (fp8, gpu, (10, 0)), (fp8, torch.device("cpu"), (8, 0)),
+                                    (bf16, gpu, (8, 0))):
+        check_fp8_device(cfg, device, capability=capability)
+
+
 def test_changed_model_cannot_resume(tmp_path):
     run = tmp_path / "run"
     launch(run, 1, ["train.steps=1"])

@@ -38,6 +38,22 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def check_fp8_device(cfg: Config, device: torch.device, capability: tuple[int, int] | None = None) -> None:
+    """Refuse FP8 experts on a GPU before Hopper (sm_90), whose tensor cores megamoe's FP8 products need:
+    there they would run dequantized, one expert at a time, far slower than the bf16 experts. (On the
+    CPU that path is the reference the tests hold the GPU to, and runs.) `capability`: (major, minor)
+    for tests."""
+    if cfg.moe.expert_precision != "fp8" or device.type != "cuda":
+        return
+    major, minor = capability or torch.cuda.get_device_capability(device)
+    if (major, minor) < (9, 0):
+        from ..config import ConfigError
+        name = torch.cuda.get_device_name(device) if capability is None else "this GPU"
+        raise ConfigError(f"moe.expert_precision: fp8 needs FP8 tensor cores of a Hopper or later GPU (sm_90+); "
+                          f"{name} is sm_{major}{minor}, where the experts' FP8 products would run dequantized one "
+                          f"expert at a time, slower than bf16: set moe.expert_precision=model")
+
+
 def check_memory(cfg: Config, world_size: int, local_ranks: int, device: torch.device,
                  available: float | None = None) -> None:
     """Refuse a run whose model state alone (weights, gradients, AdamW state: `megamoe-plan`'s count)

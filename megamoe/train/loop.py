@@ -27,7 +27,7 @@ from ..moe.experts import cache_fp8_weights, release_fp8_weights
 from ..moe.router import update_expert_bias
 from ..parallel import comm, pipeline_schedule
 from ..parallel.state import ParallelState
-from .engine import (build_engine, build_model, check_memory, lr_at, resolve_device, resolve_dtype,
+from .engine import (build_engine, build_model, check_fp8_device, check_memory, lr_at, resolve_device, resolve_dtype,
                      zero_stage)
 from .loss import cross_entropy_for, linear_cross_entropy
 from .metrics import MetricsLogger
@@ -45,6 +45,7 @@ class Trainer:
         check_data(cfg.data, cfg.model.vocab_size)  # and every data error
         eval_tasks = load_tasks(cfg)  # and every evaluation task's file, before run.dir is touched
         check_memory(cfg, env.world_size, env.local_world_size, resolve_device(cfg))  # a model that cannot fit
+        check_fp8_device(cfg, resolve_device(cfg))  # FP8 experts where they would crawl
         init_distributed(env, timeout=timedelta(seconds=cfg.train.collective_timeout_s))
         self.cfg = cfg
         self.state = ParallelState(env.world_size, env.rank, cfg.parallel.tensor,
