@@ -93,33 +93,35 @@ def test_fp8_quantize_maps_each_slice_into_e4m3_with_a_power_of_two_scale():
 
 def test_fp8_experts_compute_the_quantized_products():
     """moe.expert_precision=fp8 on CPU: forward = q(x)·q(w1) → SwiGLU → q(a)·q(w2), with x and a
-    scaled per row and the weights per (expert, output column); the input gradient uses
-    q(g)·q(w)ᵀ (w scaled per input row), the weight gradient xᵀg unquantized."""
+    scaled per row and the weights per (expert, output column); each input gradient is q(g)·q(w)ᵀ (g per
+    row, w per input row), SwiGLU's gradient taken between them, and the weight gradients unquantized,
+    w2's from the activation made again."""
     ex, x, counts = experts_and_rows("cpu", torch.float32)
     ex.fp8 = True
+    x.requires_grad_()
     out = ex(x, counts, grouped=False)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    got = torch.autograd.grad(out, (x, ex.w1, ex.w2), grad)
     owner = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    want = []
-    for row, e in zip(x, owner.tolist()):
-        gate, up = (fake_fp8(row[None], -1) @ fake_fp8(ex.w1[e], 0)).chunk(2, -1)
+    want, want_dx, want_w1, want_w2 = [], [], torch.zeros_like(ex.w1), torch.zeros_like(ex.w2)
+    for row, g, e in zip(x.detach(), grad, owner.tolist()):
+        w1, w2 = ex.w1[e].detach(), ex.w2[e].detach()
+        h = fake_fp8(row[None], -1) @ fake_fp8(w1, 0)
+        gate, up = h.chunk(2, -1)
         a = F.silu(gate) * up
-        want.append((fake_fp8(a, -1) @ fake_fp8(ex.w2[e], 0))[0])
+        want.append((fake_fp8(a, -1) @ fake_fp8(w2, 0))[0])
+        g_a = fake_fp8(g[None], -1) @ fake_fp8(w2, -1).t()  # [1, F]
+        sig = torch.sigmoid(gate)
+        dh = torch.cat([g_a * up * sig * (1 + gate * (1 - sig)), g_a * F.silu(gate)], -1)
+        want_dx.append((fake_fp8(dh, -1) @ fake_fp8(w1, -1).t())[0])
+        want_w1[e] += row[:, None] * dh
+        want_w2[e] += a.t() * g[None]
     torch.testing.assert_close(out, torch.stack(want), rtol=1e-5, atol=1e-6)
+    for name, a, b in zip(("x", "w1", "w2"), got, (torch.stack(want_dx), want_w1, want_w2)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     ex.fp8 = False
     plain = ex(x, counts, grouped=False)
     assert 0 < float((out - plain).norm() / plain.norm()) < 0.1  # close to, not equal to, full precision
-
-    from megamoe.moe.fp8 import grouped_mm
-    w = ex.w1.detach().clone().requires_grad_()
-    xs = x.detach().clone().requires_grad_()
-    grad = torch.randn(x.shape[0], w.shape[-1], generator=torch.Generator().manual_seed(2))
-    grouped_mm(xs, w, counts, None).backward(grad)
-    want_x = torch.cat([fake_fp8(gr, -1) @ fake_fp8(w[e].detach(), -1).t()
-                        for e, gr in enumerate(torch.split(grad, counts.tolist()))])
-    torch.testing.assert_close(xs.grad, want_x, rtol=1e-5, atol=1e-6)
-    want_w = torch.stack([xr.t() @ gr for xr, gr in zip(torch.split(x.detach(), counts.tolist()),
-                                                        torch.split(grad, counts.tolist()))])
-    torch.testing.assert_close(w.grad, want_w, rtol=1e-5, atol=1e-6)
 
 
 def fp8_tokens_case(device, dtype, k=3):

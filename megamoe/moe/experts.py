@@ -105,11 +105,10 @@ class SwiGLUExperts(nn.Module):
         return self._rows(x, counts, grouped, row_weight)
 
     def _rows(self, x, counts, grouped: bool, row_weight) -> torch.Tensor:
-        if self.fp8:
+        if self.fp8:  # unweighted rows: dispatch weights FP8 experts' outputs in its combine
+            assert row_weight is None, "FP8 experts take unweighted rows"
             offs = group_offsets(counts) if grouped and fp8_mm.kernel_available(x) else None
-            q1, q2 = self._fp8_weights()
-            h = fp8_mm.grouped_mm(x, self.w1, counts, offs, q1)  # [N, 2F]
-            return fp8_mm.grouped_mm(_act(h, row_weight), self.w2, counts, offs, q2)  # [N, d]
+            return fp8_mm.swiglu(x, self.w1, self.w2, counts, offs, *self._fp8_weights())  # [N, d]
         if grouped:
             offs = group_offsets(counts)
             h = grouped_gemm.linear(x, self.w1, offs)  # [N, 2F]

@@ -1,6 +1,6 @@
 """Expert GEMMs in FP8 (`moe.expert_precision: fp8`): e4m3 operands with rowwise scales.
 
-`grouped_mm(x, w, counts)` is `x @ w[e]` for each expert's rows, differentiable, with
+Each of the experts' two products `x @ w[e]` (`swiglu`, `token_sums`) is computed as
     forward      out    = q(x)  @ q(w)        x scaled per row,  w per (expert, output column)
     grad input   grad_x = q(g)  @ q(w)ᵀ       g scaled per row,  w per (expert, input row)
     grad weight  grad_w = xᵀ @ g              in the input dtype (bf16), as DeepSeek-V3 and
@@ -16,7 +16,7 @@ quantize-dequantize reference.
 each token's weighted sum of its k expert outputs out, one autograd Function. Its first projection
 quantizes each token once and gathers the e4m3 rows with their scales: the same values as quantizing
 each of the token's k copies (a row's scale is its token's; so expert parallelism, which quantizes the
-rows it receives through `grouped_mm`, agrees). Its backward makes each quantized gradient in the
+rows it receives through `swiglu`, agrees). Its backward makes each quantized gradient in the
 kernel that makes the gradient (`fp8_fused`) instead of in a pass of its own: the weighted rows of
 the output gradient, and SwiGLU's gradient; the activation is made again there for w2's gradient, not
 kept. The weights' two quantized forms (`quantize_weight`) are made per call, or once per optimizer
@@ -116,39 +116,61 @@ def _weight_grad(x: torch.Tensor, g: torch.Tensor, counts: torch.Tensor, offs: t
     return torch.stack(grads) if grads else x.new_zeros(num_experts, x.shape[1], g.shape[1])
 
 
-class _FP8GroupedMM(torch.autograd.Function):
+def _swiglu_forward(rows, rows_inv, w1, w2, counts, offs, wf1, wf1_inv, wf2, wf2_inv, dtype):
+    """(h [N, 2F], out [N, d]): [gate | up] = q(rows) @ q(w1[e]), out = q(silu(gate) · up) @ q(w2[e])."""
+    h = _forward_mm(rows, rows_inv, w1, wf1, wf1_inv, counts, offs, dtype)
+    aq, a_inv = fp8_fused.swiglu_quantized(h)  # [N, F]: silu(gate) · up, quantized
+    return h, _forward_mm(aq, a_inv, w2, wf2, wf2_inv, counts, offs, dtype)
+
+
+def _swiglu_backward(rows_of_x, h, g, gq, g_inv, w1, w2, counts, offs, wb1, wb1_inv, wb2, wb2_inv):
+    """(grad of the rows [N, d], grad w1, grad w2) for the output rows' gradient g [N, d] (and its e4m3
+    form gq, g_inv); rows_of_x(): the input rows in bf16 for w1's gradient (gathered only when needed)."""
+    g_a = _input_grad_mm(gq, g_inv, w2, wb2, wb2_inv, counts, offs, g.dtype)  # [N, F]
+    dh, dhq, dh_inv, a = fp8_fused.swiglu_backward_quantized(h, g_a)  # [N, 2F] ×2, [N, 1], [N, F]
+    grad_w2 = _weight_grad(a, g, counts, offs, w2.shape[0])
+    grad_rows = _input_grad_mm(dhq, dh_inv, w1, wb1, wb1_inv, counts, offs, g.dtype)  # [N, d]
+    grad_w1 = _weight_grad(rows_of_x(), dh, counts, offs, w1.shape[0])
+    return grad_rows, grad_w1.to(w1.dtype), grad_w2.to(w2.dtype)
+
+
+class _FP8SwiGLU(torch.autograd.Function):
+    """out = q(silu(gate) · up) @ q(w2[e])  with  [gate | up] = q(x) @ q(w1[e]), for rows x [N, d] sorted by
+    expert (expert parallelism's received rows; routings other than dropless top-k). Keeps x and h, not the
+    activation; the backward quantizes the output gradient, then makes SwiGLU's gradient with its e4m3 form
+    and the activation again (for w2's weight gradient) in one pass (`fp8_fused`)."""
+
     @staticmethod
-    def forward(ctx, x, w, counts, offs, wf, wf_inv, wb, wb_inv):
-        xq, x_inv = quantize(x, -1)  # [N, K], scale per row
-        ctx.save_for_backward(x, w, counts, offs, wb, wb_inv)
-        return _forward_mm(xq, x_inv, w, wf, wf_inv, counts, offs, x.dtype)
+    def forward(ctx, x, w1, w2, counts, offs, wf1, wf1_inv, wb1, wb1_inv, wf2, wf2_inv, wb2, wb2_inv):
+        xq, x_inv = quantize(x, -1)  # [N, d], scale per row
+        h, out = _swiglu_forward(xq, x_inv, w1, w2, counts, offs, wf1, wf1_inv, wf2, wf2_inv, x.dtype)
+        ctx.save_for_backward(x, w1, w2, counts, offs, h, wb1, wb1_inv, wb2, wb2_inv)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, w, counts, offs, wb, wb_inv = ctx.saved_tensors
-        gq, g_inv = quantize(grad.contiguous(), -1)  # [N, M], scale per row
-        grad_x = _input_grad_mm(gq, g_inv, w, wb, wb_inv, counts, offs, grad.dtype)
-        grad_w = _weight_grad(x, grad, counts, offs, w.shape[0])
-        return grad_x, grad_w.to(w.dtype), None, None, None, None, None, None
+        x, w1, w2, counts, offs, h, wb1, wb1_inv, wb2, wb2_inv = ctx.saved_tensors
+        grad = grad.contiguous()
+        gq, g_inv = quantize(grad, -1)  # [N, d], scale per row
+        grads = _swiglu_backward(lambda: x, h, grad, gq, g_inv, w1, w2, counts, offs, wb1, wb1_inv, wb2, wb2_inv)
+        return (*grads, *[None] * 10)
 
 
 class _FP8TokenSums(torch.autograd.Function):
     """y[t] = Σ_j weight[t, j] · (q(silu(gate) · up) @ q(w2[e]))  with  [gate | up] = q(x[t]) @ q(w1[e]), the
-    experts' rows of token t being rows inverse[t·k + j] (every expert on this rank). The forward is the
-    pieces above (the tokens' e4m3 rows gathered, SwiGLU, the weighted sum) and keeps the tokens, h and
-    the experts' output rows, not the activation. The backward makes each quantized gradient in the kernel
-    that makes the gradient (`fp8_fused`): the weighted output gradient of each row with its e4m3 form and
-    the routing weights' gradient in one pass, then SwiGLU's gradient with its e4m3 form and the activation
-    again for w2's weight gradient in another."""
+    experts' rows of token t being rows inverse[t·k + j] (every expert on this rank). The forward is
+    `_FP8SwiGLU`'s on the tokens' e4m3 rows gathered, then the weighted sum, and keeps the tokens, h and the
+    experts' output rows, not the activation. The backward makes each quantized gradient in the kernel that
+    makes the gradient (`fp8_fused`): the weighted output gradient of each row with its e4m3 form and the
+    routing weights' gradient in one pass, then SwiGLU's gradient with its e4m3 form and the activation again
+    for w2's weight gradient in another."""
 
     @staticmethod
     def forward(ctx, x, w1, w2, counts, offs, index, inverse, weight, k: int, wf1, wf1_inv, wb1, wb1_inv,
                 wf2, wf2_inv, wb2, wb2_inv):
         xq, x_inv = quantize(x, -1)  # [T, d]: a row's scale is its token's
         rows, rows_inv = _gather(xq, x_inv, index)
-        h = _forward_mm(rows, rows_inv, w1, wf1, wf1_inv, counts, offs, x.dtype)  # [N, 2F]
-        aq, a_inv = fp8_fused.swiglu_quantized(h)  # [N, F]: silu(gate) · up, quantized
-        out = _forward_mm(aq, a_inv, w2, wf2, wf2_inv, counts, offs, x.dtype)  # [N, d]
+        h, out = _swiglu_forward(rows, rows_inv, w1, w2, counts, offs, wf1, wf1_inv, wf2, wf2_inv, x.dtype)
         ctx.save_for_backward(x, w1, w2, counts, offs, index, inverse, weight, h, out, wb1, wb1_inv, wb2, wb2_inv)
         ctx.k = k
         return fused_permute.torch_sum_rows(out, inverse.view(-1, k), weight)  # [T, d]
@@ -159,26 +181,22 @@ class _FP8TokenSums(torch.autograd.Function):
         w_rows = torch.empty(index.numel(), dtype=weight.dtype, device=weight.device).scatter_(
             0, inverse, weight.reshape(-1))  # [N] each row's routing weight
         g, gq, g_inv, grad_w_rows = fp8_fused.combine_backward_quantized(grad.contiguous(), out, w_rows, index)
-        g_a = _input_grad_mm(gq, g_inv, w2, wb2, wb2_inv, counts, offs, g.dtype)  # [N, F]
-        dh, dhq, dh_inv, a = fp8_fused.swiglu_backward_quantized(h, g_a)  # [N, 2F] ×2, [N, 1], [N, F]
-        grad_w2 = _weight_grad(a, g, counts, offs, w2.shape[0])
-        grad_x = fused_permute.sum_rows(_input_grad_mm(dhq, dh_inv, w1, wb1, wb1_inv, counts, offs, g.dtype),
-                                        inverse.view(-1, ctx.k))  # [T, d]
-        grad_w1 = _weight_grad(fused_permute.gather_rows(x, index), dh, counts, offs, w1.shape[0])
+        grad_rows, grad_w1, grad_w2 = _swiglu_backward(lambda: fused_permute.gather_rows(x, index), h, g, gq, g_inv,
+                                                       w1, w2, counts, offs, wb1, wb1_inv, wb2, wb2_inv)
+        grad_x = fused_permute.sum_rows(grad_rows, inverse.view(-1, ctx.k))  # [T, d]
         grad_weight = grad_w_rows[inverse].view_as(weight).to(weight.dtype)  # [T, k]
-        return (grad_x, grad_w1.to(w1.dtype), grad_w2.to(w2.dtype), None, None, None, None, grad_weight,
-                *[None] * 9)
+        return (grad_x, grad_w1, grad_w2, None, None, None, None, grad_weight, *[None] * 9)
 
 
 NO_CACHE = (None, None, None, None)
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor | None,
-               wq: tuple = NO_CACHE) -> torch.Tensor:
-    """x [N, K] rows sorted by expert, w [E, K, M], counts [E]; offs (int32 group ends) selects the
-    CUDA kernels, None the per-expert path; wq: `quantize_weight(w)` made earlier, or Nones.
-    Returns [N, M] in x's dtype."""
-    return _FP8GroupedMM.apply(x, w, counts, offs, *wq)
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor | None,
+           wq1: tuple = NO_CACHE, wq2: tuple = NO_CACHE) -> torch.Tensor:
+    """The FP8 SwiGLU experts over rows x [N, d] sorted by expert, w1 [E, d, 2F], w2 [E, F, d], counts [E];
+    offs (int32 group ends) selects the CUDA kernels, None the per-expert path; wq1, wq2: `quantize_weight`
+    of w1, w2 made earlier, or Nones. Returns [N, d] in x's dtype."""
+    return _FP8SwiGLU.apply(x, w1, w2, counts, offs, *wq1, *wq2)
 
 
 def token_sums(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor | None,

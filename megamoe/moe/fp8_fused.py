@@ -13,8 +13,8 @@
         backward casts it), grad_w = Σ_col grad[token_of_row] · out (the routing weight's gradient)
 
 (dhq, dh_inv) and (gq, g_inv) are `fp8.quantize(·, -1)` of the dh and g returned, bit for bit: the
-quantized operand of the next FP8 product (grad input of w1, of w2) is the bf16 gradient's, as
-`fp8.grouped_mm`'s backward makes it, and the bf16 one stays for the weight gradient. They replace
+quantized operand of the next FP8 product (grad input of w1, of w2) is the bf16 gradient's, as a
+pass of its own would make it, and the bf16 one stays for the weight gradient. They replace
 the kernels inductor makes of the torch forms, which write the bf16 rows and read them again to
 quantize: here one program holds whole rows in registers (F = 1,024 and d = 2,048 at OLMoE-1B-7B: a
 row of 2,048 values), rounds them to bf16, takes the amax of the rounded values and writes both forms.
