@@ -205,7 +205,9 @@ for name, kernel, pointers, consts in (  # OLMoE-1B-7B's widths, at the launches
          dict(F=1024, BLOCK_R=Q._rows_per_program(2048), BLOCK_F=1024)),
         ("combine", Q._combine_backward_kernel, dict(grad_ptr=bf16, out_ptr=bf16, w_ptr="*fp32", tok_ptr="*i64",
                                                      g_ptr=bf16, gq_ptr="*fp8e4nv", inv_ptr="*fp32", gw_ptr="*fp32"),
-         dict(D=2048, BLOCK_R=Q._rows_per_program(2048), BLOCK_D=2048))):
+         dict(D=2048, BLOCK_R=Q._rows_per_program(2048), BLOCK_D=2048)),
+        ("forward", Q._swiglu_quantized_kernel, dict(h_ptr=bf16, aq_ptr="*fp8e4nv", inv_ptr="*fp32"),
+         dict(F=1024, BLOCK_R=Q._rows_per_program(1024), BLOCK_F=1024))):
     ptx = compiled(kernel, pointers, consts).asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         open(f"{tmp}/k.ptx", "w").write(ptx)
@@ -219,13 +221,14 @@ print(out)
 
 def test_the_kernels_compile_for_hopper_with_rounding_casts_and_no_spills():
     """Compiled for sm_90 on the CPU (Triton 3.6, ptxas) at OLMoE-1B-7B's widths and the launches' blocks
-    (2 rows of 2,048 values a program, 8 warps): the e4m3 values come from the hardware's round-to-nearest-even
+    (2 rows of 2,048 values a program, 8 warps; the forward's kernel 4 rows of 1,024): the e4m3 values come from the hardware's round-to-nearest-even
     saturating cast (what the interpreter test's casts model), the scale takes no log2, the bf16 rows are stored
     in 16-byte vectors, and no register spills. Timings on a GPU are not checked here."""
     from pip_cache import run_interpreted
     got = run_interpreted(SM90, interpret=False)
     for name, (fp8_casts, log2, vector_stores, spills) in got.items():
-        assert fp8_casts > 0 and not log2 and vector_stores >= 3 and spills == ["0"], (name, got)
+        assert fp8_casts > 0 and not log2 and spills == ["0"], (name, got)
+        assert vector_stores >= 3 or name == "forward", (name, got)  # the forward writes no bf16 rows
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
