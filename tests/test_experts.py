@@ -147,7 +147,7 @@ def fp8_tokens_case(device, dtype, k=3):
 def fp8_tokens_run(ex, x, counts, rows, weight, dy, separate: bool, grouped=None):
     """Each token's weighted sum of its rows' outputs and the gradients (x, w1, w2, weight): the FP8 expert
     block as one Function (`fp8_token_sums`), or (`separate`) as expert parallelism runs it: the rows
-    gathered, each quantized, the experts' products, then the weighted sum, differentiated by autograd."""
+    gathered, the experts over rows (`fp8.swiglu`: each row quantized), then the weighted sum by autograd."""
     from megamoe.moe import fused_permute
     if separate:
         out = ex(fused_permute.gather_tokens(x, rows.token_of_row, rows.inverse, rows.k), counts, grouped)
@@ -160,9 +160,9 @@ def fp8_tokens_run(ex, x, counts, rows, weight, dy, separate: bool, grouped=None
 def test_fp8_token_sums_are_the_rows_run_and_summed():
     """The FP8 expert block as one Function (each token quantized once and its e4m3 row gathered; the
     backward's gradients quantized in `fp8_fused`'s passes, SwiGLU's gradient and activation computed in
-    fp32 and rounded once) computes what the separate pieces compute (every gathered row quantized, autograd
-    through SwiGLU and the weighted sum): the forward bit for bit, the gradients of the tokens, both weights
-    and the routing weights to fp32 rounding (CPU, fp32)."""
+    fp32 and rounded once) computes what the separate pieces compute (every gathered row quantized, the
+    output rows' gradient quantized in a pass of its own, the weighted sum by autograd): the forward bit for
+    bit, the gradients of the tokens, both weights and the routing weights to fp32 rounding (CPU, fp32)."""
     case = fp8_tokens_case("cpu", torch.float32)
     got, want = fp8_tokens_run(*case, separate=False), fp8_tokens_run(*case, separate=True)
     assert torch.equal(got[0], want[0])
