@@ -4,5 +4,8 @@
 # bf16 and cached FP8, two rounds; session 24's c3 had one FP8 round: -1.2%).
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+# first the FP8 and CUDA tests: session 24's final FP8 code (fp8.swiglu, the shared helpers) has not run on a GPU
+timeout 150 python3 -m pytest -q tests/test_fp8_fused.py tests/test_grouped_gemm.py tests/test_experts.py tests/test_kernels.py -k "fp8 or cuda" 2>&1 | grep -E "^E  |FAILED|passed|failed" | cut -c1-300 | tail -8
+timeout 170 python3 bench/bench_model.py --mb 2 --back-to-back --systems megamoe-compile,megamoe-compile-fp8-cached 2>&1 | grep -E " mb=2 median" ; date -u
 timeout 120 python3 bench/bench_fp8_fused.py 2>&1 | tail -8; date -u
-LIMIT=$((SECONDS + 430)) bash docs/perf/2026-12-07-h100-session23/next_c1_script.sh
+LIMIT=$((SECONDS + 300)) bash docs/perf/2026-12-07-h100-session23/next_c1_script.sh
