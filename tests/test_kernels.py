@@ -111,7 +111,15 @@ for dtype in (torch.float32, torch.bfloat16):
         want_res = residual.float() + summed.float()
         res_ok = torch.equal(with_res, want_res) if dtype == torch.float32 else bool(
             ((with_res.float() - want_res).abs() <= want_res.abs() * 2 ** -7).all())
-        out[f"{dtype} {d}"] = [torch.equal(rows, src[token_of_row]), exact, res_ok,
+        weight = torch.rand(t, k, generator=gen)  # fp32, as the router's: each row times it in fp32, then summed
+        weighted = P.launch_sum(rows, inverse, residual, weight)
+        acc_w = rows[inverse[:, 0]].float() * weight[:, :1]
+        for j in range(1, k):
+            acc_w = acc_w + rows[inverse[:, j]].float() * weight[:, j:j + 1]
+        want_w = residual.float() + acc_w.to(dtype).float()
+        weighted_ok = torch.equal(weighted, want_w) if dtype == torch.float32 else bool(
+            ((weighted.float() - want_w).abs() <= (acc_w.abs() + want_w.abs()) * 2 ** -7).all())  # two roundings
+        out[f"{dtype} {d}"] = [torch.equal(rows, src[token_of_row]), exact, res_ok, weighted_ok,
                                summed.dtype == dtype, P.launch_gather(src, token_of_row[:0]).shape == (0, d)]
 print(out)
 """
@@ -121,8 +129,8 @@ def test_the_permutation_kernels_gather_and_sum_rows_as_the_torch_forms():
     """The CUDA kernels of dropless dispatch's permutations (`fused_permute`), run by Triton's
     interpreter on the CPU: the row gather equals torch's indexing, the k-row sum equals the
     compiled torch form of `_sum_rows` (fp32 sum in j's order; bit for bit in fp32, to the
-    interpreter's bf16 cast in bf16), and with a residual the residual plus that rounded sum,
-    for sizes off the kernels' tiles."""
+    interpreter's bf16 cast in bf16), with a residual the residual plus that rounded sum, and weighted
+    (the FP8 experts' combine) each row times its fp32 weight before the sum, for sizes off the kernels' tiles."""
     from pip_cache import run_interpreted
     results = run_interpreted(PERMUTE_INTERPRETED)
     assert len(results) == 4 and all(all(v) for v in results.values()), results
@@ -220,17 +228,22 @@ def test_dispatch_with_the_counting_sort_equals_the_radix_sort_on_cuda(monkeypat
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton sum kernel runs on CUDA; CI checks its residual "
                     "form under Triton's interpreter above and the model's residual paths on CPU (tests/test_model.py)")
-def test_the_sum_kernels_residual_add_is_the_blocks_on_cuda(monkeypatch):
-    """A MoE block in bf16 on CUDA, its residual added in the token sum's kernel and by the block:
-    the same output and gradients bit for bit in eager mode. Compiled, inductor fuses the block's own
-    `x + attn + y` in fp32 without rounding `h` to bf16 first (and sums `h`'s gradients in its own
-    order), so there the two agree to bf16's rounding, not bit for bit."""
+@pytest.mark.parametrize("precision", ["model", "fp8"])
+def test_the_sum_kernels_residual_add_is_the_blocks_on_cuda(monkeypatch, precision):
+    """A MoE block in bf16 on CUDA (its experts' products in bf16, or FP8: the weighted sum), its residual
+    added in the token sum's kernel and by the block: the same output and gradients bit for bit in eager
+    mode. Compiled, inductor fuses the block's own `x + attn + y` in fp32 without rounding `h` to bf16
+    first (and sums `h`'s gradients in its own order), so there the two agree to bf16's rounding, not bit
+    for bit."""
+    if precision == "fp8" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("FP8 experts need sm_90 (the trainer refuses them before)")
     from megamoe.config import ModelConfig, MoEConfig
     from megamoe.model import olmoe
     from megamoe.model.rope import rope_cos_sin
     torch.manual_seed(0)
     block = olmoe.Block(ModelConfig(vocab_size=64, d_model=256, n_layers=1, n_heads=4, max_seq_len=128),
-                        MoEConfig(num_experts=8, top_k=2, ffn_hidden=256), 0).cuda().bfloat16()
+                        MoEConfig(num_experts=8, top_k=2, ffn_hidden=256, expert_precision=precision),
+                        0).cuda().bfloat16()
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.05)
     h = torch.randn(2, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -85,13 +85,15 @@ class Dispatcher:
     def run(self, x: torch.Tensor, routing: Routing, experts, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: [T, d] → Σ_assignments weight · expert(x[token]) per token, [T, d]; plus `residual` [T, d]
         when given (added to the sum rounded to x's dtype: in the sum's own pass on dropless top-k)."""
-        plain_sum = bool(routing.top_k) and self.ep_size == 1 and not getattr(experts, "fp8", False)
-        y = self._run(x, routing, experts, plain_sum, residual if plain_sum else None)
-        return y if residual is None or plain_sum else residual + y
+        fused_sum = bool(routing.top_k) and self.ep_size == 1  # the sum's pass adds the residual
+        plain_sum = fused_sum and not getattr(experts, "fp8", False)
+        y = self._run(x, routing, experts, plain_sum, residual if fused_sum else None)
+        return y if residual is None or fused_sum else residual + y
 
     def _run(self, x, routing, experts, plain_sum: bool, residual):
         """plain_sum: the routing weights scale the experts' activations and the combine is a plain
-        sum (dropless top-k, no expert parallelism, no FP8), whose pass adds `residual`."""
+        sum (dropless top-k, no expert parallelism, no FP8), whose pass adds `residual`; FP8 experts'
+        weighted sum adds it too (dropless top-k, no expert parallelism: `fp8_token_sums`)."""
         k = routing.top_k
         counts = routing.expert_load  # [E] rows per expert
         if k and fused_sort.available(routing.expert_idx) and self.num_experts <= fused_sort.MAX_EXPERTS:
@@ -116,7 +118,7 @@ class Dispatcher:
             return experts(x, counts, row_weight=routing.weight[order], tokens=tokens).to(x.dtype)
         if k and self.ep_size == 1 and getattr(experts, "fp8", False):  # the experts and the weighted sum, one Function
             weight = routing.weight.view(-1, k)  # [T, k]
-            return experts.fp8_token_sums(x, counts, TokenRows(token_of_row, inverse, k), weight).to(x.dtype)
+            return experts.fp8_token_sums(x, counts, TokenRows(token_of_row, inverse, k, residual), weight).to(x.dtype)
         if self.ep_size == 1:
             out = experts(fused_permute.gather_tokens(x, token_of_row, inverse, k) if k else x[token_of_row], counts)
         else:  # rows sorted by global expert; the weights stay on this rank and scale the rows when they come back

@@ -124,14 +124,14 @@ class SwiGLUExperts(nn.Module):
     def fp8_token_sums(self, x: torch.Tensor, counts: torch.Tensor, tokens: TokenRows, weight: torch.Tensor,
                        grouped: bool | None = None) -> torch.Tensor:
         """FP8 experts over tokens x [T, d] whose rows these are (every expert on this rank): each token's k
-        outputs weighted by weight [T, k] and summed, [T, d] (`fp8.token_sums`: each token quantized once,
-        its e4m3 row gathered; the backward's gradients quantized in the kernels that make them)."""
+        outputs weighted by weight [T, k] and summed (+ tokens.residual), [T, d] (`fp8.token_sums`: each token
+        quantized once, its e4m3 row gathered; the backward's gradients quantized in the kernels that make them)."""
         if grouped is None:
             grouped = grouped_mm_available(x)
         offs = group_offsets(counts) if grouped and fp8_mm.kernel_available(x) else None
         q1, q2 = self._fp8_weights()
         return fp8_mm.token_sums(x, self.w1, self.w2, counts, offs, tokens.token_of_row, tokens.inverse, weight,
-                                 tokens.k, q1, q2)
+                                 tokens.k, q1, q2, tokens.residual)
 
     def _tokens(self, x, counts, grouped, row_weight, tokens: TokenRows) -> torch.Tensor:
         index, inverse, k, residual = tokens

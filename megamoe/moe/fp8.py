@@ -159,21 +159,21 @@ class _FP8SwiGLU(torch.autograd.Function):
 class _FP8TokenSums(torch.autograd.Function):
     """y[t] = Σ_j weight[t, j] · (q(silu(gate) · up) @ q(w2[e]))  with  [gate | up] = q(x[t]) @ q(w1[e]), the
     experts' rows of token t being rows inverse[t·k + j] (every expert on this rank). The forward is
-    `_FP8SwiGLU`'s on the tokens' e4m3 rows gathered, then the weighted sum, and keeps the tokens, h and the
-    experts' output rows, not the activation. The backward makes each quantized gradient in the kernel that
-    makes the gradient (`fp8_fused`): the weighted output gradient of each row with its e4m3 form and the
-    routing weights' gradient in one pass, then SwiGLU's gradient with its e4m3 form and the activation again
-    for w2's weight gradient in another."""
+    `_FP8SwiGLU`'s on the tokens' e4m3 rows gathered, then the weighted sum (+ the block's residual, in the
+    sum's pass), and keeps the tokens, h and the experts' output rows, not the activation. The backward
+    makes each quantized gradient in the kernel that makes the gradient (`fp8_fused`): the weighted output
+    gradient of each row with its e4m3 form and the routing weights' gradient in one pass, then SwiGLU's
+    gradient with its e4m3 form and the activation again for w2's weight gradient in another."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2, counts, offs, index, inverse, weight, k: int, wf1, wf1_inv, wb1, wb1_inv,
+    def forward(ctx, x, w1, w2, counts, offs, index, inverse, weight, k: int, residual, wf1, wf1_inv, wb1, wb1_inv,
                 wf2, wf2_inv, wb2, wb2_inv):
         xq, x_inv = quantize(x, -1)  # [T, d]: a row's scale is its token's
         rows, rows_inv = _gather(xq, x_inv, index)
         h, out = _swiglu_forward(rows, rows_inv, w1, w2, counts, offs, wf1, wf1_inv, wf2, wf2_inv, x.dtype)
         ctx.save_for_backward(x, w1, w2, counts, offs, index, inverse, weight, h, out, wb1, wb1_inv, wb2, wb2_inv)
         ctx.k = k
-        return fused_permute.torch_sum_rows(out, inverse.view(-1, k), weight)  # [T, d]
+        return fused_permute.sum_rows(out, inverse.view(-1, k), residual, weight)  # [T, d] (+ residual)
 
     @staticmethod
     def backward(ctx, grad):
@@ -185,7 +185,8 @@ class _FP8TokenSums(torch.autograd.Function):
                                                        w1, w2, counts, offs, wb1, wb1_inv, wb2, wb2_inv)
         grad_x = fused_permute.sum_rows(grad_rows, inverse.view(-1, ctx.k))  # [T, d]
         grad_weight = grad_w_rows[inverse].view_as(weight).to(weight.dtype)  # [T, k]
-        return (grad_x, grad_w1, grad_w2, None, None, None, None, grad_weight, *[None] * 9)
+        grad_residual = grad if ctx.needs_input_grad[9] else None
+        return (grad_x, grad_w1, grad_w2, None, None, None, None, grad_weight, None, grad_residual, *[None] * 8)
 
 
 NO_CACHE = (None, None, None, None)
@@ -201,7 +202,8 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, counts: torch.Te
 
 def token_sums(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor | None,
                index: torch.Tensor, inverse: torch.Tensor, weight: torch.Tensor, k: int, wq1: tuple = NO_CACHE,
-               wq2: tuple = NO_CACHE) -> torch.Tensor:
+               wq2: tuple = NO_CACHE, residual: torch.Tensor | None = None) -> torch.Tensor:
     """The FP8 SwiGLU experts over tokens x [T, d] with k rows each (row r is token index[r], token t's j-th
-    row is inverse[t·k + j]), each token's rows weighted by weight [T, k] and summed: [T, d]."""
-    return _FP8TokenSums.apply(x, w1, w2, counts, offs, index, inverse, weight, k, *wq1, *wq2)
+    row is inverse[t·k + j]), each token's rows weighted by weight [T, k] and summed: [T, d]; plus `residual`
+    [T, d] if given, added to the sum rounded to x's dtype in the sum's own pass (`fused_permute.sum_rows`)."""
+    return _FP8TokenSums.apply(x, w1, w2, counts, offs, index, inverse, weight, k, residual, *wq1, *wq2)

@@ -3,6 +3,7 @@
     gather_rows(src [T, d], index [N])    -> [N, d]   out[n] = src[index[n]]
     sum_rows(src [N, d], index [T, k])    -> [T, d]   out[t] = Σ_j src[index[t, j]]   (fp32 sum, src's dtype)
     sum_rows(src, index, residual [T, d]) -> [T, d]   residual[t] + that sum, rounded as the two steps would be
+    sum_rows(src, index, residual, weight [T, k])     each row times weight[t, j] (fp32) before the sum
 
 Dispatch runs each twice a layer (the tokens' gather to their experts and its gradient's sum; the
 experts' sum back into tokens and its gradient's gather): at OLMoE-1B-7B's 8,192 tokens a layer,
@@ -17,6 +18,10 @@ interpreter on the CPU (tests/test_kernels.py). The residual form adds the block
 in the same pass (the sum rounded to src's dtype first, then added in fp32 and rounded: the bits of
 the sum followed by the block's own `h + y`), which saves the block a kernel that read both [T, d]
 arrays again (0.67 ms a step at OLMoE-1B-7B's micro-batch 2 on an H100, docs/performance.md session 14).
+The weighted form is the FP8 experts' combine (`fp8.token_sums`, whose output rows are unweighted): the
+compiled torch form's products and order (each row times its weight in fp32, summed in j's order); inductor's
+kernel of that form with the residual took 2.0 ms a step of OLMoE-1B-7B at micro-batch 2 where this kernel's
+unweighted sum (the backward's) took 1.7 (H100, docs/performance.md session 24).
 """
 
 import torch
@@ -56,8 +61,8 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * D + cols[None, :], v, mask=ok)
 
     @triton.jit
-    def _sum_kernel(src_ptr, index_ptr, res_ptr, out_ptr, n_out, K: tl.constexpr, D: tl.constexpr,
-                    RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _sum_kernel(src_ptr, index_ptr, res_ptr, w_ptr, out_ptr, n_out, K: tl.constexpr, D: tl.constexpr,
+                    RESIDUAL: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         row_ok = rows < n_out
@@ -65,7 +70,10 @@ if triton is not None:
         acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
         for j in tl.static_range(K):
             src_rows = tl.load(index_ptr + rows * K + j, mask=row_ok, other=0).to(tl.int64)
-            acc += tl.load(src_ptr + src_rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            term = tl.load(src_ptr + src_rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            if WEIGHTED:
+                term = term * tl.load(w_ptr + rows * K + j, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+            acc += term
         out = acc.to(out_ptr.dtype.element_ty)
         if RESIDUAL:
             res = tl.load(res_ptr + rows[:, None] * D + cols[None, :], mask=ok, other=0.0)
@@ -84,8 +92,10 @@ if triton is not None:
         return out
 
     def launch_sum(src: torch.Tensor, index: torch.Tensor, residual: torch.Tensor | None = None,
-                   wrap=lambda kernel: kernel) -> torch.Tensor:
+                   weight: torch.Tensor | None = None, wrap=lambda kernel: kernel) -> torch.Tensor:
         src, index = src.contiguous(), index.contiguous()
+        if weight is not None:
+            weight = weight.contiguous()
         (t, k), d = index.shape, src.shape[1]
         out = src.new_empty(t, d)
         block_r, block_d = _blocks(d)
@@ -93,8 +103,9 @@ if triton is not None:
             residual = residual.reshape(t, d).contiguous()
         if t:
             wrap(_sum_kernel)[(triton.cdiv(t, block_r), triton.cdiv(d, block_d))](
-                src, index, out if residual is None else residual, out, t, k, d, RESIDUAL=residual is not None,
-                BLOCK_R=block_r, BLOCK_D=block_d, num_warps=TILE["num_warps"])
+                src, index, out if residual is None else residual, index if weight is None else weight, out, t, k, d,
+                RESIDUAL=residual is not None, WEIGHTED=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+                num_warps=TILE["num_warps"])
         return out
 
     @torch.library.triton_op("megamoe::gather_rows", mutates_args=())
@@ -102,8 +113,9 @@ if triton is not None:
         return launch_gather(src, index, torch.library.wrap_triton)
 
     @torch.library.triton_op("megamoe::sum_rows", mutates_args=())
-    def _sum_rows(src: torch.Tensor, index: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return launch_sum(src, index, residual, torch.library.wrap_triton)
+    def _sum_rows(src: torch.Tensor, index: torch.Tensor, residual: torch.Tensor | None = None,
+                  weight: torch.Tensor | None = None) -> torch.Tensor:
+        return launch_sum(src, index, residual, weight, torch.library.wrap_triton)
 
 
 def torch_sum_rows(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,16 +151,17 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return launch_gather(src, index)
 
 
-def sum_rows(src: torch.Tensor, index: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ_j src[index[:, j]] for src [N, d] and index [T, k], summed in fp32 in j's order (torch's form
-    elsewhere), rounded to src's dtype; with `residual` [T, d] (src's dtype) residual + that, added in
-    fp32 and rounded (torch: after the sum's rounding)."""
+def sum_rows(src: torch.Tensor, index: torch.Tensor, residual: torch.Tensor | None = None,
+             weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_j src[index[:, j]] (· weight[:, j] if given, [T, k]) for src [N, d] and index [T, k], summed in
+    fp32 in j's order (torch's form elsewhere), rounded to src's dtype; with `residual` [T, d] (src's
+    dtype) residual + that, added in fp32 and rounded (torch: after the sum's rounding)."""
     if not available(src):
-        out = torch_sum_rows(src, index)
+        out = torch_sum_rows(src, index, weight)
         return out if residual is None else residual + out
     if torch.compiler.is_compiling():
-        return torch.ops.megamoe.sum_rows(src, index, residual)
-    return launch_sum(src, index, residual)
+        return torch.ops.megamoe.sum_rows(src, index, residual, weight)
+    return launch_sum(src, index, residual, weight)
 
 
 class _GatherTokens(torch.autograd.Function):
