@@ -23,6 +23,7 @@ import yaml
 
 import bench_model as bm
 from common import build_megamoe, out_dir, sync
+from megamoe.moe.experts import cache_fp8_weights
 from megamoe.model.compile import apply_compile
 
 
@@ -61,6 +62,8 @@ def main():
     ap.add_argument("--profile-all", action="store_true")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU in fp32, eager: checks the script runs")
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--fp8-cache", action="store_true",
+                    help="the FP8 experts' weights quantized once before the rounds (as megamoe-compile-fp8-cached)")
     args = ap.parse_args()
     switches = [parse_switch(text) for text in args.switch]
     if len({len(values) for _, _, values in switches}) != 1:
@@ -75,6 +78,8 @@ def main():
     args.mb = [args.mb]
     ceiling, log = bm.open_log(device, cfg, args, "bench_ab.jsonl")
     model = build_megamoe(cfg, device, dtype)
+    if args.fp8_cache and not cache_fp8_weights(model):
+        sys.exit("bench_ab: error: --fp8-cache needs FP8 experts (--set moe.expert_precision=fp8)")
     results = []
     for rnd in range(args.rounds):
         for value in values:
