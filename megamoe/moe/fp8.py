@@ -30,10 +30,6 @@ from . import fp8_fused, fused_permute, grouped_gemm
 
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
-# `token_sums`' weighted sum and the block's residual by `fused_permute.sum_rows`' kernel (True) or inductor's
-# code of the torch form (False, for A/B runs; the same values)
-SUM_KERNEL = True
-
 
 def kernel_available(x: torch.Tensor) -> bool:
     """The FP8 products' CUDA kernels run here (megamoe's, or `torch._scaled_grouped_mm` where it does not
@@ -177,9 +173,6 @@ class _FP8TokenSums(torch.autograd.Function):
         h, out = _swiglu_forward(rows, rows_inv, w1, w2, counts, offs, wf1, wf1_inv, wf2, wf2_inv, x.dtype)
         ctx.save_for_backward(x, w1, w2, counts, offs, index, inverse, weight, h, out, wb1, wb1_inv, wb2, wb2_inv)
         ctx.k = k
-        if not SUM_KERNEL:
-            y = fused_permute.torch_sum_rows(out, inverse.view(-1, k), weight)
-            return y if residual is None else residual + y
         return fused_permute.sum_rows(out, inverse.view(-1, k), residual, weight)  # [T, d] (+ residual)
 
     @staticmethod

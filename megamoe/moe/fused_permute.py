@@ -19,9 +19,9 @@ in the same pass (the sum rounded to src's dtype first, then added in fp32 and r
 the sum followed by the block's own `h + y`), which saves the block a kernel that read both [T, d]
 arrays again (0.67 ms a step at OLMoE-1B-7B's micro-batch 2 on an H100, docs/performance.md session 14).
 The weighted form is the FP8 experts' combine (`fp8.token_sums`, whose output rows are unweighted): the
-compiled torch form's products and order (each row times its weight in fp32, summed in j's order); inductor's
-kernel of that form with the residual took 2.0 ms a step of OLMoE-1B-7B at micro-batch 2 where this kernel's
-unweighted sum (the backward's) took 1.7 (H100, docs/performance.md session 24).
+compiled torch form's products and order (each row times its weight in fp32, summed in j's order): at
+OLMoE-1B-7B's micro-batch 2 on an H100 its pass and the backward's sum took 3.64 ms a step where inductor's kernel
+of that form and the sum took 3.74 (docs/performance.md, session 25: within the noise of the step's A/B).
 """
 
 import torch
