@@ -88,8 +88,6 @@ class SwiGLUExperts(nn.Module):
         if self.fp8_cache is None or any(a.shape != b.shape or a.device != b.device
                                          for old, new in zip(self.fp8_cache, fresh) for a, b in zip(old, new)):
             self.fp8_cache = fresh
-            for t in (a for forms in fresh for a in forms):  # refilled in place below: CUDA graphs need not copy them
-                torch._dynamo.mark_static_address(t)
         else:
             torch._foreach_copy_([a for old in self.fp8_cache for a in old], [b for new in fresh for b in new])
         self.fp8_cache_valid = True
