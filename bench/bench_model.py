@@ -246,16 +246,23 @@ def main():
         release_fp8_weights(ours)
         if "cached" in name:  # what one optimizer step's quantization of the weights costs, both ways
             for in_place in (not experts.FP8_CACHE_IN_PLACE, experts.FP8_CACHE_IN_PLACE):  # the default's last
-                with patch.object(experts, "FP8_CACHE_IN_PLACE", in_place):
-                    cache_fp8_weights(ours)  # compiles (and makes the cache the first time)
-                    times = []
-                    for _ in range(5):
-                        sync(device)
-                        t0 = time.perf_counter()
-                        cache_fp8_weights(ours)
-                        sync(device)
-                        times.append((time.perf_counter() - t0) * 1e3)
                 default = " (the default)" if in_place == experts.FP8_CACHE_IN_PLACE else ""
+                try:
+                    with patch.object(experts, "FP8_CACHE_IN_PLACE", in_place):
+                        cache_fp8_weights(ours)  # compiles (and makes the cache the first time)
+                        times = []
+                        for _ in range(5):
+                            sync(device)
+                            t0 = time.perf_counter()
+                            cache_fp8_weights(ours)
+                            sync(device)
+                            times.append((time.perf_counter() - t0) * 1e3)
+                except Exception as e:  # the other form's failure must not cost the default's run
+                    if default:
+                        raise
+                    print(f"{name}: the other weight cache form failed: {type(e).__name__}: {str(e)[:500]}",
+                          flush=True)
+                    continue
                 print(f"{name}: the weights quantized {'into the cache' if in_place else 'anew and copied in'}"
                       f"{default} in {sorted(times)[2]:.2f} ms (median of 5), once an optimizer step", flush=True)
             if mode:  # refilled in place: CUDA graphs read them where they are instead of copying them in
