@@ -415,3 +415,25 @@ def test_the_fp8_kernel_equals_torchs_scaled_grouped_gemm_on_cuda():
     for got in (fn(), torch.compile(fn, fullgraph=True)()):
         assert got.dtype == torch.bfloat16
         assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="TMA loads of e4m3 tiles: Hopper or later; CI has no GPU and checks the kernel under the "
+                    "interpreter")
+def test_the_weight_gradient_of_fp8_rows_equals_the_bf16_one_of_the_dequantized_rows_on_cuda():
+    """OLMoE's w2 gradient at a few hundred rows with empty experts: the e4m3 rows with their scales
+    (`launch_weight_grad_mm(..., scale=)`, its default stages) against megamoe's bf16 weight gradient of the same
+    rows dequantized (exact in bf16): the same products, summed in another order."""
+    from megamoe.moe import fp8
+    g = torch.Generator(device="cuda").manual_seed(1)
+    counts = torch.zeros(64, dtype=torch.int64, device="cuda")
+    counts[: 40] = torch.randint(0, 90, (40,), generator=g, device="cuda")
+    offs = experts.group_offsets(counts)
+    a = torch.randn(int(offs[-1]), 1024, generator=g, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(int(offs[-1]), 2048, generator=g, device="cuda", dtype=torch.bfloat16)
+    (aq, a_inv), (bq, b_inv) = fp8.quantize(a, -1), fp8.quantize(b, -1)
+    want = G.launch_weight_grad_mm((aq.float() * a_inv).bfloat16(), (bq.float() * b_inv).bfloat16(), offs).float()
+    got = G.launch_weight_grad_mm(aq, bq, offs, scale=(a_inv * b_inv).reshape(-1))
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
+    assert all(got[i].abs().max() == 0 for i in range(40, 64))

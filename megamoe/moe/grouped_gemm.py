@@ -8,6 +8,13 @@
 `a_index` / `b_index` (rows_mm, weight_grad_mm): row r of the operand is its tensor's row index[r], read by
 pointer loads through the index instead of from a gathered copy (Hopper's TMA cannot gather rows).
 
+The FP8 forms: `scaled_rows_mm` (e4m3 rows and weights, rowwise scales, FP8 tensor cores) and
+`launch_weight_grad_mm(a, b, offs, scale=)`, the weight gradient of e4m3 rows whose product is scaled per row
+(each row's two rowwise scales multiplied, powers of two): its tiles arrive by TMA in e4m3 and are upcast to bf16
+in registers, exactly, for bf16 products (the contraction runs over the rows, so the rowwise scales cannot
+stay outside it as they do in the FP8 products). Written for the FP8 backward that would keep no bf16 rows;
+not used by the model yet (`bench_grouped_gemm.py --fp8-wgrad` times it).
+
 `offs` [E] int32 holds each expert's end row (as `torch._grouped_mm`); rows are sorted by expert.
 `torch._grouped_mm` runs one CUTLASS configuration for every shape; these kernels ran each of the
 six expert products of OLMoE-1B-7B and of the small model 4-10% faster on an H100
