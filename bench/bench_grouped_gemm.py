@@ -8,7 +8,6 @@ the same FLOPs: which weight layout and which kernel run them fastest.
                                                         # (with their token rows read in place: the "+gather" rows)
     python3 bench/bench_grouped_gemm.py --tma --only "fwd w1,fwd w1 +gather"   # some products only
     python3 bench/bench_grouped_gemm.py --fp8           # the FP8 products: megamoe's kernel (a config sweep) against torch's
-    python3 bench/bench_grouped_gemm.py --fp8-wgrad     # the weight gradients of e4m3 rows against megamoe's bf16 ones
     python3 bench/bench_grouped_gemm.py --skew 1,4,8    # the weight gradients under imbalanced loads, long experts cut or not
     python3 bench/bench_grouped_gemm.py --loads bench_out/bench_model.jsonl   # the six at the loads bench_model.py's model routed
 
@@ -263,35 +262,6 @@ def fp8(geo, tokens, d, f, e, k, device, log, configs):
     sweep(geo, rows, configs, log, "fp8")
 
 
-# (BM, BN, BK, warps, stages, the output's column slices, warp_specialize) for the weight gradient of e4m3 rows
-FP8_WGRAD_CONFIGS = [
-    (128, 256, 64, 8, 3, 2, False), (128, 256, 64, 8, 4, 2, False), (128, 256, 64, 8, 5, 2, False),
-    (128, 256, 128, 8, 3, 2, False), (128, 256, 128, 8, 4, 2, False), (128, 128, 64, 8, 5, 2, False),
-    (256, 128, 64, 8, 5, 2, False),
-]
-
-
-def fp8_wgrad(geo, tokens, d, f, e, k, device, log, configs):
-    """The weight gradients from e4m3 rows with their rowwise scales (`launch_weight_grad_mm(..., scale=)`: the
-    tiles upcast to bf16 in registers, each row's product times its two scales), a config sweep, against
-    megamoe's bf16 weight gradient (its default config) of the same rows dequantized: the "torch" column here.
-    The two compute the same products; the e4m3 form reads half the bytes and would spare the FP8 backward its
-    bf16 rows (the gathered tokens, SwiGLU's gradient and activation, the output gradient)."""
-    from megamoe.moe import fp8 as F8, grouped_gemm as G
-    n = tokens * k
-    x, h, dy, dh, w1, w2, offs = operands(tokens, d, f, e, k, device)
-    rows = []
-    for name, a, b in (("wgrad w1 e4m3", x, dh), ("wgrad w2 e4m3", h, dy)):
-        (aq, a_inv), (bq, b_inv) = F8.quantize(a, -1), F8.quantize(b, -1)
-        scale = (a_inv * b_inv).reshape(-1)
-        a_deq, b_deq = (aq.float() * a_inv).to(a.dtype), (bq.float() * b_inv).to(b.dtype)  # exact in bf16
-        rows.append((name, 2 * n * a.shape[1] * b.shape[1],
-                     lambda a_deq=a_deq, b_deq=b_deq: G.launch_weight_grad_mm(a_deq, b_deq, offs),
-                     lambda c, aq=aq, bq=bq, scale=scale: G.launch_weight_grad_mm(
-                         aq, bq, offs, config=c[:6], warp_specialize=c[6], scale=scale)))
-    sweep(geo, rows, configs, log, "fp8 wgrad")
-
-
 def nested(launch):
     """`launch` with grouped_gemm.WGRAD_FLAT off for the call."""
     from megamoe.moe import grouped_gemm as G
@@ -413,8 +383,6 @@ def main():
     ap.add_argument("--tma", action="store_true", help="time the persistent TMA kernels of megamoe/moe/grouped_gemm.py (config sweep)")
     ap.add_argument("--fp8", action="store_true", help="time megamoe's FP8 kernel (config sweep) against "
                     "torch._scaled_grouped_mm on the four FP8 products")
-    ap.add_argument("--fp8-wgrad", action="store_true", help="time the weight gradients of e4m3 rows with their "
-                    "scales (config sweep) against megamoe's bf16 weight gradient of the same rows dequantized")
     ap.add_argument("--skew", default=None, help="comma-separated largest-load / mean ratios: time the weight "
                     "gradients with and without cutting long experts (1: random top-k routing)")
     ap.add_argument("--loads", default=None, metavar="BENCH_MODEL_JSONL",
@@ -456,9 +424,6 @@ def main():
             continue
         if args.fp8:
             fp8(geo, tokens, d, f, e, k, device, log, FP8_CONFIGS)
-            continue
-        if args.fp8_wgrad:
-            fp8_wgrad(geo, tokens, d, f, e, k, device, log, FP8_WGRAD_CONFIGS)
             continue
         if args.tma:
             tma(geo, tokens, d, f, e, k, device, log, TMA_CONFIGS)

@@ -171,14 +171,11 @@ def test_fp8_token_sums_are_the_rows_run_and_summed():
         assert float(a.norm()) > 0, name
 
 
-@pytest.mark.parametrize("in_place", [False, True])
-def test_fp8_weight_cache_is_the_per_call_quantization_until_released(monkeypatch, in_place):
+def test_fp8_weight_cache_is_the_per_call_quantization_until_released():
     """`cache_fp8_weights` quantizes the weights once; while cached, forward and backward equal the
     per-call quantization bit for bit (rows and tokens). Changed weights are not seen until the next
     cache (what the trainer's release before each optimizer step is for); once released, the layer
-    quantizes per call again. The next cache refills the same tensors, made anew and copied over or
-    (`experts.FP8_CACHE_IN_PLACE`) quantized into them."""
-    monkeypatch.setattr(experts, "FP8_CACHE_IN_PLACE", in_place)
+    quantizes per call again."""
     case = fp8_tokens_case("cpu", torch.float32)
     ex, model = case[0], torch.nn.Sequential(case[0])
     runs = lambda: (fp8_tokens_run(*case, separate=False) + fp8_tokens_run(*case, separate=True))  # noqa: E731
@@ -200,23 +197,6 @@ def test_fp8_weight_cache_is_the_per_call_quantization_until_released(monkeypatc
     for a, b in zip(runs(), moved):
         assert torch.equal(a, b)
     assert not experts.cache_fp8_weights(torch.nn.Sequential(SwiGLUExperts(2, 16, 16)))  # bf16 experts: none
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the weight cache's quantization is compiled on CUDA only; "
-                    "CI covers the in-place refill's eager form above (run on the GPU machine: docs/performance.md)")
-def test_the_compiled_in_place_weight_quantization_is_the_fresh_one_on_cuda():
-    """`fp8.quantize_weight_into` (compiled, writing into the cached forms) gives `quantize_weight_once`'s
-    four forms bit for bit, into the tensors it was given."""
-    from megamoe.moe import fp8
-    torch.manual_seed(0)
-    w = torch.randn(4, 256, 384, device="cuda", dtype=torch.bfloat16)
-    fresh = fp8.quantize_weight_once(w)
-    forms = tuple(torch.zeros_like(t) for t in fresh)
-    ptrs = [t.data_ptr() for t in forms]
-    fp8.quantize_weight_into(w, forms)
-    assert [t.data_ptr() for t in forms] == ptrs
-    bits = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # noqa: E731
-    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(forms, fresh))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._scaled_grouped_mm runs on Hopper GPUs only; "

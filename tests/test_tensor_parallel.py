@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from distributed import RankFailed, run_ranks
 from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig
-from megamoe.model import attention
 from megamoe.model.olmoe import OLMoE, init_weights
 from megamoe.parallel import mappings
 from megamoe.parallel.expert import apply_expert_parallel
@@ -65,7 +64,6 @@ def run_layout(rank: int, world_size: int, cfg: Config, layout: dict, data: list
     """One rank: forward/backward on its DP rank's micro-batch, then the engine's DP mean.
     Returns (loss, {name: (grad, shard marks)})."""
     state = ParallelState(world_size, rank, tp=layout.get("tp", 1), ep=layout.get("ep", 1)).build_groups()
-    attention.FUSED_QKV = layout.get("fused_qkv", False)  # this rank's process only (the reference: three products)
     model = build(cfg, state, layout)
     tokens, labels = data[state.dp_rank]
     loss = micro_batch_loss(model(tokens), labels, cross_entropy_for(state))  # vocab-parallel under TP
@@ -120,8 +118,7 @@ def assert_layout_matches(cfg: Config, world_size: int, layout: dict) -> None:
     (dict(tp=2, sp=True), dict(capacity_factor=1.0, num_shared_experts=1)),
     (dict(tp=2, sp=True), dict(routing="expert_choice")),
     (dict(tp=2, sp=True), dict(num_experts=0)),
-    (dict(tp=2, sp=True, fused_qkv=True), dict()),
-], ids=["tp2", "tp2-sp", "tp2-sp-capacity-shared", "tp2-sp-expert-choice", "tp2-sp-dense", "tp2-sp-fused-qkv"])
+], ids=["tp2", "tp2-sp", "tp2-sp-capacity-shared", "tp2-sp-expert-choice", "tp2-sp-dense"])
 def test_tensor_parallel_gives_the_one_rank_loss_and_grads(layout, moe):
     assert_layout_matches(tiny(**moe), 2, layout)
 

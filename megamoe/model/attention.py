@@ -7,14 +7,6 @@ from torch import nn
 from .norm import RMSNorm
 from .rope import apply_rope
 
-# q, k and v as one product against their weights concatenated (True), or three products (False, the default
-# that every figure in docs/performance.md measured). One product reads x once, writes the input's gradient once
-# instead of three partial gradients summed by the norm's backward, and runs one wider GEMM a direction; it
-# costs a copy of the three weights a forward and a split of their gradient. The parameters stay q_proj,
-# k_proj, v_proj (checkpoints, conversion and tensor parallelism's shards unchanged). Written for an A/B on the
-# GPU (`bench/bench_ab.py megamoe.model.attention.FUSED_QKV=False,True`), not yet timed.
-FUSED_QKV = False
-
 
 class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, head_dim: int, eps: float = 1e-5,
@@ -31,12 +23,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x.shape
-        if FUSED_QKV and self._fusable():
-            weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
-            q, k, v = F.linear(x, torch.cat(weights)).split([w.shape[0] for w in weights], dim=-1)
-            q, k = self.q_norm(q), self.k_norm(k)
-        else:
-            q, k, v = self.q_norm(self.q_proj(x)), self.k_norm(self.k_proj(x)), self.v_proj(x)
+        q, k, v = self.q_norm(self.q_proj(x)), self.k_norm(self.k_proj(x)), self.v_proj(x)
         if self.clip_qkv is not None:
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         # [B, S, H*D] -> [B, H, S, D]; H is the local head count under tensor parallelism.
@@ -44,10 +31,3 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
-
-    def _fusable(self) -> bool:
-        """q, k and v are plain products x Wᵀ: nn.Linear without bias, or modules that say so
-        (`plain_product`: tensor parallelism's column shards whose input attention brought into the TP
-        region once for the three)."""
-        return all(getattr(p, "plain_product", type(p) is nn.Linear and p.bias is None)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))

@@ -24,12 +24,6 @@ from torch import nn
 from . import fp8 as fp8_mm
 from . import fused_permute, fused_swiglu, grouped_gemm
 
-# The FP8 weight cache refilled by a compiled quantization that writes into the cached forms (True), or made
-# anew and copied over them (False, the code every FP8 figure in docs/performance.md measured: two bytes an
-# expert parameter read and written again at each optimizer step). Written for an A/B on the GPU (`bench_model.py`
-# times both when it caches), not yet timed.
-FP8_CACHE_IN_PLACE = False
-
 # The token rows read in place by the first projection and its weight gradient (True), or gathered into a
 # copy first (False); the same for the output gradient in the second projection's backward. None: in place
 # where the experts' hidden size is at most IN_PLACE_MAX_FFN. The indexed loads (pointer loads, not TMA) slow
@@ -90,13 +84,6 @@ class SwiGLUExperts(nn.Module):
     @torch.no_grad()
     def refresh_fp8_cache(self) -> None:
         """Quantize w1 and w2 now, for every forward and backward until `fp8_cache_valid` is cleared."""
-        if FP8_CACHE_IN_PLACE and self.fp8_cache is not None and all(
-                forms[2].shape == w.shape and forms[2].device == w.device
-                for w, forms in zip((self.w1, self.w2), self.fp8_cache)):
-            for w, forms in zip((self.w1, self.w2), self.fp8_cache):
-                fp8_mm.quantize_weight_into(w, forms)
-            self.fp8_cache_valid = True
-            return
         fresh = tuple(fp8_mm.quantize_weight_once(w) for w in (self.w1, self.w2))
         if self.fp8_cache is None or any(a.shape != b.shape or a.device != b.device
                                          for old, new in zip(self.fp8_cache, fresh) for a, b in zip(old, new)):

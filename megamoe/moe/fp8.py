@@ -71,27 +71,6 @@ def quantize_weight_once(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return _compiled_quantize_weight(w.detach())
 
 
-def _quantize_weight_into(w: torch.Tensor, forms: list[torch.Tensor]) -> None:
-    for dst, src in zip(forms, quantize_weight(w)):
-        dst.copy_(src)
-
-
-_compiled_quantize_weight_into = None
-
-
-@torch.no_grad()
-def quantize_weight_into(w: torch.Tensor, forms: tuple[torch.Tensor, ...]) -> None:
-    """`quantize_weight(w)` written into `forms`, the four tensors of an earlier call for a weight of this
-    shape: compiled on CUDA, where inductor's kernels can store each form into its tensor directly instead of
-    into new tensors that are then copied over (what `quantize_weight_once` and a copy do)."""
-    global _compiled_quantize_weight_into
-    if not w.is_cuda:
-        return _quantize_weight_into(w.detach(), list(forms))
-    if _compiled_quantize_weight_into is None:
-        _compiled_quantize_weight_into = torch.compile(_quantize_weight_into, dynamic=False)
-    _compiled_quantize_weight_into(w.detach(), list(forms))
-
-
 def _gather(q: torch.Tensor, inv: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows index[r] of per-token e4m3 values [T, K] and their scales [T, 1]: [N, K], [N, 1]
     (moved as bytes: the gather kernel and every device's indexing take uint8)."""

@@ -8,13 +8,6 @@
 `a_index` / `b_index` (rows_mm, weight_grad_mm): row r of the operand is its tensor's row index[r], read by
 pointer loads through the index instead of from a gathered copy (Hopper's TMA cannot gather rows).
 
-The FP8 forms: `scaled_rows_mm` (e4m3 rows and weights, rowwise scales, FP8 tensor cores) and
-`launch_weight_grad_mm(a, b, offs, scale=)`, the weight gradient of e4m3 rows whose product is scaled per row
-(each row's two rowwise scales multiplied, powers of two): its tiles arrive by TMA in e4m3 and are upcast to bf16
-in registers, exactly, for bf16 products (the contraction runs over the rows, so the rowwise scales cannot
-stay outside it as they do in the FP8 products). Written for the FP8 backward that would keep no bf16 rows;
-not used by the model yet (`bench_grouped_gemm.py --fp8-wgrad` times it).
-
 `offs` [E] int32 holds each expert's end row (as `torch._grouped_mm`); rows are sorted by expert.
 `torch._grouped_mm` runs one CUTLASS configuration for every shape; these kernels ran each of the
 six expert products of OLMoE-1B-7B and of the small model 4-10% faster on an H100
@@ -65,11 +58,6 @@ WGRAD_CONFIG = (128, 256, 64, 8, 3, 2)
 # rows read in place 39.78 / 39.89 ms against 40.76 / 40.93; OLMoE's w1 gradient gathering 1.079 ms against
 # 1.471 (its TMA form on a gathered copy: 0.864, which OLMoE's default path runs).
 WGRAD_GATHER_STAGES = 5
-# The weight gradient of e4m3 rows with their scales (`scale=`): each row's scale is loaded a stage ahead too,
-# so five stages keep four e4m3 buffers an operand (165 KB of shared memory with the upcast operand's bf16 copy
-# and the store's; sm_90 TTGIR, Triton 3.6). Not timed: not used by the model yet (`bench_grouped_gemm.py
-# --fp8-wgrad` times it against the bf16 form).
-WGRAD_SCALED_STAGES = 5
 
 
 def rows_config(k: int, n: int, trans_b: bool) -> tuple[tuple[int, ...], bool]:
@@ -318,24 +306,14 @@ if triton is not None:
         return _ragged_load(desc, start, rows, row, col, BR, BC)
 
     @triton.jit
-    def _upcast_rows(at, b, scale_ptr, row0, rows, row, BK: tl.constexpr):
-        """e4m3 tiles of rows row0 + row.. (at [BK, BM], b [BK, BN]) in bf16, at's rows times their factor
-        scale[r] (a power of two: exact; zeros past the rows, as the tiles are)."""
-        r = row + tl.arange(0, BK)
-        f = tl.load(scale_ptr + row0 + r, mask=r < rows, other=0.0)
-        return (at.to(tl.float32) * f[:, None]).to(tl.bfloat16), b.to(tl.bfloat16)
-
-    @triton.jit
-    def _wgrad_tile(a_desc, b_desc, a_ptr, b_ptr, a_index_ptr, b_index_ptr, scale_ptr, row0, rows, tm, tn,
+    def _wgrad_tile(a_desc, b_desc, a_ptr, b_ptr, a_index_ptr, b_index_ptr, row0, rows, tm, tn,
                     M: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALED: tl.constexpr):
-        """Σ over rows row0.. row0 + rows of a[r, tile m]ᵀ b[r, tile n] (SCALED: times scale[r]), fp32 [BM, BN]."""
+                    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr):
+        """Σ over rows row0.. row0 + rows of a[r, tile m]ᵀ b[r, tile n], fp32 [BM, BN]."""
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         for kk in range(tl.cdiv(rows, BK)):  # zeros past the rows
             at = _rows_load(a_desc, a_ptr, a_index_ptr, row0, rows, kk * BK, tm * BM, M, BK, BM, GATHER_A)
             b = _rows_load(b_desc, b_ptr, b_index_ptr, row0, rows, kk * BK, tn * BN, N, BK, BN, GATHER_B)
-            if SCALED:
-                at, b = _upcast_rows(at, b, scale_ptr, row0, rows, kk * BK, BK)
             acc = tl.dot(at.T, b, acc)
         return acc
 
@@ -373,13 +351,13 @@ if triton is not None:
         return s, s // per
 
     @triton.jit
-    def _weight_grad_kernel(a_ptr, b_ptr, c_ptr, part_ptr, offs_ptr, next_ptr, a_index_ptr, b_index_ptr, scale_ptr,
+    def _weight_grad_kernel(a_ptr, b_ptr, c_ptr, part_ptr, offs_ptr, next_ptr, a_index_ptr, b_index_ptr,
                             M: tl.constexpr, N: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                             NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, SLICES: tl.constexpr,
                             CUT: tl.constexpr, PIECE: tl.constexpr, LONGEST_FIRST: tl.constexpr,
                             FLAT: tl.constexpr, ITEMS_P2: tl.constexpr, GATHER_A: tl.constexpr,
-                            GATHER_B: tl.constexpr, SCALED: tl.constexpr):
+                            GATHER_B: tl.constexpr):
         """PIECE = 0: a work item is one output tile of one expert; with LONGEST_FIRST the items of the
         longest experts come first and each round of NUM_PROGRAMS items is dealt in the opposite
         direction to the one before, else expert by expert in turn.
@@ -388,9 +366,7 @@ if triton is not None:
         when it is done (a counter at `next_ptr`: the longest items start first and the rest fill in).
         Cut pieces' tiles go to fp32 `part` (slot: the cut experts' pieces before it in expert order,
         then the piece) and `_sum_pieces_kernel` adds them in order; uncut experts are stored here.
-        GATHER_A / GATHER_B: row r of a / b is its tensor's row a_index[r] / b_index[r].
-        SCALED: a and b in e4m3, row r's product times scale[r] (the rows' scales, powers of two), each
-        k-step's tiles upcast to bf16 in registers for a bf16 product."""
+        GATHER_A / GATHER_B: row r of a / b is its tensor's row a_index[r] / b_index[r]."""
         pid = tl.program_id(0)
         num_n: tl.constexpr = N // BN
         per: tl.constexpr = (M // BM) * num_n
@@ -430,8 +406,6 @@ if triton is not None:
                     at = _rows_load(a_desc, a_ptr, a_index_ptr, row0, rows, kk * BK, tm * BM, M, BK, BM,
                                     GATHER_A)  # zeros past the rows
                     b = _rows_load(b_desc, b_ptr, b_index_ptr, row0, rows, kk * BK, tn * BN, N, BK, BN, GATHER_B)
-                    if SCALED:
-                        at, b = _upcast_rows(at, b, scale_ptr, row0, rows, kk * BK, BK)
                     acc = tl.dot(at.T, b, acc)
                     kk += 1
                     if kk == steps:
@@ -443,8 +417,8 @@ if triton is not None:
                     s, e = _uncut_item(t, pid, place, es, per, E, NUM_PROGRAMS, LONGEST_FIRST)
                     row0 = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
                     rows = tl.load(offs_ptr + e) - row0
-                    acc = _wgrad_tile(a_desc, b_desc, a_ptr, b_ptr, a_index_ptr, b_index_ptr, scale_ptr, row0, rows,
-                                      (s % per) // num_n, s % num_n, M, N, BM, BN, BK, GATHER_A, GATHER_B, SCALED)
+                    acc = _wgrad_tile(a_desc, b_desc, a_ptr, b_ptr, a_index_ptr, b_index_ptr, row0, rows,
+                                      (s % per) // num_n, s % num_n, M, N, BM, BN, BK, GATHER_A, GATHER_B)
                     _store_tile(c_desc, acc, e, (s % per) // num_n, s % num_n, M, BM, BN, SLICES)
         else:
             es, gstart, gend, cut, pieces = _pieces(offs_ptr, E, E_P2, CUT, PIECE)
@@ -465,8 +439,8 @@ if triton is not None:
                 rows = tl.where(is_cut, tl.minimum(rows, PIECE), rows)
                 tm = (t % per) // num_n
                 tn = t % num_n
-                acc = _wgrad_tile(a_desc, b_desc, a_ptr, b_ptr, a_index_ptr, b_index_ptr, scale_ptr, row0, rows, tm,
-                                  tn, M, N, BM, BN, BK, GATHER_A, GATHER_B, SCALED)
+                acc = _wgrad_tile(a_desc, b_desc, a_ptr, b_ptr, a_index_ptr, b_index_ptr, row0, rows, tm, tn,
+                                  M, N, BM, BN, BK, GATHER_A, GATHER_B)
                 if is_cut:  # fp32, summed by the second pass
                     slot = tl.sum(tl.where(es == e - 1, slot_end, 0)) + k
                     ptrs = (part_ptr + slot.to(tl.int64) * (M * N) + (tm * BM + tl.arange(0, BM))[:, None] * N
@@ -565,24 +539,18 @@ if triton is not None:
     def launch_weight_grad_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, config=None,
                               warp_specialize: bool = False, cut: tuple[int, int] | None = None,
                               wrap=_plain, a_index: torch.Tensor | None = None,
-                              b_index: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                              out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                              b_index: torch.Tensor | None = None) -> torch.Tensor:
         """The kernel itself: a [R, M], b [R, N], offs [E] int32 → [E, M, N] (zeros for an empty expert).
         `cut`: (cut, piece), experts longer than `cut` rows in pieces of `piece` (None: `wgrad_cut`;
-        (0, 0): none). With `a_index` / `b_index` [R], a[a_index] / b[b_index] read in place. With
-        `scale` [R] fp32 (powers of two): a and b in e4m3 and row r's product times scale[r] (each row's
-        two rowwise scales multiplied: the product of the dequantized rows), out in `out_dtype` (bf16)."""
+        (0, 0): none). With `a_index` / `b_index` [R], a[a_index] / b[b_index] read in place."""
         bm, bn, bk, warps, stages, slices = config or WGRAD_CONFIG
         if config is None and (a_index is not None or b_index is not None):
             stages = WGRAD_GATHER_STAGES
-        if config is None and scale is not None:
-            stages = WGRAD_SCALED_STAGES
         a, b = a.contiguous(), b.contiguous()
         M, N, E = a.shape[1], b.shape[1], offs.numel()
         R = next((i.numel() for i in (a_index, b_index) if i is not None), a.shape[0])
         assert M % bm == 0 and N % bn == 0, (M, N, bm, bn)
-        assert scale is None or (a_index is None and b_index is None), "the scaled operands are read as rows"
-        out = a.new_empty(E, M, N, dtype=out_dtype or (torch.bfloat16 if scale is not None else a.dtype))
+        out = a.new_empty(E, M, N)
         if R == 0:
             return out.zero_()
         per = (M // bm) * (N // bn)
@@ -601,11 +569,10 @@ if triton is not None:
         flat = WGRAD_FLAT and not piece and items_p2 * e_p2 <= 16384
         _launch(_weight_grad_kernel, wrap)[(programs,)](
             a, b, out, part, offs, counter, offs if a_index is None else a_index.contiguous(),
-            offs if b_index is None else b_index.contiguous(),
-            offs if scale is None else scale.reshape(-1).contiguous(), M=M, N=N, E=E, E_P2=e_p2, BM=bm, BN=bn, BK=bk,
+            offs if b_index is None else b_index.contiguous(), M=M, N=N, E=E, E_P2=e_p2, BM=bm, BN=bn, BK=bk,
             NUM_PROGRAMS=programs, WS=warp_specialize, SLICES=slices, CUT=longer, PIECE=piece,
             LONGEST_FIRST=LONGEST_FIRST, FLAT=flat, ITEMS_P2=items_p2 if flat else 1, GATHER_A=a_index is not None,
-            GATHER_B=b_index is not None, SCALED=scale is not None, num_warps=warps, num_stages=stages)
+            GATHER_B=b_index is not None, num_warps=warps, num_stages=stages)
         if piece:
             sbm, sbn = min(bm, 64), min(bn, 128)
             _launch(_sum_pieces_kernel, wrap)[(E, (M // sbm) * (N // sbn))](

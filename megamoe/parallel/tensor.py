@@ -75,7 +75,6 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         assert linear.bias is None, "megamoe's linears have no bias"
         self.weight, self.region = linear.weight, region
-        self.plain_product = region is None  # forward is F.linear(x, weight): attention may fuse q, k, v
         _cut(self, "weight", 0, state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
