@@ -23,7 +23,7 @@ import yaml
 
 import bench_model as bm
 from common import build_megamoe, out_dir, sync
-from megamoe.moe.experts import cache_fp8_weights
+from megamoe.moe.experts import cache_fp8_weights, release_fp8_weights
 from megamoe.model.compile import apply_compile
 
 
@@ -63,7 +63,8 @@ def main():
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU in fp32, eager: checks the script runs")
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--fp8-cache", action="store_true",
-                    help="the FP8 experts' weights quantized once before the rounds (as megamoe-compile-fp8-cached)")
+                    help="the FP8 experts' and projections' weights quantized once before each value's steps "
+                         "(as megamoe-compile-fp8-cached)")
     args = ap.parse_args()
     switches = [parse_switch(text) for text in args.switch]
     if len({len(values) for _, _, values in switches}) != 1:
@@ -78,21 +79,23 @@ def main():
     args.mb = [args.mb]
     ceiling, log = bm.open_log(device, cfg, args, "bench_ab.jsonl")
     model = build_megamoe(cfg, device, dtype)
-    if args.fp8_cache and not cache_fp8_weights(model):
-        sys.exit("bench_ab: error: --fp8-cache needs FP8 experts (--set moe.expert_precision=fp8)")
-    results = []
+    results, cached = [], set()
     for rnd in range(args.rounds):
         for value in values:
             for (module, name, _), v in zip(switches, value):
                 setattr(module, name, v)
             tag = ",".join(map(str, value))
             label = f"{names}={tag}"
+            if args.fp8_cache:  # after the switches: they may make layers FP8 (`fp8_linear.Linear.fp8`)
+                release_fp8_weights(model)
+                cached |= {label} if cache_fp8_weights(model) else set()
             if device.type == "cuda":
                 apply_compile(model, None)  # resets dynamo: the switch is read again while tracing
             t0 = time.perf_counter()
             bm.megamoe_step(model, bm.batches(cfg, args.mb[0], args.seq, device, n=1))()
             sync(device)
-            print(f"{label}: first step {time.perf_counter() - t0:.1f} s", flush=True)
+            print(f"{label}: first step {time.perf_counter() - t0:.1f} s"
+                  f"{'; FP8 weights cached' if label in cached else ''}", flush=True)
             rows = bm.measure(f"{label} round {rnd}", bm.megamoe_step, model, cfg, args, device, ceiling, log)
             results += [(label, r) for r in rows]
             if rnd == 0 and (args.profile_all or args.profile and value == values[0]):
@@ -107,6 +110,9 @@ def main():
             print(f"{label}: medians {', '.join(f'{m:.2f}' for m in ms)} ms")
     if not results:
         sys.exit("no measurement")
+    if args.fp8_cache and not cached:
+        sys.exit("bench_ab: error: --fp8-cache found no FP8 experts or projections to cache "
+                 "(--set moe.expert_precision=fp8 or model.attention_precision=fp8, or a switch that makes them)")
 
 
 if __name__ == "__main__":

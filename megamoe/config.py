@@ -79,8 +79,8 @@ class TrainConfig:
     max_skipped_steps: int = 10  # stop after this many steps in a row with a non-finite grad norm/loss
     gc_interval: int = 50  # Python's garbage collector off in the loop, run every N steps (0 = automatic)
     overlap_read: bool = True  # read a step's statistics once the next step is queued (same results)
-    # FP8 experts with several micro-batches a step: quantize the weights once a step, not in every forward and
-    # backward (same results; two bytes an expert parameter of GPU memory kept)
+    # FP8 experts (or attention projections) with several micro-batches a step: quantize their weights once a
+    # step, not in every forward and backward (same results; two bytes a parameter of theirs of GPU memory kept)
     fp8_weight_cache: bool = True
 
 
@@ -171,6 +171,10 @@ class Config:
         _choice("moe.backend", moe.backend, ("megamoe", "deepspeed"))
         _choice("moe.lb_loss_scope", moe.lb_loss_scope, ("micro_batch", "global_batch", "sequence"))
         _choice("moe.router_dtype", moe.router_dtype, ("model", "fp32"))
+        _choice("model.attention_precision", m.attention_precision, ("model", "fp8"))
+        _require(m.attention_precision != "fp8" or (m.d_model % 16 == 0 and m.dim_per_head % 16 == 0),
+                 "model.attention_precision", f"fp8 projections need d_model and the head dimension divisible by "
+                 f"16 (got {m.d_model}, {m.dim_per_head}); change them or use model.attention_precision=model")
         _choice("moe.expert_precision", moe.expert_precision, ("model", "fp8"))
         if moe.expert_precision == "fp8":
             _require(moe.backend == "megamoe", "moe.expert_precision",

@@ -25,6 +25,9 @@ SEQUENCE_LB = ("moe.lb_loss_scope=sequence",)
 DENSE_FIRST = ("moe.dense_layers=[0]", "moe.dense_ffn_hidden=48")  # layer 0 dense, layer 1 MoE
 AUX_FREE = ("moe.bias_update_rate=0.01",)  # the expert biases are among the final weights compared
 FP8 = ("moe.expert_precision=fp8",)  # the experts' operands quantized per row / column: layouts agree
+# attention's projections in FP8 (head dimension 16, as FP8 products need): under TP a scale's slice spans the
+# ranks, and its largest magnitude is the TP group's
+FP8_ATTENTION = ("model.attention_precision=fp8", "model.n_heads=2")
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +158,27 @@ def test_fp8_experts_in_every_layout(tmp_path, references, nproc, overrides):
             assert got.get(key) == pytest.approx(want.get(key), rel=1e-3), (got["step"], key)
     assert metrics(run)[0]["loss"] == pytest.approx(metrics(ref)[0]["loss"], rel=1e-5)
     # the first step routes every token as the 1-rank run does (every layer's expert shares)
+    np.testing.assert_allclose(metrics(run)[0]["expert_load"], metrics(ref)[0]["expert_load"], atol=1e-6)
+
+
+@pytest.mark.parametrize("nproc,overrides", [
+    pytest.param(2, ["parallel.tensor=2", "parallel.sequence_parallel=true"], id="tp2-sp"),
+    pytest.param(2, ["parallel.expert=2"], id="ep2"),
+    pytest.param(2, ["parallel.pipeline=2"], id="pp2"),
+])
+def test_fp8_attention_in_every_layout(tmp_path, references, nproc, overrides):
+    """`model.attention_precision=fp8` under TP+SP (the column-parallel q, k, v and the row-parallel o take each
+    scale's largest magnitude over the TP group: tests/test_tensor_parallel.py), EP and PP: the first step's loss within 1e-5 of the
+    1-rank fp8 run's, routing as it did; the loss curve and the eval loss within 1e-3 (the layouts' gradient
+    sums differ in their last bits, which e4m3 rounding can turn into flipped values, as
+    `test_fp8_experts_in_every_layout` says)."""
+    ref = references(FP8_ATTENTION)
+    run = tmp_path / "run"
+    launch(run, nproc, [*FP8_ATTENTION, *overrides, *EVAL])
+    for got, want in zip(metrics(run), metrics(ref), strict=True):
+        for key in ("loss", "lm_loss", "eval_loss"):
+            assert got.get(key) == pytest.approx(want.get(key), rel=1e-3), (got["step"], key)
+    assert metrics(run)[0]["loss"] == pytest.approx(metrics(ref)[0]["loss"], rel=1e-5)
     np.testing.assert_allclose(metrics(run)[0]["expert_load"], metrics(ref)[0]["expert_load"], atol=1e-6)
 
 

@@ -105,6 +105,21 @@ def test_fp8_weight_cache_is_counted_per_layout():
     assert seen == {True, False}  # dp 8 runs one micro-batch a step: no cache
 
 
+def test_fp8_attention_cache_is_counted_on_one_tensor_parallel_rank():
+    """FP8 attention projections keep their quantized weights too (2 bytes a rank's attention parameter) where
+    the model is not cut by TP; the TP layers quantize per call and keep nothing."""
+    batch = ["train.global_batch_size=32", "train.micro_batch_size=4"]
+    base = {(p.tp, p.pp, p.ep): p.state_gib for p in plan_layouts(load_config("olmoe-1b-7b", batch), 8)}
+    cfg = load_config("olmoe-1b-7b", [*batch, "model.attention_precision=fp8"])
+    seen = set()
+    for p in plan_layouts(cfg, 8):
+        attention = max(c["attention"] for c in stage_param_counts(cfg, p.tp, p.pp, p.ep))
+        cache = 2 * attention / 2**30 if p.tp == 1 and 32 // (4 * p.dp) > 1 else 0.0
+        assert p.state_gib == pytest.approx(base[(p.tp, p.pp, p.ep)] + cache, rel=1e-12), (p.tp, p.pp, p.ep)
+        seen.add((p.tp == 1, cache > 0))
+    assert (True, True) in seen and (False, False) in seen
+
+
 def test_no_valid_layout_says_why_each_failed():
     with pytest.raises(ConfigError) as e:
         plan_layouts(load_config("olmoe-1b-7b"), 3)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from distributed import RankFailed, run_ranks
 from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig
+from megamoe.model.fp8_linear import fp8_linear
 from megamoe.model.olmoe import OLMoE, init_weights
 from megamoe.parallel import mappings
 from megamoe.parallel.expert import apply_expert_parallel
@@ -25,10 +26,10 @@ from megamoe.train.loss import cross_entropy, cross_entropy_for
 SEQ, BATCH, RTOL = 16, 2, 1e-5
 
 
-def tiny(**moe) -> Config:
+def tiny(model: dict | None = None, **moe) -> Config:
     moe = {**dict(num_experts=8, top_k=2, ffn_hidden=16, lb_loss_weight=0.1, z_loss_weight=0.01), **moe}
-    cfg = Config(model=ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=SEQ),
-                 moe=MoEConfig(**moe), data=DataConfig(seq_length=SEQ))
+    model = {**dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=SEQ), **(model or {})}
+    cfg = Config(model=ModelConfig(**model), moe=MoEConfig(**moe), data=DataConfig(seq_length=SEQ))
     return cfg.validate()
 
 
@@ -121,6 +122,63 @@ def assert_layout_matches(cfg: Config, world_size: int, layout: dict) -> None:
 ], ids=["tp2", "tp2-sp", "tp2-sp-capacity-shared", "tp2-sp-expert-choice", "tp2-sp-dense"])
 def test_tensor_parallel_gives_the_one_rank_loss_and_grads(layout, moe):
     assert_layout_matches(tiny(**moe), 2, layout)
+
+
+FP8_ATTENTION = dict(attention_precision="fp8", n_heads=2)  # head dimension 16, as FP8 products need
+
+
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(tp=2, sp=True)], ids=["tp2", "tp2-sp"])
+def test_fp8_attention_under_tensor_parallelism_is_the_one_rank_model(layout):
+    """`model.attention_precision=fp8`: the TP ranks' column- and row-parallel projections run the FP8
+    products (the 1-rank fp8 model's loss and gradients, which the bf16 projections miss by ~4e-4)."""
+    assert_layout_matches(tiny(FP8_ATTENTION), 2, layout)
+
+
+def run_fp8_linears(rank: int, world_size: int, x, w_row, w_column, grad) -> dict:
+    """`fp8_linear` cut as a row-parallel (input features) and as a column-parallel (output features) layer
+    on this rank: the full output and input gradient (summed over the ranks), this rank's weight gradient."""
+    group = dist.group.WORLD
+    out = {}
+    xs, ws = (t.chunk(world_size, -1)[rank].clone().requires_grad_() for t in (x, w_row))
+    y = fp8_linear(xs, ws, in_group=group)  # partial sums of the output
+    y.backward(grad)
+    dist.all_reduce(y := y.detach())
+    out["row"] = (y, xs.grad, ws.grad)
+    xc, wc = x.clone().requires_grad_(), w_column.chunk(world_size, 0)[rank].clone().requires_grad_()
+    y = fp8_linear(xc, wc, out_group=group)  # this rank's output columns
+    y.backward(grad.chunk(world_size, -1)[rank])
+    dist.all_reduce(grad_x := xc.grad)
+    out["column"] = (y.detach(), grad_x, wc.grad)
+    return out
+
+
+def test_fp8_linear_scales_a_cut_slice_by_its_whole_largest_magnitude():
+    """A scale's slice that the TP cut splits (a row-parallel layer's input rows and weight rows, a
+    column-parallel one's output-gradient rows and weight columns) takes its largest magnitude over the group:
+    every e4m3 value is the 1-rank layer's. Power-of-two scales make most values the same either way (e4m3
+    keeps 3 mantissa bits in every binade); what tells is a half-slice 1e5 smaller than the other, which the
+    1-rank scale rounds to e4m3's subnormals and its own rank's scale would keep at full precision. The other
+    operand is 1e5 larger there, so both halves weigh alike in the products compared."""
+    g = torch.Generator().manual_seed(0)
+    x, grad = torch.randn(8, 32, generator=g), torch.randn(8, 24, generator=g)
+    w_row, w_column = torch.randn(24, 32, generator=g), torch.randn(24, 32, generator=g)
+    x[:, 16:] *= 1e-5  # the second rank's input features are small in x, large in w_row
+    w_row[:, 16:] *= 1e5
+    grad[:, 12:] *= 1e-5  # the second rank's output features are small in the gradient, large in w_column
+    w_column[12:] *= 1e5
+    results = run_ranks(run_fp8_linears, 2, x, w_row, w_column, grad)
+    for cut, w, dim in (("row", w_row, -1), ("column", w_column, 0)):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8_linear(xr, wr)
+        y.backward(grad)
+        for rank, out in enumerate(results):
+            got_y, got_dx, got_dw = out[cut]
+            want_y = y.detach() if cut == "row" else y.detach().chunk(2, -1)[rank]
+            want_dx = xr.grad.chunk(2, -1)[rank] if cut == "row" else xr.grad
+            for name, a, b in (("y", got_y, want_y), ("grad_x", got_dx, want_dx),
+                               ("grad_w", got_dw, wr.grad.chunk(2, dim)[rank])):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()),
+                                           msg=lambda m, c=cut, n=name, r=rank: f"{c} rank {r} {n}: {m}")
 
 
 # The communication ops: forward and backward against their definitions ------------------------

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,6 +238,10 @@ def test_fp8_experts_are_refused_on_a_gpu_before_hopper():
     for cfg, device, capability in ((fp8, gpu, (9, 0)), (fp8, gpu, (10, 0)), (fp8, torch.device("cpu"), (8, 0)),
                                     (bf16, gpu, (8, 0))):
         check_fp8_device(cfg, device, capability=capability)
+    attention = load_config(None, ["model.attention_precision=fp8"])  # the FP8 projections: the same rule
+    with pytest.raises(ConfigError, match=r"^model.attention_precision: fp8 needs .* set model.attention_precision=model"):
+        check_fp8_device(attention, gpu, capability=(8, 0))
+    check_fp8_device(attention, gpu, capability=(9, 0))
 
 
 def test_changed_model_cannot_resume(tmp_path):
@@ -248,6 +253,23 @@ def test_changed_model_cannot_resume(tmp_path):
     # but more steps may be asked of the same run: it resumes at step 1
     launch(run, 1, ["train.steps=2"])
     assert [r["step"] for r in metrics(run)] == [1, 2]
+
+
+def test_a_run_saved_before_a_config_key_existed_resumes_at_its_default():
+    """A checkpoint's config from before a key was added (here `model.attention_precision`) lacks it: that run
+    ran with the default, so a launch with the default continues it, and one asking for another value is
+    refused with the key named."""
+    from megamoe.config import ConfigError
+    from megamoe.train.rundir import check_resumable
+    cfg = load_config(None, [])
+    saved = cfg.to_dict()
+    del saved["model"]["attention_precision"]
+    check_resumable(saved, cfg, Path("ckpt"))
+    with pytest.raises(ConfigError, match=r"^model.attention_precision: the run in ckpt used 'model', "
+                                          r"this launch asks for 'fp8'"):
+        check_resumable(saved, load_config(None, ["model.attention_precision=fp8"]), Path("ckpt"))
+    with pytest.raises(ConfigError, match=r"^model.d_model:"):  # a key it has still counts as saved
+        check_resumable(saved, load_config(None, ["model.d_model=64"]), Path("ckpt"))
 
 
 def test_foreign_run_dir_is_not_overwritten(tmp_path):
@@ -419,6 +441,7 @@ def test_each_step_logs_its_own_time_when_read_after_the_next_is_queued(tmp_path
 
 FP8_CACHE = """
 import sys
+from pathlib import Path
 import megamoe.train.loop as loop
 from megamoe.moe.experts import SwiGLUExperts
 from megamoe.train.__main__ import main

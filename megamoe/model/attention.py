@@ -4,20 +4,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fp8_linear import Linear
 from .norm import RMSNorm
 from .rope import apply_rope
 
 
 class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, head_dim: int, eps: float = 1e-5,
-                 clip_qkv: float | None = None):
+                 clip_qkv: float | None = None, fp8: bool = False):
+        """fp8: q, k, v and o with their forward and input-gradient products in e4m3 (`fp8_linear`)."""
         super().__init__()
         self.head_dim, self.clip_qkv = head_dim, clip_qkv
         width = n_heads * head_dim
-        self.q_proj = nn.Linear(d_model, width, bias=False)
-        self.k_proj = nn.Linear(d_model, width, bias=False)
-        self.v_proj = nn.Linear(d_model, width, bias=False)
-        self.o_proj = nn.Linear(width, d_model, bias=False)
+        self.q_proj = Linear(d_model, width, fp8)
+        self.k_proj = Linear(d_model, width, fp8)
+        self.v_proj = Linear(d_model, width, fp8)
+        self.o_proj = Linear(width, d_model, fp8)
         self.q_norm = RMSNorm(width, eps)
         self.k_norm = RMSNorm(width, eps)
 

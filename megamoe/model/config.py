@@ -69,6 +69,10 @@ class ModelConfig:
     max_seq_len: int = 4096
     clip_qkv: float | None = None
     init_std: float = 0.02
+    # model (the training dtype) | fp8: attention's q, k, v and o projections' forward and input-gradient
+    # products in float8 e4m3 with rowwise power-of-two scales (torch._scaled_mm on Hopper+); their
+    # weight gradients stay in the training dtype
+    attention_precision: str = "model"
 
     @property
     def dim_per_head(self) -> int:

@@ -29,7 +29,8 @@ class Block(nn.Module):
     def __init__(self, m: ModelConfig, moe: MoEConfig, index: int):
         super().__init__()
         self.attn_norm = RMSNorm(m.d_model, m.rms_norm_eps)
-        self.attn = Attention(m.d_model, m.n_heads, m.dim_per_head, m.rms_norm_eps, m.clip_qkv)
+        self.attn = Attention(m.d_model, m.n_heads, m.dim_per_head, m.rms_norm_eps, m.clip_qkv,
+                              m.attention_precision == "fp8")
         self.ffn_norm = RMSNorm(m.d_model, m.rms_norm_eps)
         if not moe.num_experts or index in moe.dense_layers:
             self.ffn = SwiGLU(m.d_model, moe.dense_width())

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.fp8_linear import Linear as FP8Linear
 from . import fp8 as fp8_mm
 from . import fused_permute, fused_swiglu, grouped_gemm
 
@@ -153,12 +154,13 @@ class SwiGLUExperts(nn.Module):
 
 
 def cache_fp8_weights(model: nn.Module) -> bool:
-    """Quantize the weights of `model`'s FP8 experts once, for the forwards and backwards until
-    `release_fp8_weights` (an optimizer step's micro-batches: the weights do not change between them).
-    Costs two bytes an expert parameter of device memory, kept between steps. Returns whether any."""
+    """Quantize the weights of `model`'s FP8 experts and FP8 attention projections (`model.fp8_linear.Linear`)
+    once, for the forwards and backwards until `release_fp8_weights` (an optimizer step's micro-batches: the
+    weights do not change between them). Costs two bytes a parameter of theirs of device memory, kept
+    between steps. Returns whether any."""
     found = False
     for m in model.modules():
-        if isinstance(m, SwiGLUExperts) and m.fp8:
+        if isinstance(m, (SwiGLUExperts, FP8Linear)) and m.fp8:
             m.refresh_fp8_cache()
             found = True
     return found
@@ -167,7 +169,7 @@ def cache_fp8_weights(model: nn.Module) -> bool:
 def release_fp8_weights(model: nn.Module) -> None:
     """The cached forms stale from here (the optimizer is about to change the weights): quantize per call."""
     for m in model.modules():
-        if isinstance(m, SwiGLUExperts):
+        if isinstance(m, (SwiGLUExperts, FP8Linear)):
             m.fp8_cache_valid = False
 
 

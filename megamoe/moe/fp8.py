@@ -25,6 +25,7 @@ step where the trainer keeps them across its micro-batches (`SwiGLUExperts.fp8_c
 """
 
 import torch
+import torch.distributed as dist
 
 from . import fp8_fused, fused_permute, grouped_gemm
 
@@ -38,10 +39,14 @@ def kernel_available(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
-def quantize(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(t: torch.Tensor, dim: int, group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """t in float8_e4m3fn with one power-of-two scale per slice along `dim`; returns (q, inv)
-    where t ≈ q.float() * inv (inv keeps `dim` with size 1)."""
-    amax = t.abs().amax(dim=dim, keepdim=True).float().clamp(min=1e-12)
+    where t ≈ q.float() * inv (inv keeps `dim` with size 1). `group`: the slices run on across the
+    ranks of this process group (a tensor-parallel cut): their largest magnitude is the group's."""
+    amax = t.abs().amax(dim=dim, keepdim=True).float()
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    amax = amax.clamp(min=1e-12)
     scale = torch.exp2(torch.floor(torch.log2(E4M3_MAX / amax)))
     q = (t.float() * scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q, scale.reciprocal()

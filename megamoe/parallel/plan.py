@@ -61,14 +61,16 @@ def rank_state_bytes(cfg: Config, world_size: int, bf16: bool) -> float:
 
 
 def fp8_cache_bytes(cfg: Config, world_size: int) -> float:
-    """The FP8 experts' weights as the trainer keeps them quantized across a step's micro-batches
-    (`train.fp8_weight_cache`, with more than one micro-batch a step): two e4m3 forms, two bytes an
-    expert parameter of one rank (its largest pipeline stage's); 0 where no cache is kept."""
+    """The FP8 experts' (and, on one rank of TP, attention projections') weights as the trainer keeps them
+    quantized across a step's micro-batches (`train.fp8_weight_cache`, with more than one micro-batch a step):
+    two e4m3 forms, two bytes a parameter of theirs on one rank (its largest pipeline stage's); 0 where no
+    cache is kept."""
     p = cfg.parallel
-    if not (cfg.moe.expert_precision == "fp8" and cfg.train.fp8_weight_cache
-            and cfg.grad_accumulation_steps(world_size) > 1):
+    experts, attention = cfg.moe.expert_precision == "fp8", cfg.model.attention_precision == "fp8" and p.tensor == 1
+    if not ((experts or attention) and cfg.train.fp8_weight_cache and cfg.grad_accumulation_steps(world_size) > 1):
         return 0.0
-    return 2.0 * max(c["experts"] for c in stage_param_counts(cfg, p.tensor, p.pipeline, p.expert))
+    return 2.0 * max(c["experts"] * experts + c["attention"] * attention
+                     for c in stage_param_counts(cfg, p.tensor, p.pipeline, p.expert))
 
 
 def plan_layouts(cfg: Config, world_size: int, bf16: bool = True) -> list[Plan]:

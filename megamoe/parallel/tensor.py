@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.attention import Attention
+from ..model.fp8_linear import fp8_linear
 from ..model.norm import RMSNorm
 from ..moe.layer import MoELayer
 from ..moe.router import Routing, expert_counts
@@ -75,12 +76,13 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         assert linear.bias is None, "megamoe's linears have no bias"
         self.weight, self.region = linear.weight, region
+        self.fp8, self.group = getattr(linear, "fp8", False), state.tp_group
         _cut(self, "weight", 0, state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.region is not None:
             x = self.region.enter(x)
-        return F.linear(x, self.weight)
+        return fp8_linear(x, self.weight, out_group=self.group) if self.fp8 else F.linear(x, self.weight)
 
 
 class RowParallelLinear(nn.Module):
@@ -91,10 +93,12 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         assert linear.bias is None, "megamoe's linears have no bias"
         self.weight, self.region = linear.weight, region
+        self.fp8, self.group = getattr(linear, "fp8", False), state.tp_group
         _cut(self, "weight", 1, state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.region.leave(F.linear(x, self.weight))
+        y = fp8_linear(x, self.weight, in_group=self.group) if self.fp8 else F.linear(x, self.weight)
+        return self.region.leave(y)
 
 
 class VocabParallelEmbedding(nn.Module):

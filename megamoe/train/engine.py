@@ -39,19 +39,21 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 
 def check_fp8_device(cfg: Config, device: torch.device, capability: tuple[int, int] | None = None) -> None:
-    """Refuse FP8 experts on a GPU before Hopper (sm_90), whose tensor cores megamoe's FP8 products need:
-    there they would run dequantized, one expert at a time, far slower than the bf16 experts. (On the
+    """Refuse FP8 experts or attention projections on a GPU before Hopper (sm_90), whose tensor cores the FP8
+    products need: there they would run dequantized (the experts one at a time), slower than bf16. (On the
     CPU that path is the reference the tests hold the GPU to, and runs.) `capability`: (major, minor)
     for tests."""
-    if cfg.moe.expert_precision != "fp8" or device.type != "cuda":
+    keys = [k for k, v in (("moe.expert_precision", cfg.moe.expert_precision),
+                           ("model.attention_precision", cfg.model.attention_precision)) if v == "fp8"]
+    if not keys or device.type != "cuda":
         return
     major, minor = capability or torch.cuda.get_device_capability(device)
     if (major, minor) < (9, 0):
         from ..config import ConfigError
         name = torch.cuda.get_device_name(device) if capability is None else "this GPU"
-        raise ConfigError(f"moe.expert_precision: fp8 needs FP8 tensor cores of a Hopper or later GPU (sm_90+); "
-                          f"{name} is sm_{major}{minor}, where the experts' FP8 products would run dequantized one "
-                          f"expert at a time, slower than bf16: set moe.expert_precision=model")
+        raise ConfigError(f"{keys[0]}: fp8 needs FP8 tensor cores of a Hopper or later GPU (sm_90+); "
+                          f"{name} is sm_{major}{minor}, where the FP8 products would run dequantized, "
+                          f"slower than bf16: set {keys[0]}=model")
 
 
 def check_memory(cfg: Config, world_size: int, local_ranks: int, device: torch.device,

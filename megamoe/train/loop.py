@@ -74,9 +74,11 @@ class Trainer:
         # aux-loss-free biases then move on the device, each step's update gated by its finite flag
         self.biases_on_device = self.overlap and bool(cfg.moe.bias_update_rate and cfg.moe_layer_ids())
         self.stop_requested = False  # a rank was signalled to stop (read with a step's statistics)
-        # FP8 experts over several micro-batches a step: each weight quantized once a step, not once a
-        # micro-batch's forward and again in its backward (two bytes an expert parameter kept on the device)
-        self.fp8_cache = cfg.moe.expert_precision == "fp8" and t.fp8_weight_cache and self.gas > 1
+        # FP8 experts or attention projections over several micro-batches a step: each weight quantized once a
+        # step, not once a micro-batch's forward and again in its backward (two bytes a parameter of theirs kept
+        # on the device; the attention projections' under one rank of TP only)
+        self.fp8_cache = ("fp8" in (cfg.moe.expert_precision, cfg.model.attention_precision)
+                          and t.fp8_weight_cache and self.gas > 1)
         # the loss of the model's output: vocab-parallel under TP; without TP and PP the model
         # returns its final hidden states and the loss projects them chunk by chunk
         self.project = self.state.tp > 1 or self.state.pp > 1

@@ -130,8 +130,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def check_resumable(saved: dict, cfg: Config, where: Path) -> None:
-    """Raise ConfigError naming the first key whose change makes `where` impossible to continue."""
+    """Raise ConfigError naming the first key whose change makes `where` impossible to continue. A key the
+    saved config lacks (a run saved before megamoe had it) counts as its default, which that run ran with."""
     old, new = _flatten(saved), _flatten(cfg.to_dict())
+    old = {**{k: v for k, v in _flatten(Config().to_dict()).items() if k not in old}, **old}
     for key in sorted(old.keys() | new.keys()):
         if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
             raise ConfigError(
