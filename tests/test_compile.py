@@ -45,6 +45,7 @@ def test_apply_compile_keeps_rows_of_olmoes_width_persistent(monkeypatch):
     assert rule(ReductionHint.INNER, 2048, True, leq) is None  # cooperative reductions split rows already
     monkeypatch.setattr(compile_module, "PERSISTENT_ROWS", 0)
     assert rule(ReductionHint.INNER, 512, False, leq) is None  # 0: inductor's heuristics untouched
+    monkeypatch.setattr(compile_module, "PERSISTENT_ROWS", 2048)
     if hasattr(config, "inductor_choices_class"):  # restored after the test
         monkeypatch.setattr(config, "inductor_choices_class", config.inductor_choices_class)
     model = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2).build(
@@ -53,4 +54,4 @@ def test_apply_compile_keeps_rows_of_olmoes_width_persistent(monkeypatch):
     assert isinstance(V.choices, compile_module.PersistentRows)
     if hasattr(config, "inductor_choices_class"):
         assert config.inductor_choices_class is compile_module.PersistentRows
-        assert compile_module.PersistentRows().uuid() == "megamoe.PersistentRows(0)"
+        assert compile_module.PersistentRows().uuid() == "megamoe.PersistentRows(2048)"

@@ -51,7 +51,7 @@ if InductorChoices is not None:
 
 
 def _install_heuristics() -> None:
-    if InductorChoices is None:
+    if InductorChoices is None or not PERSISTENT_ROWS:  # 0: inductor's own heuristics, as installed
         return
     if hasattr(_inductor_config, "inductor_choices_class"):
         _inductor_config.inductor_choices_class = PersistentRows
