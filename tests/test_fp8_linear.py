@@ -74,6 +74,10 @@ def test_the_cached_weight_forms_give_the_same_products():
     assert not layer.fp8_cache_valid
     torch.testing.assert_close(layer(x), fp8_linear(x, layer.weight), rtol=0, atol=0)
     assert not torch.equal(layer(x), got)
+    buffers = [t.data_ptr() for t in layer.fp8_cache]
+    cache_fp8_weights(model)  # the next step's forms, written into the same tensors (compiled graphs read them)
+    assert [t.data_ptr() for t in layer.fp8_cache] == buffers
+    torch.testing.assert_close(layer(x), fp8_linear(x, layer.weight), rtol=0, atol=0)
 
 
 def small(attention_precision: str) -> Config:

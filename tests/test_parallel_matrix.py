@@ -135,50 +135,33 @@ def test_fp32_router_of_a_bf16_model_in_every_layout(tmp_path, references, nproc
             assert got.get(key) == pytest.approx(want.get(key), rel=2e-3), (got["step"], key)
 
 
-@pytest.mark.parametrize("nproc,overrides", [
-    pytest.param(2, ["parallel.expert=2"], id="ep2"),
-    pytest.param(2, ["parallel.tensor=2", "parallel.sequence_parallel=true"], id="tp2-sp"),
-    pytest.param(2, ["parallel.pipeline=2"], id="pp2"),
-    pytest.param(4, ["parallel.tensor=2", "parallel.expert=2"], id="tp2xep2"),
+@pytest.mark.parametrize("variant,nproc,overrides", [
+    pytest.param(FP8, 2, ["parallel.expert=2"], id="experts-ep2"),
+    pytest.param(FP8, 2, ["parallel.tensor=2", "parallel.sequence_parallel=true"], id="experts-tp2-sp"),
+    pytest.param(FP8, 2, ["parallel.pipeline=2"], id="experts-pp2"),
+    pytest.param(FP8, 4, ["parallel.tensor=2", "parallel.expert=2"], id="experts-tp2xep2"),
+    pytest.param(FP8_ATTENTION, 2, ["parallel.tensor=2", "parallel.sequence_parallel=true"], id="attention-tp2-sp"),
+    pytest.param(FP8_ATTENTION, 2, ["parallel.expert=2"], id="attention-ep2"),
+    pytest.param(FP8_ATTENTION, 2, ["parallel.pipeline=2"], id="attention-pp2"),
 ])
-def test_fp8_experts_in_every_layout(tmp_path, references, nproc, overrides):
-    """`moe.expert_precision=fp8` under EP, TP and PP. Each layout sums some gradients in another order
-    (EP2's data-parallel all-reduce of the other weights, TP's and PP's attention), so the weights
-    differ in their last bits after the first step; rounding to e4m3 turns those into a few flipped fp8
-    values, which lr 1e-2 Adam carries into the experts' weights (EP2 on a 2-core AMD EPYC, 2026-12-07:
-    203 of w1's 16,384 elements past the matrix's rtol 1e-3, where the loss curve agreed to 1e-7; the
-    same test had passed in earlier sessions' CI). The first step's loss stays within 1e-5 of the 1-rank
-    fp8 run's (same weights, same fp8 rows) and routes as it did, the loss curve and the eval loss within
-    1e-3."""
-    ref = references(FP8)
+def test_fp8_in_every_layout(tmp_path, references, variant, nproc, overrides):
+    """`moe.expert_precision=fp8` under EP, TP and PP, and `model.attention_precision=fp8` under TP+SP (the
+    column-parallel q, k, v and the row-parallel o take each scale's largest magnitude over the TP group:
+    tests/test_tensor_parallel.py), EP and PP. Each layout sums some gradients in another order (EP2's
+    data-parallel all-reduce of the other weights, TP's and PP's attention), so the weights differ in their
+    last bits after the first step; rounding to e4m3 turns those into a few flipped fp8 values, which lr 1e-2
+    Adam carries into the weights (FP8 experts, EP2 on a 2-core AMD EPYC, 2026-12-07: 203 of w1's 16,384
+    elements past the matrix's rtol 1e-3, where the loss curve agreed to 1e-7; the same test had passed in
+    earlier sessions' CI). The first step's loss stays within 1e-5 of the 1-rank fp8 run's (same weights,
+    same fp8 values) and routes as it did, the loss curve and the eval loss within 1e-3."""
+    ref = references(variant)
     run = tmp_path / "run"
-    launch(run, nproc, [*FP8, *overrides, *EVAL])
+    launch(run, nproc, [*variant, *overrides, *EVAL])
     for got, want in zip(metrics(run), metrics(ref), strict=True):
         for key in ("loss", "lm_loss", "eval_loss"):
             assert got.get(key) == pytest.approx(want.get(key), rel=1e-3), (got["step"], key)
     assert metrics(run)[0]["loss"] == pytest.approx(metrics(ref)[0]["loss"], rel=1e-5)
     # the first step routes every token as the 1-rank run does (every layer's expert shares)
-    np.testing.assert_allclose(metrics(run)[0]["expert_load"], metrics(ref)[0]["expert_load"], atol=1e-6)
-
-
-@pytest.mark.parametrize("nproc,overrides", [
-    pytest.param(2, ["parallel.tensor=2", "parallel.sequence_parallel=true"], id="tp2-sp"),
-    pytest.param(2, ["parallel.expert=2"], id="ep2"),
-    pytest.param(2, ["parallel.pipeline=2"], id="pp2"),
-])
-def test_fp8_attention_in_every_layout(tmp_path, references, nproc, overrides):
-    """`model.attention_precision=fp8` under TP+SP (the column-parallel q, k, v and the row-parallel o take each
-    scale's largest magnitude over the TP group: tests/test_tensor_parallel.py), EP and PP: the first step's loss within 1e-5 of the
-    1-rank fp8 run's, routing as it did; the loss curve and the eval loss within 1e-3 (the layouts' gradient
-    sums differ in their last bits, which e4m3 rounding can turn into flipped values, as
-    `test_fp8_experts_in_every_layout` says)."""
-    ref = references(FP8_ATTENTION)
-    run = tmp_path / "run"
-    launch(run, nproc, [*FP8_ATTENTION, *overrides, *EVAL])
-    for got, want in zip(metrics(run), metrics(ref), strict=True):
-        for key in ("loss", "lm_loss", "eval_loss"):
-            assert got.get(key) == pytest.approx(want.get(key), rel=1e-3), (got["step"], key)
-    assert metrics(run)[0]["loss"] == pytest.approx(metrics(ref)[0]["loss"], rel=1e-5)
     np.testing.assert_allclose(metrics(run)[0]["expert_load"], metrics(ref)[0]["expert_load"], atol=1e-6)
 
 

@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..moe.fp8 import quantize
+from ..moe.fp8 import compiled_once, quantize, refill
 
 
-def _mm(aq: torch.Tensor, a_inv: torch.Tensor, bq: torch.Tensor, b_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _mm(aq: torch.Tensor, a_inv: torch.Tensor, bq: torch.Tensor, b_inv: torch.Tensor,
+        dtype: torch.dtype) -> torch.Tensor:
     """aq [M, K] @ bq [N, K]ᵀ, both e4m3 with per-row scales ([M, 1], [N, 1]) → [M, N] in dtype."""
     if aq.is_cuda and dtype == torch.bfloat16 and torch.cuda.get_device_capability(aq.device) >= (9, 0):
         return torch._scaled_mm(aq, bq.t(), scale_a=a_inv, scale_b=b_inv.t(), out_dtype=dtype, use_fast_accum=True)
@@ -43,18 +44,7 @@ def weight_forms(w: torch.Tensor, in_group=None, out_group=None) -> tuple[torch.
     return wq, w_inv, wtq, wt_inv
 
 
-_compiled_weight_forms = None
-
-
-@torch.no_grad()
-def weight_forms_once(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """`weight_forms` outside the model's graphs (the cache): compiled on CUDA, one fused pass per form."""
-    global _compiled_weight_forms
-    if not w.is_cuda:
-        return weight_forms(w.detach())
-    if _compiled_weight_forms is None:
-        _compiled_weight_forms = torch.compile(weight_forms, dynamic=False)
-    return _compiled_weight_forms(w.detach())
+weight_forms_once = compiled_once(weight_forms)  # outside the model's graphs: the cache
 
 
 class _FP8Linear(torch.autograd.Function):
@@ -109,12 +99,7 @@ class Linear(nn.Linear):
     @torch.no_grad()
     def refresh_fp8_cache(self) -> None:
         """Quantize the weight now, for every forward and backward until `fp8_cache_valid` is cleared."""
-        fresh = weight_forms_once(self.weight)
-        if self.fp8_cache is None or any(a.shape != b.shape or a.device != b.device
-                                         for a, b in zip(self.fp8_cache, fresh)):
-            self.fp8_cache = fresh
-        else:
-            torch._foreach_copy_(list(self.fp8_cache), list(fresh))
+        self.fp8_cache = refill(self.fp8_cache, weight_forms_once(self.weight))
         self.fp8_cache_valid = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -86,11 +86,7 @@ class SwiGLUExperts(nn.Module):
     def refresh_fp8_cache(self) -> None:
         """Quantize w1 and w2 now, for every forward and backward until `fp8_cache_valid` is cleared."""
         fresh = tuple(fp8_mm.quantize_weight_once(w) for w in (self.w1, self.w2))
-        if self.fp8_cache is None or any(a.shape != b.shape or a.device != b.device
-                                         for old, new in zip(self.fp8_cache, fresh) for a, b in zip(old, new)):
-            self.fp8_cache = fresh
-        else:
-            torch._foreach_copy_([a for old in self.fp8_cache for a in old], [b for new in fresh for b in new])
+        self.fp8_cache = fp8_mm.refill(self.fp8_cache, fresh)
         self.fp8_cache_valid = True
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, grouped: bool | None = None,

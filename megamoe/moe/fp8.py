@@ -61,19 +61,34 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return wf, wf_inv, wb, wb_inv
 
 
-_compiled_quantize_weight = None
+def compiled_once(fn):
+    """`fn(w)` (a weight's quantized forms) for use outside the model's graphs (the weight caches): compiled on
+    CUDA at its first call, so each form is one fused reduction and one fused cast instead of eager's pass per
+    operation; eager elsewhere."""
+    compiled = None
+
+    @torch.no_grad()
+    def run(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        nonlocal compiled
+        if not w.is_cuda:
+            return fn(w.detach())
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=False)
+        return compiled(w.detach())
+    return run
 
 
-@torch.no_grad()
-def quantize_weight_once(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """`quantize_weight` outside the model's graphs (the weight cache): compiled on CUDA, so each
-    form is one fused reduction and one fused cast instead of eager's pass per operation."""
-    global _compiled_quantize_weight
-    if not w.is_cuda:
-        return quantize_weight(w.detach())
-    if _compiled_quantize_weight is None:
-        _compiled_quantize_weight = torch.compile(quantize_weight, dynamic=False)
-    return _compiled_quantize_weight(w.detach())
+quantize_weight_once = compiled_once(quantize_weight)
+
+
+def refill(cache: tuple | None, fresh: tuple) -> tuple:
+    """The cache to keep for the newly quantized forms `fresh`: `cache` with `fresh` copied into it where their
+    shapes and devices agree (compiled graphs keep reading the same tensors), else `fresh` itself."""
+    flat = lambda forms: [t for f in forms for t in (f if isinstance(f, tuple) else (f,))]  # noqa: E731
+    if cache is None or any(a.shape != b.shape or a.device != b.device for a, b in zip(flat(cache), flat(fresh))):
+        return fresh
+    torch._foreach_copy_(flat(cache), flat(fresh))
+    return cache
 
 
 def _gather(q: torch.Tensor, inv: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
