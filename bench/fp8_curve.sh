@@ -15,7 +15,8 @@ for p in $ARMS; do
     TAG=curve-$p- EXTRA="$SMALL ${ARM[$p]}" COMPILE_ONLY=1 SKIP_LAYER_BENCH=1 STEPS=${STEPS:-300} \
         bash bench/train_device.sh 8
 done
-python3 - $OUT/curve-model-L8-compile.metrics.jsonl $(for p in $ARMS; do [ $p != model ] && echo $OUT/curve-$p-L8-compile.metrics.jsonl; done) <<'PY'
+OTHERS=$(for p in $ARMS; do [ $p != model ] && echo $OUT/curve-$p-L8-compile.metrics.jsonl; done)
+python3 - $OUT/curve-model-L8-compile.metrics.jsonl $OTHERS <<'PY'
 import json, os, sys
 a = [json.loads(l) for l in open(sys.argv[1])]
 for path in sys.argv[2:]:

@@ -239,7 +239,8 @@ def test_fp8_experts_are_refused_on_a_gpu_before_hopper():
                                     (bf16, gpu, (8, 0))):
         check_fp8_device(cfg, device, capability=capability)
     attention = load_config(None, ["model.attention_precision=fp8"])  # the FP8 projections: the same rule
-    with pytest.raises(ConfigError, match=r"^model.attention_precision: fp8 needs .* set model.attention_precision=model"):
+    with pytest.raises(ConfigError,
+                       match=r"^model.attention_precision: fp8 needs .* set model.attention_precision=model"):
         check_fp8_device(attention, gpu, capability=(8, 0))
     check_fp8_device(attention, gpu, capability=(9, 0))
 
