@@ -121,6 +121,11 @@ class Config:
         """Global indices of the layers whose FFN is a MoE (`MoEConfig.layer_ids`)."""
         return self.moe.layer_ids(self.model.n_layers)
 
+    def fp8_keys(self) -> list[str]:
+        """The precision keys set to fp8 (FP8 experts, FP8 attention projections), in that order."""
+        return [key for key, value in (("moe.expert_precision", self.moe.expert_precision),
+                                       ("model.attention_precision", self.model.attention_precision)) if value == "fp8"]
+
     def grad_accumulation_steps(self, world_size: int) -> int:
         dp = self.data_parallel_size(world_size)
         return self.train.global_batch_size // (self.train.micro_batch_size * dp)

@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"megamoe-plan: error: {e}", file=sys.stderr)
         return 2
-    fp8 = "fp8" in (cfg.moe.expert_precision, cfg.model.attention_precision)
-    cache = "; FP8 weight cache included" if fp8 and cfg.train.fp8_weight_cache else ""
+    cache = "; FP8 weight cache included" if cfg.fp8_keys() and cfg.train.fp8_weight_cache else ""
     print(f"{'tensor':>6} {'pipeline':>8} {'expert':>6} {'data':>5} {'params/rank':>12} "
           f"{'state GiB/rank':>14}  (ZeRO {cfg.parallel.zero_stage}{cache}; activations not included)")
     for pl in plans:

@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         # the GPU ran out (the model state alone was checked at the start: activations, fragments)
         first = str(e).split(". ")[0].strip()
         fp8 = (", or quantize the FP8 weights in every call (train.fp8_weight_cache=false)"
-               if cfg is not None and "fp8" in (cfg.moe.expert_precision, cfg.model.attention_precision)
-               and cfg.train.fp8_weight_cache else "")
+               if cfg is not None and cfg.fp8_keys() and cfg.train.fp8_weight_cache else "")
         print(f"megamoe: error: {first} (GPU memory ran out during the run): lower train.micro_batch_size, "
               f"set parallel.activation_checkpointing=selective or full, spread the model over more GPUs "
               f"(parallel.*; `megamoe-plan --gpu-gib`) or keep the optimizer in host memory "

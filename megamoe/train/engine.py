@@ -43,8 +43,7 @@ def check_fp8_device(cfg: Config, device: torch.device, capability: tuple[int, i
     products need: there they would run dequantized (the experts one at a time), slower than bf16. (On the
     CPU that path is the reference the tests hold the GPU to, and runs.) `capability`: (major, minor)
     for tests."""
-    keys = [k for k, v in (("moe.expert_precision", cfg.moe.expert_precision),
-                           ("model.attention_precision", cfg.model.attention_precision)) if v == "fp8"]
+    keys = cfg.fp8_keys()
     if not keys or device.type != "cuda":
         return
     major, minor = capability or torch.cuda.get_device_capability(device)

@@ -77,8 +77,7 @@ class Trainer:
         # FP8 experts or attention projections over several micro-batches a step: each weight quantized once a
         # step, not once a micro-batch's forward and again in its backward (two bytes a parameter of theirs kept
         # on the device; the attention projections' under one rank of TP only)
-        self.fp8_cache = ("fp8" in (cfg.moe.expert_precision, cfg.model.attention_precision)
-                          and t.fp8_weight_cache and self.gas > 1)
+        self.fp8_cache = bool(cfg.fp8_keys()) and t.fp8_weight_cache and self.gas > 1
         # the loss of the model's output: vocab-parallel under TP; without TP and PP the model
         # returns its final hidden states and the loss projects them chunk by chunk
         self.project = self.state.tp > 1 or self.state.pp > 1
