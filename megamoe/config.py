@@ -82,6 +82,10 @@ class TrainConfig:
     # FP8 experts (or attention projections) with several micro-batches a step: quantize their weights once a
     # step, not in every forward and backward (same results; two bytes a parameter of theirs of GPU memory kept)
     fp8_weight_cache: bool = True
+    # the PyTorch profiler over steps [first, last] (a Chrome trace and a table of operators by device time,
+    # in run.dir/profile/; megamoe.train.profile); null = off
+    profile_steps: list[int] | None = None
+    profile_ranks: list[int] = field(default_factory=lambda: [0])  # the ranks that profile them
 
 
 @dataclass
@@ -238,6 +242,13 @@ class Config:
         _require(t.keep_checkpoints >= 0, "train.keep_checkpoints",
                  f"must be >= 0 (0 keeps every checkpoint), got {t.keep_checkpoints}")
         _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
+        if t.profile_steps is not None:
+            steps = t.profile_steps
+            _require(len(steps) == 2 and 1 <= steps[0] <= steps[1] <= t.steps, "train.profile_steps",
+                     f"needs [first, last] with 1 <= first <= last <= train.steps={t.steps} (e.g. [10, 12]), or "
+                     f"null for no profile; got {steps}")
+        _require(len(t.profile_ranks) >= 1 and all(r >= 0 for r in t.profile_ranks), "train.profile_ranks",
+                 f"needs one or more rank numbers >= 0 (e.g. [0]); got {t.profile_ranks}")
         from .eval.tasks import TaskError, check_spec
         for spec in t.eval_tasks:
             try:
@@ -290,6 +301,8 @@ class Config:
             _require(dp % p.expert == 0, "parallel.expert",
                      f"expert={p.expert} must divide the data-parallel size {dp} "
                      f"(world {world_size} / tensor {p.tensor} / pipeline {p.pipeline})")
+            _require(max(t.profile_ranks) < world_size, "train.profile_ranks",
+                     f"names rank {max(t.profile_ranks)} of a world of {world_size} (ranks 0-{world_size - 1})")
             per_step = t.micro_batch_size * dp
             _require(t.global_batch_size % per_step == 0, "train.global_batch_size",
                      f"{t.global_batch_size} is not a multiple of micro_batch_size × data-parallel "

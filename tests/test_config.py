@@ -43,6 +43,11 @@ def test_olmoe_preset_is_the_paper_model(tmp_path):
     (["moe.expert_precision=fp8", "moe.backend=deepspeed"], "moe.expert_precision", "moe.backend=megamoe"),
     (["optim.offload=cpu", "parallel.zero_stage=1"], "optim.offload", "set parallel.zero_stage=0"),
     (["train.gc_interval=-1"], "train.gc_interval", "0 = Python's automatic collector"),
+    (["train.profile_steps=[5]"], "train.profile_steps", "[first, last]"),
+    (["train.profile_steps=[5, 4]"], "train.profile_steps", "1 <= first <= last"),
+    (["train.profile_steps=[0, 4]"], "train.profile_steps", "1 <= first <= last"),
+    (["train.steps=10", "train.profile_steps=[5, 11]"], "train.profile_steps", "last <= train.steps=10"),
+    (["train.profile_ranks=[]"], "train.profile_ranks", "one or more rank numbers"),
 ])
 def test_malformed_input_names_the_key(overrides, key, fix):
     with pytest.raises(ConfigError) as e:
@@ -70,6 +75,7 @@ def test_malformed_input_names_the_key(overrides, key, fix):
     (["moe.dense_layers=[0, 1, 2, 3]"], 1, "moe.dense_layers"),         # every layer
     (["moe.num_experts=0", "moe.dense_layers=[0]"], 1, "moe.dense_layers"),
     (["moe.backend=deepspeed", "moe.lb_loss_scope=global_batch"], 1, "moe.lb_loss_scope"),
+    (["train.profile_ranks=[0, 2]"], 2, "train.profile_ranks"),        # no rank 2 of 2
 ])
 def test_impossible_values_are_refused(overrides, world, key):
     with pytest.raises(ConfigError) as e:

@@ -133,6 +133,27 @@ def test_data_parallel_equals_one_rank(tmp_path, reference, zero):
     assert "built successfully" not in out
 
 
+def test_profiled_steps_are_traced_on_the_ranks_asked_and_train_as_unprofiled(tmp_path, reference):
+    """train.profile_steps [2, 3] on rank 1 of 2: that rank writes a trace holding steps 2 and 3 (no other
+    step's range) and a table of operators; rank 0 writes nothing; the run equals the 1-rank reference.
+    A resumed run whose window lies before the resume point says nothing is profiled."""
+    run = tmp_path / "dp2"
+    out = launch(run, 2, ["train.profile_steps=[2, 3]", "train.profile_ranks=[1]", "train.save_interval=2"]).stdout
+    assert_same_run(run, reference)
+    folder = run / "profile" / "steps2-3"
+    assert f"megamoe: rank 1: profile of steps 2-3 in {folder}" in out
+    assert sorted(p.name for p in folder.iterdir()) == ["rank1.trace.json", "rank1.txt"]
+    events = json.loads((folder / "rank1.trace.json").read_text())["traceEvents"]
+    steps = {e["name"] for e in events if e.get("name", "").startswith("megamoe step ")}
+    assert steps == {"megamoe step 2", "megamoe step 3"}
+    assert any(e.get("name") == "aten::mm" for e in events)  # the operators inside them
+    table = (folder / "rank1.txt").read_text()
+    assert table.startswith("megamoe profile: steps 2-3 (2 steps), rank 1, cpu") and "aten::mm" in table
+    again = launch(run, 1, ["train.steps=5", "train.profile_steps=[3, 5]"]).stdout
+    assert "train.profile_steps=[3, 5] starts at or before the resume point (step 4); nothing is profiled" in again
+    assert not (run / "profile" / "steps3-5").exists()
+
+
 def test_zero_on_one_data_parallel_rank_runs_megamoes_optimizer(tmp_path, reference):
     """ZeRO partitions over data-parallel ranks; over one it saves nothing (the presets' zero_stage 1
     on one GPU): the run says so and updates with megamoe's AdamW, the reference's to the bit (losses,

@@ -32,6 +32,7 @@ from .engine import (build_engine, build_model, check_fp8_device, check_memory, 
 from .loss import cross_entropy_for, linear_cross_entropy
 from .metrics import MetricsLogger
 from .optimizer import AdamW
+from .profile import StepProfiler
 from .rundir import RunLock, check_resumable, prepare_run_dir
 from .signals import EXIT_REQUEUE, PreemptionHandler
 from .stats import StatsRead, StepStats
@@ -92,6 +93,10 @@ class Trainer:
         self.checkpoints = CheckpointWriter(self.run_dir / "checkpoints", env.rank, env.world_size,
                                             t.keep_checkpoints, self.step, t.async_save, t.collective_timeout_s)
         self.metrics = MetricsLogger(self.run_dir, t.steps, self.is_logger, cfg.run.tensorboard)
+        self.profiler = StepProfiler(t.profile_steps, t.profile_ranks, env.rank, self.run_dir, self.device, self.step)
+        if self.is_logger and self.profiler.missed:
+            print(f"megamoe: train.profile_steps={t.profile_steps} starts at or before the resume point "
+                  f"(step {self.step}); nothing is profiled: give later steps", flush=True)
         if self.is_logger:
             n = sum(p.numel() for p in self.model.parameters())
             print(f"megamoe: {self.state.describe()} | {n / 1e6:.2f}M params on rank 0 | "
@@ -206,7 +211,7 @@ class Trainer:
         (evaluation, save, the end)."""
         t = self.cfg.train
         return (self.overlap and step < t.steps and step % t.eval_interval != 0
-                and step % t.save_interval != 0)
+                and step % t.save_interval != 0 and not self.profiler.edge(step))
 
     def _routers(self) -> dict:
         """{row among all the model's MoE layers: its router} for this stage's routed MoE layers."""
@@ -307,7 +312,8 @@ class Trainer:
                 while self.step < t.steps or queued:
                     if self.step < t.steps and not self.stop_requested and (
                             not queued or self._overlaps(queued[-1].step)):
-                        queued.append(self._launch_step(preempt))
+                        with self.profiler.launching(self.step + 1):
+                            queued.append(self._launch_step(preempt))
                         if len(queued) == 1 and self._overlaps(queued[0].step):
                             continue  # queue the next step before reading this one
                     launched = queued.popleft()
@@ -316,6 +322,11 @@ class Trainer:
                     # while queueing (on the CPU: a step read right after the one before it), the longer
                     now = time.perf_counter()
                     elapsed, read_at = max(now - max(launched.start, read_at), launched.queueing), now
+                    profiled = self.profiler.read(launched.step)  # after the step's time is taken
+                    if profiled is not None:
+                        print(f"megamoe: rank {self.state.rank}: profile of steps {t.profile_steps[0]}-"
+                              f"{t.profile_steps[1]} in {profiled} (open the .trace.json in https://ui.perfetto.dev)",
+                              flush=True)
                     record = {"step": launched.step, **record, "tokens_per_sec": tokens_per_step / elapsed,
                               "step_time_ms": 1000 * elapsed, "tflops_per_rank": flops_per_rank / elapsed / 1e12}
                     if peak:
@@ -324,6 +335,8 @@ class Trainer:
                         record.update(self.evaluate())
                     if (launched.step % t.log_interval == 0 or launched.step == t.steps or "eval_loss" in record
                             or self.stop_requested):
+                        if self.device.type == "cuda":  # the allocator's peak so far in this process (no sync)
+                            record["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                         self.metrics.log(record)
                     if queued:  # the next step is on its way (a stop request drains it, below)
                         continue
@@ -347,6 +360,7 @@ class Trainer:
             self.checkpoints.wait()
             raise
         finally:
+            self.profiler.close()
             if manual_gc:
                 gc.enable()
             self.metrics.close()  # also on preemption and errors: tensorboard flushes what it has

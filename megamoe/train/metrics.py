@@ -9,7 +9,7 @@ from ..analysis.load import heatmap_image
 _HUMAN = [("loss", "loss {:.4f}"), ("lm_loss", "lm {:.4f}"), ("lb_loss", "lb {:.3f}"),
           ("z_loss", "z {:.3f}"), ("eval_loss", "eval {:.4f}"), ("eval_ppl", "ppl {:.1f}"),
           ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3f}"), ("tokens_per_sec", "{:,.0f} tok/s"),
-          ("mfu", "mfu {:.1%}")]
+          ("mfu", "mfu {:.1%}"), ("max_memory_gib", "mem {:.1f} GiB")]
 # per-MoE-layer lists: the console shows the worst layer, tensorboard every layer
 _PER_LAYER = [("load_max_over_mean", "max/mean {:.2f}"), ("load_cv", "cv {:.2f}"),
               ("dropped_fraction", "dropped {:.1%}"), ("bias_spread", "bias spread {:.3f}")]
