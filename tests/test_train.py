@@ -294,6 +294,15 @@ def test_a_run_saved_before_a_config_key_existed_resumes_at_its_default():
         check_resumable(saved, load_config(None, ["model.d_model=64"]), Path("ckpt"))
 
 
+@pytest.mark.parametrize("override", ["train.gc_interval=0", "train.fp8_weight_cache=false",
+                                      "train.profile_steps=[2, 3]", "train.profile_ranks=[1]", "train.compile=true"])
+def test_keys_that_change_no_result_may_change_on_resume(override):
+    """Garbage collection's cadence, the FP8 weights' cache (the same values), the profiler and compilation
+    change how a step runs, not what it computes: a run continues with another value."""
+    from megamoe.train.rundir import check_resumable
+    check_resumable(load_config(None, []).to_dict(), load_config(None, [override]), Path("ckpt"))
+
+
 def test_foreign_run_dir_is_not_overwritten(tmp_path):
     run = tmp_path / "precious"
     run.mkdir()

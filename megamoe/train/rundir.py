@@ -22,7 +22,8 @@ RESUMABLE_CHANGES = {"train.steps", "train.log_interval", "train.eval_interval",
                      "train.save_interval", "train.keep_checkpoints", "train.device",
                      "train.micro_batch_size",  # a new layout may need another to divide the batch
                      "train.async_save", "train.collective_timeout_s", "train.overlap_read",
-                     "train.gc_interval", "train.fp8_weight_cache", "train.profile_steps", "train.profile_ranks",
+                     "train.gc_interval", "train.fp8_weight_cache", "train.compile", "train.profile_steps",
+                     "train.profile_ranks",
                      "run.dir", "run.tensorboard", "run.sample_prompt", "run.sample_tokens",
                      "data.cache_dir",
                      # checkpoints are layout-free: a run continues in any parallel layout
