@@ -39,3 +39,22 @@ def test_tool_trains_the_chosen_ablations_and_tabulates_them(tmp_path):
     moe = [json.loads(line) for line in (tmp_path / "upcycled" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in dense] == [1] and [r["step"] for r in moe] == [1]  # half the 2 steps each
     assert dense[0]["expert_load"] == [] and len(moe[0]["expert_load"]) == 2
+
+
+def test_without_names_every_ablation_runs_and_names_may_follow_set(tmp_path, monkeypatch, capsys):
+    from megamoe.cli import ablations
+    ran = []
+    monkeypatch.setattr(ablations, "run_ablation", lambda name, out, budget, sets, nproc: ran.append((name, sets)))
+    monkeypatch.setattr(ablations, "summarise",
+                        lambda run: {"eval_loss": 1.0, "tokens_per_sec": 1.0, "load_max_over_mean": 1.0})
+    assert ablations.main(["--budget-tokens", "256", "--out", str(tmp_path)]) == 0
+    assert ran == [(name, []) for name in ["base", *NAMES]]
+    ran.clear()  # argparse hands the names after --set to it: they are still names
+    assert ablations.main(["--budget-tokens", "256", "--out", str(tmp_path), "--set", "train.steps=2", "top-2",
+                           "dense"]) == 0
+    assert ran == [("top-2", ["train.steps=2"]), ("dense", ["train.steps=2"])]
+    with pytest.raises(SystemExit) as e:
+        ablations.main(["--budget-tokens", "256", "--out", str(tmp_path), "--set", "train.steps=2", "top-3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("megamoe-ablations: error: no ablation named top-3: choose from base, ")

@@ -3,7 +3,8 @@
     megamoe-ablations --budget-tokens 50_000_000 --out runs/ablations dense top-2 aux-free
     megamoe-ablations --budget-tokens 20000 --out /tmp/abl --set train.device=cpu ... base
 
-Each ablation is `configs/ablations/base.yaml` plus its file's `overrides` (`base` is the base
+Without a NAME every ablation runs; `--set`'s words without a `=` are names. Each ablation is
+`configs/ablations/base.yaml` plus its file's `overrides` (`base` is the base
 itself); `train.steps` = budget / (global batch × sequence length). `upcycled` trains the dense
 model (num_experts 0) for `upcycle_at` of the budget, upcycles it and trains the MoE for the rest.
 Each run goes to OUT/NAME (an existing run there is continued, not overwritten); the table of
@@ -82,12 +83,20 @@ def table(rows: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     names = ["base"] + sorted(p.stem for p in ABLATIONS.glob("*.yaml") if p.stem != "base")
     p = argparse.ArgumentParser(prog="megamoe-ablations", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ablations", nargs="*", choices=names, metavar="NAME", help=f"default: all of {names}")
+    # no `choices=`: argparse checks an empty NAME list against them too and refuses it
+    p.add_argument("ablations", nargs="*", metavar="NAME", help=f"default: all of {names}")
     p.add_argument("--budget-tokens", type=int, required=True, help="training tokens per ablation")
     p.add_argument("--out", type=Path, required=True, help="one run directory per ablation goes here")
-    p.add_argument("--set", nargs="*", default=[], metavar="section.key=value", help="applied to every run")
+    p.add_argument("--set", nargs="*", default=[], metavar="section.key=value",
+                   help="applied to every run (a word without = among them is a NAME)")
     p.add_argument("--nproc", type=int, default=1, help="ranks per run (torchrun)")
     args = p.parse_args(argv)
+    # argparse gives --set every word up to the next flag: the names after it are its words without a "="
+    args.ablations += [v for v in args.set if "=" not in v]
+    args.set = [v for v in args.set if "=" in v]
+    unknown = [n for n in args.ablations if n not in names]
+    if unknown:
+        p.error(f"no ablation named {', '.join(unknown)}: choose from {', '.join(names)}")
     rows = {}
     for name in args.ablations or names:
         try:
