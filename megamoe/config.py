@@ -181,6 +181,7 @@ class Config:
         _choice("moe.lb_loss_scope", moe.lb_loss_scope, ("micro_batch", "global_batch", "sequence"))
         _choice("moe.router_dtype", moe.router_dtype, ("model", "fp32"))
         _choice("model.attention_precision", m.attention_precision, ("model", "fp8"))
+        _choice("model.attention_mask", m.attention_mask, ("causal", "document"))
         _require(m.attention_precision != "fp8" or (m.d_model % 16 == 0 and m.dim_per_head % 16 == 0),
                  "model.attention_precision", f"fp8 projections need d_model and the head dimension divisible by "
                  f"16 (got {m.d_model}, {m.dim_per_head}); change them or use model.attention_precision=model")

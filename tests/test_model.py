@@ -161,3 +161,31 @@ def test_the_moe_layers_residual_add_is_the_blocks(monkeypatch, moe):
         (out.logits.float().square().mean() + out.aux_loss).backward()
         runs.append([out.logits] + [p.grad for p in model.parameters()])
     assert len(runs[0]) > 10 and all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_document_mask_keeps_attention_within_each_packed_document():
+    """model.attention_mask=document: each document of a packed sequence gets the logits it gets alone (RoPE's
+    scores depend on positions' differences only; routing is per token); causal attention over the whole
+    sequence lets the second document see the first."""
+    from megamoe.model.attention import document_mask
+    eos = 95
+    assert document_mask(torch.tensor([[5, eos, 6, 7, eos, 8]]), eos)[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 1]]
+    cfg = tiny()
+    cfg.model.attention_mask = "document"
+    model = cfg.model.build(cfg.moe)
+    init_weights(model, std=0.2, seed=0)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    first = torch.cat([torch.randint(0, 90, (2, 10), generator=g), torch.full((2, 1), eos)], 1)
+    second = torch.randint(0, 90, (2, 13), generator=g)
+    packed = torch.cat([first, second], 1)
+    with torch.no_grad():
+        causal = model(packed).logits
+        model.document_eos = eos
+        masked = model(packed).logits
+        alone = model(first).logits, model(second).logits
+    torch.testing.assert_close(masked[:, :11], alone[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(masked[:, 11:], alone[1], rtol=0, atol=1e-5)
+    assert (causal[:, 11:] - alone[1]).abs().max() > 1e-2  # without the mask the first document is seen

@@ -6,10 +6,15 @@ weights (`assert_same_run`), the end-of-run eval loss, and the logged auxiliary 
 expert loads, which under pipeline parallelism are gathered from every stage.
 """
 
+import json
+
 import numpy as np
 import pytest
 
-from runs import assert_same_run, launch, metrics
+from megamoe.data.corpus import iter_stdlib_documents
+from megamoe.data.prepare import ensure_default_corpus, preprocess
+from megamoe.inference.load import load_model
+from runs import CORPUS_CACHE, assert_same_run, launch, metrics
 
 # TINY runs 4 steps: one eval at the end, through the pipeline, with a downstream task
 EVAL = ["train.eval_interval=4", "train.eval_tasks=[next_line]", "train.eval_limit=16"]
@@ -163,6 +168,45 @@ def test_fp8_in_every_layout(tmp_path, references, variant, nproc, overrides):
     assert metrics(run)[0]["loss"] == pytest.approx(metrics(ref)[0]["loss"], rel=1e-5)
     # the first step routes every token as the 1-rank run does (every layer's expert shares)
     np.testing.assert_allclose(metrics(run)[0]["expert_load"], metrics(ref)[0]["expert_load"], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def short_documents(tmp_path_factory):
+    """Documents of one stdlib line each (its first 24 characters), tokenized with the tiny runs' tokenizer: most 16-token samples
+    hold parts of two or more, so `model.attention_mask=document` masks something in nearly every row."""
+    root = tmp_path_factory.mktemp("short-docs")
+    _, tokenizer = ensure_default_corpus(CORPUS_CACHE, vocab_size=512)
+    lines = [line.strip()[:24] for doc in iter_stdlib_documents(max_bytes=200_000)
+             for line in doc["text"].splitlines() if line.strip()][:1200]
+    with open(root / "docs.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": line}) + "\n" for line in lines)
+    report = preprocess([root / "docs.jsonl"], root / "docs", tokenizer, progress=False)
+    assert report.tokens / report.documents < 16, (report.tokens, report.documents)  # shorter than a sample
+    return (f"data.paths=[{root / 'docs'}]", f"data.tokenizer={tokenizer}", "model.attention_mask=document")
+
+
+@pytest.mark.parametrize("nproc,overrides", [
+    pytest.param(2, ["parallel.tensor=2", "parallel.sequence_parallel=true"], id="tp2-sp"),
+    pytest.param(2, ["parallel.pipeline=2"], id="pp2"),
+    pytest.param(2, ["parallel.expert=2"], id="ep2"),
+    pytest.param(4, ["parallel.tensor=2", "parallel.pipeline=2", "parallel.activation_checkpointing=full"],
+                 id="tp2xpp2-ckpt-full"),
+])
+def test_document_mask_in_every_layout(tmp_path, references, short_documents, nproc, overrides):
+    """`model.attention_mask=document` (attention within each packed document) under TP+SP (the mask is the
+    whole sequence's, as attention sees it), PP (every stage builds it from the micro-batch's tokens), EP and
+    recomputed blocks: the 1-rank run."""
+    ref = references(short_documents)
+    run = tmp_path / "run"
+    launch(run, nproc, [*EVAL, *short_documents, *overrides])
+    assert_same_run(run, ref)
+    assert_same_logs(run, ref)
+
+
+def test_a_document_masked_run_samples_with_its_tokenizers_eos(references, short_documents):
+    """The run's checkpoint loads for inference (megamoe-generate, -eval, -routing) masked as it trained."""
+    model, cfg = load_model(references(short_documents))
+    assert cfg.model.attention_mask == "document" and model.document_eos == 2  # the corpus tokenizer's EOS
 
 
 @pytest.mark.parametrize("overrides,key", [

@@ -17,6 +17,8 @@ def load_model(path: Path, device: str = "cpu") -> tuple[OLMoE, Config]:
     cfg.parallel.tensor = cfg.parallel.pipeline = cfg.parallel.expert = 1
     model = cfg.model.build(cfg.moe)
     model.load_state_dict(tensors, strict=True)
+    if cfg.model.attention_mask == "document":  # as the run trained: attention within each document
+        model.document_eos = tokenizer_for(cfg).eos_id
     return model.to(device).eval(), cfg
 
 

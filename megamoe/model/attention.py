@@ -23,7 +23,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(width, eps)
         self.k_norm = RMSNorm(width, eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: None (causal) or [B, 1, S, S] bool, True where a query may attend a key (`document_mask`)."""
         B, S, _ = x.shape
         q, k, v = self.q_norm(self.q_proj(x)), self.k_norm(self.k_proj(x)), self.v_proj(x)
         if self.clip_qkv is not None:
@@ -31,5 +33,19 @@ class Attention(nn.Module):
         # [B, S, H*D] -> [B, H, S, D]; H is the local head count under tensor parallelism.
         q, k, v = (t.view(B, S, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, D]
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, D]
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+def document_mask(tokens: torch.Tensor, eos: int) -> torch.Tensor:
+    """[B, S] token ids of packed documents, each ending with `eos` → [B, 1, S, S] bool: query i may attend
+    key j when j <= i and both are in one document (an EOS belongs to the document it ends). RoPE's scores
+    depend on positions' differences only, so a document's attention is as if it started its sequence."""
+    ends = tokens == eos
+    doc = ends.cumsum(1) - ends.long()  # [B, S] document number of each position
+    S = tokens.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]

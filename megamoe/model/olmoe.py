@@ -14,7 +14,7 @@ from torch import nn
 from ..moe.experts import SwiGLU
 from ..moe.layer import MoELayer
 from ..sharding import full_shape, local_slice
-from .attention import Attention
+from .attention import Attention, document_mask
 from .config import ModelConfig, MoEConfig
 from .norm import RMSNorm
 from .rope import rope_cos_sin
@@ -43,9 +43,9 @@ class Block(nn.Module):
                                 moe.lb_loss_weight, moe.z_loss_weight, moe.lb_loss_scope,
                                 moe.bias_update_rate > 0, moe.router_dtype, moe.expert_precision)
 
-    def forward(self, h: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        """h: [B, S, d] -> (h, this block's weighted MoE auxiliary loss)."""
-        h = h + self.attn(self.attn_norm(h), cos, sin)
+    def forward(self, h: torch.Tensor, cos, sin, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: [B, S, d] -> (h, this block's weighted MoE auxiliary loss); mask: attention's (None: causal)."""
+        h = h + self.attn(self.attn_norm(h), cos, sin, mask)
         if isinstance(self.ffn, MoELayer) and FUSED_RESIDUAL:  # h + y in the combine's own pass
             return self.ffn(self.ffn_norm(h), residual=h)
         out = self.ffn(self.ffn_norm(h))
@@ -70,6 +70,9 @@ class OLMoE(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg, moe, i) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # model.attention_mask=document: the id ending each packed document (the trainer sets the tokenizer's);
+        # None: causal attention over the whole sequence
+        self.document_eos: int | None = None
 
     def forward(self, tokens: torch.Tensor, position_offset: int = 0,
                 hidden: torch.Tensor | None = None, project: bool = True) -> Output:
@@ -83,8 +86,9 @@ class OLMoE(nn.Module):
         cos, sin = rope_cos_sin(tokens.shape[1], m.dim_per_head, m.rope_theta, tokens.device,
                                 h.dtype, position_offset)
         aux = h.new_zeros((), dtype=torch.float32)
+        mask = None if self.document_eos is None else document_mask(tokens, self.document_eos)
         for block in self.layers.values():
-            h, block_aux = block(h, cos, sin)
+            h, block_aux = block(h, cos, sin, mask)
             aux = aux + block_aux
         h = self.norm(h)
         return Output(logits=self.lm_head(h) if project else h, aux_loss=aux)

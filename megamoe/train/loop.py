@@ -66,6 +66,8 @@ class Trainer:
             cfg.model.vocab_size)
         self.tasks = TrainingEvaluator(cfg, self.state, self.tokenizer, eval_tasks)
         self.model = build_model(cfg, self.state)
+        if cfg.model.attention_mask == "document":  # attention within each document, which ends with EOS
+            self.model.document_eos = self.tokenizer.eos_id
         self.engine = build_engine(cfg, self.state, self.model, self.device)
         opt = self.engine.optimizer
         if isinstance(opt, AdamW):  # its norm and skip flag are read behind the update
