@@ -3,6 +3,8 @@
 #    compiled, bf16, 12 steps, steps 9-10 profiled; the trace, the table's head and max_memory_gib come back.
 # 2. bf16 forward+backward with inductor's row reductions up to 2,048 persistent against its own heuristics
 #    (megamoe.model.compile.PERSISTENT_ROWS; FP8 lost 0.4-0.5% with it in session 27's c5, bf16 never timed).
+# 3. Document masking (model.attention_mask=document, new in session 28, CPU-tested only) through the trainer,
+#    8 layers compiled, against step 1's causal run above: does it run, at what tokens/s and memory.
 export PYTHONUNBUFFERED=1; date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD
@@ -15,4 +17,7 @@ python3 -c "import json; rs=[json.loads(l) for l in open('runs/s28-L8-compile/me
 date -u; cd bench
 left=$((570 - SECONDS)); [ $left -ge 200 ] && timeout $left python3 bench_ab.py megamoe.model.compile.PERSISTENT_ROWS=0,2048 \
     torch._inductor.config.fx_graph_cache=False,False --rounds 2 --back-to-back > $OUT/ab_rows_bf16.log 2>&1
-grep -E "medians|rror" $OUT/ab_rows_bf16.log 2>/dev/null | tail -4; date -u; cd ..; rm -rf runs
+grep -E "medians|rror" $OUT/ab_rows_bf16.log 2>/dev/null | tail -4; date -u; cd ..
+left=$((590 - SECONDS)); [ $left -ge 90 ] && OUT=$OUT/docmask TAG=s28-doc- COMPILE_ONLY=1 SKIP_LAYER_BENCH=1 STEPS=12 \
+    EXTRA="model.attention_mask=document" timeout $left bash bench/train_device.sh 8 2>&1 | grep -v "^name"
+date -u; rm -rf runs
