@@ -86,6 +86,10 @@ class TrainConfig:
     # in run.dir/profile/; megamoe.train.profile); null = off
     profile_steps: list[int] | None = None
     profile_ranks: list[int] = field(default_factory=lambda: [0])  # the ranks that profile them
+    # a new run's weights from this megamoe checkpoint (run dir: its latest; or a step_* dir; any layout):
+    # fresh optimizer state, step 0, this config's data and schedule (continued pretraining, annealing,
+    # fine-tuning); ignored once run.dir has a checkpoint of its own, which a relaunch resumes
+    init_from: str | None = None
 
 
 @dataclass

@@ -154,6 +154,47 @@ def test_profiled_steps_are_traced_on_the_ranks_asked_and_train_as_unprofiled(tm
     assert not (run / "profile" / "steps3-5").exists()
 
 
+def test_a_new_run_starts_from_another_runs_weights_in_another_layout(tmp_path, reference):
+    """train.init_from: a TP2 run with another seed starts from the reference's final weights (lr 1e-30 leaves
+    them as they are to the bit) with fresh Adam moments (after one step exp_avg_sq = 5·exp_avg², as
+    (1-β2)g² and (1-β1)g are; moments carried over would break it) at step 0; a relaunch resumes its own
+    checkpoint instead."""
+    from megamoe.checkpoint.files import ShardedReader, read_meta
+    run = tmp_path / "init"
+    source = reference / "checkpoints" / "step_00000004"
+    changes = [f"train.init_from={reference}", "parallel.tensor=2", "train.steps=1", "optim.lr=1e-30",
+               "optim.warmup_steps=0", "train.seed=7"]
+    out = launch(run, 2, changes).stdout
+    assert f"megamoe: weights from {source} (step 4 of that run); optimizer state, step count and data" in out
+    mine, ref = final_weights(run), final_weights(reference)
+    assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref)
+    step_dir = latest_checkpoint(run / "checkpoints")
+    assert step_dir.name == "step_00000001" and read_meta(step_dir)["optimizer"]["step"] == 1
+    with ShardedReader(step_dir, read_meta(step_dir), "optim") as r:
+        for name in ("layers.0.attn.q_proj.weight", "layers.1.ffn.experts.w1"):
+            m, v = r.read(f"{name}.exp_avg"), r.read(f"{name}.exp_avg_sq")
+            torch.testing.assert_close(v, 5 * m * m, rtol=1e-4, atol=1e-20)
+    again = launch(run, 1, [c for c in changes if c != "parallel.tensor=2"] + ["train.steps=2"]).stdout
+    assert "resuming at step 1" in again and "weights from" not in again
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.d_model=64", "holds a model with model.d_model=32, this run's has 64; set model.d_model as that "
+                         "model has"),
+    ("moe.num_experts=4", "holds a model with moe.num_experts=8, this run's has 4"),
+])
+def test_a_checkpoint_that_cannot_start_this_model_is_refused_before_the_run_dir_is_made(tmp_path, reference,
+                                                                                       override, message):
+    run = tmp_path / "init"
+    proc = launch(run, 1, [f"train.init_from={reference}", override], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"megamoe: error: train.init_from: {reference / 'checkpoints' / 'step_00000004'} {message}" in proc.stderr
+    assert not run.exists()
+    proc = launch(run, 1, [f"train.init_from={tmp_path / 'nowhere'}"], check=False)
+    assert proc.returncode == 2 and "megamoe: error: train.init_from: " in proc.stderr
+    assert "is neither a megamoe run directory nor a step_* checkpoint" in proc.stderr and not run.exists()
+
+
 def test_zero_on_one_data_parallel_rank_runs_megamoes_optimizer(tmp_path, reference):
     """ZeRO partitions over data-parallel ranks; over one it saves nothing (the presets' zero_stage 1
     on one GPU): the run says so and updates with megamoe's AdamW, the reference's to the bit (losses,

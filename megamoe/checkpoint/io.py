@@ -204,17 +204,24 @@ def _layout(state, config: dict) -> dict:
 
 # Loading -------------------------------------------------------------------------------------
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, state) -> dict:
-    """Restore this rank's parameters, optimizer state and RNG from a checkpoint of any layout.
+BIAS = ".router.expert_bias"  # aux-loss-free balancing's per-expert routing bias (a persistent buffer)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, state, weights_only: bool = False) -> dict:
+    """Restore this rank's parameters, optimizer state and RNG from a checkpoint of any layout;
+    `weights_only`: the parameters (as the masters) with fresh optimizer state, and this run's RNG kept.
 
     Collective when the optimizer is DeepSpeed's (every rank must call it). Returns meta.
     """
     path = Path(path)
     meta = read_meta(path)
     params = dict(_named_params(model))
-    opt_step = (meta.get("optimizer") or {}).get("step", 0)
+    opt_step = 0 if weights_only else (meta.get("optimizer") or {}).get("step", 0)
     with ShardedReader(path, meta, "model") as weights, ShardedReader(path, meta, "optim") as moments:
-        _check_matches(path, weights, params, state)
+        if weights_only:  # routers' expert biases: kept when both runs balance with them, else as this run has
+            have = set(weights.names())
+            params = {n: p for n, p in params.items() if not n.endswith(BIAS) or n in have}
+        _check_matches(path, weights, params, state, ignore=BIAS if weights_only else None)
         if opt_step and not hasattr(optimizer, "load_param_state"):
             _prepare_optimizer_state(optimizer, params.values(), opt_step)
         for name, p in params.items():
@@ -226,6 +233,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, state) -> dic
                 optimizer.load_param_state(p, master, found or _zero_moments(master), opt_step)
             else:
                 _set_param_state(p, optimizer, master, found)
+    if weights_only:
+        return meta
     rng_file = path / f"rng-rank{state.rank:05d}.safetensors"
     if (rng_file.name in meta["files"] and meta["world_size"] == state.world_size
             and meta["layout"] == _layout(state, meta["config"])):
@@ -237,10 +246,12 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, state) -> dic
     return meta
 
 
-def _check_matches(path: Path, weights: ShardedReader, params: dict, state) -> None:
-    """One clear error when the checkpoint's tensors do not fit this model."""
+def _check_matches(path: Path, weights: ShardedReader, params: dict, state, ignore: str | None = None) -> None:
+    """One clear error when the checkpoint's tensors do not fit this model (`ignore`: extra tensors whose
+    names end so are left unread)."""
     missing = sorted(set(params) - set(weights.names()))
-    extra = sorted(set(weights.names()) - set(params)) if state.pp == 1 else []
+    extra = sorted(n for n in set(weights.names()) - set(params) if not (ignore and n.endswith(ignore))
+                   ) if state.pp == 1 else []
     if missing or extra:
         raise CheckpointError(f"{path} does not match this model's config: it lacks {missing[:4]} and has "
                               f"unexpected {extra[:4]} (check model.* / moe.* against its meta.json)")

@@ -33,7 +33,7 @@ from .loss import cross_entropy_for, linear_cross_entropy
 from .metrics import MetricsLogger
 from .optimizer import AdamW
 from .profile import StepProfiler
-from .rundir import RunLock, check_resumable, prepare_run_dir
+from .rundir import RunLock, check_init_from, check_resumable, prepare_run_dir
 from .signals import EXIT_REQUEUE, PreemptionHandler
 from .stats import StatsRead, StepStats
 
@@ -45,6 +45,7 @@ class Trainer:
         cfg.validate(env.world_size)  # every layout error before any process group exists
         check_data(cfg.data, cfg.model.vocab_size)  # and every data error
         eval_tasks = load_tasks(cfg)  # and every evaluation task's file, before run.dir is touched
+        init_from = check_init_from(cfg)  # and the checkpoint a new run starts from
         check_memory(cfg, env.world_size, env.local_world_size, resolve_device(cfg))  # a model that cannot fit
         check_fp8_device(cfg, resolve_device(cfg))  # FP8 experts where they would crawl
         init_distributed(env, timeout=timedelta(seconds=cfg.train.collective_timeout_s))
@@ -92,6 +93,11 @@ class Trainer:
         if latest is not None:
             check_resumable(read_meta(latest)["config"], cfg, latest)
             self.step = load_checkpoint(latest, self.model, self.engine.optimizer, self.state)["step"]
+        elif init_from is not None:  # a new run: the weights only; optimizer, step, data and RNG its own
+            started = load_checkpoint(init_from, self.model, self.engine.optimizer, self.state, weights_only=True)
+            if self.is_logger:
+                print(f"megamoe: weights from {init_from} (step {started['step']} of that run); optimizer state, "
+                      f"step count and data start fresh", flush=True)
         self.checkpoints = CheckpointWriter(self.run_dir / "checkpoints", env.rank, env.world_size,
                                             t.keep_checkpoints, self.step, t.async_save, t.collective_timeout_s)
         self.metrics = MetricsLogger(self.run_dir, t.steps, self.is_logger, cfg.run.tensorboard)

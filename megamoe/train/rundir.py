@@ -23,7 +23,7 @@ RESUMABLE_CHANGES = {"train.steps", "train.log_interval", "train.eval_interval",
                      "train.micro_batch_size",  # a new layout may need another to divide the batch
                      "train.async_save", "train.collective_timeout_s", "train.overlap_read",
                      "train.gc_interval", "train.fp8_weight_cache", "train.compile", "train.profile_steps",
-                     "train.profile_ranks",
+                     "train.profile_ranks", "train.init_from",
                      "run.dir", "run.tensorboard", "run.sample_prompt", "run.sample_tokens",
                      "data.cache_dir",
                      # checkpoints are layout-free: a run continues in any parallel layout
@@ -143,6 +143,35 @@ def check_resumable(saved: dict, cfg: Config, where: Path) -> None:
                 f"{new.get(key)!r}; a run cannot continue with a changed {key}. Restore it, "
                 "or start a new run with another run.dir (megamoe-convert reshards "
                 "a checkpoint to another parallel layout).")
+
+
+# the keys that shape a model's tensors: a run initialised from a checkpoint (`train.init_from`) must share them
+SHAPE_KEYS = ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.head_dim",
+              "moe.num_experts", "moe.ffn_hidden", "moe.num_shared_experts", "moe.dense_layers",
+              "moe.dense_ffn_hidden")
+
+
+def check_init_from(cfg: Config) -> Path | None:
+    """`train.init_from`'s checkpoint (a step dir), checked to fit this run's model before anything starts, or
+    None. Raises ConfigError naming the first tensor-shaping key that differs."""
+    if cfg.train.init_from is None:
+        return None
+    from ..checkpoint.canonical import resolve
+    from ..checkpoint.files import read_meta
+    source = Path(cfg.train.init_from).expanduser()
+    try:
+        step_dir = resolve(source)
+        saved = _flatten(read_meta(step_dir)["config"])
+    except CheckpointError as e:
+        raise ConfigError(f"train.init_from: {e}; give a megamoe run directory or one of its "
+                          "checkpoints/step_* directories (megamoe-convert from-hf makes one from transformers)") from None
+    mine, defaults = _flatten(cfg.to_dict()), _flatten(Config().to_dict())
+    for key in SHAPE_KEYS:
+        if saved.get(key, defaults[key]) != mine[key]:
+            raise ConfigError(f"train.init_from: {step_dir} holds a model with {key}={saved.get(key, defaults[key])!r}, "
+                              f"this run's has {mine[key]!r}; set {key} as that model has (the tensors' shapes "
+                              "depend on it) or start from another checkpoint")
+    return step_dir
 
 
 def prepare_run_dir(cfg: Config, lock: RunLock) -> Path:
