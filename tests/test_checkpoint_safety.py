@@ -106,11 +106,17 @@ def test_prune_never_deletes_checkpoints_newer_than_the_resume_point_it_did_not_
     assert latest_checkpoint(tmp_path).name == "step_00000007"
 
 
-@pytest.mark.parametrize("keep,ok", [(0, True), (3, True), (-1, False)])
-def test_keep_checkpoints_zero_keeps_all_and_negative_is_refused(keep, ok):
+@pytest.mark.parametrize("keep,kept", [(0, [1, 2, 3, 4]), (3, [2, 3, 4]), (-1, None)])
+def test_keep_checkpoints_zero_keeps_all_and_negative_is_refused(tmp_path, keep, kept):
     cfg = load_config(None, [f"train.keep_checkpoints={keep}"])
-    if ok:
-        cfg.validate()
-    else:
+    if kept is None:
         with pytest.raises(ConfigError, match="train.keep_checkpoints"):
             cfg.validate()
+        return
+    cfg.validate()
+    writer = CheckpointWriter(tmp_path, 0, 1, keep=keep)
+    for step in (1, 2, 3, 4):
+        tmp = tmp_path / f".{step_dir_name(step)}.tmp-x"
+        tmp.mkdir()
+        writer.submit(step, tmp, lambda t=tmp: _write_one_file(t), {})
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [step_dir_name(step) for step in kept]

@@ -46,6 +46,20 @@ def test_apply_compile_keeps_rows_of_olmoes_width_persistent(monkeypatch):
     monkeypatch.setattr(compile_module, "PERSISTENT_ROWS", 0)
     assert rule(ReductionHint.INNER, 512, False, leq) is None  # 0: inductor's heuristics untouched
     monkeypatch.setattr(compile_module, "PERSISTENT_ROWS", 2048)
+    # inductor asks the installed class: a row of 2,048 its own rule leaves looping is made persistent
+    from types import SimpleNamespace
+
+    from torch._inductor.choices import InductorChoices
+    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction", staticmethod(lambda f, c=False: False))
+    monkeypatch.setattr(config.triton, "persistent_reductions", True)
+    row = SimpleNamespace(get_reduction_hint=lambda: ReductionHint.INNER, reduction_numel=2048)
+    asks = compile_module.PersistentRows.should_use_persistent_reduction
+    with V.set_graph_handler(SimpleNamespace(sizevars=SimpleNamespace(statically_known_leq=leq))):
+        assert asks(row, False) is True
+        assert asks(row, True) is False  # cooperative: inductor's answer
+        monkeypatch.setattr(compile_module, "PERSISTENT_ROWS", 0)
+        assert asks(row, False) is False
+    monkeypatch.setattr(compile_module, "PERSISTENT_ROWS", 2048)
     if hasattr(config, "inductor_choices_class"):  # restored after the test
         monkeypatch.setattr(config, "inductor_choices_class", config.inductor_choices_class)
     model = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2).build(

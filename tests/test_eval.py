@@ -133,10 +133,11 @@ def test_greedy_check_over_a_vocabulary_cut_by_tensor_parallelism():
 def test_accuracy_and_per_character_accuracy():
     items = (Item("q", (" a", " bbbb"), 1), Item("q", (" a", " bbbb"), 0))
     ev = Evaluator([Task("t", "cloze", items)], Chars(), width=16)
-    # item 1: raw prefers " a" (-2 > -4), per char prefers " bbbb" (-4/5 > -2/2); item 2 the same
-    scores = torch.tensor([[-2.0, 0], [-4.0, 0], [-2.0, 0], [-4.0, 0]], dtype=torch.float64)
+    # item 1 (gold 1): raw prefers " a" (-2 > -4), per character " bbbb" (-4/5 > -2/2): wrong, right;
+    # item 2 (gold 0): " a" both ways (-1 > -4, -1/2 > -4/5): right, right
+    scores = torch.tensor([[-2.0, 0], [-4.0, 0], [-1.0, 0], [-4.0, 0]], dtype=torch.float64)
     res = ev.results(scores)["t"]
-    assert (res["acc"], res["acc_norm"], res["items"]) == (0.5, 0.5, 2)
+    assert (res["acc"], res["acc_norm"], res["items"]) == (0.5, 1.0, 2)
     assert [s["pred"] for s in res["samples"]] == [0, 0]
 
 

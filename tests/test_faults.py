@@ -42,9 +42,10 @@ def test_two_jobs_started_together_on_one_run_dir_one_is_refused(tmp_path):
     assert [r["step"] for r in metrics(run)] == list(range(1, 31))  # one run's records only
 
 
-def _kill_once(run, rng: random.Random) -> str:
+def _kill_once(run, rng: random.Random) -> tuple[str, bool]:
     """Start the run (it resumes), then kill -9 a rank or the whole job after a random step or
-    while a checkpoint is being written; returns what was done."""
+    while a checkpoint is being written; returns what was done and whether the kill ended the job
+    (not when the job had finished first)."""
     job = Job(run, 2, RUN)
     job.wait_for("megamoe: world")  # past the start's clean-up of what earlier kills left
     resumed = int(re.search(r"resuming at step (\d+)|$", "".join(job.lines))[1] or 0)
@@ -70,13 +71,16 @@ def _kill_once(run, rng: random.Random) -> str:
     while any(alive(p) for p in workers.values()):
         assert time.monotonic() < deadline, "a worker survived its job"
         time.sleep(0.1)
-    return f"resumed at {resumed}, killed {victim} {moment}"
+    landed = job.proc.returncode != 0 and "(the job had ended)" not in moment
+    return f"resumed at {resumed}, killed {victim} {moment} (exit {job.proc.returncode})", landed
 
 
 def test_kill_9_anywhere_resumes_to_the_uninterrupted_weights(tmp_path, reference):
     run = tmp_path / "run"
     rng = random.Random(1234)
-    done = [_kill_once(run, rng) for _ in range(3)]
+    done, landed = zip(*[_kill_once(run, rng) for _ in range(3)])
+    assert any(landed), done  # at least one kill ended a job before its last step
+    assert metrics(run)[-1]["step"] < STEPS or not landed[-1], done
     launch(run, 2, RUN)  # finishes what the kills left
     got, want = final_weights(run), final_weights(reference)
     assert got.keys() == want.keys()

@@ -7,6 +7,7 @@ import socket
 
 import numpy as np
 import pytest
+import torch
 
 from megamoe.checkpoint.canonical import load_canonical, write_run
 from megamoe.checkpoint.files import CheckpointError, read_meta
@@ -35,7 +36,27 @@ def test_values_out_of_range_are_refused_by_key(override, key):
 
 
 def test_grad_clip_zero_still_means_no_clipping():
-    load_config(None, [*TINY, "optim.grad_clip=0"]).validate()
+    """optim.grad_clip=0 is valid and the optimizer it makes (max_norm 0) steps as torch's AdamW with no
+    clipping, over gradients whose norms (12-110) any clipping would change."""
+    from types import SimpleNamespace
+
+    from megamoe.train.optimizer import AdamW
+    cfg = load_config(None, [*TINY, "optim.grad_clip=0"]).validate()
+    g = torch.Generator().manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in [(7, 5), (13,), (3, 4, 6)]]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    hyper = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    opt = AdamW([{"params": ours, "weight_decay": 0.0}], SimpleNamespace(tp=1, ep=1, pp=1),
+                max_norm=cfg.optim.grad_clip, **hyper)
+    torch_opt = torch.optim.AdamW(ref, weight_decay=0.0, foreach=False, **hyper)
+    for step, scale in enumerate([1.0, 10.0, 0.5], 1):
+        for p, q in zip(ours, ref):
+            grad = torch.randn(p.shape, generator=g) * scale
+            p.grad, q.grad = grad.clone(), grad.clone()
+        opt.step()
+        torch_opt.step()
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=f"step {step}")
 
 
 @pytest.mark.parametrize("content,fix", [
