@@ -377,7 +377,13 @@ def with_overrides(data: dict, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"override {item!r} must look like section.key=value, "
                               "e.g. train.steps=100")
         section, _, name = key.partition(".")
-        data.setdefault(section, {})[name] = yaml.safe_load(raw) if raw else None
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as e:
+            problem = str(getattr(e, "problem", None) or e).strip()
+            raise ConfigError(f"{key}: {raw!r} is not a YAML value ({problem}); quote it as a string, e.g. "
+                              f"'{key}=\"...\"', or write a list as [a, b]") from None
+        data.setdefault(section, {})[name] = value
     return from_dict(data)
 
 

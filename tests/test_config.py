@@ -43,6 +43,8 @@ def test_olmoe_preset_is_the_paper_model(tmp_path):
     (["moe.expert_precision=fp8", "moe.backend=deepspeed"], "moe.expert_precision", "moe.backend=megamoe"),
     (["optim.offload=cpu", "parallel.zero_stage=1"], "optim.offload", "set parallel.zero_stage=0"),
     (["train.gc_interval=-1"], "train.gc_interval", "0 = Python's automatic collector"),
+    (["run.sample_prompt=@property"], "run.sample_prompt", "'@property' is not a YAML value"),
+    (["data.paths=[a"], "data.paths", "write a list as [a, b]"),
     (["model.attention_mask=block"], "model.attention_mask", "causal, document"),
     (["train.profile_steps=[5]"], "train.profile_steps", "[first, last]"),
     (["train.profile_steps=[5, 4]"], "train.profile_steps", "1 <= first <= last"),

@@ -148,6 +148,12 @@ def test_meta_json_without_files_is_named(tmp_path):
         read_meta(tmp_path)
 
 
+def test_meta_json_without_its_layout_or_config_is_named(tmp_path):
+    (tmp_path / "meta.json").write_text(json.dumps({"format": 2, "step": 1, "files": {}, "world_size": 1}))
+    with pytest.raises(CheckpointError, match="meta.json lacks layout, config: it is damaged"):
+        read_meta(tmp_path)
+
+
 def test_from_hf_reads_nothing_outside_its_folder(tmp_path):
     (tmp_path / "secret.safetensors").write_bytes(b"x")
     src = tmp_path / "hf"
@@ -278,6 +284,45 @@ def test_from_hf_refuses_overrides_of_the_model_config_json_sets(hf_dir, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def _tree(path):
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("command,out,fix", [
+    ("to-hf SRC SRC", "SRC", "is the source SRC; write the output elsewhere"),
+    ("to-hf SRC SRC/checkpoints", "SRC/checkpoints", "is a folder holding the source SRC/checkpoints/step_00000000"),
+    ("reshard SRC SRC --world-size 1 parallel.tensor=1", "SRC", "is the source SRC;"),
+    ("upcycle SRC/checkpoints/step_00000000 SRC --num-experts 8 --top-k 2", "SRC", "a folder holding the source"),
+    ("from-hf HF HF", "HF", "is the source HF;"),
+])
+def test_overwrite_never_replaces_the_source_or_a_folder_holding_it(tmp_path, hf_dir, capsys, command, out, fix):
+    """--overwrite replaces the output whole: given the source (or a folder around it) it would delete the
+    run or the transformers model it reads; refused, nothing touched."""
+    import shutil as sh
+    from megamoe.cli.convert import main
+    src, hf = _tiny_run(tmp_path / "run", *(["moe.num_experts=0"] if command.startswith("upcycle") else [])), \
+        tmp_path / "hf"
+    sh.copytree(hf_dir, hf)
+    before = _tree(tmp_path)
+    words = [w.replace("SRC", str(src)).replace("HF", str(hf)) for w in command.split()]
+    assert main([*words, "--overwrite", "--no-progress"]) == 2
+    line = _error_line(capsys, "megamoe-convert")
+    assert f"error: {out.replace('SRC', str(src)).replace('HF', str(hf))} " in line
+    assert fix.replace("SRC", str(src)).replace("HF", str(hf)) in line
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("flags,fix", [
+    (["reshard", "--world-size", "0", "parallel.tensor=1"], "--world-size 0: give the number of ranks"),
+    (["to-hf", "--shard-size-gb", "inf"], "--shard-size-gb inf: give a positive size"),
+    (["upcycle", "--num-experts", "0", "--top-k", "2"], "--num-experts 0 --top-k 2: give 1 <= top-k <= num-experts"),
+])
+def test_convert_names_a_bad_flag_before_reading_anything(tiny_run, tmp_path, capsys, flags, fix):
+    from megamoe.cli.convert import main
+    assert main([flags[0], str(tiny_run), str(tmp_path / "out"), *flags[1:]]) == 2
+    assert fix in _error_line(capsys, "megamoe-convert") and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("size", ["0", "-1"])
 def test_to_hf_refuses_a_shard_size_that_is_not_positive(tiny_run, tmp_path, capsys, size):
     from megamoe.cli.convert import main
@@ -350,3 +395,132 @@ def test_routing_draws_no_progress_bars_into_a_log(tiny_run, capsys):
     from megamoe.cli.routing import main
     assert main([str(tiny_run), "--tokens", "64"]) == 0
     assert "batch" not in capsys.readouterr().err
+
+
+def test_eval_refuses_an_output_whose_folder_is_missing_before_it_scores(tiny_run, tmp_path, capsys):
+    from megamoe.eval.cli import main
+    with pytest.raises(SystemExit) as e:
+        main([str(tiny_run), "--tasks", "next_line", "--output", str(tmp_path / "nodir" / "x.json")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert f"--output {tmp_path / 'nodir' / 'x.json'}: its folder {tmp_path / 'nodir'} does not exist" in err
+
+
+@pytest.mark.parametrize("flags,fix", [
+    (["--json", "NODIR/r.json"], "its folder NODIR does not exist"),
+    (["--plots", "AFILE"], "--plots AFILE is a file"),
+    (["--tokens", "-3"], "--tokens -3: give the number of tokens per domain"),
+])
+def test_routing_refuses_outputs_it_could_not_write_before_it_runs(tiny_run, tmp_path, capsys, flags, fix):
+    from megamoe.cli.routing import main
+    (tmp_path / "afile").write_text("mine")
+    names = {"NODIR": str(tmp_path / "nodir"), "AFILE": str(tmp_path / "afile")}
+    flags = [names.get(f.split("/")[0], f.split("/")[0]) + f[len(f.split("/")[0]):] for f in flags]
+    assert main([str(tiny_run), "--no-progress", *flags]) == 2
+    line = _error_line(capsys, "megamoe-routing")
+    for key, value in names.items():
+        fix = fix.replace(key, value)
+    assert fix in line and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_tools_name_a_run_tokenizer_that_moved(corpus, tmp_path, capsys):
+    """A run trained on a tokenizer file that is gone since: generate, eval and routing say so in one line;
+    to-hf exports the weights and warns that the export has no tokenizer."""
+    from megamoe.cli.convert import main as convert
+    from megamoe.cli.generate import main as generate
+    from megamoe.cli.routing import main as routing
+    from megamoe.eval.cli import main as evaluate
+    tok = tmp_path / "moved.model"
+    shutil.copy(corpus / "tok.model", tok)
+    run = _tiny_run(tmp_path / "run", f"data.paths=[{corpus / 'corpus'}]", f"data.tokenizer={tok}")
+    tok.unlink()
+    for tool, main, args in [("megamoe-generate", generate, ["--prompt", "def "]),
+                             ("megamoe-routing", routing, ["--tokens", "64"])]:
+        assert main([str(run), *args]) == 2
+        assert f"the run's tokenizer (data.tokenizer={tok}) cannot be opened" in _error_line(capsys, tool)
+    assert evaluate([str(run), "--tasks", "next_line"]) == 2
+    assert f"data.tokenizer={tok}" in _error_line(capsys, "megamoe")
+    assert convert(["to-hf", str(run), str(tmp_path / "hf"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "megamoe: warning: the run's tokenizer cannot be opened" in err and "no tokenizer files" in err
+    assert (tmp_path / "hf" / "config.json").is_file() and not list((tmp_path / "hf").glob("tokenizer*"))
+
+
+def test_converted_runs_record_where_they_are(hf_dir, tiny_run, tmp_path, monkeypatch):
+    """from-hf and reshard write config.yaml with the run's absolute run.dir: launched with --config from
+    another directory, it continues that run rather than starting a new one there."""
+    from megamoe.cli.convert import main
+    monkeypatch.chdir(tmp_path)
+    assert main(["from-hf", str(hf_dir), "imported", "--no-progress"]) == 0
+    assert main(["reshard", str(tiny_run), "resharded", "--world-size", "2", "parallel.expert=2",
+                 "--no-progress"]) == 0
+    for name in ("imported", "resharded"):
+        assert load_config(tmp_path / name / "config.yaml").run.dir == str(tmp_path / name)
+
+
+@pytest.mark.parametrize("damage,fix", [
+    ("{bad", "config.json is not valid JSON"),
+    ("[1, 2]", "config.json is not a JSON object of settings"),
+    ("drop hidden_size", "config.json lacks 'hidden_size', which an OLMoE config has"),
+    ("vocab_size 4096 as text", "model.vocab_size: expected int, got '4096'"),
+    ("index {oops", "model.safetensors.index.json is not a JSON object with a weight_map"),
+])
+def test_from_hf_names_a_damaged_transformers_folder(hf_dir, tmp_path, capsys, damage, fix):
+    from megamoe.cli.convert import main
+    src = tmp_path / "hf"
+    shutil.copytree(hf_dir, src)
+    config = json.loads((src / "config.json").read_text())
+    if damage.startswith("index"):
+        (src / "model.safetensors.index.json").write_text("{oops")
+    elif damage.startswith("drop"):
+        del config["hidden_size"]
+        (src / "config.json").write_text(json.dumps(config))
+    elif damage.startswith("vocab"):
+        (src / "config.json").write_text(json.dumps({**config, "vocab_size": "4096"}))
+    else:
+        (src / "config.json").write_text(damage)
+    assert main(["from-hf", str(src), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert fix in _error_line(capsys, "megamoe-convert") and not (tmp_path / "out").exists()
+
+
+def test_to_hf_names_tensors_its_meta_json_does_not_account_for(tmp_path, capsys):
+    """A meta.json whose config describes another model than the tensors (4 layers of weights, the layer
+    count dropped): refused, not exported as a 16-layer config.json over 2 layers' weights."""
+    from megamoe.cli.convert import main
+    run = _tiny_run(tmp_path / "run")
+    step = run / "checkpoints" / "step_00000000"
+    meta = json.loads((step / "meta.json").read_text())
+    del meta["config"]["model"]["n_layers"]  # the default, 16, then
+    (step / "meta.json").write_text(json.dumps(meta))
+    assert main(["to-hf", str(run), str(tmp_path / "hf"), "--no-progress"]) == 2
+    line = _error_line(capsys, "megamoe-convert")
+    assert "its tensors do not match the model its meta.json describes (missing ['layers.2." in line
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_damaged_config_yaml_beside_checkpoints_is_kept_aside_and_the_run_resumes(tmp_path):
+    run = tmp_path / "run"
+    launch(run, 1, ["train.steps=2", "train.save_interval=1"])
+    (run / "config.yaml").write_text("model: [unclosed\n")
+    out = launch(run, 1, ["train.steps=3", "train.save_interval=1"]).stdout
+    assert "resuming at step 2" in out
+    kept = list(run.glob("config.*.yaml"))
+    assert len(kept) == 1 and kept[0].read_text() == "model: [unclosed\n"
+
+
+def test_plan_refuses_a_gpu_memory_that_is_not_a_size(capsys):
+    from megamoe.cli.plan import main
+    for value in ("0", "-1", "nan"):
+        assert main(["--config", "tiny-cpu", "--world-size", "1", "--gpu-gib", value]) == 2
+        assert f"--gpu-gib {float(value)}: give one GPU's memory in GiB" in _error_line(capsys, "megamoe-plan")
+
+
+def test_preprocess_and_tokenizer_say_an_input_is_a_folder(tmp_path, capsys):
+    from megamoe.cli.preprocess import main as preprocess
+    from megamoe.cli.tokenizer import main as tokenizer
+    assert tokenizer(["--input", str(tmp_path), "--model-prefix", str(tmp_path / "t"), "--vocab-size", "300"]) == 2
+    assert f"input file {tmp_path} is a folder; give the text or JSONL files in it" in _error_line(
+        capsys, "megamoe-tokenizer")
+    assert preprocess(["--input", str(tmp_path), "--output-prefix", str(tmp_path / "o"), "--tokenizer",
+                       str(tmp_path)]) == 2
+    assert f"input file {tmp_path} is a folder" in _error_line(capsys, "megamoe-preprocess")

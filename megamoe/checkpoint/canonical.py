@@ -66,7 +66,7 @@ def write_run(run_dir: Path, cfg, tensors: Iterable[tuple[str, torch.Tensor]], s
     Tensors are streamed into parts of about `part_bytes`; their names and shapes must be
     exactly those of the model `cfg` describes. Written atomically; returns the step dir.
     """
-    cfg.run.dir = str(run_dir)
+    cfg.run.dir = str(Path(run_dir).resolve())  # where it is, from whatever directory it is launched
     cfg.validate()
     shapes = expected_shapes(cfg)
     seen: set[str] = set()

@@ -65,6 +65,10 @@ def read_meta(path: Path) -> dict:
     if not isinstance(meta.get("files"), dict):
         raise CheckpointError(f"{meta_file} has no 'files' (the sha256 of every file in {path}): it is "
                               "damaged; restore it, or resume from another checkpoint")
+    lacks = [k for k in ("step", "world_size", "layout", "config") if k not in meta]
+    if lacks:
+        raise CheckpointError(f"{meta_file} lacks {', '.join(lacks)}: it is damaged; restore it, or resume "
+                              "from another checkpoint")
     return meta
 
 

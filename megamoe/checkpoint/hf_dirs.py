@@ -7,9 +7,11 @@ per expert (`mlp.experts.{j}.gate_proj.weight` ...), the published OLMoE layout:
 (`conversion_mapping.py`, olmoe → qwen2_moe). Import reads either layout.
 """
 
+import dataclasses
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -37,9 +39,15 @@ def export_hf(src: Path, out: Path, expert_layout: str = "per-expert", dtype: st
     _check_exportable(cfg, drop_expert_bias)
     convert = {"per-expert": to_hf_per_expert, "stacked": to_hf}[expert_layout]
     with ShardedReader(step_dir, meta, "model") as reader, atomic_dir(out, overwrite) as tmp:
-        names = [n for n in expected_shapes(cfg) if n in reader.pieces]
-        if len(names) != len(reader.names()):
-            raise CheckpointError(f"{step_dir}: its tensors do not match its config (meta.json)")
+        expected = expected_shapes(cfg)
+        missing = [n for n in expected if n not in reader.pieces]
+        extra = [n for n in reader.names() if n not in expected]
+        wrong = [n for n in expected if n in reader.pieces and tuple(reader.full_shapes[n]) != tuple(expected[n])]
+        if missing or extra or wrong:
+            raise CheckpointError(f"{step_dir}: its tensors do not match the model its meta.json describes (missing "
+                                  f"{missing[:3]}, unexpected {extra[:3]}, other shapes {wrong[:3]}); restore "
+                                  "its meta.json or pick another checkpoint")
+        names = list(expected)
         names = [n for n in names if not n.endswith(".router.expert_bias")]
         out_dtype = DTYPES[dtype] if dtype else None
         shards = _plan(names, reader, out_dtype, shard_bytes)
@@ -120,12 +128,13 @@ def _export_tokenizer(cfg, out: Path):
     from ..data.dataset import data_sources
     from ..data.tokenizer import HFTokenizer, load_tokenizer
     try:
-        path = Path(data_sources(cfg.data, cfg.model.vocab_size)[1])
-    except Exception:  # noqa: BLE001 - the run's data may be elsewhere; weights still export
+        path = Path(data_sources(cfg.data, cfg.model.vocab_size)[1]).expanduser()
+        tok = load_tokenizer(path)
+    except Exception as e:  # noqa: BLE001 - the run's data may be elsewhere; the weights still export
+        print(f"megamoe: warning: the run's tokenizer cannot be opened ({e}): the export gets the weights and "
+              "config.json but no tokenizer files; export again where data.tokenizer is found, or save the "
+              "tokenizer into it with transformers", file=sys.stderr, flush=True)
         return None
-    if not path.is_file():
-        return None
-    tok = load_tokenizer(path)
     if isinstance(tok, HFTokenizer):
         shutil.copy(path, out / "tokenizer.json")
         names = {k: tok.tok.id_to_token(i) for k, i in
@@ -165,11 +174,19 @@ def import_hf(src: Path, run_dir: Path, overrides: list[str] = (), overwrite: bo
         hf = json.loads((src / "config.json").read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{src / 'config.json'} is missing: {src} is not a transformers model directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{src / 'config.json'} is not valid JSON ({e}); restore it") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{src / 'config.json'} is not a JSON object of settings; restore it")
     if hf.get("model_type") != "olmoe":
         raise CheckpointError(f"{src} holds a {hf.get('model_type')!r} model; only OLMoE ('olmoe') converts")
     try:
         model, moe = config_from_hf(hf)
-    except ValueError as e:
+        typed = from_dict({"model": dataclasses.asdict(model), "moe": dataclasses.asdict(moe)})  # types checked
+        model, moe = typed.model, typed.moe
+    except KeyError as e:
+        raise CheckpointError(f"{src / 'config.json'} lacks {e.args[0]!r}, which an OLMoE config has; restore it") from None
+    except (ValueError, TypeError) as e:  # a ConfigError is a ValueError: the megamoe key its value would set
         raise CheckpointError(f"{src / 'config.json'}: {e}") from None
     data = read_config(config)  # unless it or an override sets it, train on at most the model's positions
     data["data"] = {"seq_length": min(DataConfig.seq_length, model.max_seq_len), **(data.get("data") or {})}
@@ -221,7 +238,12 @@ def _hf_files(src: Path) -> dict[str, str]:
     """{tensor key: file} of a transformers directory (sharded with an index, or one file)."""
     index = src / INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
+            raise CheckpointError(f"{index} is not a JSON object with a weight_map (tensor name → file); "
+                                  "restore it") from None
     elif (src / "model.safetensors").is_file():
         weight_map = None
     else:

@@ -25,7 +25,7 @@ def reshard(src: Path, out: Path, overrides: list[str], world_size: int, overwri
     if changed:
         raise CheckpointError(f"reshard changes the parallel layout only; {', '.join(changed)} would "
                               "change what the checkpoint means (set it when launching, if resumable)")
-    cfg = config_with(meta["config"], [*overrides, f"run.dir={out}"])
+    cfg = config_with(meta["config"], [*overrides, f"run.dir={Path(out).resolve()}"])
     cfg.validate(world_size)  # a layout that does not divide raises a ConfigError naming the key
     from tqdm import tqdm
     with atomic_dir(Path(out), overwrite) as tmp:

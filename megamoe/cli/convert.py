@@ -23,6 +23,33 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 OVERRIDE = re.compile(r"\w+(\.\w+)+=.*")
 
 
+def _bad_flags(args) -> str | None:
+    """What is wrong with the flags before anything is read, or None."""
+    import math
+    if args.command == "to-hf" and not (math.isfinite(args.shard_size_gb) and args.shard_size_gb > 0):
+        return f"--shard-size-gb {args.shard_size_gb}: give a positive size (5 is the default)"
+    if args.command == "reshard" and args.world_size < 1:
+        return f"--world-size {args.world_size}: give the number of ranks the new run will use (1 or more)"
+    if args.command == "upcycle" and not 1 <= args.top_k <= args.num_experts:
+        return (f"--num-experts {args.num_experts} --top-k {args.top_k}: give 1 <= top-k <= num-experts "
+                "(e.g. --num-experts 8 --top-k 2)")
+    if hasattr(args, "out"):  # --overwrite replaces the output whole: never the source or a folder holding it
+        sources = [args.src]
+        if args.command != "from-hf":  # a run directory's checkpoint is its latest step_* directory
+            from ..checkpoint.canonical import resolve
+            from ..checkpoint.files import CheckpointError
+            try:
+                sources.append(resolve(args.src))
+            except CheckpointError:
+                pass  # named when the source is read
+        out = args.out.resolve()
+        for src in sources:
+            if out == src.resolve() or out in src.resolve().parents:
+                return (f"{args.out} is {'the source' if out == src.resolve() else 'a folder holding the source'} "
+                        f"{src}; write the output elsewhere")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megamoe-convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:  # overrides after the flags: argparse matched the overrides positional (empty) before them
         args.overrides += extra
-    if args.command == "to-hf" and not args.shard_size_gb > 0:
-        print(f"megamoe-convert: error: --shard-size-gb {args.shard_size_gb}: give a positive size "
-              "(5 is the default)", file=sys.stderr)
+    problem = _bad_flags(args)
+    if problem:
+        print(f"megamoe-convert: error: {problem}", file=sys.stderr)
         return 2
 
     from ..checkpoint.files import CheckpointError
@@ -112,3 +139,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
                    "not fit it, or leaves less than a quarter of it for activations")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_args(argv)
+    if args.gpu_gib is not None and not (args.gpu_gib > 0 and args.gpu_gib != float("inf")):
+        print(f"megamoe-plan: error: --gpu-gib {args.gpu_gib}: give one GPU's memory in GiB (e.g. 80)", file=sys.stderr)
+        return 2
     if args.world_size < 1:
         print(f"megamoe-plan: error: --world-size {args.world_size}: give the number of ranks, "
               "1 or more", file=sys.stderr)

@@ -49,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     args.no_progress = args.no_progress or not sys.stderr.isatty()  # no \r lines in logs
     if args.data and args.jsonl:
         return fail("give --data or --jsonl, not both")
+    if args.tokens < 0:
+        return fail(f"--tokens {args.tokens}: give the number of tokens per domain (e.g. 16384)")
+    if args.json and not args.json.parent.is_dir():
+        return fail(f"--json {args.json}: its folder {args.json.parent} does not exist; create it or give another path")
+    if args.plots and args.plots.exists() and not args.plots.is_dir():
+        return fail(f"--plots {args.plots} is a file; give a directory for the plots")
     if args.json and args.json.exists() and not args.overwrite:
         return fail(f"--json {args.json} exists; give a new path or pass --overwrite to replace it")
     if args.plots and args.plots.is_dir() and any(args.plots.iterdir()) and not args.overwrite:
@@ -58,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--checkpoints all needs a run directory; {args.checkpoint} has no checkpoints/")
     try:
         model, cfg = load_model(args.checkpoint)
+        tok = tokenizer_for(cfg)
     except CheckpointError as e:
         return fail(str(e))
     if not cfg.moe.num_experts:
@@ -66,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
         return fail("the analyses need token-choice routing; this run uses moe.routing=expert_choice")
     if cfg.moe.backend != "megamoe":
         return fail("the analyses read megamoe's router; this run uses moe.backend=deepspeed")
-    tok = tokenizer_for(cfg)
     seq = cfg.data.seq_length
     try:
         if args.data:

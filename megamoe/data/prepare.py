@@ -236,7 +236,8 @@ def preprocess(input_paths: list[str | Path], output_prefix: str | Path,
                                   "prefix or pass --overwrite to replace them")
     for path in input_paths:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"input file {path} does not exist")
+            raise FileNotFoundError(f"input file {path} " + ("is a folder; give the text or JSONL files in it "
+                                    "(e.g. DIR/*.jsonl)" if Path(path).is_dir() else "does not exist"))
     tokenizer = load_tokenizer(tokenizer_path)
     report = PreprocessReport()
     documents = read_documents(input_paths, json_key, strict, report, prompt_key, messages_key)

@@ -89,7 +89,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """Open a sentencepiece .model or a tokenizer.json, chosen by the file's contents."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file {path} does not exist; give a sentencepiece "
+        raise FileNotFoundError(f"tokenizer file {path} {'is a folder' if path.is_dir() else 'does not exist'}; give a sentencepiece "
                                 ".model or a tokenizer.json (megamoe-tokenizer makes one)")
     with open(path, "rb") as f:
         head = f.read(64).lstrip()
@@ -115,7 +115,8 @@ def iter_texts(paths: Iterable[str | Path], json_key: str = "text") -> Iterator[
     for path in paths:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"input file {path} does not exist")
+            raise FileNotFoundError(f"input file {path} " + ("is a folder; give the text or JSONL files in it "
+                                    "(e.g. DIR/*.jsonl)" if path.is_dir() else "does not exist"))
         if path.suffix in (".jsonl", ".json"):
             with open(path, encoding="utf-8", errors="replace") as f:
                 for line in f:

@@ -40,6 +40,9 @@ def parse_args(argv):
         p.error("--device cuda: no GPU is visible (torch.cuda.is_available() is False); use --device cpu")
     if args.output is not None and args.output.exists():
         p.error(f"--output {args.output} exists; give a new path or remove it first")
+    if args.output is not None and not args.output.parent.is_dir():
+        p.error(f"--output {args.output}: its folder {args.output.parent} does not exist; create it or give "
+                "another path")
     return args
 
 

@@ -202,7 +202,9 @@ def prepare_run_dir(cfg: Config, lock: RunLock) -> Path:
         except CheckpointError as e:  # as a ConfigError, every rank reports it (_rank0_then_all)
             raise ConfigError(f"run.dir: {e}") from None
         if latest is not None and config_file.is_file():
-            check_resumable(yaml.safe_load(config_file.read_text()), cfg, run_dir)
+            saved = _read_yaml(config_file)
+            if saved is not None:  # a damaged one is kept aside below; the checkpoint's own config is checked
+                check_resumable(saved, cfg, run_dir)
         text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         if config_file.is_file() and config_file.read_text() != text:
             config_file.rename(run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
@@ -212,6 +214,15 @@ def prepare_run_dir(cfg: Config, lock: RunLock) -> Path:
         lock.release()
         raise
     return run_dir
+
+
+def _read_yaml(path: Path) -> dict | None:
+    """A config.yaml's mapping, or None when it is damaged (not UTF-8 YAML holding a mapping)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _refuse_foreign(run_dir: Path, locked: bool) -> None:
