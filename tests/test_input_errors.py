@@ -524,3 +524,11 @@ def test_preprocess_and_tokenizer_say_an_input_is_a_folder(tmp_path, capsys):
     assert preprocess(["--input", str(tmp_path), "--output-prefix", str(tmp_path / "o"), "--tokenizer",
                        str(tmp_path)]) == 2
     assert f"input file {tmp_path} is a folder" in _error_line(capsys, "megamoe-preprocess")
+
+
+def test_overwrite_replaces_a_file_at_the_output_path_leaving_nothing_behind(tiny_run, tmp_path):
+    from megamoe.cli.convert import main
+    (tmp_path / "out").write_text("a file")
+    assert main(["to-hf", str(tiny_run), str(tmp_path / "out"), "--overwrite", "--no-progress"]) == 0
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .out.old-* left

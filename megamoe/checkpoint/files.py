@@ -109,7 +109,10 @@ def atomic_dir(final: Path, overwrite: bool = False):
         old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(final, old)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # --overwrite of a file (or a link) by a directory
+            old.unlink()
     else:
         os.replace(tmp, final)
     fsync_path(final.parent)
