@@ -19,7 +19,7 @@ trap "$cleanup" EXIT
 bash slurm/local_cluster.sh start
 
 set +e
-python -m pytest -q --junitxml="$report" "$@"
+python -m pytest -q --durations=15 --junitxml="$report" "$@"  # the slowest 15 listed: the suite stays under ~20 min
 status=$?
 set -e
 ran=$(python -c "import sys, xml.etree.ElementTree as et
