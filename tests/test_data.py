@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from megamoe.config import DataConfig
+from megamoe.config import ConfigError, DataConfig
 from megamoe.data.corpus import iter_stdlib_documents, split_docstrings, write_jsonl
 from megamoe.data.dataset import (BlendedDataset, GPTDataset, blend_indices, build_datasets,
-                                  _loss_mask_for, get_batch, split_documents)
+                                  _loss_mask_for, check_document_mask, get_batch, split_documents)
 from megamoe.data.indexed import IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError
 from megamoe.data import prepare
 from megamoe.data.prepare import BadInputError, ensure_default_corpus, preprocess
@@ -488,3 +488,13 @@ def test_chat_conversations_train_on_assistant_turns_only(tmp_path, small_corpus
     with pytest.raises(ValueError, match="give one of them"):
         preprocess([src], tmp_path / "both", model, messages_key="messages", prompt_key="prompt",
                    progress=False)
+    # document masking would cut such a conversation at its first assistant turn's EOS: refused, naming it
+    data = DataConfig(paths=[str(tmp_path / "chat")], tokenizer=str(model))
+    check_document_mask(data, "causal")
+    with pytest.raises(ConfigError, match=r"^model.attention_mask: document masking ends a document at every EOS, "
+                                          r"and .*chat has documents with an EOS inside \(document 0"):
+        check_document_mask(data, "document")
+    one_turn = tmp_path / "one.jsonl"  # one EOS, at the end: what document masking is for
+    one_turn.write_text(json.dumps({"messages": chat[:3]}) + "\n")
+    preprocess([one_turn], tmp_path / "one", model, messages_key="messages", progress=False)
+    check_document_mask(DataConfig(paths=[str(tmp_path / "one")], tokenizer=str(model)), "document")

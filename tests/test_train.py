@@ -147,6 +147,9 @@ def test_profiled_steps_are_traced_on_the_ranks_asked_and_train_as_unprofiled(tm
     steps = {e["name"] for e in events if e.get("name", "").startswith("megamoe step ")}
     assert steps == {"megamoe step 2", "megamoe step 3"}
     assert any(e.get("name") == "aten::mm" for e in events)  # the operators inside them
+    # the window holds step 2's save (train.save_interval=2), named as such
+    assert any(e.get("name") == "megamoe save" for e in events)
+    assert not any(e.get("name") == "megamoe eval" for e in events)  # the run's one eval is at step 4
     table = (folder / "rank1.txt").read_text()
     assert table.startswith("megamoe profile: steps 2-3 (2 steps), rank 1, cpu") and "aten::mm" in table
     again = launch(run, 1, ["train.steps=5", "train.profile_steps=[3, 5]"]).stdout
@@ -182,6 +185,7 @@ def test_a_new_run_starts_from_another_runs_weights_in_another_layout(tmp_path, 
     ("model.d_model=64", "holds a model with model.d_model=32, this run's has 64; set model.d_model as that "
                          "model has"),
     ("moe.num_experts=4", "holds a model with moe.num_experts=8, this run's has 4"),
+    ("moe.dense_layers=[0]", "holds a model with moe.dense_layers=[], this run's has [0]"),
 ])
 def test_a_checkpoint_that_cannot_start_this_model_is_refused_before_the_run_dir_is_made(tmp_path, reference,
                                                                                        override, message):
@@ -193,6 +197,16 @@ def test_a_checkpoint_that_cannot_start_this_model_is_refused_before_the_run_dir
     proc = launch(run, 1, [f"train.init_from={tmp_path / 'nowhere'}"], check=False)
     assert proc.returncode == 2 and "megamoe: error: train.init_from: " in proc.stderr
     assert "is neither a megamoe run directory nor a step_* checkpoint" in proc.stderr and not run.exists()
+
+
+def test_init_from_compares_shapes_not_how_keys_are_written(tmp_path, reference):
+    """model.head_dim=8 is the default's 32 / 4: the same tensors, so the run starts; a relaunch once the run
+    has saved resumes it even where init_from no longer points at a checkpoint."""
+    run = tmp_path / "init"
+    out = launch(run, 1, [f"train.init_from={reference}", "model.head_dim=8", "train.steps=1"]).stdout
+    assert "megamoe: weights from" in out
+    again = launch(run, 1, [f"train.init_from={tmp_path / 'gone'}", "model.head_dim=8", "train.steps=2"]).stdout
+    assert "resuming at step 1" in again and "weights from" not in again
 
 
 def test_zero_on_one_data_parallel_rank_runs_megamoes_optimizer(tmp_path, reference):

@@ -67,6 +67,7 @@ def write_run(run_dir: Path, cfg, tensors: Iterable[tuple[str, torch.Tensor]], s
     exactly those of the model `cfg` describes. Written atomically; returns the step dir.
     """
     cfg.run.dir = str(Path(run_dir).resolve())  # where it is, from whatever directory it is launched
+    cfg.train.init_from = None  # it starts from the checkpoint written here
     cfg.validate()
     shapes = expected_shapes(cfg)
     seen: set[str] = set()

@@ -208,6 +208,23 @@ def check_data(data_cfg: DataConfig, model_vocab_size: int) -> None:
                               f"raise model.vocab_size above {largest}")
 
 
+def check_document_mask(data_cfg: DataConfig, attention_mask: str, sample: int = 1000) -> None:
+    """`model.attention_mask=document` ends a document at every EOS: refuse datasets whose documents hold an EOS
+    before their end (chat data from `megamoe-preprocess --messages-key` ends every assistant turn with one), whose
+    later turns would not see the earlier ones. Reads the first `sample` documents of each dataset."""
+    if attention_mask != "document" or not data_cfg.paths:
+        return
+    eos = load_tokenizer(data_cfg.tokenizer).eos_id
+    for prefix in data_cfg.paths:
+        indexed = IndexedDataset(prefix)
+        for i in range(min(len(indexed), sample)):
+            if (indexed[i][:-1] == eos).any():
+                raise ConfigError(f"model.attention_mask: document masking ends a document at every EOS, and "
+                                  f"{prefix} has documents with an EOS inside (document {i}; chat data ends every "
+                                  "assistant turn with one): their later turns would not see the earlier ones; "
+                                  "use model.attention_mask=causal for this data")
+
+
 def max_token_id(indexed: IndexedDataset, cache_dir: Path) -> int:
     """The largest token id in a dataset: read once, then remembered in `cache_dir` for as long
     as the .bin keeps its size and modification time (a pretraining corpus is large)."""

@@ -15,11 +15,12 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from ..analysis.load import step_load_metrics
 from ..checkpoint.io import CheckpointWriter, latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from ..config import Config, ConfigError
-from ..data.dataset import build_datasets, check_data, get_batch
+from ..data.dataset import build_datasets, check_data, check_document_mask, get_batch
 from ..distributed import discover_env, init_distributed
 from ..eval.training import TrainingEvaluator, load_tasks
 from ..model.flops import flops_per_token, peak_flops
@@ -44,6 +45,7 @@ class Trainer:
         env = discover_env()
         cfg.validate(env.world_size)  # every layout error before any process group exists
         check_data(cfg.data, cfg.model.vocab_size)  # and every data error
+        check_document_mask(cfg.data, cfg.model.attention_mask)  # and data that document masking would cut
         eval_tasks = load_tasks(cfg)  # and every evaluation task's file, before run.dir is touched
         init_from = check_init_from(cfg)  # and the checkpoint a new run starts from
         check_memory(cfg, env.world_size, env.local_world_size, resolve_device(cfg))  # a model that cannot fit
@@ -340,7 +342,8 @@ class Trainer:
                     if peak:
                         record["mfu"] = flops_per_rank / elapsed / peak
                     if not queued and (launched.step % t.eval_interval == 0 or launched.step == t.steps):
-                        record.update(self.evaluate())
+                        with record_function("megamoe eval"):  # named in a profile window that holds it
+                            record.update(self.evaluate())
                     if (launched.step % t.log_interval == 0 or launched.step == t.steps or "eval_loss" in record
                             or self.stop_requested):
                         if self.device.type == "cuda":  # the allocator's peak so far in this process (no sync)
@@ -350,7 +353,8 @@ class Trainer:
                         continue
                     saved = self.step % t.save_interval == 0 or self.step == t.steps
                     if saved:
-                        self.save()
+                        with record_function("megamoe save"):
+                            self.save()
                     if manual_gc and (saved or "eval_loss" in record):
                         gc.collect()  # a full collection costs little beside a save or an evaluation
                     if self.stop_requested:

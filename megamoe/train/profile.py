@@ -5,7 +5,8 @@ https://ui.perfetto.dev or chrome://tracing; each step a `megamoe step N` range)
 kernels by their own device time, CPU time on CPU, and the device's peak memory). The window's
 first step is launched with nothing of the step before it still queued and its last step is read before the next
 is launched (the trainer does not overlap reads at its edges, on every rank alike), so the trace holds those
-steps whole and nothing else. Other steps run as without it.
+steps whole, and an evaluation or a save at a step inside the window (as `megamoe eval` / `megamoe save`
+ranges, counted in the table too). Other steps run as without it.
 """
 
 import contextlib

@@ -145,33 +145,48 @@ def check_resumable(saved: dict, cfg: Config, where: Path) -> None:
                 "a checkpoint to another parallel layout).")
 
 
-# the keys that shape a model's tensors: a run initialised from a checkpoint (`train.init_from`) must share them
-SHAPE_KEYS = ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.head_dim",
-              "moe.num_experts", "moe.ffn_hidden", "moe.num_shared_experts", "moe.dense_layers",
-              "moe.dense_ffn_hidden")
+def _shape_keys(cfg: Config) -> dict:
+    """The values that decide a model's tensor shapes, as the keys that set them (derived where a key has a
+    default that stands for a size: head_dim, dense_ffn_hidden)."""
+    m, moe = cfg.model, cfg.moe
+    dense = bool(moe.dense_layers) or not moe.num_experts
+    return {"model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
+            "model.n_heads": m.n_heads, "model.head_dim": m.dim_per_head, "moe.num_experts": moe.num_experts,
+            "moe.ffn_hidden": moe.ffn_hidden, "moe.num_shared_experts": moe.num_shared_experts,
+            "moe.dense_layers": sorted(moe.dense_layers) if moe.num_experts else [],
+            "moe.dense_ffn_hidden (with moe.top_k)": moe.dense_width() if dense else None}
 
 
 def check_init_from(cfg: Config) -> Path | None:
-    """`train.init_from`'s checkpoint (a step dir), checked to fit this run's model before anything starts, or
-    None. Raises ConfigError naming the first tensor-shaping key that differs."""
-    if cfg.train.init_from is None:
+    """`train.init_from`'s checkpoint (a step dir), checked to fit this run's model before anything starts; None
+    without one, or when `run.dir` holds a checkpoint already (the relaunch resumes it). Raises ConfigError
+    naming the first key whose value gives the tensors other shapes."""
+    if cfg.train.init_from is None or _has_checkpoint(Path(cfg.run.dir)):
         return None
-    from ..checkpoint.canonical import resolve
+    from ..checkpoint.canonical import expected_shapes, resolve
     from ..checkpoint.files import read_meta
+    from ..config import from_dict
     source = Path(cfg.train.init_from).expanduser()
     try:
         step_dir = resolve(source)
-        saved = _flatten(read_meta(step_dir)["config"])
-    except CheckpointError as e:
-        raise ConfigError(f"train.init_from: {e}; give a megamoe run directory or one of its "
-                          "checkpoints/step_* directories (megamoe-convert from-hf makes one from transformers)") from None
-    mine, defaults = _flatten(cfg.to_dict()), _flatten(Config().to_dict())
-    for key in SHAPE_KEYS:
-        if saved.get(key, defaults[key]) != mine[key]:
-            raise ConfigError(f"train.init_from: {step_dir} holds a model with {key}={saved.get(key, defaults[key])!r}, "
-                              f"this run's has {mine[key]!r}; set {key} as that model has (the tensors' shapes "
-                              "depend on it) or start from another checkpoint")
+        saved = from_dict(read_meta(step_dir)["config"])
+    except (CheckpointError, ConfigError) as e:
+        raise ConfigError(f"train.init_from: {e}; give a megamoe run directory or one of its checkpoints/step_* "
+                          "directories (megamoe-convert from-hf makes one from transformers)") from None
+    shapes = [{n: s for n, s in expected_shapes(c).items() if not n.endswith(".router.expert_bias")}
+              for c in (saved, cfg)]
+    if shapes[0] != shapes[1]:
+        theirs, mine = _shape_keys(saved), _shape_keys(cfg)
+        key = next((k for k in mine if theirs[k] != mine[k]), None)
+        differ = (f"{key}={theirs[key]!r}, this run's has {mine[key]!r}; set {key.split()[0]} as that model has"
+                  if key else "other tensor shapes; set model.* and moe.* as that model has")
+        raise ConfigError(f"train.init_from: {step_dir} holds a model with {differ} (the tensors' shapes depend "
+                          "on it) or start from another checkpoint")
     return step_dir
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    return (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*"))
 
 
 def prepare_run_dir(cfg: Config, lock: RunLock) -> Path:
