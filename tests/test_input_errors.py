@@ -456,6 +456,10 @@ def test_converted_runs_record_where_they_are(hf_dir, tiny_run, tmp_path, monkey
                  "--no-progress"]) == 0
     for name in ("imported", "resharded"):
         assert load_config(tmp_path / name / "config.yaml").run.dir == str(tmp_path / name)
+    # a run started from another's weights is converted with its own checkpoint: the new run does not inherit
+    # train.init_from (which would check the old source, or its shapes, at every launch)
+    src = _tiny_run(tmp_path / "started", f"train.init_from={tiny_run}")
+    assert load_config(src / "config.yaml").train.init_from is None
 
 
 @pytest.mark.parametrize("damage,fix", [
