@@ -189,3 +189,39 @@ def test_document_mask_keeps_attention_within_each_packed_document():
     torch.testing.assert_close(masked[:, :11], alone[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(masked[:, 11:], alone[1], rtol=0, atol=1e-5)
     assert (causal[:, 11:] - alone[1]).abs().max() > 1e-2  # without the mask the first document is seen
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_document_mask_as_flex_block_mask_computes_the_same_attention(monkeypatch):
+    """Training on a GPU builds the document mask as FlexAttention's BlockMask (`flex_supported`): forced here
+    (FlexAttention has no backward on the CPU: the forward of a training-mode model), the logits equal the
+    boolean mask's through SDPA, with documents that straddle the 128-token blocks and one sequence of a single
+    document; the BlockMask skips the blocks wholly outside each document. Off the GPU, or outside training,
+    the boolean mask is what the model builds."""
+    import megamoe.model.attention as A
+    eos = 95
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 90, (2, 300), generator=g)
+    tokens[0, [40, 170, 171, 299]] = eos  # documents of 41, 130, 1, 128 tokens in row 0; row 1 is one document
+    bool_mask = A.document_mask(tokens, eos)
+    block_mask = A.document_mask(tokens, eos, flex=True)
+    assert isinstance(block_mask, A.BlockMask) and isinstance(bool_mask, torch.Tensor)
+    torch.testing.assert_close(block_mask.to_dense()[0, 0].bool(),
+                               torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.bool))  # 128-blocks
+    assert not A.flex_supported(tokens, 64, training=True) and not A.flex_supported(tokens, 64, training=False)
+    cfg = tiny()
+    cfg.model.attention_mask = "document"
+    model = cfg.model.build(cfg.moe)
+    init_weights(model, std=0.2, seed=0)
+    model.document_eos = eos
+    model.train()
+    with torch.no_grad():
+        monkeypatch.setattr(A, "FLEX_DOCUMENTS", False)
+        ref = model(tokens).logits
+        monkeypatch.setattr(A, "FLEX_DOCUMENTS", True)
+        flex = model(tokens).logits
+        model.document_eos = None
+        causal = model(tokens).logits
+    torch.testing.assert_close(flex, ref, rtol=0, atol=1e-5)
+    assert (causal[0] - ref[0]).abs().max() > 1e-2  # row 0's documents are masked apart
+    torch.testing.assert_close(causal[1], ref[1], rtol=0, atol=1e-5)  # row 1: one document, causal

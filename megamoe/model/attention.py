@@ -1,8 +1,11 @@
 """Causal self-attention with OLMoE's QK-norm (over the whole q and k width) and RoPE."""
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .fp8_linear import Linear
 from .norm import RMSNorm
@@ -25,7 +28,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask: None (causal) or [B, 1, S, S] bool, True where a query may attend a key (`document_mask`)."""
+        """mask: None (causal), [B, 1, S, S] bool, True where a query may attend a key, or the same as a
+        FlexAttention `BlockMask` (`document_mask`)."""
         B, S, _ = x.shape
         q, k, v = self.q_norm(self.q_proj(x)), self.k_norm(self.k_proj(x)), self.v_proj(x)
         if self.clip_qkv is not None:
@@ -35,17 +39,46 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, D]
+        elif isinstance(mask, BlockMask):
+            out = _flex(q.is_cuda)(q, k, v, block_mask=mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
-def document_mask(tokens: torch.Tensor, eos: int) -> torch.Tensor:
+# model.attention_mask=document in training on a GPU: FlexAttention's kernel, which skips the blocks that lie
+# between documents (SDPA with a boolean mask runs its memory-efficient kernel over all of S × S). None: where
+# `flex_supported` says; True/False force it (an A/B: `bench/train_device.sh` with PATCH=...; the CPU tests
+# force it for the forward, as FlexAttention has no backward on the CPU).
+FLEX_DOCUMENTS: bool | None = None
+
+
+def flex_supported(tokens: torch.Tensor, head_dim: int, training: bool) -> bool:
+    """Flex for training steps on CUDA with a head width its kernels take. Not for evaluation or sampling,
+    whose sequence lengths vary (each would compile its kernel anew)."""
+    if FLEX_DOCUMENTS is not None:
+        return FLEX_DOCUMENTS
+    return tokens.is_cuda and training and head_dim in (16, 32, 64, 128, 256)
+
+
+@functools.cache
+def _flex(cuda: bool):
+    """FlexAttention compiled on CUDA (inside a compiled block it is traced there, the same kernel); eager
+    elsewhere (which materializes the scores: the CPU tests)."""
+    return torch.compile(flex_attention, dynamic=False) if cuda else flex_attention
+
+
+def document_mask(tokens: torch.Tensor, eos: int, flex: bool = False) -> torch.Tensor | BlockMask:
     """[B, S] token ids of packed documents, each ending with `eos` → [B, 1, S, S] bool: query i may attend
     key j when j <= i and both are in one document (an EOS belongs to the document it ends). RoPE's scores
-    depend on positions' differences only, so a document's attention is as if it started its sequence."""
+    depend on positions' differences only, so a document's attention is as if it started its sequence.
+    flex: the same mask as FlexAttention's `BlockMask` (its 128 × 128 blocks, those wholly outside skipped)."""
     ends = tokens == eos
     doc = ends.cumsum(1) - ends.long()  # [B, S] document number of each position
-    S = tokens.shape[1]
+    B, S = tokens.shape
+    if flex:
+        def same_document(b, h, q, k):
+            return (k <= q) & (doc[b, q] == doc[b, k])
+        return create_block_mask(same_document, B, None, S, S, device=tokens.device)
     causal = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril()
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]

@@ -14,7 +14,7 @@ from torch import nn
 from ..moe.experts import SwiGLU
 from ..moe.layer import MoELayer
 from ..sharding import full_shape, local_slice
-from .attention import Attention, document_mask
+from .attention import Attention, document_mask, flex_supported
 from .config import ModelConfig, MoEConfig
 from .norm import RMSNorm
 from .rope import rope_cos_sin
@@ -86,7 +86,8 @@ class OLMoE(nn.Module):
         cos, sin = rope_cos_sin(tokens.shape[1], m.dim_per_head, m.rope_theta, tokens.device,
                                 h.dtype, position_offset)
         aux = h.new_zeros((), dtype=torch.float32)
-        mask = None if self.document_eos is None else document_mask(tokens, self.document_eos)
+        mask = None if self.document_eos is None else document_mask(
+            tokens, self.document_eos, flex_supported(tokens, m.dim_per_head, self.training))
         for block in self.layers.values():
             h, block_aux = block(h, cos, sin, mask)
             aux = aux + block_aux
