@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -152,6 +153,12 @@ def test_profiled_steps_are_traced_on_the_ranks_asked_and_train_as_unprofiled(tm
     assert not any(e.get("name") == "megamoe eval" for e in events)  # the run's one eval is at step 4
     table = (folder / "rank1.txt").read_text()
     assert table.startswith("megamoe profile: steps 2-3 (2 steps), rank 1, cpu") and "aten::mm" in table
+    # each step's time split into its phases (summed over its micro-batches), which add up to the step's
+    phases = re.findall(r"^step (\d+): ([\d.]+) ms: forward ([\d.]+), backward ([\d.]+), optimizer ([\d.]+), "
+                        r"the rest ([\d.]+)$", table, re.M)
+    assert [p[0] for p in phases] == ["2", "3"], table[:600]
+    for _, total, *parts in phases:
+        assert all(float(x) > 0 for x in parts) and abs(sum(map(float, parts)) - float(total)) < 0.05
     again = launch(run, 1, ["train.steps=5", "train.profile_steps=[3, 5]"]).stdout
     assert "train.profile_steps=[3, 5] starts at or before the resume point (step 4); nothing is profiled" in again
     assert not (run / "profile" / "steps3-5").exists()

@@ -161,10 +161,13 @@ class Trainer:
         stats = StepStats(self.cfg, self.model, self.device)
         lm_loss = partial(self._lm_loss, targets=self._targets(self.train_data, self.step))
         cached = self.fp8_cache and cache_fp8_weights(self.model)  # the weights as this step's micro-batches see them
+        if cached:
+            self.profiler.mark("FP8 weights quantized")
         try:
             if self.state.pp > 1:  # 1F1B over the micro-batches
                 pipeline_schedule.train_step(self.engine, self.state, self.cfg,
                                              partial(self._micro_batch, self.train_data, self.step), lm_loss, stats)
+                self.profiler.mark("1F1B schedule (forward, backward, optimizer)")
             else:
                 self._accumulate(lm_loss, stats)
         finally:
@@ -272,10 +275,14 @@ class Trainer:
             out = self.engine(tokens, project=self.project)
             lm = lm_loss(out.logits, labels)
             stats.add(out.aux_loss, lm)
+            self.profiler.mark("forward")  # a profiled step's phases (`StepProfiler.phases`); else nothing
             self.engine.backward(lm + out.aux_loss)
+            self.profiler.mark("backward")
             if micro == self.gas - 1 and hasattr(self.engine.optimizer, "also_finite"):
                 self.engine.optimizer.also_finite = stats.loss()  # a non-finite loss skips the step too
             self.engine.step()  # steps the optimizer after the last micro-batch only
+            if micro == self.gas - 1:
+                self.profiler.mark("optimizer")
 
     @torch.no_grad()
     def evaluate(self) -> dict:

@@ -2,7 +2,8 @@
 
 Each profiled rank writes `run.dir/profile/steps{first}-{last}/rank{r}.trace.json` (a Chrome trace: open it in
 https://ui.perfetto.dev or chrome://tracing; each step a `megamoe step N` range) and `rank{r}.txt` (the operators and
-kernels by their own device time, CPU time on CPU, and the device's peak memory). The window's
+kernels by their own device time, CPU time on CPU (named ranges left out), and the device's peak memory), headed by each step's time split
+into its phases (forward, backward, optimizer, the rest; CUDA events on a GPU, the host's clock on a CPU). The window's
 first step is launched with nothing of the step before it still queued and its last step is read before the next
 is launched (the trainer does not overlap reads at its edges, on every rank alike), so the trace holds those
 steps whole, and an evaluation or a save at a step inside the window (as `megamoe eval` / `megamoe save`
@@ -10,9 +11,12 @@ ranges, counted in the table too). Other steps run as without it.
 """
 
 import contextlib
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.autograd.profiler_util import EventList
 from torch.profiler import ProfilerActivity, profile, record_function
 
 
@@ -24,17 +28,20 @@ class StepProfiler:
         self.rank, self.device = rank, device
         self.dir = Path(run_dir) / "profile" / f"steps{self.first}-{self.last}"
         self.prof: profile | None = None
+        self.marks: list[tuple[int, list]] = []  # per profiled step: (phase ended, CUDA event or host time)
         self.missed = steps is not None and resume_step >= self.first  # the run resumed past the window's start
 
     def edge(self, step: int) -> bool:
         """Whether `step` is the one before the window or its last: the trainer reads it before the next launch."""
         return self.first is not None and step in (self.first - 1, self.last)
 
+    @contextlib.contextmanager
     def launching(self, step: int):
         """Context for the launch of step `step` (its number once taken): starts the profiler at the window's
-        first step and names each profiled step's range in the trace."""
+        first step, names each profiled step's range in the trace and marks where its launch starts and ends."""
         if not self.on or not self.first <= step <= self.last:
-            return contextlib.nullcontext()
+            yield
+            return
         if self.prof is None:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
             if self.device.type == "cuda":
@@ -42,7 +49,41 @@ class StepProfiler:
                 self.peak_before = torch.cuda.max_memory_allocated(self.device)
             self.prof = profile(activities=activities, record_shapes=True)
             self.prof.__enter__()
-        return record_function(f"megamoe step {step}")
+        self.marks.append((step, [("start", self._now())]))
+        with record_function(f"megamoe step {step}"):
+            yield
+        self.mark("the rest")
+
+    def mark(self, phase: str) -> None:
+        """Inside a profiled step's launch: the phase named ends here (in the device's queue on a GPU)."""
+        if self.prof is not None and self.marks:
+            self.marks[-1][1].append((phase, self._now()))
+
+    def _now(self):
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.device.type == "cuda" else 1000 * (b - a)
+
+    def phases(self) -> list[str]:
+        """Each profiled step's time and its phases' (summed over micro-batches), in order of first appearance;
+        on a GPU also the device's wait for the host between one step and the next (the host was late)."""
+        lines, previous_end = [], None
+        for step, marks in self.marks:
+            spent = defaultdict(float)
+            for (_, a), (phase, b) in zip(marks, marks[1:]):
+                spent[phase] += self._ms(a, b)
+            total = self._ms(marks[0][1], marks[-1][1])
+            line = f"step {step}: {total:.2f} ms: " + ", ".join(f"{phase} {ms:.2f}" for phase, ms in spent.items())
+            if previous_end is not None and self.device.type == "cuda":
+                line += f"; the device waited {max(self._ms(previous_end, marks[0][1]), 0.0):.2f} ms for it"
+            lines.append(line)
+            previous_end = marks[-1][1]
+        return lines
 
     def read(self, step: int) -> Path | None:
         """After step `step` was read: at the window's last step, stops the profiler and writes its files;
@@ -64,7 +105,13 @@ class StepProfiler:
             peak = torch.cuda.max_memory_allocated(self.device)
             head.append(f"peak memory allocated: {peak / 2**30:.2f} GiB"
                         + (" (reached in the window)" if peak > self.peak_before else " (reached before the window)"))
-        table = prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=80)
+        head += ["", "each step's time (the device's, between CUDA events queued with its work)" if cuda
+                 else "each step's time (the host's clock)", *self.phases()]
+        self.marks = []
+        # the operators and kernels alone: named ranges (steps, compiled graphs' calls, Optimizer.step) would
+        # count their contents again (the phases above say where each step's time goes)
+        ops = EventList([e for e in prof.key_averages() if not e.is_user_annotation])
+        table = ops.table(sort_by=sort, row_limit=60, max_name_column_width=80)
         (self.dir / f"rank{self.rank}.txt").write_text("\n".join(head) + "\n\n" + table + "\n")
         return self.dir
 
