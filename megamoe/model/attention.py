@@ -1,7 +1,5 @@
 """Causal self-attention with OLMoE's QK-norm (over the whole q and k width) and RoPE."""
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,11 +59,13 @@ def flex_supported(tokens: torch.Tensor, head_dim: int, training: bool) -> bool:
     return tokens.is_cuda and training and head_dim in (16, 32, 64, 128, 256)
 
 
-@functools.cache
+_compiled_flex = None  # torch.compile(flex_attention), made by the first BlockMask on CUDA (`document_mask`)
+
+
 def _flex(cuda: bool):
     """FlexAttention compiled on CUDA (inside a compiled block it is traced there, the same kernel); eager
     elsewhere (which materializes the scores: the CPU tests)."""
-    return torch.compile(flex_attention, dynamic=False) if cuda else flex_attention
+    return _compiled_flex if cuda and _compiled_flex is not None else flex_attention
 
 
 def document_mask(tokens: torch.Tensor, eos: int, flex: bool = False) -> torch.Tensor | BlockMask:
@@ -77,6 +77,10 @@ def document_mask(tokens: torch.Tensor, eos: int, flex: bool = False) -> torch.T
     doc = ends.cumsum(1) - ends.long()  # [B, S] document number of each position
     B, S = tokens.shape
     if flex:
+        global _compiled_flex
+        if tokens.is_cuda and _compiled_flex is None:  # here, outside the compiled blocks (~1 s the first time)
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+
         def same_document(b, h, q, k):
             return (k <= q) & (doc[b, q] == doc[b, k])
         return create_block_mask(same_document, B, None, S, S, device=tokens.device)
