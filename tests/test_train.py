@@ -438,12 +438,16 @@ def test_offloaded_optimizer_follows_the_in_place_one(tmp_path, reference):
 
 def test_bf16_matches_fp32_across_layouts_and_resumes_exactly(tmp_path, reference):
     """bf16 (DeepSpeed's ZeRO optimizer, fp32 masters): 1 rank, EP2 and PP2 follow the fp32 run
-    within bf16 rounding, and a resumed bf16 run continues bit-exactly."""
+    within bf16 rounding, and a resumed bf16 run continues bit-exactly. PP2 profiles step 3 on its
+    first stage: the 1F1B schedule is one phase there (its forwards and backwards interleave)."""
     runs = {}
     for name, nproc, extra in [("one", 1, []), ("ep2", 2, ["parallel.expert=2"]),
-                               ("pp2", 2, ["parallel.pipeline=2"])]:
+                               ("pp2", 2, ["parallel.pipeline=2", "train.profile_steps=[3, 3]"])]:
         runs[name] = tmp_path / name
         launch(runs[name], nproc, ["train.precision=bf16", "train.save_interval=2", *extra])
+    header = (runs["pp2"] / "profile" / "steps3-3" / "rank0.txt").read_text()
+    assert re.search(r"^step 3: [\d.]+ ms: 1F1B schedule \(forward, backward, optimizer\) [\d.]+, the rest [\d.]+$",
+                     header, re.M), header[:500]
     ref = metrics(reference)
     for run in runs.values():
         for got, want in zip(metrics(run), ref):
