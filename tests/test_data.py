@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from megamoe.config import ConfigError, DataConfig
+from megamoe.config import DataConfig
 from megamoe.data.corpus import iter_stdlib_documents, split_docstrings, write_jsonl
 from megamoe.data.dataset import (BlendedDataset, GPTDataset, blend_indices, build_datasets,
-                                  _loss_mask_for, check_document_mask, get_batch, split_documents)
+                                  _loss_mask_for, get_batch, split_documents)
 from megamoe.data.indexed import IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError
 from megamoe.data import prepare
 from megamoe.data.prepare import BadInputError, ensure_default_corpus, preprocess
@@ -139,6 +139,28 @@ def test_packing_with_a_ragged_epoch_covers_every_token(tmp_path):
     inputs = np.concatenate([gpt[i][:-1] for i in range(13)])
     counts = np.bincount(inputs, minlength=98)
     assert (counts >= 1).all() and counts.sum() - 98 < 8, "only the last sample runs over"
+
+
+def test_document_numbers_follow_the_index_documents_not_eos_tokens(tmp_path):
+    """`GPTDataset.documents` (model.attention_mask=document): each sample's tokens numbered by the document
+    they come from, 0 for the first (or its tail), counting up at each document start, which the token values
+    locate here (consecutive numbers across the documents), also where one document follows itself across an
+    epoch's edge; the token values are not looked at (2, the tokenizers' EOS, lies inside the first document
+    here, as a chat turn's end does). Blending and `get_batch(documents=True)` hand the same numbers on."""
+    sizes = [7, 1, 30, 12, 5, 40, 3]
+    ds = make_indexed(tmp_path / "ds", numbered_docs(sizes), np.int32)
+    starts = set(np.cumsum([0] + sizes[:-1]).tolist())
+    gpt = GPTDataset(ds, np.arange(len(sizes)), 7, 40, seed=1)
+    crossed = 0
+    for i in range(len(gpt)):
+        tokens, numbers = gpt[i], gpt.documents(i)
+        expected = np.cumsum([int(t) in starts and j > 0 for j, t in enumerate(tokens)])
+        np.testing.assert_array_equal(numbers, expected)
+        crossed += int(numbers[-1] > 0)
+    assert crossed > 10  # most samples hold parts of two or more documents
+    blend = BlendedDataset([gpt], [1.0], 40)
+    batch = get_batch(blend, 1, 4, 2, 1, 2, 0, documents=True)
+    np.testing.assert_array_equal(batch.numpy(), np.stack([gpt.documents(6), gpt.documents(7)]))
 
 
 def test_samples_do_not_depend_on_run_length(tmp_path):
@@ -488,13 +510,3 @@ def test_chat_conversations_train_on_assistant_turns_only(tmp_path, small_corpus
     with pytest.raises(ValueError, match="give one of them"):
         preprocess([src], tmp_path / "both", model, messages_key="messages", prompt_key="prompt",
                    progress=False)
-    # document masking would cut such a conversation at its first assistant turn's EOS: refused, naming it
-    data = DataConfig(paths=[str(tmp_path / "chat")], tokenizer=str(model))
-    check_document_mask(data, "causal")
-    with pytest.raises(ConfigError, match=r"^model.attention_mask: document masking ends a document at every EOS, "
-                                          r"and .*chat has documents with an EOS inside \(document 0"):
-        check_document_mask(data, "document")
-    one_turn = tmp_path / "one.jsonl"  # one EOS, at the end: what document masking is for
-    one_turn.write_text(json.dumps({"messages": chat[:3]}) + "\n")
-    preprocess([one_turn], tmp_path / "one", model, messages_key="messages", progress=False)
-    check_document_mask(DataConfig(paths=[str(tmp_path / "one")], tokenizer=str(model)), "document")

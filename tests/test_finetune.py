@@ -85,3 +85,35 @@ def test_fine_tuning_gives_the_same_run_in_every_layout(tmp_path, sft_reference,
     for a, b in zip(metrics(run), metrics(sft_reference)):
         if "eval_loss" in b:
             assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-4), a["step"]
+
+
+def test_chat_fine_tuning_with_document_masking_keeps_each_conversation_whole(tmp_path):
+    """Multi-turn chat data (an EOS after every assistant turn) under model.attention_mask=document: the
+    samples' document numbers follow the conversations (the dataset's documents), so an EOS inside a
+    conversation ends nothing and its later turns see the earlier ones; PP2 (the schedule hands every stage
+    the micro-batch's numbers, with the loss mask's labels) is the 1-rank run, which is not the causal one."""
+    _, tokenizer = ensure_default_corpus(CORPUS_CACHE, vocab_size=512)
+    texts = [doc["text"][:300] for doc in iter_stdlib_documents(max_bytes=200_000)]
+    with open(tmp_path / "chat.jsonl", "w") as f:
+        for i in range(0, len(texts) - 3, 3):  # a user question, two assistant turns between
+            messages = [{"role": "user", "content": texts[i][:40]}, {"role": "assistant", "content": texts[i][40:80]},
+                        {"role": "user", "content": texts[i + 1][:30]},
+                        {"role": "assistant", "content": texts[i + 2][:60]}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    preprocess([tmp_path / "chat.jsonl"], tmp_path / "chat", tokenizer, messages_key="messages", progress=False)
+    data = [f"data.paths=[{tmp_path / 'chat'}]", f"data.tokenizer={tokenizer}", "data.valid_fraction=0.1"]
+    cfg = load_config(None, [*TINY, *data, "model.attention_mask=document"])
+    train, _, tok = build_datasets(cfg.data, cfg.train.seed, 32, 8, cfg.model.vocab_size)  # the runs' samples
+    inner = crossing = 0  # EOS tokens followed by a token of the same document; samples of two documents
+    for i in range(32):
+        tokens, numbers = train[i], train.documents(i)
+        inner += int(((tokens[:-1] == tok.eos_id) & (numbers[1:] == numbers[:-1])).sum())
+        crossing += int(numbers[-2] > 0)
+    assert inner > 0 and crossing > 0
+    runs = {name: tmp_path / name for name in ("one", "pp2", "causal")}
+    launch(runs["one"], 1, [*data, "model.attention_mask=document"])
+    launch(runs["pp2"], 2, [*data, "model.attention_mask=document", "parallel.pipeline=2"])
+    launch(runs["causal"], 1, data)
+    assert_same_run(runs["pp2"], runs["one"])
+    # a sample's later conversation starts with its user turn, no target of the loss: the routers see it
+    assert [r["lb_loss"] for r in metrics(runs["one"])] != [r["lb_loss"] for r in metrics(runs["causal"])]

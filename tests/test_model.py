@@ -168,8 +168,7 @@ def test_document_mask_keeps_attention_within_each_packed_document():
     scores depend on positions' differences only; routing is per token); causal attention over the whole
     sequence lets the second document see the first."""
     from megamoe.model.attention import document_mask
-    eos = 95
-    assert document_mask(torch.tensor([[5, eos, 6, 7, eos, 8]]), eos)[0, 0].int().tolist() == [
+    assert document_mask(torch.tensor([[0, 0, 1, 1, 1, 2]]))[0, 0].int().tolist() == [
         [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
         [0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 1]]
     cfg = tiny()
@@ -178,13 +177,12 @@ def test_document_mask_keeps_attention_within_each_packed_document():
     init_weights(model, std=0.2, seed=0)
     model.eval()
     g = torch.Generator().manual_seed(0)
-    first = torch.cat([torch.randint(0, 90, (2, 10), generator=g), torch.full((2, 1), eos)], 1)
-    second = torch.randint(0, 90, (2, 13), generator=g)
+    first, second = torch.randint(0, 90, (2, 11), generator=g), torch.randint(0, 90, (2, 13), generator=g)
     packed = torch.cat([first, second], 1)
+    documents = torch.tensor([0] * 11 + [1] * 13).expand(2, -1)
     with torch.no_grad():
         causal = model(packed).logits
-        model.document_eos = eos
-        masked = model(packed).logits
+        masked = model(packed, documents=documents).logits
         alone = model(first).logits, model(second).logits
     torch.testing.assert_close(masked[:, :11], alone[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(masked[:, 11:], alone[1], rtol=0, atol=1e-5)
@@ -199,28 +197,27 @@ def test_document_mask_as_flex_block_mask_computes_the_same_attention(monkeypatc
     document; the BlockMask skips the blocks wholly outside each document. Off the GPU, or outside training,
     the boolean mask is what the model builds."""
     import megamoe.model.attention as A
-    eos = 95
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 90, (2, 300), generator=g)
-    tokens[0, [40, 170, 171, 299]] = eos  # documents of 41, 130, 1, 128 tokens in row 0; row 1 is one document
-    bool_mask = A.document_mask(tokens, eos)
-    block_mask = A.document_mask(tokens, eos, flex=True)
+    documents = torch.zeros(2, 300, dtype=torch.long)
+    for end in (41, 171, 172):  # row 0: documents of 41, 130, 1 and 128 tokens; row 1 is one document
+        documents[0, end:] += 1
+    bool_mask = A.document_mask(documents)
+    block_mask = A.document_mask(documents, flex=True)
     assert isinstance(block_mask, A.BlockMask) and isinstance(bool_mask, torch.Tensor)
     torch.testing.assert_close(block_mask.to_dense()[0, 0].bool(),
                                torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.bool))  # 128-blocks
-    assert not A.flex_supported(tokens, 64, training=True) and not A.flex_supported(tokens, 64, training=False)
+    assert not A.flex_supported(documents, 64, training=True) and not A.flex_supported(documents, 64, training=False)
     cfg = tiny()
     cfg.model.attention_mask = "document"
     model = cfg.model.build(cfg.moe)
     init_weights(model, std=0.2, seed=0)
-    model.document_eos = eos
     model.train()
     with torch.no_grad():
         monkeypatch.setattr(A, "FLEX_DOCUMENTS", False)
-        ref = model(tokens).logits
+        ref = model(tokens, documents=documents).logits
         monkeypatch.setattr(A, "FLEX_DOCUMENTS", True)
-        flex = model(tokens).logits
-        model.document_eos = None
+        flex = model(tokens, documents=documents).logits
         causal = model(tokens).logits
     torch.testing.assert_close(flex, ref, rtol=0, atol=1e-5)
     assert (causal[0] - ref[0]).abs().max() > 1e-2  # row 0's documents are masked apart

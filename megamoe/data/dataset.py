@@ -88,7 +88,18 @@ class GPTDataset:
             return np.ones(self.seq_length + 1, dtype=bool)
         return self._read(self.mask, i).astype(bool)
 
+    def documents(self, i: int) -> np.ndarray:
+        """Sample i's document numbers → int64 [seq_length + 1]: 0 for the tokens of the first document
+        it holds (or the part of one), 1 for the next, ... (`model.attention_mask=document`). The index's
+        documents, not its EOS tokens: a chat conversation, EOS-ended turns and all, is one document."""
+        return np.concatenate([np.full(len(piece), k, dtype=np.int64)
+                               for k, piece in enumerate(self._pieces(self.indexed, i))])
+
     def _read(self, source: IndexedDataset, i: int) -> np.ndarray:
+        return np.concatenate(self._pieces(source, i))
+
+    def _pieces(self, source: IndexedDataset, i: int) -> list[np.ndarray]:
+        """Sample i as the parts of consecutive documents that make it up."""
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
         start = int(self.shuffle_idx[i]) * self.seq_length
@@ -100,7 +111,7 @@ class GPTDataset:
             take = min(need, int(self.indexed.sizes[doc]) - offset)
             pieces.append(source.get(doc, offset, take))
             need, pos, offset = need - take, pos + 1, 0
-        return np.concatenate(pieces)
+        return pieces
 
 
 def blend_indices(weights: list[float], num_samples: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,6 +169,11 @@ class BlendedDataset:
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
         return self.datasets[self.dataset_idx[i]].loss_mask(int(self.sample_idx[i]))
 
+    def documents(self, i: int) -> np.ndarray:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
+        return self.datasets[self.dataset_idx[i]].documents(int(self.sample_idx[i]))
+
 
 def data_sources(data_cfg: DataConfig, model_vocab_size: int | None = None) -> tuple[list[str], str]:
     """(dataset prefixes, tokenizer path) of a run; builds the embedded corpus if it has no paths.
@@ -206,23 +222,6 @@ def check_data(data_cfg: DataConfig, model_vocab_size: int) -> None:
                               f"{model_vocab_size} has no embedding for: the data was built with a larger "
                               "tokenizer. Rebuild it with data.tokenizer (megamoe-preprocess), or "
                               f"raise model.vocab_size above {largest}")
-
-
-def check_document_mask(data_cfg: DataConfig, attention_mask: str, sample: int = 1000) -> None:
-    """`model.attention_mask=document` ends a document at every EOS: refuse datasets whose documents hold an EOS
-    before their end (chat data from `megamoe-preprocess --messages-key` ends every assistant turn with one), whose
-    later turns would not see the earlier ones. Reads the first `sample` documents of each dataset."""
-    if attention_mask != "document" or not data_cfg.paths:
-        return
-    eos = load_tokenizer(data_cfg.tokenizer).eos_id
-    for prefix in data_cfg.paths:
-        indexed = IndexedDataset(prefix)
-        for i in range(min(len(indexed), sample)):
-            if (indexed[i][:-1] == eos).any():
-                raise ConfigError(f"model.attention_mask: document masking ends a document at every EOS, and "
-                                  f"{prefix} has documents with an EOS inside (document {i}; chat data ends every "
-                                  "assistant turn with one): their later turns would not see the earlier ones; "
-                                  "use model.attention_mask=causal for this data")
 
 
 def max_token_id(indexed: IndexedDataset, cache_dir: Path) -> int:
@@ -287,7 +286,8 @@ def _loss_mask_for(prefix: str, tokens: IndexedDataset) -> IndexedDataset | None
 
 
 def get_batch(dataset, step: int, global_batch_size: int, micro_batch_size: int,
-              dp_rank: int, dp_size: int, micro_step: int, loss_mask: bool = False) -> torch.Tensor:
+              dp_rank: int, dp_size: int, micro_step: int, loss_mask: bool = False,
+              documents: bool = False) -> torch.Tensor:
     """The micro-batch of one DP rank at one micro-step of `step` → LongTensor [mbs, seq+1].
 
     Step s reads samples [s * gbs, (s + 1) * gbs). Within it, sample
@@ -295,7 +295,7 @@ def get_batch(dataset, step: int, global_batch_size: int, micro_batch_size: int,
     goes to rank `dp_rank` at `micro_step`: each micro-step takes the next mbs * dp_size
     samples, rank-major. So DP2 × accumulation 1 and DP1 × accumulation 2 read the same
     samples per step, in the same order. `loss_mask=True` returns those samples' loss masks
-    (bool) instead of their tokens.
+    (bool) instead of their tokens, `documents=True` their document numbers (`GPTDataset.documents`).
     """
     per_micro_step = micro_batch_size * dp_size
     if global_batch_size % per_micro_step:
@@ -306,5 +306,5 @@ def get_batch(dataset, step: int, global_batch_size: int, micro_batch_size: int,
     if first + micro_batch_size > len(dataset):
         raise IndexError(f"step {step} needs sample {first + micro_batch_size - 1} but the dataset "
                          f"holds {len(dataset)}; build it with more samples (steps × global batch)")
-    read = dataset.loss_mask if loss_mask else dataset.__getitem__
+    read = dataset.loss_mask if loss_mask else dataset.documents if documents else dataset.__getitem__
     return torch.from_numpy(np.stack([read(first + j) for j in range(micro_batch_size)]))

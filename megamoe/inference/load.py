@@ -21,9 +21,7 @@ def load_model(path: Path, device: str = "cpu") -> tuple[OLMoE, Config]:
                               "restore its meta.json or pick another checkpoint") from None
     cfg.parallel.tensor = cfg.parallel.pipeline = cfg.parallel.expert = 1
     model = cfg.model.build(cfg.moe)
-    model.load_state_dict(tensors, strict=True)
-    if cfg.model.attention_mask == "document":  # as the run trained: attention within each document
-        model.document_eos = tokenizer_for(cfg).eos_id
+    model.load_state_dict(tensors, strict=True)  # its input is one document (model.attention_mask alike)
     return model.to(device).eval(), cfg
 
 

@@ -51,12 +51,12 @@ class Attention(nn.Module):
 FLEX_DOCUMENTS: bool | None = None
 
 
-def flex_supported(tokens: torch.Tensor, head_dim: int, training: bool) -> bool:
+def flex_supported(documents: torch.Tensor, head_dim: int, training: bool) -> bool:
     """Flex for training steps on CUDA with a head width its kernels take. Not for evaluation or sampling,
     whose sequence lengths vary (each would compile its kernel anew)."""
     if FLEX_DOCUMENTS is not None:
         return FLEX_DOCUMENTS
-    return tokens.is_cuda and training and head_dim in (16, 32, 64, 128, 256)
+    return documents.is_cuda and training and head_dim in (16, 32, 64, 128, 256)
 
 
 _compiled_flex = None  # torch.compile(flex_attention), made by the first BlockMask on CUDA (`document_mask`)
@@ -68,21 +68,20 @@ def _flex(cuda: bool):
     return _compiled_flex if cuda and _compiled_flex is not None else flex_attention
 
 
-def document_mask(tokens: torch.Tensor, eos: int, flex: bool = False) -> torch.Tensor | BlockMask:
-    """[B, S] token ids of packed documents, each ending with `eos` → [B, 1, S, S] bool: query i may attend
-    key j when j <= i and both are in one document (an EOS belongs to the document it ends). RoPE's scores
-    depend on positions' differences only, so a document's attention is as if it started its sequence.
-    flex: the same mask as FlexAttention's `BlockMask` (its 128 × 128 blocks, those wholly outside skipped)."""
-    ends = tokens == eos
-    doc = ends.cumsum(1) - ends.long()  # [B, S] document number of each position
-    B, S = tokens.shape
+def document_mask(documents: torch.Tensor, flex: bool = False) -> torch.Tensor | BlockMask:
+    """[B, S] document numbers of a packed sequence's tokens (`GPTDataset.documents`: equal within a
+    document) → [B, 1, S, S] bool: query i may attend key j when j <= i and both are in one document. RoPE's
+    scores depend on positions' differences only, so a document's attention is as if it started its
+    sequence. flex: the same mask as FlexAttention's `BlockMask` (its 128 × 128 blocks, those wholly outside
+    skipped)."""
+    B, S = documents.shape
     if flex:
         global _compiled_flex
-        if tokens.is_cuda and _compiled_flex is None:  # here, outside the compiled blocks (~1 s the first time)
+        if documents.is_cuda and _compiled_flex is None:  # here, outside the compiled blocks (~1 s the first time)
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
 
         def same_document(b, h, q, k):
-            return (k <= q) & (doc[b, q] == doc[b, k])
-        return create_block_mask(same_document, B, None, S, S, device=tokens.device)
-    causal = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril()
-    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+            return (k <= q) & (documents[b, q] == documents[b, k])
+        return create_block_mask(same_document, B, None, S, S, device=documents.device)
+    causal = torch.ones(S, S, dtype=torch.bool, device=documents.device).tril()
+    return ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]

@@ -73,8 +73,8 @@ class ModelConfig:
     # products in float8 e4m3 with rowwise power-of-two scales (torch._scaled_mm on Hopper+); their
     # weight gradients stay in the training dtype
     attention_precision: str = "model"
-    # causal | document: causal within each document of a packed sequence only (documents end with the
-    # tokenizer's EOS, which the trainer hands the model as `OLMoE.document_eos`), no attention across them
+    # causal | document: causal within each document of a packed sequence only (the dataset's documents,
+    # whose numbers the trainer hands the model with each micro-batch), no attention across them
     attention_mask: str = "causal"
 
     @property

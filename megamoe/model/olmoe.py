@@ -70,13 +70,14 @@ class OLMoE(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg, moe, i) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        # model.attention_mask=document: the id ending each packed document (the trainer sets the tokenizer's);
-        # None: causal attention over the whole sequence
-        self.document_eos: int | None = None
 
     def forward(self, tokens: torch.Tensor, position_offset: int = 0,
-                hidden: torch.Tensor | None = None, project: bool = True) -> Output:
+                hidden: torch.Tensor | None = None, project: bool = True,
+                documents: torch.Tensor | None = None) -> Output:
         """tokens [B, S] -> logits and the auxiliary loss; the loss is the trainer's.
+
+        documents [B, S]: each token's document number in a packed sequence (the trainer's, under
+        `model.attention_mask=document`): attention within each document. None: causal over all of it.
 
         A pipeline stage without `embed` starts from the previous stage's `hidden` [B, S, d].
         project=False: `Output.logits` holds the final-normed hidden states [B, S, d], which
@@ -86,8 +87,8 @@ class OLMoE(nn.Module):
         cos, sin = rope_cos_sin(tokens.shape[1], m.dim_per_head, m.rope_theta, tokens.device,
                                 h.dtype, position_offset)
         aux = h.new_zeros((), dtype=torch.float32)
-        mask = None if self.document_eos is None else document_mask(
-            tokens, self.document_eos, flex_supported(tokens, m.dim_per_head, self.training))
+        mask = None if documents is None else document_mask(
+            documents, flex_supported(documents, m.dim_per_head, self.training))
         for block in self.layers.values():
             h, block_aux = block(h, cos, sin, mask)
             aux = aux + block_aux

@@ -26,7 +26,7 @@ from ..config import Config
 from . import comm
 from .state import ParallelState
 
-Batches = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # micro index -> (tokens, labels)
+Batches = Callable[[int], tuple[dict, torch.Tensor]]  # micro index -> (the model's inputs, labels)
 LMLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> LM loss
 
 
@@ -60,12 +60,13 @@ class _Pipe:
                 work.wait()
         return got.get(self.prev), got.get(self.next)
 
-    def forward(self, tokens, h_in):
-        """This stage's forward of one micro-batch; h_in is None on the first stage. The Output's
-        `logits` are the blocks' output [mbs, seq, d] on a stage before the last."""
+    def forward(self, inputs: dict, h_in):
+        """This stage's forward of one micro-batch (`inputs`: the model's keyword arguments, `tokens` and
+        perhaps `documents`); h_in is None on the first stage. The Output's `logits` are the blocks'
+        output [mbs, seq, d] on a stage before the last."""
         if h_in is not None and torch.is_grad_enabled():
             h_in.requires_grad_(True)
-        return self.engine(tokens, hidden=h_in)
+        return self.engine(**inputs, hidden=h_in)
 
 
 def train_step(engine, state: ParallelState, cfg: Config, batches: Batches, lm_loss: LMLoss, stats) -> None:
@@ -80,8 +81,8 @@ def train_step(engine, state: ParallelState, cfg: Config, batches: Batches, lm_l
     # the pipeline, which the previous stage joins only after its own last backward.
 
     def forward(micro: int, h_in):
-        tokens, labels = batches(micro)
-        out = pipe.forward(tokens, h_in)
+        inputs, labels = batches(micro)
+        out = pipe.forward(inputs, h_in)
         lm = lm_loss(out.logits, labels) if last else None
         stats.add(out.aux_loss, lm)
         in_flight.append((h_in, out, lm))
@@ -116,11 +117,13 @@ def train_step(engine, state: ParallelState, cfg: Config, batches: Batches, lm_l
 
 
 @torch.no_grad()
-def forward_only(engine, state: ParallelState, cfg: Config, tokens: torch.Tensor):
-    """One micro-batch [mbs, seq] forward through every stage: the last stage's Output, else None."""
+def forward_only(engine, state: ParallelState, cfg: Config, tokens: torch.Tensor,
+                 documents: torch.Tensor | None = None):
+    """One micro-batch [mbs, seq] forward through every stage (attention within `documents` when given):
+    the last stage's Output, else None."""
     pipe = _Pipe(engine, state, cfg)
     h_in, _ = pipe.exchange(recv_prev=True)
-    out = pipe.forward(tokens, h_in)
+    out = pipe.forward({"tokens": tokens, "documents": documents}, h_in)
     if not state.is_last_stage:
         pipe.exchange(send_next=out.logits)
         return None
@@ -133,8 +136,8 @@ def eval_lm_loss(engine, state: ParallelState, cfg: Config, batches: Batches, lm
     the model's device, equal on every stage."""
     total = torch.zeros(1, dtype=torch.float64, device=next(engine.module.parameters()).device)
     for micro in range(engine.gradient_accumulation_steps()):
-        tokens, labels = batches(micro)
-        out = forward_only(engine, state, cfg, tokens)
+        inputs, labels = batches(micro)
+        out = forward_only(engine, state, cfg, **inputs)
         if out is not None:
             total += lm_loss(out.logits, labels).double()
     return comm.all_reduce(total, state.pp_group)

@@ -20,7 +20,7 @@ from torch.profiler import record_function
 from ..analysis.load import step_load_metrics
 from ..checkpoint.io import CheckpointWriter, latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from ..config import Config, ConfigError
-from ..data.dataset import build_datasets, check_data, check_document_mask, get_batch
+from ..data.dataset import build_datasets, check_data, get_batch
 from ..distributed import discover_env, init_distributed
 from ..eval.training import TrainingEvaluator, load_tasks
 from ..model.flops import flops_per_token, peak_flops
@@ -45,7 +45,6 @@ class Trainer:
         env = discover_env()
         cfg.validate(env.world_size)  # every layout error before any process group exists
         check_data(cfg.data, cfg.model.vocab_size)  # and every data error
-        check_document_mask(cfg.data, cfg.model.attention_mask)  # and data that document masking would cut
         eval_tasks = load_tasks(cfg)  # and every evaluation task's file, before run.dir is touched
         init_from = check_init_from(cfg)  # and the checkpoint a new run starts from
         check_memory(cfg, env.world_size, env.local_world_size, resolve_device(cfg))  # a model that cannot fit
@@ -69,8 +68,6 @@ class Trainer:
             cfg.model.vocab_size)
         self.tasks = TrainingEvaluator(cfg, self.state, self.tokenizer, eval_tasks)
         self.model = build_model(cfg, self.state)
-        if cfg.model.attention_mask == "document":  # attention within each document, which ends with EOS
-            self.model.document_eos = self.tokenizer.eos_id
         self.engine = build_engine(cfg, self.state, self.model, self.device)
         opt = self.engine.optimizer
         if isinstance(opt, AdamW):  # its norm and skip flag are read behind the update
@@ -114,18 +111,24 @@ class Trainer:
                   flush=True)
 
     # -------------------------------------------------------------------------------------
-    def _micro_batch(self, data, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _micro_batch(self, data, step: int, micro: int) -> tuple[dict, torch.Tensor]:
+        """One micro-batch of this rank: the model's inputs (`tokens`, and `documents` under
+        `model.attention_mask=document`) and the labels, on the device."""
         t, s = self.cfg.train, self.state
-        batch = get_batch(data, step, t.global_batch_size, t.micro_batch_size, s.dp_rank, s.dp, micro)
-        tokens, labels = batch[:, :-1], batch[:, 1:]  # [mbs, seq]
+        batch = partial(get_batch, data, step, t.global_batch_size, t.micro_batch_size, s.dp_rank, s.dp, micro)
+        tokens = batch()
+        inputs, labels = {"tokens": tokens[:, :-1]}, tokens[:, 1:]  # [mbs, seq]
         if data.has_loss_mask:  # fine-tuning data: only marked tokens are targets
-            mask = get_batch(data, step, t.global_batch_size, t.micro_batch_size, s.dp_rank, s.dp,
-                             micro, loss_mask=True)
-            labels = labels.masked_fill(~mask[:, 1:], -100)
+            labels = labels.masked_fill(~batch(loss_mask=True)[:, 1:], -100)
+        if self.cfg.model.attention_mask == "document":  # attention within each of the dataset's documents
+            inputs["documents"] = batch(documents=True)[:, :-1]
         if self.device.type == "cuda":  # from pinned memory: a pageable copy waits for the GPU's queue
-            return (tokens.contiguous().pin_memory().to(self.device, non_blocking=True),
-                    labels.contiguous().pin_memory().to(self.device, non_blocking=True))
-        return tokens.to(self.device), labels.to(self.device)
+            def to_device(x):
+                return x.contiguous().pin_memory().to(self.device, non_blocking=True)
+        else:
+            def to_device(x):
+                return x.to(self.device)
+        return {k: to_device(v) for k, v in inputs.items()}, to_device(labels)
 
     def _targets(self, data, step: int) -> float:
         """What each micro-batch's summed cross-entropy is divided by: the step's targets (labels
@@ -271,8 +274,8 @@ class Trainer:
         """Forward and backward over the step's micro-batches (no pipeline), each forward's
         statistics added to `stats`."""
         for micro in range(self.gas):
-            tokens, labels = self._micro_batch(self.train_data, self.step, micro)
-            out = self.engine(tokens, project=self.project)
+            inputs, labels = self._micro_batch(self.train_data, self.step, micro)
+            out = self.engine(**inputs, project=self.project)
             lm = lm_loss(out.logits, labels)
             stats.add(out.aux_loss, lm)
             self.profiler.mark("forward")  # a profiled step's phases (`StepProfiler.phases`); else nothing
@@ -295,8 +298,8 @@ class Trainer:
                                                         partial(self._micro_batch, self.valid_data, i), lm_loss)
                 continue
             for micro in range(self.gas):
-                tokens, labels = self._micro_batch(self.valid_data, i, micro)
-                total += lm_loss(self.engine(tokens, project=self.project).logits, labels).double()
+                inputs, labels = self._micro_batch(self.valid_data, i, micro)
+                total += lm_loss(self.engine(**inputs, project=self.project).logits, labels).double()
         tasks = self.tasks(self.engine, self.device)
         self.model.train()
         loss = _all_reduce_mean(total / (self.cfg.train.eval_batches * self.gas), self.state.dp_group).item()
