@@ -191,11 +191,10 @@ def test_document_mask_keeps_attention_within_each_packed_document():
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_document_mask_as_flex_block_mask_computes_the_same_attention(monkeypatch):
-    """Training on a GPU builds the document mask as FlexAttention's BlockMask (`flex_supported`): forced here
-    (FlexAttention has no backward on the CPU: the forward of a training-mode model), the logits equal the
-    boolean mask's through SDPA, with documents that straddle the 128-token blocks and one sequence of a single
-    document; the BlockMask skips the blocks wholly outside each document. Off the GPU, or outside training,
-    the boolean mask is what the model builds."""
+    """On a GPU the document mask is FlexAttention's BlockMask (`flex_supported`): forced here (FlexAttention
+    has no backward on the CPU: a forward), the logits equal the boolean mask's through SDPA, with documents
+    that straddle the 128-token blocks and one sequence of a single document; the BlockMask skips the blocks
+    wholly outside each document. Off the GPU the boolean mask is what the model builds."""
     import megamoe.model.attention as A
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 90, (2, 300), generator=g)
@@ -207,7 +206,7 @@ def test_document_mask_as_flex_block_mask_computes_the_same_attention(monkeypatc
     assert isinstance(block_mask, A.BlockMask) and isinstance(bool_mask, torch.Tensor)
     torch.testing.assert_close(block_mask.to_dense()[0, 0].bool(),
                                torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.bool))  # 128-blocks
-    assert not A.flex_supported(documents, 64, training=True) and not A.flex_supported(documents, 64, training=False)
+    assert not A.flex_supported(documents, 64)  # on the CPU
     cfg = tiny()
     cfg.model.attention_mask = "document"
     model = cfg.model.build(cfg.moe)

@@ -44,19 +44,19 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
-# model.attention_mask=document in training on a GPU: FlexAttention's kernel, which skips the blocks that lie
+# model.attention_mask=document on a GPU: FlexAttention's kernel, which skips the blocks that lie
 # between documents (SDPA with a boolean mask runs its memory-efficient kernel over all of S × S). None: where
 # `flex_supported` says; True/False force it (an A/B: `bench/train_device.sh` with PATCH=...; the CPU tests
 # force it for the forward, as FlexAttention has no backward on the CPU).
 FLEX_DOCUMENTS: bool | None = None
 
 
-def flex_supported(documents: torch.Tensor, head_dim: int, training: bool) -> bool:
-    """Flex for training steps on CUDA with a head width its kernels take. Not for evaluation or sampling,
-    whose sequence lengths vary (each would compile its kernel anew)."""
+def flex_supported(documents: torch.Tensor, head_dim: int) -> bool:
+    """Flex on CUDA with a head width its kernels take (documents come with the trainer's micro-batches, whose
+    shapes do not change: one compile)."""
     if FLEX_DOCUMENTS is not None:
         return FLEX_DOCUMENTS
-    return documents.is_cuda and training and head_dim in (16, 32, 64, 128, 256)
+    return documents.is_cuda and head_dim in (16, 32, 64, 128, 256)
 
 
 _compiled_flex = None  # torch.compile(flex_attention), made by the first BlockMask on CUDA (`document_mask`)

@@ -88,7 +88,7 @@ class OLMoE(nn.Module):
                                 h.dtype, position_offset)
         aux = h.new_zeros((), dtype=torch.float32)
         mask = None if documents is None else document_mask(
-            documents, flex_supported(documents, m.dim_per_head, self.training))
+            documents, flex_supported(documents, m.dim_per_head))
         for block in self.layers.values():
             h, block_aux = block(h, cos, sin, mask)
             aux = aux + block_aux
