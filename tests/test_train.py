@@ -153,10 +153,12 @@ def test_profiled_steps_are_traced_on_the_ranks_asked_and_train_as_unprofiled(tm
     assert not any(e.get("name") == "megamoe eval" for e in events)  # the run's one eval is at step 4
     table = (folder / "rank1.txt").read_text()
     assert table.startswith("megamoe profile: steps 2-3 (2 steps), rank 1, cpu") and "aten::mm" in table
-    # each step's time split into its phases (summed over its micro-batches), which add up to the step's
-    phases = re.findall(r"^step (\d+): ([\d.]+) ms: forward ([\d.]+), backward ([\d.]+), optimizer ([\d.]+), "
-                        r"the rest ([\d.]+)$", table, re.M)
-    assert [p[0] for p in phases] == ["2", "3"], table[:600]
+    # each step's time split into its phases (summed over its micro-batches), which add up to the step's; the
+    # step before the window is timed too, unprofiled
+    phases = re.findall(r"^step (\d+)(?: \(before the window, not profiled\))?: ([\d.]+) ms: forward ([\d.]+), "
+                        r"backward ([\d.]+), optimizer ([\d.]+), the rest ([\d.]+)$", table, re.M)
+    assert [p[0] for p in phases] == ["1", "2", "3"], table[:600]
+    assert "step 1 (before the window, not profiled): " in table
     for _, total, *parts in phases:
         assert all(float(x) > 0 for x in parts) and abs(sum(map(float, parts)) - float(total)) < 0.05
     again = launch(run, 1, ["train.steps=5", "train.profile_steps=[3, 5]"]).stdout

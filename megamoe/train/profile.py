@@ -3,7 +3,8 @@
 Each profiled rank writes `run.dir/profile/steps{first}-{last}/rank{r}.trace.json` (a Chrome trace: open it in
 https://ui.perfetto.dev or chrome://tracing; each step a `megamoe step N` range) and `rank{r}.txt` (the operators and
 kernels by their own device time, CPU time on CPU (named ranges left out), and the device's peak memory), headed by each step's time split
-into its phases (forward, backward, optimizer, the rest; CUDA events on a GPU, the host's clock on a CPU). The window's
+into its phases (forward, backward, optimizer, the rest; CUDA events on a GPU, the host's clock on a CPU), and the
+step before the window's too, timed without the profiler (whose recording slows the host). The window's
 first step is launched with nothing of the step before it still queued and its last step is read before the next
 is launched (the trainer does not overlap reads at its edges, on every rank alike), so the trace holds those
 steps whole, and an evaluation or a save at a step inside the window (as `megamoe eval` / `megamoe save`
@@ -28,7 +29,8 @@ class StepProfiler:
         self.rank, self.device = rank, device
         self.dir = Path(run_dir) / "profile" / f"steps{self.first}-{self.last}"
         self.prof: profile | None = None
-        self.marks: list[tuple[int, list]] = []  # per profiled step: (phase ended, CUDA event or host time)
+        self.marks: list[tuple[int, list]] = []  # per timed step: (phase ended, CUDA event or host time)
+        self.timing = False  # launching the step before the window (timed, not profiled)
         self.missed = steps is not None and resume_step >= self.first  # the run resumed past the window's start
 
     def edge(self, step: int) -> bool:
@@ -39,24 +41,33 @@ class StepProfiler:
     def launching(self, step: int):
         """Context for the launch of step `step` (its number once taken): starts the profiler at the window's
         first step, names each profiled step's range in the trace and marks where its launch starts and ends."""
-        if not self.on or not self.first <= step <= self.last:
+        if not self.on or not self.first - 1 <= step <= self.last or step < 1:
             yield
+            return
+        if step < self.first:  # the step before the window: its phases timed without the profiler's overhead
+            self.marks.append((step, [("start", self._now())]))
+            self.timing = True
+            try:
+                yield
+            finally:
+                self.timing = False
+            self.mark("the rest", force=True)
             return
         if self.prof is None:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
                 self.peak_before = torch.cuda.max_memory_allocated(self.device)
-            self.prof = profile(activities=activities, record_shapes=True)
+            self.prof = profile(activities=activities, record_shapes=True, acc_events=True)  # one cycle: no warning
             self.prof.__enter__()
         self.marks.append((step, [("start", self._now())]))
         with record_function(f"megamoe step {step}"):
             yield
         self.mark("the rest")
 
-    def mark(self, phase: str) -> None:
-        """Inside a profiled step's launch: the phase named ends here (in the device's queue on a GPU)."""
-        if self.prof is not None and self.marks:
+    def mark(self, phase: str, force: bool = False) -> None:
+        """Inside a timed step's launch: the phase named ends here (in the device's queue on a GPU)."""
+        if (self.prof is not None or self.timing or force) and self.marks:
             self.marks[-1][1].append((phase, self._now()))
 
     def _now(self):
@@ -70,15 +81,18 @@ class StepProfiler:
         return a.elapsed_time(b) if self.device.type == "cuda" else 1000 * (b - a)
 
     def phases(self) -> list[str]:
-        """Each profiled step's time and its phases' (summed over micro-batches), in order of first appearance;
-        on a GPU also the device's wait for the host between one step and the next (the host was late)."""
+        """Each timed step's time and its phases' (summed over micro-batches), in order of first appearance;
+        on a GPU also the device's wait for the host between one step and the next (the host was late). The
+        step before the window is timed too, without the profiler, whose recording slows the host: where the
+        host is what the device waits for, the profiled steps' phases run longer than they do unprofiled."""
         lines, previous_end = [], None
         for step, marks in self.marks:
             spent = defaultdict(float)
             for (_, a), (phase, b) in zip(marks, marks[1:]):
                 spent[phase] += self._ms(a, b)
             total = self._ms(marks[0][1], marks[-1][1])
-            line = f"step {step}: {total:.2f} ms: " + ", ".join(f"{phase} {ms:.2f}" for phase, ms in spent.items())
+            line = (f"step {step}{' (before the window, not profiled)' if step < self.first else ''}: {total:.2f} ms: "
+                    + ", ".join(f"{phase} {ms:.2f}" for phase, ms in spent.items()))
             if previous_end is not None and self.device.type == "cuda":
                 line += f"; the device waited {max(self._ms(previous_end, marks[0][1]), 0.0):.2f} ms for it"
             lines.append(line)

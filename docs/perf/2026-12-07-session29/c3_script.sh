@@ -10,6 +10,6 @@ OUT=$OUT/t3 TAG=s29-h200- EXTRA="train.profile_steps=[11,12]" timeout $((360 - S
 date -u; recs runs/s29-h200-L16-compile/metrics.jsonl
 head -8 runs/s29-h200-L16-compile/profile/steps11-12/rank0.txt; cp runs/s29-h200-L16-compile/profile/steps11-12/rank0.txt $OUT/t3/
 rm -rf runs
-left=$((585 - SECONDS)); [ $left -ge 150 ] && OUT=$OUT/t3 TAG=s29-h200-fp8- \
+left=$((500 - SECONDS)); [ $left -ge 150 ] && OUT=$OUT/t3 TAG=s29-h200-fp8- \
     EXTRA="moe.expert_precision=fp8 model.attention_precision=fp8" timeout $left bash bench/train_device.sh 16 2>&1 | grep -v "^name"
 date -u; rm -rf runs
