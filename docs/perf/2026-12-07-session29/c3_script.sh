@@ -6,10 +6,10 @@ export PYTHONUNBUFFERED=1; date -u; nvidia-smi --query-gpu=name,driver_version,m
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD COMPILE_ONLY=1 SKIP_LAYER_BENCH=1 STEPS=12
 recs() { python3 -c "import json,sys; rs=[json.loads(l) for l in open(sys.argv[1])]; print([(r['step'], round(r['tokens_per_sec']), round(r.get('max_memory_gib', -1), 1)) for r in rs])" $1; }
-OUT=$OUT/t3 TAG=s29-h200- EXTRA="train.profile_steps=[11,12]" timeout $((360 - SECONDS)) bash bench/train_device.sh 16 2>&1 | grep -v "^name"
+OUT=$OUT/t3 TAG=s29-h200- EXTRA="train.profile_steps=[11,12]" timeout $((${LIMIT:-360} - SECONDS)) bash bench/train_device.sh 16 2>&1 | grep -v "^name"
 date -u; recs runs/s29-h200-L16-compile/metrics.jsonl
 head -8 runs/s29-h200-L16-compile/profile/steps11-12/rank0.txt; cp runs/s29-h200-L16-compile/profile/steps11-12/rank0.txt $OUT/t3/
 rm -rf runs
-left=$((500 - SECONDS)); [ $left -ge 150 ] && OUT=$OUT/t3 TAG=s29-h200-fp8- \
+left=$((${LIMIT:-500} - SECONDS)); [ $left -ge 150 ] && OUT=$OUT/t3 TAG=s29-h200-fp8- \
     EXTRA="moe.expert_precision=fp8 model.attention_precision=fp8" timeout $left bash bench/train_device.sh 16 2>&1 | grep -v "^name"
 date -u; rm -rf runs
