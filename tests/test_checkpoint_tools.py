@@ -259,7 +259,15 @@ def test_cli_inspect_and_errors(run_a, tmp_path):
         assert re.search(text, shown.stdout), text
     failed = subprocess.run([*tool, "to-hf", str(tmp_path / "nothing"), str(tmp_path / "out")],
                             capture_output=True, text=True)
+    assert failed.returncode == 2 and f"{tmp_path / 'nothing'} does not exist; give a run directory" in failed.stderr
+    (tmp_path / "empty").mkdir()
+    failed = subprocess.run([*tool, "to-hf", str(tmp_path / "empty"), str(tmp_path / "out")],
+                            capture_output=True, text=True)
     assert failed.returncode == 2 and "is neither a megamoe run directory" in failed.stderr
+    pruned = run_a / "checkpoints" / "step_00000001"  # a step keep_checkpoints removed: those there named
+    failed = subprocess.run([*tool, "to-hf", str(pruned), str(tmp_path / "out")], capture_output=True, text=True)
+    there = ", ".join(sorted(p.name for p in (run_a / "checkpoints").glob("step_*")))
+    assert failed.returncode == 2 and f"{pruned} does not exist (beside it: {there})" in failed.stderr
 
 
 def test_from_hf_cli_takes_a_config_file_for_everything_but_the_model(run_a, tmp_path):

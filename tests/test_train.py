@@ -205,7 +205,7 @@ def test_a_checkpoint_that_cannot_start_this_model_is_refused_before_the_run_dir
     assert not run.exists()
     proc = launch(run, 1, [f"train.init_from={tmp_path / 'nowhere'}"], check=False)
     assert proc.returncode == 2 and "megamoe: error: train.init_from: " in proc.stderr
-    assert "is neither a megamoe run directory nor a step_* checkpoint" in proc.stderr and not run.exists()
+    assert f"{tmp_path / 'nowhere'} does not exist; give a run directory" in proc.stderr and not run.exists()
 
 
 def test_init_from_compares_shapes_not_how_keys_are_written(tmp_path, reference):
@@ -331,13 +331,27 @@ def test_fp8_experts_are_refused_on_a_gpu_before_hopper():
 
 
 def test_changed_model_cannot_resume(tmp_path):
+    """A changed model is refused (the fix: another run.dir); a changed batch too, with train.init_from named;
+    more steps continue the run; fewer than it has are refused before config.yaml changes; a finished run
+    says so."""
     run = tmp_path / "run"
     launch(run, 1, ["train.steps=1"])
     proc = launch(run, 1, ["train.steps=2", "model.d_model=64"], check=False)
     assert proc.returncode == 2
-    assert "model.d_model" in proc.stderr and "run.dir" in proc.stderr
+    assert "model.d_model" in proc.stderr and "start a new run with another run.dir." in proc.stderr
+    proc = launch(run, 1, ["train.steps=2", "train.global_batch_size=4"], check=False)
+    assert proc.returncode == 2 and f"another run.dir with train.init_from={run}." in proc.stderr
     # but more steps may be asked of the same run: it resumes at step 1
     launch(run, 1, ["train.steps=2"])
+    assert [r["step"] for r in metrics(run)] == [1, 2]
+    config = (run / "config.yaml").read_text()
+    proc = launch(run, 1, ["train.steps=1"], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(
+        f"megamoe: error: train.steps: the run in {run} is at step 2 already, past train.steps=1; give "
+        "train.steps above 2 to continue it, or another run.dir (with train.init_from to start from its weights)")
+    assert (run / "config.yaml").read_text() == config
+    out = launch(run, 1, ["train.steps=2"]).stdout
+    assert "megamoe: the run is finished (step 2 of train.steps=2): nothing to train; give train.steps above 2" in out
     assert [r["step"] for r in metrics(run)] == [1, 2]
 
 

@@ -26,6 +26,11 @@ def resolve(path: Path) -> Path:
         if found is None:
             raise CheckpointError(f"{path} has no checkpoint yet (no checkpoints/latest)")
         return found
+    if not path.exists():
+        near = path.parent if path.parent.is_dir() else None
+        steps = sorted(p.name for p in near.glob("step_*")) if near is not None else []
+        raise CheckpointError(f"{path} does not exist" + (f" (beside it: {', '.join(steps[-5:])})" if steps else "")
+                              + "; give a run directory or one of its checkpoints/step_* folders")
     raise CheckpointError(f"{path} is neither a megamoe run directory nor a step_* checkpoint")
 
 

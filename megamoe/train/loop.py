@@ -109,6 +109,9 @@ class Trainer:
             print(f"megamoe: {self.state.describe()} | {n / 1e6:.2f}M params on rank 0 | "
                   f"{'resuming at step ' + str(self.step) if self.step else 'new run'} in {self.run_dir}",
                   flush=True)
+            if self.step >= t.steps:
+                print(f"megamoe: the run is finished (step {self.step} of train.steps={t.steps}): nothing to "
+                      f"train; give train.steps above {self.step} to continue it", flush=True)
 
     # -------------------------------------------------------------------------------------
     def _micro_batch(self, data, step: int, micro: int) -> tuple[dict, torch.Tensor]:

@@ -141,8 +141,16 @@ def check_resumable(saved: dict, cfg: Config, where: Path) -> None:
             raise ConfigError(
                 f"{key}: the run in {where} used {old.get(key)!r}, this launch asks for "
                 f"{new.get(key)!r}; a run cannot continue with a changed {key}. Restore it, "
-                "or start a new run with another run.dir (megamoe-convert reshards "
-                "a checkpoint to another parallel layout).")
+                + ("or reshard the checkpoint to the new layout (megamoe-convert reshard) and continue there."
+                   if key.startswith("parallel.") else
+                   "or start a new run with another run.dir." if key in _SHAPE_KEYS else
+                   f"or start a new run from its weights: another run.dir with train.init_from={where}."))
+
+
+# the keys whose values decide the model's tensor shapes (`_shape_keys`): a run from the weights needs them equal
+_SHAPE_KEYS = {"model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.head_dim",
+               "moe.num_experts", "moe.ffn_hidden", "moe.num_shared_experts", "moe.dense_layers",
+               "moe.dense_ffn_hidden", "moe.top_k"}
 
 
 def _shape_keys(cfg: Config) -> dict:
@@ -220,6 +228,11 @@ def prepare_run_dir(cfg: Config, lock: RunLock) -> Path:
             saved = _read_yaml(config_file)
             if saved is not None:  # a damaged one is kept aside below; the checkpoint's own config is checked
                 check_resumable(saved, cfg, run_dir)
+        reached = int(latest.name.split("_")[-1]) if latest is not None else 0
+        if reached > cfg.train.steps:  # before config.yaml says fewer steps than the run has
+            raise ConfigError(f"train.steps: the run in {run_dir} is at step {reached} already, past "
+                              f"train.steps={cfg.train.steps}; give train.steps above {reached} to continue it, "
+                              "or another run.dir (with train.init_from to start from its weights)")
         text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         if config_file.is_file() and config_file.read_text() != text:
             config_file.rename(run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
