@@ -410,11 +410,17 @@ def test_eval_refuses_an_output_whose_folder_is_missing_before_it_scores(tiny_ru
     (["--json", "NODIR/r.json"], "its folder NODIR does not exist"),
     (["--plots", "AFILE"], "--plots AFILE is a file"),
     (["--tokens", "-3"], "--tokens -3: give the number of tokens per domain"),
+    (["--tokens", "0"], "--tokens 0: give the number of tokens per domain"),
+    (["--jsonl", "NODIR/x.jsonl"], "--jsonl NODIR/x.jsonl does not exist; give a JSONL file of"),
+    (["--jsonl", "RECORDS", "--domain-field", "dom"], "RECORDS:1: the record has no 'dom' (--domain-field) field; "
+                                                       "name the fields the records hold (it has 'text', 'source')"),
 ])
 def test_routing_refuses_outputs_it_could_not_write_before_it_runs(tiny_run, tmp_path, capsys, flags, fix):
     from megamoe.cli.routing import main
     (tmp_path / "afile").write_text("mine")
-    names = {"NODIR": str(tmp_path / "nodir"), "AFILE": str(tmp_path / "afile")}
+    (tmp_path / "records.jsonl").write_text('{"text": "def f(): pass", "source": "code"}\n')
+    names = {"NODIR": str(tmp_path / "nodir"), "AFILE": str(tmp_path / "afile"),
+             "RECORDS": str(tmp_path / "records.jsonl")}
     flags = [names.get(f.split("/")[0], f.split("/")[0]) + f[len(f.split("/")[0]):] for f in flags]
     assert main([str(tiny_run), "--no-progress", *flags]) == 2
     line = _error_line(capsys, "megamoe-routing")

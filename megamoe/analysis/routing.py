@@ -51,13 +51,19 @@ def jsonl_domain_batches(path: str | Path, domain_field: str, text_field: str, t
                          seq_len: int) -> dict[str, list[torch.Tensor]]:
     """{domain: batches} of a JSONL file whose records name their domain in `domain_field`."""
     streams: dict[str, list[int]] = {}
+    if not Path(path).is_file():
+        raise ValueError(f"--jsonl {path} does not exist; give a JSONL file of {{{text_field!r}: ..., "
+                         f"{domain_field!r}: ...}} records")
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             record = json.loads(line)
-            if domain_field not in record or text_field not in record:
-                raise ValueError(f"{path}:{n}: the record has no {domain_field!r} or {text_field!r} field")
+            missing = [f"{field!r} ({flag})" for field, flag in ((domain_field, "--domain-field"),
+                                                                 (text_field, "--text-field")) if field not in record]
+            if missing:
+                raise ValueError(f"{path}:{n}: the record has no {' or '.join(missing)} field; name the fields "
+                                 f"the records hold (it has {', '.join(map(repr, record)) or 'none'})")
             stream = streams.setdefault(str(record[domain_field]), [])
             if len(stream) < num_tokens:
                 stream += tokenizer.encode(record[text_field]) + [tokenizer.eos_id]

@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     args.no_progress = args.no_progress or not sys.stderr.isatty()  # no \r lines in logs
     if args.data and args.jsonl:
         return fail("give --data or --jsonl, not both")
-    if args.tokens < 0:
-        return fail(f"--tokens {args.tokens}: give the number of tokens per domain (e.g. 16384)")
+    if args.tokens <= 0:
+        return fail(f"--tokens {args.tokens}: give the number of tokens per domain (e.g. 16384; at least one "
+                    "sequence of the run's data.seq_length)")
     if args.json and not args.json.parent.is_dir():
         return fail(f"--json {args.json}: its folder {args.json.parent} does not exist; create it or give another path")
     if args.plots and args.plots.exists() and not args.plots.is_dir():
