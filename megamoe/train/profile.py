@@ -2,13 +2,13 @@
 
 Each profiled rank writes `run.dir/profile/steps{first}-{last}/rank{r}.trace.json` (a Chrome trace: open it in
 https://ui.perfetto.dev or chrome://tracing; each step a `megamoe step N` range) and `rank{r}.txt` (the operators and
-kernels by their own device time, CPU time on CPU (named ranges left out), and the device's peak memory), headed by each step's time split
-into its phases (forward, backward, optimizer, the rest; CUDA events on a GPU, the host's clock on a CPU), and the
-step before the window's too, timed without the profiler (whose recording slows the host). The window's
-first step is launched with nothing of the step before it still queued and its last step is read before the next
-is launched (the trainer does not overlap reads at its edges, on every rank alike), so the trace holds those
-steps whole, and an evaluation or a save at a step inside the window (as `megamoe eval` / `megamoe save`
-ranges, counted in the table too). Other steps run as without it.
+kernels by their own device time, CPU time on CPU (named ranges left out), and the device's peak memory), headed
+by each step's time split into its phases (forward, backward, optimizer, the rest; CUDA events on a GPU, the
+host's clock on a CPU), and the step before the window's too, timed without the profiler (whose recording slows
+the host). The window's first step is launched with nothing of the step before it still queued and its last step
+is read before the next is launched (the trainer does not overlap reads at its edges, on every rank alike), so the
+trace holds those steps whole, and an evaluation or a save at a step inside the window (as `megamoe eval` /
+`megamoe save` ranges). Other steps run as without it.
 """
 
 import contextlib
