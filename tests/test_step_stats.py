@@ -89,7 +89,8 @@ def run_pipeline_step(rank: int, world_size: int, cfg, data) -> tuple:
     model = model_for(cfg, state)
     stats = StepStats(cfg, model, torch.device("cpu"))
     with host_reads() as in_step:
-        pipeline_schedule.train_step(Engine(model), state, cfg, data.__getitem__, lm_loss, stats)
+        pipeline_schedule.train_step(Engine(model), state, cfg, lambda m: ({"tokens": data[m][0]}, data[m][1]),
+                                     lm_loss, stats)  # the model's inputs, the labels
     with host_reads() as in_read:
         logged, load, _ = stats.read(state, GAS, sequence_parallel=False)
     return dict(in_step), dict(in_read), logged, load
