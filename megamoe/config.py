@@ -179,7 +179,8 @@ class Config:
                      "change one or set model.head_dim")
         _require(m.dim_per_head % 2 == 0, "model.head_dim", "RoPE needs an even head dimension")
         _require(d.seq_length <= m.max_seq_len, "data.seq_length",
-                 f"{d.seq_length} exceeds model.max_seq_len={m.max_seq_len}")
+                 f"{d.seq_length} exceeds model.max_seq_len={m.max_seq_len}; give data.seq_length="
+                 f"{m.max_seq_len} or less (or a larger model.max_seq_len, if the model's positions allow)")
         _choice("moe.routing", moe.routing, ("token_choice", "expert_choice"))
         _choice("moe.backend", moe.backend, ("megamoe", "deepspeed"))
         _choice("moe.lb_loss_scope", moe.lb_loss_scope, ("micro_batch", "global_batch", "sequence"))

@@ -191,6 +191,12 @@ def test_upcycled_dense_model_computes_the_dense_function_and_trains(tmp_path):
         assert rel(mixed(tokens(dense_cfg)).logits, dense(tokens(dense_cfg)).logits) < 1e-5
     with pytest.raises(CheckpointError, match="dense layers"):
         export_hf(mixed_run, tmp_path / "hf", progress=False)
+    # an override that changes a shape of the source names the fix, and writes nothing
+    with pytest.raises(CheckpointError, match=r"does not fit the model the config describes \(\[512, 16\]\): a "
+                                              r"model\.\* or moe\.\* setting given differs from the source's; drop"):
+        upcycle(tmp_path / "dense", tmp_path / "wide", num_experts=8, top_k=2, progress=False,
+                overrides=["model.d_model=16"])
+    assert not (tmp_path / "wide").exists()
 
 
 # Bad input: one clear error each ----------------------------------------------------------

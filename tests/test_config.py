@@ -86,6 +86,12 @@ def test_impossible_values_are_refused(overrides, world, key):
     assert str(e.value).startswith(key + ":"), str(e.value)
 
 
+def test_a_sequence_longer_than_the_model_names_the_length_to_give():
+    with pytest.raises(ConfigError, match=r"^data.seq_length: 128 exceeds model.max_seq_len=64; give "
+                                          r"data.seq_length=64 or less"):
+        cfg("data.seq_length=128").validate(1)
+
+
 def test_valid_layouts_and_derived_sizes():
     c = cfg("parallel.tensor=2", "parallel.pipeline=2", "parallel.expert=2",
             "train.global_batch_size=16", "train.micro_batch_size=2").validate(16)

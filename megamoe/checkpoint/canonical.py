@@ -92,7 +92,9 @@ def write_run(run_dir: Path, cfg, tensors: Iterable[tuple[str, torch.Tensor]], s
         for name, t in tensors:
             if name not in shapes or tuple(t.shape) != shapes[name]:
                 raise CheckpointError(f"tensor {name} {list(t.shape)} does not fit the model the config "
-                                      f"describes ({list(shapes[name]) if name in shapes else 'no such tensor'})")
+                                      f"describes ({list(shapes[name]) if name in shapes else 'no such tensor'}): "
+                                      "a model.* or moe.* setting given differs from the source's; drop or "
+                                      "correct that override")
             seen.add(name)
             part[name] = t.contiguous()
             size += t.numel() * t.element_size()
