@@ -91,27 +91,27 @@ class GPTDataset:
     def documents(self, i: int) -> np.ndarray:
         """Sample i's document numbers → int64 [seq_length + 1]: 0 for the tokens of the first document
         it holds (or the part of one), 1 for the next, ... (`model.attention_mask=document`). The index's
-        documents, not its EOS tokens: a chat conversation, EOS-ended turns and all, is one document."""
-        return np.concatenate([np.full(len(piece), k, dtype=np.int64)
-                               for k, piece in enumerate(self._pieces(self.indexed, i))])
+        documents, not its EOS tokens: a chat conversation, EOS-ended turns and all, is one document.
+        From the index's sizes alone: no token is read."""
+        return np.concatenate([np.full(take, k, dtype=np.int64) for k, (_, _, take) in enumerate(self._spans(i))])
 
     def _read(self, source: IndexedDataset, i: int) -> np.ndarray:
-        return np.concatenate(self._pieces(source, i))
+        return np.concatenate([source.get(doc, offset, take) for doc, offset, take in self._spans(i)])
 
-    def _pieces(self, source: IndexedDataset, i: int) -> list[np.ndarray]:
-        """Sample i as the parts of consecutive documents that make it up."""
+    def _spans(self, i: int) -> list[tuple[int, int, int]]:
+        """Sample i as the (document, offset, length) spans of consecutive documents that make it up."""
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
         start = int(self.shuffle_idx[i]) * self.seq_length
         pos = int(np.searchsorted(self.cum_tokens, start, side="right"))
         offset = start - (int(self.cum_tokens[pos - 1]) if pos else 0)
-        need, pieces = self.seq_length + 1, []
+        need, spans = self.seq_length + 1, []
         while need:
             doc = int(self.doc_idx[pos])
             take = min(need, int(self.indexed.sizes[doc]) - offset)
-            pieces.append(source.get(doc, offset, take))
+            spans.append((doc, offset, take))
             need, pos, offset = need - take, pos + 1, 0
-        return pieces
+        return spans
 
 
 def blend_indices(weights: list[float], num_samples: int) -> tuple[np.ndarray, np.ndarray]:

@@ -30,7 +30,7 @@ class StepProfiler:
         self.dir = Path(run_dir) / "profile" / f"steps{self.first}-{self.last}"
         self.prof: profile | None = None
         self.marks: list[tuple[int, list]] = []  # per timed step: (phase ended, CUDA event or host time)
-        self.timing = False  # launching the step before the window (timed, not profiled)
+        self.timing = False  # launching a timed step (the window's, or the one before it)
         self.missed = steps is not None and resume_step >= self.first  # the run resumed past the window's start
 
     def edge(self, step: int) -> bool:
@@ -44,16 +44,7 @@ class StepProfiler:
         if not self.on or not self.first - 1 <= step <= self.last or step < 1:
             yield
             return
-        if step < self.first:  # the step before the window: its phases timed without the profiler's overhead
-            self.marks.append((step, [("start", self._now())]))
-            self.timing = True
-            try:
-                yield
-            finally:
-                self.timing = False
-            self.mark("the rest", force=True)
-            return
-        if self.prof is None:
+        if step >= self.first and self.prof is None:  # the window's first step (the one before it: no profiler)
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -61,13 +52,17 @@ class StepProfiler:
             self.prof = profile(activities=activities, record_shapes=True, acc_events=True)  # one cycle: no warning
             self.prof.__enter__()
         self.marks.append((step, [("start", self._now())]))
-        with record_function(f"megamoe step {step}"):
-            yield
-        self.mark("the rest")
+        self.timing = True
+        try:
+            with record_function(f"megamoe step {step}") if step >= self.first else contextlib.nullcontext():
+                yield
+            self.mark("the rest")
+        finally:
+            self.timing = False
 
-    def mark(self, phase: str, force: bool = False) -> None:
+    def mark(self, phase: str) -> None:
         """Inside a timed step's launch: the phase named ends here (in the device's queue on a GPU)."""
-        if (self.prof is not None or self.timing or force) and self.marks:
+        if self.timing:
             self.marks[-1][1].append((phase, self._now()))
 
     def _now(self):

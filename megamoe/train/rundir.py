@@ -143,14 +143,9 @@ def check_resumable(saved: dict, cfg: Config, where: Path) -> None:
                 f"{new.get(key)!r}; a run cannot continue with a changed {key}. Restore it, "
                 + ("or reshard the checkpoint to the new layout (megamoe-convert reshard) and continue there."
                    if key.startswith("parallel.") else
-                   "or start a new run with another run.dir." if key in _SHAPE_KEYS else
+                   "or start a new run with another run.dir." if key in _shape_key_names() else
                    f"or start a new run from its weights: another run.dir with train.init_from={where}."))
 
-
-# the keys whose values decide the model's tensor shapes (`_shape_keys`): a run from the weights needs them equal
-_SHAPE_KEYS = {"model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.head_dim",
-               "moe.num_experts", "moe.ffn_hidden", "moe.num_shared_experts", "moe.dense_layers",
-               "moe.dense_ffn_hidden", "moe.top_k"}
 
 
 def _shape_keys(cfg: Config) -> dict:
@@ -163,6 +158,11 @@ def _shape_keys(cfg: Config) -> dict:
             "moe.ffn_hidden": moe.ffn_hidden, "moe.num_shared_experts": moe.num_shared_experts,
             "moe.dense_layers": sorted(moe.dense_layers) if moe.num_experts else [],
             "moe.dense_ffn_hidden (with moe.top_k)": moe.dense_width() if dense else None}
+
+
+def _shape_key_names() -> set[str]:
+    """The config keys `_shape_keys` reads (moe.top_k among them: the dense width's default)."""
+    return {part for key in _shape_keys(Config()) for part in key.replace("(with ", "").rstrip(")").split()}
 
 
 def check_init_from(cfg: Config) -> Path | None:
